@@ -1,0 +1,46 @@
+# The two contract commands: `make demo` (the main job on built-in data) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PARITY_VENV := .venv-parity
+PPY    := $(PARITY_VENV)/bin/python
+DEMO_DIR ?= runs/demo
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test test-slow demo bench parity clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+demo: install
+	$(VENV)/bin/unclip-jax demo --workdir $(DEMO_DIR)
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+# Reference implementations (PyTorch, CPU build pinned: an unpinned torch pulls GBs of CUDA
+# packages) live in their own environment and are never imported by the library.
+$(PARITY_VENV)/.installed: requirements.txt requirements-dev.txt requirements-parity.txt
+	$(PYTHON) -m venv $(PARITY_VENV)
+	$(PPY) -m pip install -q --upgrade pip
+	$(PPY) -m pip install -q -r requirements.txt -r requirements-dev.txt -r requirements-parity.txt
+	$(PPY) -m pip install -q --no-deps -e .
+	touch $@
+
+parity: $(PARITY_VENV)/.installed
+	$(PPY) -m pytest -q -m parity
+
+clean:
+	rm -rf $(VENV) $(PARITY_VENV) *.egg-info

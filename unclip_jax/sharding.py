@@ -1,0 +1,209 @@
+"""Device mesh, logical-axis rules and the helpers that turn logical specs into shardings.
+
+Every parameter and major activation carries *logical* axis names (``"batch"``, ``"embed"``,
+``"mlp"``, ``"heads"``, ...). One rules table maps them to the mesh axes
+``("data", "fsdp", "model")``. Meshes are built with ``AxisType.Auto`` axes: linen's logical
+constraints need them (``jax.make_mesh`` defaults to Explicit axes now).
+
+Logical axis names used across the package:
+
+=============  =====================================================  ==============
+name           meaning                                                default mesh
+=============  =====================================================  ==============
+batch          examples                                               (data, fsdp)
+embed          model width of a parameter (sharded for FSDP)          fsdp
+mlp            MLP hidden features                                    model
+heads          attention heads                                        model
+kv             per-head features                                      —
+vocab          vocabulary / code-book entries                         model
+length         sequence positions                                     —
+height, width  image rows / columns                                   —
+conv_in        conv kernel input channels (sharded for FSDP)          fsdp
+conv_out       conv kernel output channels                            model
+act_embed      model width of an activation                           —
+act_mlp        MLP hidden of an activation                            model
+act_heads      heads of an activation                                 model
+norm           norm scales/biases, small vectors                      —
+=============  =====================================================  ==============
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+
+# One table: logical name -> mesh axis (or tuple of axes, or None = replicated).
+_RULES_FSDP_TP: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("conv_in", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("vocab", "model"),
+    ("conv_out", "model"),
+    ("act_mlp", "model"),
+    ("act_heads", "model"),
+    ("kv", None),
+    ("length", None),
+    ("height", None),
+    ("width", None),
+    ("act_embed", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+PRESETS = ("dp", "fsdp", "fsdp_tp")
+
+
+def logical_rules(preset: str = "fsdp_tp") -> tuple[tuple[str, Any], ...]:
+    """The logical-axis rules table for a parallelism preset.
+
+    ``dp``: parameters replicated, batch split over every device. ``fsdp``: parameters and
+    optimizer state sharded over ``fsdp``. ``fsdp_tp``: additionally heads / MLP hidden / conv
+    output channels over ``model``. Mesh axes of size 1 make any preset degrade gracefully.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown sharding preset {preset!r}; accepted: {', '.join(PRESETS)}")
+    keep = {"dp": {"batch"}, "fsdp": {"batch", "embed", "conv_in"}, "fsdp_tp": None}[preset]
+    return tuple(
+        (name, axes if keep is None or name in keep else None) for name, axes in _RULES_FSDP_TP
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the ``data``, ``fsdp`` and ``model`` mesh axes; one of them may be -1 (fills)."""
+
+    data: int = -1
+    fsdp: int = 1
+    model: int = 1
+    preset: str = "fsdp_tp"
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Resolve the -1 entry of ``cfg`` so the product equals ``num_devices``.
+
+    A fully specified mesh may use fewer devices than are available (the first ones).
+    """
+    sizes = [cfg.data, cfg.fsdp, cfg.model]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={cfg.data} fsdp={cfg.fsdp} "
+                         f"model={cfg.model}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh axis sizes must be positive or -1, got {sizes}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices cannot be split into a mesh with fixed "
+                             f"axes of product {known} (data={cfg.data} fsdp={cfg.fsdp} "
+                             f"model={cfg.model})")
+        sizes[sizes.index(-1)] = num_devices // known
+    if int(np.prod(sizes)) > num_devices:
+        raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} model={sizes[2]} needs "
+                         f"{int(np.prod(sizes))} devices, but {num_devices} are available")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``("data", "fsdp", "model")`` mesh with Auto axes over ``devices`` (default: all)."""
+    cfg = cfg or MeshConfig()
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = mesh_shape(cfg, len(devices))
+    devices = devices[: int(np.prod(shape))]
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Sharding for a global batch array of rank ``ndim``: leading axis over (data, fsdp)."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """How many ways the batch is split: the product of the data and fsdp axis sizes."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """Fail with a clear message unless ``batch_size`` splits evenly over data×fsdp."""
+    div = batch_divisor(mesh)
+    if batch_size % div:
+        raise ValueError(
+            f"global batch size {batch_size} is not divisible by the mesh's data×fsdp size "
+            f"{div} (data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}); choose a multiple "
+            f"of {div}")
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a (possibly ``LogicallyPartitioned``-boxed) abstract pytree.
+
+    ``abstract_tree`` comes from ``jax.eval_shape(init, ...)``. Leaves without logical names are
+    replicated. Returns a tree of NamedSharding with the boxes removed.
+    """
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def strip_boxes(tree: Any) -> Any:
+    """Remove ``LogicallyPartitioned`` boxes without applying constraints (safe outside jit)."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
+                        is_leaf=is_box)
+
+
+def abstract_with_shardings(boxed_abstract: Any, mesh: Mesh, rules) -> tuple[Any, Any]:
+    """``(abstract, shardings)`` for a boxed ``jax.eval_shape`` result.
+
+    ``abstract`` is the unboxed tree of ShapeDtypeStruct carrying their NamedShardings (what
+    orbax restores into); ``shardings`` the matching tree of NamedSharding (for ``jax.jit``).
+    """
+    shardings = logical_shardings(boxed_abstract, mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            strip_boxes(boxed_abstract), shardings)
+    return abstract, shardings
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Place a process-local numpy batch onto the mesh as global arrays sharded over the batch.
+
+    Each process passes its own slice (``global_batch / process_count`` rows); the result is a
+    global ``jax.Array`` per leaf whose leading axis is split over (data, fsdp).
+    """
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+    return jax.tree.map(put, batch)
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call ``jax.distributed.initialize()`` when a multi-process launch is detected.
+
+    Detected from the environment of the usual launchers: an explicit
+    ``JAX_COORDINATOR_ADDRESS``, SLURM with more than one task, or a multi-worker Cloud TPU
+    (``TPU_WORKER_HOSTNAMES`` or ``MEGASCALE_COORDINATOR_ADDRESS``). Returns whether it did.
+    """
+    env = os.environ
+    multi = (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or "MEGASCALE_COORDINATOR_ADDRESS" in env
+    )
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+        return True
+    return False

@@ -1,0 +1,1 @@
+"""Training machinery: state, optimizer, checkpoints and the one generic loop."""

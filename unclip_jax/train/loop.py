@@ -1,0 +1,206 @@
+"""The one generic training loop. Each model supplies a :class:`Task` (init, loss, data, eval).
+
+Sections, in order: mesh → input → ``jax.eval_shape(init)`` → shardings → ``jit(init,
+out_shardings)`` or restore → update step (``jit`` with in/out shardings and donation) → loop
+(progress bar, JSONL metrics, periodic eval, checkpoints, non-finite guard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from unclip_jax import config as config_lib
+from unclip_jax import sharding
+from unclip_jax.train.checkpoint import Checkpointer
+from unclip_jax.train.optim import learning_rate_schedule, make_optimizer
+from unclip_jax.train.state import TrainState, ema_update
+
+NONFINITE_POLICIES = ("error", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient went NaN/Inf and the config says to stop."""
+
+
+@dataclasses.dataclass
+class Task:
+    """What a model supplies to :func:`train`.
+
+    init:     ``(rng, batch) -> variables`` (``{"params": ...}``, boxed with logical names).
+    loss:     ``(params, batch, rng) -> (loss, metrics)``, pure, scalar float32 loss.
+    batches:  ``(start_position) -> iterator`` of global batches placed on the current mesh;
+              the iterator's ``position`` attribute (batches produced so far) is checkpointed.
+    example:  one global batch (numpy or arrays) fixing shapes for ``init`` and the shardings.
+    evaluate: optional ``(state, step) -> {name: float}`` run on the host every ``eval_every``.
+    """
+
+    init: Callable[[jax.Array, dict], Any]
+    loss: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+    batches: Callable[[int], Iterator[dict]]
+    example: dict
+    evaluate: Callable[[TrainState, int], dict] | None = None
+
+
+def train_step(state: TrainState, batch: dict, *, loss_fn, tx, ema_decay: float):
+    """One update. A non-finite loss or gradient leaves params/opt/EMA unchanged (flagged)."""
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, state.step_rng())
+    leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    ok = jnp.isfinite(loss) & jnp.all(leaf_finite)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(params=params, opt_state=opt_state,
+                        ema_params=ema_update(state.ema_params, params, ema_decay))
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    new = new.replace(step=state.step + 1, skipped=state.skipped + (~ok).astype(jnp.int32))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), finite=ok,
+                   leaf_finite=leaf_finite)
+    return new, metrics
+
+
+def _leaf_names(tree) -> list[str]:
+    return ["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
+          stop_after: int | None = None, progress: bool = True) -> TrainState:
+    """Train ``task`` under ``cfg``, resuming from the latest complete checkpoint in ``workdir``.
+
+    ``stop_after`` ends the run after that step without the final checkpoint (as a crash
+    would); used by the kill-and-resume tests. Returns the final state.
+    """
+    tcfg = cfg.train
+    if tcfg.on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"train.on_nonfinite must be one of {NONFINITE_POLICIES}, "
+                         f"got {tcfg.on_nonfinite!r}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    # --- mesh
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.logical_rules(cfg.mesh.preset)
+    sharding.check_batch_size(tcfg.batch_size, mesh)
+    tx = make_optimizer(cfg.optim, tcfg.steps)
+    lr_at = learning_rate_schedule(cfg.optim, tcfg.steps)
+    ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
+    config_dict = config_lib.to_dict(cfg)
+    (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        # --- abstract init → shardings
+        def make_state(rng):
+            init_rng, run_rng = jax.random.split(rng)
+            variables = task.init(init_rng, task.example)
+            return TrainState.create(variables["params"], tx, run_rng, ema=tcfg.ema_decay > 0)
+
+        rng = jax.random.PRNGKey(tcfg.seed)
+        boxed = jax.eval_shape(make_state, rng)
+        abstract, state_sh = sharding.abstract_with_shardings(boxed, mesh, rules)
+        batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, np.ndim(x)), task.example)
+
+        # --- init or restore
+        start = ckpt.latest_step()
+        if start is None:
+            state = jax.jit(lambda r: nn.meta.unbox(make_state(r)), out_shardings=state_sh)(rng)
+            position, start = 0, 0
+        else:
+            state, data, _ = ckpt.restore(start, abstract)
+            position = int(data["position"])
+            print(f"resumed from {ckpt.directory / str(start)} (step {start}, data position "
+                  f"{position})", flush=True)
+        batches = task.batches(position)
+        leaf_names = _leaf_names(abstract.params)
+
+        # --- update step
+        step_fn = jax.jit(
+            functools.partial(train_step, loss_fn=task.loss, tx=tx, ema_decay=tcfg.ema_decay),
+            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+            donate_argnums=0)
+
+        def check(step: int, m: dict) -> None:
+            if bool(m["finite"]):
+                return
+            bad = np.flatnonzero(~np.asarray(m["leaf_finite"]))
+            where = (f"first non-finite gradient leaf: {leaf_names[bad[0]]}" if bad.size
+                     else f"loss = {float(m['loss'])}, gradients finite")
+            if tcfg.on_nonfinite == "skip":
+                tqdm.write(f"step {step}: non-finite update skipped ({where})")
+                return
+            ckpt.wait()
+            last = ckpt.latest_step()
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {step} ({where}); stopped without "
+                f"saving — the last good checkpoint "
+                f"{'(step ' + str(last) + ')' if last is not None else '(none yet)'} is untouched. "
+                f"Set train.on_nonfinite=skip to skip such steps instead.")
+
+        # --- loop
+        log_path = workdir / "metrics.jsonl"
+        bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {cfg.name}",
+                   disable=not progress, dynamic_ncols=True)
+        pending: list[tuple[int, dict]] = []
+        t_last, steps_since = time.perf_counter(), 0
+        step = start
+        with open(log_path, "a") as log_file:
+            while step < tcfg.steps:
+                batch = next(batches)
+                state, m = step_fn(state, batch)
+                step += 1
+                steps_since += 1
+                bar.update(1)
+                # Lag-1 guard keeps the device busy: check the previous step while this runs.
+                if pending:
+                    check(*pending[-1])
+                pending = [(step, m)]
+                is_last = step == tcfg.steps
+                do_log = step % tcfg.log_every == 0 or is_last
+                do_eval = task.evaluate is not None and (
+                    is_last or (tcfg.eval_every and step % tcfg.eval_every == 0))
+                do_ckpt = is_last or (tcfg.ckpt_every and step % tcfg.ckpt_every == 0)
+                if do_log or do_eval or do_ckpt:
+                    check(step, m)
+                    pending = []
+                if do_log:
+                    now = time.perf_counter()
+                    row = {"step": step, "lr": float(lr_at(step - 1)),
+                           "steps_per_s": steps_since / max(now - t_last, 1e-9),
+                           "skipped": int(state.skipped)}
+                    row.update({k: float(v) for k, v in m.items()
+                                if k not in ("finite", "leaf_finite")})
+                    t_last, steps_since = now, 0
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+                    tqdm.write(f"step {step}: " + " ".join(
+                        f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+                if do_ckpt:
+                    ckpt.save(step, state, {"position": int(batches.position)}, config_dict)
+                if do_eval:
+                    ev = task.evaluate(state, step)
+                    log_file.write(json.dumps({"step": step, **{f"eval/{k}": v
+                                                              for k, v in ev.items()}}) + "\n")
+                    log_file.flush()
+                    tqdm.write(f"eval @ {step}: " + " ".join(f"{k}={v:.4g}"
+                                                             for k, v in ev.items()))
+                if stop_after is not None and step >= stop_after:
+                    break
+        bar.close()
+        if pending:
+            check(*pending[-1])
+        ckpt.wait()
+        ckpt.close()
+    return state
