@@ -56,7 +56,7 @@ def make_task(width=8, nan_at=None):
         return mse, {"mse": mse}
 
     return loop.Task(init=lambda rng, b: model.init(rng, b["x"]), loss=loss,
-                     batches=lambda start: Batches(start, nan_at=nan_at),
+                     batches=lambda start, mesh: Batches(start, nan_at=nan_at),
                      example=Batches(0).make(0))
 
 

@@ -71,6 +71,7 @@ class ExperimentConfig:
 
     name: str
     model: Any
+    task: str = "clip"                   # which model's task the loop trains (train/tasks.py)
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()

@@ -41,7 +41,7 @@ class Task:
 
     init:     ``(rng, batch) -> variables`` (``{"params": ...}``, boxed with logical names).
     loss:     ``(params, batch, rng) -> (loss, metrics)``, pure, scalar float32 loss.
-    batches:  ``(start_position) -> iterator`` of global batches placed on the current mesh;
+    batches:  ``(start_position, mesh) -> iterator`` of global batches placed on ``mesh``;
               the iterator's ``position`` attribute (batches produced so far) is checkpointed.
     example:  one global batch (numpy or arrays) fixing shapes for ``init`` and the shardings.
     evaluate: optional ``(state, step) -> {name: float}`` run on the host every ``eval_every``.
@@ -49,7 +49,7 @@ class Task:
 
     init: Callable[[jax.Array, dict], Any]
     loss: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
-    batches: Callable[[int], Iterator[dict]]
+    batches: Callable[[int, Any], Iterator[dict]]
     example: dict
     evaluate: Callable[[TrainState, int], dict] | None = None
 
@@ -74,6 +74,39 @@ def train_step(state: TrainState, batch: dict, *, loss_fn, tx, ema_decay: float)
 def _leaf_names(tree) -> list[str]:
     return ["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _state_layout(cfg, task: Task, tx, mesh, rules):
+    """``(make_state, rng, abstract_state, state_shardings)`` without allocating anything."""
+    def make_state(rng):
+        init_rng, run_rng = jax.random.split(rng)
+        variables = task.init(init_rng, task.example)
+        return TrainState.create(variables["params"], tx, run_rng, ema=cfg.train.ema_decay > 0)
+
+    rng = jax.random.PRNGKey(cfg.train.seed)
+    boxed = jax.eval_shape(make_state, rng)
+    abstract, state_sh = sharding.abstract_with_shardings(boxed, mesh, rules)
+    return make_state, rng, abstract, state_sh
+
+
+def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path,
+                        step: int | None = None) -> dict:
+    """Restore the latest (or given) checkpoint of ``workdir`` and run ``task.evaluate``."""
+    if task.evaluate is None:
+        raise ValueError(f"task {cfg.task!r} has no evaluation")
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.logical_rules(cfg.mesh.preset)
+    ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint under {ckpt.directory}")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        tx = make_optimizer(cfg.optim, cfg.train.steps)
+        _, _, abstract, _ = _state_layout(cfg, task, tx, mesh, rules)
+        state, _, _ = ckpt.restore(step, abstract)
+        metrics = task.evaluate(state, step)
+    ckpt.close()
+    return {"step": int(step), **metrics}
 
 
 def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
@@ -102,14 +135,7 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # --- abstract init → shardings
-        def make_state(rng):
-            init_rng, run_rng = jax.random.split(rng)
-            variables = task.init(init_rng, task.example)
-            return TrainState.create(variables["params"], tx, run_rng, ema=tcfg.ema_decay > 0)
-
-        rng = jax.random.PRNGKey(tcfg.seed)
-        boxed = jax.eval_shape(make_state, rng)
-        abstract, state_sh = sharding.abstract_with_shardings(boxed, mesh, rules)
+        make_state, rng, abstract, state_sh = _state_layout(cfg, task, tx, mesh, rules)
         batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, np.ndim(x)), task.example)
 
         # --- init or restore
@@ -122,7 +148,7 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
             position = int(data["position"])
             print(f"resumed from {ckpt.directory / str(start)} (step {start}, data position "
                   f"{position})", flush=True)
-        batches = task.batches(position)
+        batches = task.batches(position, mesh)
         leaf_names = _leaf_names(abstract.params)
 
         # --- update step
@@ -158,6 +184,7 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
         with open(log_path, "a") as log_file:
             while step < tcfg.steps:
                 batch = next(batches)
+                batch = {k: batch[k] for k in task.example}   # the model's inputs only
                 state, m = step_fn(state, batch)
                 step += 1
                 steps_since += 1
