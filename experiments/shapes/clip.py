@@ -1,0 +1,21 @@
+"""Tiny CLIP on 32 px captioned shapes: the demo's first model (CPU scale, ~minutes)."""
+
+from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.models.clip import CLIPConfig
+from unclip_jax.sharding import MeshConfig
+
+
+def get_config() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="shapes_clip",
+        task="clip",
+        model=CLIPConfig(embed_dim=64, patch_size=8, vision_width=64, vision_layers=3,
+                         vision_heads=4, text_width=64, text_layers=3, text_heads=4,
+                         act="quick_gelu", dtype="float32"),
+        data=DataConfig(name="captioned_shapes/r32", image_size=32, vocab_size=256,
+                        context_length=24),
+        optim=OptimConfig(learning_rate=2e-3, warmup_steps=100, weight_decay=0.05),
+        train=TrainConfig(batch_size=128, steps=1500, log_every=100, eval_every=500,
+                          ckpt_every=500, ema_decay=0.0),
+        mesh=MeshConfig(data=-1, fsdp=1, model=1),
+    )

@@ -1,0 +1,116 @@
+"""What each model supplies to the generic loop: ``build_task(cfg, workdir) -> (cfg, Task)``.
+
+A task fixes the pieces of the config that follow from the data (vocabulary size and special
+token ids from the tokenizer, input resolution and context length from the data config), so
+the config saved with the checkpoint is the one the model was really built with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+
+from unclip_jax import input_pipeline
+from unclip_jax.config import DataConfig, ExperimentConfig
+from unclip_jax.text import Tokenizer, train_tokenizer_from_dataset
+from unclip_jax.train.loop import Task
+
+
+def ensure_dataset(data_cfg: DataConfig) -> None:
+    """Build ``captioned_shapes/r<N>`` on first use (it is procedural); other datasets must
+    already be prepared (``open_source`` says how when they are not)."""
+    family, _, config = data_cfg.name.partition("/")
+    if family != "captioned_shapes":
+        return
+    try:
+        input_pipeline.dataset_dir(data_cfg.name, data_cfg.data_dir)
+        return
+    except FileNotFoundError:
+        match = re.fullmatch(r"r(\d+)", config)
+        if not match:
+            raise
+    from unclip_jax.datasets.captioned_shapes import build_captioned_shapes
+
+    print(f"building {data_cfg.name} into {data_cfg.data_dir} ...", flush=True)
+    build_captioned_shapes(data_cfg.data_dir, resolution=int(match.group(1)))
+
+
+def tokenizer_path(data_cfg: DataConfig, workdir: str | Path) -> Path:
+    return Path(data_cfg.tokenizer) if data_cfg.tokenizer else Path(workdir) / "tokenizer.model"
+
+
+def ensure_tokenizer(data_cfg: DataConfig, workdir: str | Path) -> Tokenizer:
+    """Load the configured tokenizer, training it on the train split's captions if missing."""
+    path = tokenizer_path(data_cfg, workdir)
+    if path.is_file():
+        return Tokenizer.load(path)
+    if data_cfg.tokenizer:
+        raise FileNotFoundError(f"tokenizer {str(path)!r} (data.tokenizer) does not exist; "
+                                "train one with `unclip-jax tokenizer train` or leave "
+                                "data.tokenizer empty to train it in the workdir")
+    ensure_dataset(data_cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"training a {data_cfg.vocab_size}-token BPE tokenizer on {data_cfg.name} → {path}",
+          flush=True)
+    return train_tokenizer_from_dataset(input_pipeline.open_source(data_cfg, "train"), path,
+                                        data_cfg.vocab_size)
+
+
+def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentConfig, Task]:
+    from unclip_jax.eval import shapes_eval, zero_shot
+    from unclip_jax.models import clip
+
+    ensure_dataset(cfg.data)
+    tok = ensure_tokenizer(cfg.data, workdir)
+    model_cfg = dataclasses.replace(
+        cfg.model, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
+        context_length=cfg.data.context_length, image_size=cfg.data.image_size)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    model = clip.CLIP(model_cfg)
+    tokenize = lambda texts: tok.encode(texts, cfg.data.context_length)  # noqa: E731
+
+    def batches(start, mesh):
+        return input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
+                                           tokenizer=tok, mesh=mesh, train=True, start=start)
+
+    def evaluate(state, step) -> dict:
+        params = state.ema_params if cfg.train.ema_decay > 0 else state.params
+        out = {}
+        # Retrieval on validation: image→text top-1 within batches of the training size.
+        val = input_pipeline.make_batches(cfg.data, "validation",
+                                          batch_size=cfg.train.batch_size, tokenizer=tok,
+                                          train=False)
+        hits, n = 0.0, 0
+        for i, b in zip(range(4), val):
+            img = zero_shot.encode_images(model, params, b["image"])
+            txt = zero_shot.encode_texts(model, params, b["tokens"])
+            keep = np.asarray(b["mask"])
+            pred = np.argmax(img[keep] @ txt[keep].T, axis=1)
+            hits += float(np.sum(pred == np.arange(keep.sum())))
+            n += int(keep.sum())
+        out["val_i2t_top1"] = hits / max(n, 1)
+        if cfg.data.name.startswith("captioned_shapes"):
+            out.update(shapes_eval.zero_shot_accuracy(model, params, tokenize,
+                                                      image_size=cfg.data.image_size))
+        return out
+
+    task = Task(
+        init=lambda rng, b: model.init(rng, b["image"], b["tokens"]),
+        loss=lambda params, batch, rng: clip.loss_fn(model, params, batch, rng),
+        batches=batches,
+        example=clip.dummy_inputs(model_cfg, cfg.train.batch_size),
+        evaluate=evaluate,
+    )
+    return cfg, task
+
+
+TASKS = {"clip": clip_task}
+
+
+def build_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentConfig, Task]:
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; accepted: {', '.join(sorted(TASKS))}")
+    return TASKS[cfg.task](cfg, workdir)
