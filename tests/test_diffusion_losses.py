@@ -1,0 +1,121 @@
+"""Objectives: conversions between ε, x₀ and v, learned variance, hybrid loss, cond dropout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unclip_jax.diffusion import (
+    drop_condition,
+    learned_log_variance,
+    make_schedule,
+    output_to_x0_eps,
+    q_sample,
+    sample_timesteps,
+    training_loss,
+    x0_eps_to_output,
+)
+from unclip_jax.diffusion.losses import normal_kl
+
+S = make_schedule("cosine", 1000)
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_conversions_are_exact_inverses(kind):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    x0 = jax.random.normal(k1, (64, 4, 4, 3))
+    eps = jax.random.normal(k2, x0.shape)
+    i = jnp.arange(64) * 15 + 5
+    xt = q_sample(S, x0, i, eps)
+    out = x0_eps_to_output(S, xt, i, x0, eps, kind)
+    x0_b, eps_b = output_to_x0_eps(S, xt, i, out, kind)
+    tol = dict(atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(x0_b, x0, **tol)
+    np.testing.assert_allclose(eps_b, eps, **tol)
+
+
+def test_v_definition():
+    x0, eps = jnp.ones((2, 3)), -jnp.ones((2, 3))
+    i = jnp.array([100, 900])
+    v = x0_eps_to_output(S, q_sample(S, x0, i, eps), i, x0, eps, "v")
+    a, s = np.sqrt(np.asarray(S.alphas_cumprod)[[100, 900]]), None
+    s = np.sqrt(1 - np.asarray(S.alphas_cumprod)[[100, 900]])
+    np.testing.assert_allclose(v[:, 0], a * -1 - s * 1, rtol=1e-5)
+
+
+def test_learned_variance_interpolates_in_log_space():
+    i = jnp.array([10, 500])
+    lo = np.asarray(S.posterior_log_variance_clipped)[[10, 500]]
+    hi = np.log(np.asarray(S.betas)[[10, 500]])
+    got = learned_log_variance(S, i, jnp.zeros((2, 1)))[:, 0]
+    np.testing.assert_allclose(got, 0.5 * (lo + hi), rtol=1e-5)          # geometric mean
+    assert not np.allclose(np.exp(got), 0.5 * (np.exp(lo) + np.exp(hi)), rtol=1e-3)
+    np.testing.assert_allclose(learned_log_variance(S, i, -jnp.ones((2, 1)))[:, 0], lo, rtol=1e-6)
+    np.testing.assert_allclose(learned_log_variance(S, i, jnp.ones((2, 1)))[:, 0], hi, rtol=1e-6)
+
+
+def test_normal_kl_zero_for_equal():
+    m, lv = jnp.array([0.3]), jnp.array([-1.2])
+    assert float(normal_kl(m, lv, m, lv)[0]) == pytest.approx(0.0, abs=1e-7)
+    assert float(normal_kl(m, lv, m + 1, lv)[0]) > 0
+
+
+def test_sample_timesteps_uniform():
+    t = np.asarray(sample_timesteps(jax.random.key(0), 100000, 10))
+    assert t.min() == 0 and t.max() == 9
+    np.testing.assert_allclose(np.bincount(t) / 1e5, 0.1, atol=0.01)
+
+
+def _denoiser(params, x, t, cond):
+    return jnp.concatenate([params["m"] * x, params["v"] * jnp.ones_like(x)], -1)
+
+
+def test_hybrid_loss_stops_gradient_of_vlb_into_the_mean():
+    params = {"m": jnp.float32(0.5), "v": jnp.float32(0.1)}
+    x0 = jax.random.uniform(jax.random.key(1), (32, 4, 4, 3), minval=-1, maxval=1)
+
+    def metric(p, name):
+        return training_loss(p, x0, None, jax.random.key(2), denoiser=_denoiser, schedule=S,
+                             learned_variance=True)[1][name]
+
+    g_vlb = jax.grad(lambda p: metric(p, "vlb"))(params)
+    assert float(g_vlb["m"]) == 0.0 and float(g_vlb["v"]) != 0.0
+    g_mse = jax.grad(lambda p: metric(p, "mse"))(params)
+    assert float(g_mse["v"]) == 0.0 and float(g_mse["m"]) != 0.0
+    loss, m = training_loss(params, x0, None, jax.random.key(2), denoiser=_denoiser, schedule=S,
+                            learned_variance=True)
+    assert float(loss) == pytest.approx(float(m["mse"] + 0.001 * 1000 * m["vlb"]), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_training_loss_plain(kind):
+    params = {"w": jnp.float32(0.0)}
+    x0 = jnp.ones((16, 3))
+    f = lambda p, x, t, c: p["w"] * x + c["e"][:, None]  # noqa: E731
+    loss, metrics = jax.jit(lambda p: training_loss(
+        p, x0, {"e": jnp.zeros(16)}, jax.random.key(0), denoiser=f, schedule=S,
+        model_output=kind, cond_drop_prob=0.5))(params)
+    assert np.isfinite(float(loss)) and set(metrics) == {"mse", "loss"}
+    with pytest.raises(ValueError, match=r"expected \(16, 6\)"):
+        training_loss(params, x0, None, jax.random.key(0), denoiser=lambda p, x, t, c: x,
+                      schedule=S, learned_variance=True)
+
+
+def test_drop_condition():
+    cond = {"emb": jnp.ones((1000, 4)), "txt": jnp.ones((1000, 3, 2))}
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
+                                     drop_condition(jax.random.key(0), cond, 0.0), cond))
+    all_null = drop_condition(jax.random.key(0), cond, 1.0)
+    assert float(all_null["emb"].sum()) == 0 and float(all_null["txt"].sum()) == 0
+    # a learned null (broadcast), one draw per example shared by the leaves
+    null = {"emb": jnp.full((4,), 7.0), "txt": jnp.full((3, 2), -1.0)}
+    d = drop_condition(jax.random.key(1), cond, 0.3, null)
+    dropped = np.asarray(d["emb"][:, 0] == 7.0)
+    assert 0.25 < dropped.mean() < 0.35
+    np.testing.assert_array_equal(dropped, np.asarray(d["txt"][:, 0, 0] == -1.0))
+    # independent per-key probabilities (unCLIP decoder: CLIP emb 10%, caption 50%)
+    d = drop_condition(jax.random.key(2), cond, {"emb": 0.1, "txt": 0.5})
+    assert 0.07 < float((d["emb"][:, 0] == 0).mean()) < 0.13
+    assert 0.45 < float((d["txt"][:, 0, 0] == 0).mean()) < 0.55
+    with pytest.raises(ValueError, match="cond lacks"):
+        drop_condition(jax.random.key(2), cond, {"image": 0.1})

@@ -1,0 +1,294 @@
+"""The shared sampler, on the closed-form denoiser of Gaussian data x₀ ~ N(μ, σ²I).
+
+For that data E[x₀|x_t] = μ + √ᾱ σ²/(ᾱσ² + 1 − ᾱ)·(x_t − √ᾱ μ) exactly; the ε and v outputs are
+derived from it with the conversion functions (so the conversions are under test too). Every
+sampler step is then affine in x, so the exact result of a *deterministic* sampler with a given
+number of steps is also known in closed form (``_affine_oracle``): the tests check the samplers
+against it tightly, and against μ, σ² within 2% where the method's own discretisation error is
+below 2%.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unclip_jax.diffusion import (
+    ddim_invert,
+    make_sampler,
+    make_schedule,
+    respace,
+    sample,
+    x0_eps_to_output,
+    x0_to_eps,
+)
+from unclip_jax.sharding import MeshConfig, batch_sharding, make_mesh
+
+MU, SIG = 1.5, 0.5
+B, D = 4096, 2
+FULL = make_schedule("cosine", 1000)
+
+
+def gaussian_denoiser(model_output, shift_key=None):
+    """Exact denoiser of N(MU, SIG²); with ``shift_key`` the data mean is MU + cond[shift_key]."""
+    def f(params, x, t, cond):
+        mu = MU if shift_key is None else MU + cond[shift_key].reshape((-1,) + (1,) * (x.ndim - 1))
+        ac = FULL.alphas_cumprod[t].reshape((-1,) + (1,) * (x.ndim - 1))
+        a = jnp.sqrt(ac)
+        x0 = mu + a * SIG ** 2 / (ac * SIG ** 2 + 1 - ac) * (x - a * mu)
+        return x0_eps_to_output(FULL, x, t, x0, x0_to_eps(FULL, x, t, x0), model_output)
+    return f
+
+
+def standard_normal(key, shape):
+    """Noise with per-dimension sample mean exactly 0 and variance exactly 1."""
+    z = jax.random.normal(key, shape)
+    return (z - z.mean(0)) / z.std(0)
+
+
+def _affine_oracle(schedule, method):
+    """(c, A) with sample = c + A·x_T exactly, for a deterministic sampler on N(MU, SIG²)."""
+    ac = np.cumprod(1 - np.asarray(FULL.betas, np.float64))  # float64 ᾱ of the base
+    ts = np.asarray(schedule.timesteps)
+    a_s = ac[ts]
+    a_p = np.append(1.0, a_s[:-1])
+
+    def x0_of(x):  # x = (c, A)
+        a = a_s[i]
+        g = np.sqrt(a) * SIG ** 2 / (a * SIG ** 2 + 1 - a)
+        return (MU + g * (x[0] - np.sqrt(a) * MU), g * x[1])
+
+    lam = lambda a: 0.5 * np.log(a / (1 - a))  # noqa: E731
+    x, x0_prev, h_prev = (0.0, 1.0), None, None
+    for i in range(len(ts) - 1, -1, -1):
+        x0 = x0_of(x)
+        if method == "ddim" or i == 0:
+            eps = tuple((x[k] - np.sqrt(a_s[i]) * x0[k]) / np.sqrt(1 - a_s[i]) for k in range(2))
+            x = tuple(np.sqrt(a_p[i]) * x0[k] + np.sqrt(1 - a_p[i]) * eps[k] for k in range(2))
+        else:
+            h = lam(a_p[i]) - lam(a_s[i])
+            d = x0 if x0_prev is None else tuple(
+                (1 + 0.5 * h / h_prev) * x0[k] - 0.5 * h / h_prev * x0_prev[k] for k in range(2))
+            x = tuple(np.sqrt((1 - a_p[i]) / (1 - a_s[i])) * x[k]
+                      - np.sqrt(a_p[i]) * np.expm1(-h) * d[k] for k in range(2))
+            x0_prev, h_prev = x0, h
+    return x
+
+
+@pytest.fixture(scope="module")
+def x_T():
+    return standard_normal(jax.random.key(0), (B, D))
+
+
+def _run(method, spec, model_output, x_T, **kw):
+    sched = FULL if spec is None else respace(FULL, spec)
+    fn = jax.jit(lambda r, x: sample(gaussian_denoiser(model_output), None, schedule=sched,
+                                     rng=r, x_T=x, method=method, model_output=model_output,
+                                     **kw))
+    return np.asarray(fn(jax.random.key(1), x_T), np.float64), sched
+
+
+def _rel(x):
+    return abs(x.mean() / MU - 1), abs(x.var() / SIG ** 2 - 1)
+
+
+@pytest.mark.parametrize("model_output", ["eps", "x0", "v"])
+def test_ddpm_1000_steps_matches_the_data(model_output):
+    z = jax.random.normal(jax.random.key(7), (B, D))
+    x, _ = _run("ddpm", None, model_output, z)
+    m, v = _rel(x)
+    assert m < 0.02 and v < 0.02, (m, v)
+
+
+@pytest.mark.parametrize("method,spec,model_output", [
+    ("ddim", "50", "eps"), ("ddim", "50", "v"), ("dpmpp_2m", "20", "x0"),
+    ("dpmpp_2m", "20", "eps"), ("dpmpp_2m", "10", "v")])
+def test_deterministic_samplers_equal_their_closed_form(method, spec, model_output, x_T):
+    x, sched = _run(method, spec, model_output, x_T)
+    c, a = _affine_oracle(sched, method)
+    assert x.mean() == pytest.approx(c, rel=1e-3)
+    assert x.var() == pytest.approx(a ** 2, rel=2e-3)
+
+
+@pytest.mark.parametrize("method,spec", [("ddim", "250"), ("dpmpp_2m", "100"),
+                                         ("dpmpp_2m", "ddim100")])
+def test_deterministic_samplers_converge_to_the_data(method, spec, x_T):
+    x, _ = _run(method, spec, "eps", x_T)
+    m, v = _rel(x)
+    assert m < 0.02 and v < 0.02, (m, v)
+
+
+def test_dpm_solver_is_second_order_and_beats_ddim(x_T):
+    errs = {}
+    for method in ("ddim", "dpmpp_2m"):
+        for n in ("25", "50"):
+            x, _ = _run(method, n, "eps", x_T)
+            errs[method, n] = _rel(x)[1]
+    assert errs["dpmpp_2m", "50"] < errs["ddim", "50"]
+    assert errs["dpmpp_2m", "25"] / errs["dpmpp_2m", "50"] > 3.0      # ≈ 4 for 2nd order
+    assert 1.6 < errs["ddim", "25"] / errs["ddim", "50"] < 2.5         # ≈ 2 for 1st order
+
+
+def test_ddim_eta1_equals_ddpm_posterior(x_T):
+    # η = 1: σ² = β̃ (posterior variance) and the same per-step keys -> the very same samples.
+    sched = respace(FULL, "100")
+    f = gaussian_denoiser("eps")
+    a = sample(f, None, schedule=sched, rng=jax.random.key(3), x_T=x_T, method="ddim", eta=1.0)
+    b = sample(f, None, schedule=sched, rng=jax.random.key(3), x_T=x_T, method="ddpm")
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
+
+
+def test_ddim_inversion_round_trip():
+    # Strided DDIM steps (last t = 980): at t = 999 of the cosine schedule ᾱ ≈ 2e-9 and the
+    # inversion's fixed point there is ill-conditioned (x_T ≈ ε(x_T)).
+    sched = respace(FULL, "ddim50")
+    f = gaussian_denoiser("eps")
+    x0 = MU + SIG * jax.random.normal(jax.random.key(5), (B, D))
+    x_T = jax.jit(lambda x: ddim_invert(f, None, x, schedule=sched, fixed_point_iters=6))(x0)
+    assert abs(float(x_T.std()) - 1) < 0.05          # lands on (approximately) N(0, I)
+    back = sample(f, None, schedule=sched, rng=jax.random.key(0), x_T=x_T, method="ddim")
+    assert float(jnp.max(jnp.abs(back - x0))) < 1e-3
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+@pytest.fixture(scope="module")
+def guided():
+    f = gaussian_denoiser("eps", shift_key="shift")
+    sched = respace(FULL, "25")
+    calls = []
+
+    def counted(params, x, t, cond):
+        calls.append(x.shape)
+        return f(params, x, t, cond)
+
+    sampler = make_sampler(counted, schedule=sched, shape=(256, D), method="ddim")
+    plain = make_sampler(f, schedule=sched, shape=(256, D), method="ddim", guidance=False)
+    cond = {"shift": jnp.full((256,), 1.0)}
+    uncond = {"shift": jnp.zeros((256,))}
+    return sampler, plain, cond, uncond, calls
+
+
+def test_guidance_scale_one_and_zero(guided):
+    sampler, plain, cond, uncond, calls = guided
+    rng = jax.random.key(9)
+    g1 = sampler(None, cond, uncond, rng, guidance_scale=1.0, eta=0.3)
+    g0 = sampler(None, cond, uncond, rng, guidance_scale=0.0, eta=0.3)
+    np.testing.assert_allclose(g1, plain(None, cond, None, rng, eta=0.3), atol=1e-5)
+    np.testing.assert_allclose(g0, plain(None, uncond, None, rng, eta=0.3), atol=1e-5)
+    assert abs(float(g1.mean()) - (MU + 1)) < 0.1 and abs(float(g0.mean()) - MU) < 0.1
+    g3 = sampler(None, cond, uncond, rng, guidance_scale=3.0, eta=0.3)
+    assert float(g3.mean()) > float(g1.mean()) + 1.0     # pushed past the conditional mean
+    # one batched forward per step: the traced denoiser saw [cond; uncond] = 2B rows, once
+    assert calls == [(512, D)]
+
+
+def test_guidance_and_eta_changes_do_not_recompile(guided):
+    sampler, _, cond, uncond, _ = guided
+    compiles = []
+
+    def listener(name, *_, **__):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(name)
+
+    sampler(None, cond, uncond, jax.random.key(0), guidance_scale=2.0, eta=0.0)
+    before = sampler.jitted._cache_size()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for s, eta in [(1.0, 0.0), (4.0, 0.5), (7.5, 1.0)]:
+            sampler(None, cond, uncond, jax.random.key(1), guidance_scale=s, eta=eta)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert sampler.jitted._cache_size() == before == 1
+    assert compiles == []
+
+
+# ----------------------------------------------------------------------------- rng, shapes
+
+
+@pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 0.5)])
+def test_same_rng_same_samples_different_rng_different(method, eta, x_T):
+    sched = respace(FULL, "20")
+    f = jax.jit(lambda r: sample(gaussian_denoiser("eps"), None, schedule=sched, rng=r,
+                                 x_T=x_T[:64], method=method, eta=eta))
+    a, b, c = f(jax.random.key(1)), f(jax.random.key(1)), f(jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(jnp.mean(jnp.abs(a - c))) > 1e-2
+
+
+def test_ddim_eta0_ignores_the_step_rng(x_T):
+    sched = respace(FULL, "20")
+    f = gaussian_denoiser("eps")
+    a = sample(f, None, schedule=sched, rng=jax.random.key(1), x_T=x_T[:64])
+    b = sample(f, None, schedule=sched, rng=jax.random.key(2), x_T=x_T[:64])
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_images_learned_variance_and_clipping():
+    sched = respace(FULL, "4")
+    base = gaussian_denoiser("eps")
+
+    def with_var(v):
+        return lambda p, x, t, c: jnp.concatenate([base(p, x, t, c), jnp.full_like(x, v)], -1)
+
+    kw = dict(schedule=sched, shape=(2, 4, 4, 3), rng=jax.random.key(0), method="ddpm")
+    small = sample(base, None, variance="fixed_small", **kw)
+    large = sample(base, None, variance="fixed_large", **kw)
+    assert small.shape == (2, 4, 4, 3)
+    # frac = 0 -> log β̃ (fixed small); frac = 1 -> log β (fixed large, identical when no noise
+    # is added at the last step)
+    np.testing.assert_allclose(sample(with_var(-1.0), None, variance="learned", **kw), small,
+                               atol=1e-5)
+    np.testing.assert_allclose(sample(with_var(1.0), None, variance="learned", **kw), large,
+                               atol=1e-5)
+    mid = sample(with_var(0.0), None, variance="learned", **kw)
+    assert float(jnp.std(mid - small)) > 1e-4
+    clipped = sample(base, None, schedule=sched, shape=(2, 4, 4, 3), rng=jax.random.key(0),
+                     clip_x0=(-1.0, 1.0))
+    assert float(clipped.max()) <= 1.0 and float(clipped.min()) >= -1.0
+    thr = sample(base, None, schedule=sched, shape=(2, 4, 4, 3), rng=jax.random.key(0),
+                 dynamic_threshold=0.9)
+    assert float(jnp.abs(thr).max()) <= 1.0 + 1e-6
+
+
+def test_batch_sharding_constraint_gives_the_same_samples(x_T):
+    mesh = make_mesh(MeshConfig(data=-1))
+    sched = respace(FULL, "10")
+    f = gaussian_denoiser("eps")
+    run = lambda shard: jax.jit(lambda r, x: sample(  # noqa: E731
+        f, None, schedule=sched, rng=r, x_T=x, method="ddim", eta=0.5,
+        batch_sharding=shard))(jax.random.key(0), x_T[:64])
+    sharded = run(batch_sharding(mesh, 2))
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(run(None)), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_errors_say_what_was_wrong():
+    sched = respace(FULL, "5")
+    f = gaussian_denoiser("eps")
+    kw = dict(schedule=sched, shape=(4, D), rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="unknown sampling method 'euler'.*ddpm, ddim, dpmpp_2m"):
+        sample(f, None, method="euler", **kw)
+    with pytest.raises(ValueError, match="eta must be ≥ 0"):
+        sample(f, None, eta=-0.1, **kw)
+    with pytest.raises(ValueError, match=r"returned shape \(4, 3\); expected \(4, 2\)"):
+        sample(lambda p, x, t, c: jnp.zeros((4, 3)), None, **kw)
+    with pytest.raises(ValueError, match="variance='learned' needs a denoiser with a variance"):
+        sample(f, None, method="ddpm", variance="learned", **kw)
+    with pytest.raises(ValueError, match="unknown variance 'tiny'"):
+        sample(f, None, method="ddpm", variance="tiny", **kw)
+    with pytest.raises(ValueError, match="unknown model_output 'score'"):
+        sample(f, None, model_output="score", **kw)
+    with pytest.raises(ValueError, match="needs an uncond"):
+        sample(f, None, guidance_scale=3.0, cond={"c": jnp.ones(4)}, **kw)
+    sampler = make_sampler(f, schedule=sched, shape=(4, D))
+    with pytest.raises(ValueError, match="needs an uncond"):
+        sampler(None, {"c": jnp.ones(4)}, None, jax.random.key(0))
+    with pytest.raises(ValueError, match="eta must be ≥ 0"):
+        sampler(None, {"c": jnp.ones(4)}, {"c": jnp.zeros(4)}, jax.random.key(0), eta=-1.0)
+    with pytest.raises(ValueError, match="leading axis"):
+        sample(f, None, cond={"c": jnp.ones(3)}, uncond={"c": jnp.ones(3)}, **kw)

@@ -1,0 +1,45 @@
+"""Diffusion core shared by every diffusion model: schedules, objectives and the one sampler.
+
+* :mod:`.schedule` — linear / cosine betas, ᾱ, ``q_sample``, the posterior, respacing.
+* :mod:`.losses` — ε / x₀ / v conversions, L_simple, learned variance + hybrid loss,
+  timestep sampling, conditioning dropout, ``training_loss``.
+* :mod:`.sampler` — ``sample`` / ``make_sampler`` (DDPM, DDIM η, DPM-Solver++(2M), classifier-free
+  guidance in one batched forward) and ``ddim_invert``.
+"""
+
+from unclip_jax.diffusion.losses import (
+    MODEL_OUTPUTS,
+    condition_keep_mask,
+    drop_condition,
+    eps_to_x0,
+    learned_log_variance,
+    output_to_x0_eps,
+    sample_timesteps,
+    training_loss,
+    v_target,
+    v_to_eps,
+    v_to_x0,
+    vlb_term,
+    x0_eps_to_output,
+    x0_to_eps,
+)
+from unclip_jax.diffusion.sampler import METHODS, VARIANCES, Sampler, ddim_invert, make_sampler, sample
+from unclip_jax.diffusion.schedule import (
+    KINDS,
+    Schedule,
+    base_betas,
+    from_betas,
+    make_schedule,
+    q_posterior,
+    q_sample,
+    respace,
+    space_timesteps,
+)
+
+__all__ = [
+    "KINDS", "METHODS", "MODEL_OUTPUTS", "VARIANCES", "Sampler", "Schedule", "base_betas",
+    "condition_keep_mask", "ddim_invert", "drop_condition", "eps_to_x0", "from_betas",
+    "learned_log_variance", "make_sampler", "make_schedule", "output_to_x0_eps", "q_posterior",
+    "q_sample", "respace", "sample", "sample_timesteps", "space_timesteps", "training_loss",
+    "v_target", "v_to_eps", "v_to_x0", "vlb_term", "x0_eps_to_output", "x0_to_eps",
+]

@@ -1,0 +1,240 @@
+"""Noise schedules: betas, ᾱ, the forward process q(x_t | x_0), its posterior, and respacing.
+
+Conventions. A schedule has ``N`` steps indexed ``i = 0 … N-1`` (``N = T`` for a base schedule).
+Every array of a :class:`Schedule` is indexed by that *step index*; ``timesteps[i]`` is the
+original training timestep of step ``i`` (``timesteps == arange(T)`` for a base schedule, a
+subset of it after :func:`respace`). Denoisers always receive ``timesteps[i]``, so a respaced
+sampler shows the model the ``t`` it was trained with. ``alphas_cumprod_prev[0] == 1``: the step
+below index 0 is clean data.
+
+All arrays are computed in float64 with numpy and stored as float32 ``jnp`` arrays (timesteps as
+int32). The schedule is a pytree (``flax.struct.dataclass``): it can be closed over by a jitted
+function or passed into one; ``kind`` and ``base_num_timesteps`` are static metadata.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+KINDS = ("linear", "cosine")
+COSINE_OFFSET = 0.008     # s in improved DDPM's ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2)
+MAX_BETA = 0.999          # improved DDPM caps cosine betas to avoid a singularity at t = T
+
+
+@struct.dataclass
+class Schedule:
+    """Per-step arrays of a (possibly respaced) diffusion schedule; each is ``[N]``."""
+
+    betas: jnp.ndarray
+    alphas_cumprod: jnp.ndarray                    # ᾱ_i
+    alphas_cumprod_prev: jnp.ndarray               # ᾱ_{i-1}, with ᾱ_{-1} = 1
+    sqrt_alphas_cumprod: jnp.ndarray
+    sqrt_one_minus_alphas_cumprod: jnp.ndarray
+    log_one_minus_alphas_cumprod: jnp.ndarray
+    sqrt_recip_alphas_cumprod: jnp.ndarray         # 1/√ᾱ
+    sqrt_recipm1_alphas_cumprod: jnp.ndarray       # √(1/ᾱ − 1)
+    posterior_variance: jnp.ndarray                # β̃_i = β_i (1 − ᾱ_{i-1}) / (1 − ᾱ_i)
+    posterior_log_variance_clipped: jnp.ndarray    # log β̃ with β̃_0 replaced by β̃_1
+    posterior_mean_coef1: jnp.ndarray              # multiplies x_0
+    posterior_mean_coef2: jnp.ndarray              # multiplies x_t
+    log_betas_large: jnp.ndarray                   # log of "fixed large" variance: β, β_0 := β̃_1
+    timesteps: jnp.ndarray                         # int32 original timestep of each step
+    kind: str = struct.field(pytree_node=False, default="linear")
+    base_num_timesteps: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def num_steps(self) -> int:
+        """N, the number of steps of this (respaced) schedule."""
+        return int(self.betas.shape[0])
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def base_betas(kind: str, num_timesteps: int) -> np.ndarray:
+    """float64 ``[T]`` betas of a named schedule.
+
+    ``linear``: the DDPM schedule (β from 1e-4 to 0.02 at T = 1000), endpoints scaled by 1000/T
+    as in improved DDPM so that any T gives a comparable amount of total noise.
+    ``cosine``: improved DDPM's ᾱ(t) = cos²(((t/T) + s)/(1 + s) · π/2), s = 0.008,
+    β_t = min(1 − ᾱ(t+1)/ᾱ(t), 0.999).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown schedule kind {kind!r}; accepted: {', '.join(KINDS)}")
+    if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+    T = int(num_timesteps)
+    if kind == "linear":
+        scale = 1000.0 / T
+        return np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
+
+    def alpha_bar(t):
+        return math.cos((t / T + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+
+    return np.array([min(1.0 - alpha_bar(i + 1) / alpha_bar(i), MAX_BETA) for i in range(T)],
+                    dtype=np.float64)
+
+
+def from_betas(betas, timesteps=None, *, kind: str = "custom",
+               base_num_timesteps: int | None = None) -> Schedule:
+    """Build every derived array from float64 ``betas`` (``[N]``, each in (0, 1])."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.size == 0:
+        raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+    if np.any(betas <= 0) or np.any(betas > 1):
+        raise ValueError("betas must lie in (0, 1]")
+    n = betas.size
+    timesteps = np.arange(n) if timesteps is None else np.asarray(timesteps)
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    # β̃_0 = 0: the log is clipped by using β̃_1 in its place (improved DDPM).
+    post_logvar = np.log(np.append(post_var[1], post_var[1:])) if n > 1 else np.log(betas)
+    log_large = np.log(np.append(post_var[1], betas[1:])) if n > 1 else np.log(betas)
+    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)  # noqa: E731
+    return Schedule(
+        betas=f32(betas),
+        alphas_cumprod=f32(ac),
+        alphas_cumprod_prev=f32(ac_prev),
+        sqrt_alphas_cumprod=f32(np.sqrt(ac)),
+        sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - ac)),
+        log_one_minus_alphas_cumprod=f32(np.log(1.0 - ac)),
+        sqrt_recip_alphas_cumprod=f32(np.sqrt(1.0 / ac)),
+        sqrt_recipm1_alphas_cumprod=f32(np.sqrt(1.0 / ac - 1.0)),
+        posterior_variance=f32(post_var),
+        posterior_log_variance_clipped=f32(post_logvar),
+        posterior_mean_coef1=f32(betas * np.sqrt(ac_prev) / (1.0 - ac)),
+        posterior_mean_coef2=f32((1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)),
+        log_betas_large=f32(log_large),
+        timesteps=jnp.asarray(timesteps, dtype=jnp.int32),
+        kind=kind,
+        base_num_timesteps=int(base_num_timesteps if base_num_timesteps is not None else n),
+    )
+
+
+def make_schedule(kind: str, num_timesteps: int, respacing: str | int | None = None) -> Schedule:
+    """The ``kind`` ("linear" | "cosine") schedule with ``num_timesteps`` steps, optionally
+    respaced (see :func:`respace`)."""
+    sched = from_betas(base_betas(kind, num_timesteps), kind=kind,
+                       base_num_timesteps=num_timesteps)
+    return sched if respacing is None else respace(sched, respacing)
+
+
+# ----------------------------------------------------------------------------- respacing
+
+
+def space_timesteps(num_timesteps: int, spec: str | int) -> np.ndarray:
+    """Sorted original timesteps to keep out of ``num_timesteps``.
+
+    ``spec``:
+      * ``"64"`` or ``64`` — 64 steps spread evenly over [0, T-1], both ends included;
+      * ``"10,10,7"`` — T split into 3 equal sections with 10, 10 and 7 evenly spaced steps each
+        (improved DDPM's section strings);
+      * ``"ddim64"`` — DDIM's strided ("leading") spacing: ``0, k, 2k, …`` with ``k = T // 64``,
+        exactly 64 steps (identical to improved DDPM's ``ddimN`` whenever that one exists, and to
+        diffusers' DDIM ``timestep_spacing="leading"``).
+    """
+    T = int(num_timesteps)
+    if isinstance(spec, (int, np.integer)):
+        spec = str(int(spec))
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"respacing must be a step count, 'ddimN' or a section string like "
+                         f"'10,10,7'; got {spec!r}")
+    spec = spec.strip()
+    if spec.startswith("ddim"):
+        try:
+            n = int(spec[len("ddim"):])
+        except ValueError:
+            raise ValueError(f"respacing {spec!r}: expected 'ddim' followed by a step count, "
+                             f"e.g. 'ddim50'") from None
+        _check_count(n, T, spec)
+        return np.arange(n) * (T // n)
+    try:
+        counts = [int(c) for c in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"respacing {spec!r}: expected a step count ('64'), 'ddimN' or "
+                         f"comma-separated section counts ('10,10,7')") from None
+    _check_count(sum(counts), T, spec)
+    size_per, extra = divmod(T, len(counts))
+    start, taken = 0, []
+    for k, count in enumerate(counts):
+        size = size_per + (1 if k < extra else 0)
+        if count < 1 or count > size:
+            raise ValueError(f"respacing {spec!r}: section {k} has {size} timesteps but asks for "
+                             f"{count} steps (each section needs 1 … {size})")
+        stride = (size - 1) / (count - 1) if count > 1 else 0.0
+        taken += [start + int(round(stride * j)) for j in range(count)]
+        start += size
+    return np.array(sorted(set(taken)))
+
+
+def _check_count(n: int, T: int, spec: str) -> None:
+    if n < 1:
+        raise ValueError(f"respacing {spec!r}: the number of sampling steps must be ≥ 1")
+    if n > T:
+        raise ValueError(f"respacing {spec!r} asks for {n} sampling steps, more than the "
+                         f"schedule's T = {T} timesteps")
+
+
+def respace(schedule: Schedule, spec: str | int) -> Schedule:
+    """A schedule over a subset of the timesteps of ``schedule``.
+
+    The kept timesteps t_0 < t_1 < … get betas β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i-1}} (ᾱ_{t_{-1}} = 1),
+    so ᾱ at every kept step equals the original ᾱ; where t_i = t_{i-1} + 1 the original β is
+    kept as is, so respacing to all T steps reproduces the schedule exactly. ``timesteps`` keeps
+    the original (base) t of each step. Respacing a respaced schedule picks among its steps.
+    """
+    ts_here = np.asarray(schedule.timesteps, dtype=np.int64)
+    n_here = ts_here.size
+    if schedule.kind in KINDS:
+        base = base_betas(schedule.kind, schedule.base_num_timesteps)
+    else:  # custom: recover float64 betas of the base from this schedule (only if unrespaced)
+        if n_here != schedule.base_num_timesteps:
+            raise ValueError("respacing an already respaced custom schedule is not supported; "
+                             "respace the base schedule instead")
+        base = np.asarray(schedule.betas, dtype=np.float64)
+    keep_idx = space_timesteps(n_here, spec)
+    kept = ts_here[keep_idx]
+    ac = np.cumprod(1.0 - base)
+    new_betas = np.empty(kept.size, dtype=np.float64)
+    prev = -1
+    for i, t in enumerate(kept):
+        if t == prev + 1:
+            new_betas[i] = base[t]
+        else:
+            new_betas[i] = 1.0 - ac[t] / (ac[prev] if prev >= 0 else 1.0)
+        prev = t
+    return from_betas(new_betas, kept, kind=schedule.kind,
+                      base_num_timesteps=schedule.base_num_timesteps)
+
+
+# ----------------------------------------------------------------------------- forward process
+
+
+def extract(arr: jnp.ndarray, i: jnp.ndarray, ndim: int) -> jnp.ndarray:
+    """``arr[i]`` reshaped to ``[B, 1, …, 1]`` (rank ``ndim``) to broadcast against x.
+
+    ``i``: int step indices, ``[B]`` or a scalar (scalar broadcasts over the batch).
+    """
+    vals = jnp.take(arr, jnp.asarray(i), axis=0)
+    return vals.reshape(vals.shape + (1,) * (ndim - vals.ndim))
+
+
+def q_sample(schedule: Schedule, x0: jnp.ndarray, i: jnp.ndarray, noise: jnp.ndarray):
+    """x_t = √ᾱ_i x_0 + √(1 − ᾱ_i) ε. ``x0``, ``noise``: ``[B, …]``; ``i``: ``[B]`` step indices."""
+    return (extract(schedule.sqrt_alphas_cumprod, i, x0.ndim) * x0
+            + extract(schedule.sqrt_one_minus_alphas_cumprod, i, x0.ndim) * noise)
+
+
+def q_posterior(schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, i: jnp.ndarray):
+    """Mean, variance and clipped log-variance of q(x_{i-1} | x_i, x_0), each ``[B, …]``-broadcastable."""
+    nd = x_t.ndim
+    mean = (extract(schedule.posterior_mean_coef1, i, nd) * x0
+            + extract(schedule.posterior_mean_coef2, i, nd) * x_t)
+    return (mean, extract(schedule.posterior_variance, i, nd),
+            extract(schedule.posterior_log_variance_clipped, i, nd))
