@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -66,6 +67,15 @@ def _demo(args) -> None:
     demo.run(args.workdir, config_dir=args.config_dir, overrides=args.set)
 
 
+# Modules that add their own sub-commands: each defines ``add_commands(subparsers)`` and sets
+# ``fn`` on its parsers (imported lazily only when the module exists).
+COMMAND_MODULES = (
+    "unclip_jax.commands.prior",
+    "unclip_jax.commands.decoder",
+    "unclip_jax.commands.dalle",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unclip-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config-dir", default="experiments/shapes")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     q.set_defaults(fn=_demo)
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.add_commands(sub)
     return p
 
 

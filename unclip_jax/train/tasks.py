@@ -8,6 +8,7 @@ the config saved with the checkpoint is the one the model was really built with.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from pathlib import Path
 
@@ -107,10 +108,21 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
     return cfg, task
 
 
-TASKS = {"clip": clip_task}
+# Task name -> "module:function" building it (imported on use, so a model's code loads only when
+# that model is trained). Each function has the signature of ``clip_task``.
+TASKS = {
+    "clip": "unclip_jax.train.tasks:clip_task",
+    "prior": "unclip_jax.models.prior:make_task",
+    "prior_ar": "unclip_jax.models.prior_ar:make_task",
+    "decoder": "unclip_jax.models.decoder:make_task",
+    "upsampler": "unclip_jax.models.decoder:make_upsampler_task",
+    "dvae": "unclip_jax.models.dvae:make_task",
+    "dalle": "unclip_jax.models.dalle:make_task",
+}
 
 
 def build_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentConfig, Task]:
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; accepted: {', '.join(sorted(TASKS))}")
-    return TASKS[cfg.task](cfg, workdir)
+    module, _, fn = TASKS[cfg.task].partition(":")
+    return getattr(importlib.import_module(module), fn)(cfg, workdir)
