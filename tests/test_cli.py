@@ -21,7 +21,8 @@ def tiny_overrides(data_dir, steps):
             f"data.name={dataset_name(32, **SIZES)}", "--set", "train.ema_decay=0.9",
             "--set", f"train.steps={steps}", "--set", "train.batch_size=16",
             "--set", "train.log_every=2", "--set", "train.ckpt_every=3",
-            "--set", "train.eval_every=0", "--set", "train.async_checkpoint=true",
+            "--set", "train.eval_every=0", "--set", "train.eval_at_end=false",
+            "--set", "train.async_checkpoint=true",
             "--set", "model.vision_layers=1", "--set", "model.text_layers=1",
             "--set", "model.vision_width=32", "--set", "model.text_width=32",
             "--set", "model.embed_dim=16", "--set", "data.vocab_size=64"]

@@ -56,7 +56,8 @@ class TrainConfig:
     batch_size: int = 64                 # global batch
     steps: int = 1000
     log_every: int = 50
-    eval_every: int = 500                # 0 = only at the end
+    eval_every: int = 500                # 0 = no periodic evaluation
+    eval_at_end: bool = True             # evaluate once more after the last step
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     ema_decay: float = 0.0               # 0 = no EMA params

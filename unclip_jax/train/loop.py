@@ -196,7 +196,8 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
                 is_last = step == tcfg.steps
                 do_log = step % tcfg.log_every == 0 or is_last
                 do_eval = task.evaluate is not None and (
-                    is_last or (tcfg.eval_every and step % tcfg.eval_every == 0))
+                    (is_last and tcfg.eval_at_end)
+                    or (tcfg.eval_every and step % tcfg.eval_every == 0))
                 do_ckpt = is_last or (tcfg.ckpt_every and step % tcfg.ckpt_every == 0)
                 if do_log or do_eval or do_ckpt:
                     check(step, m)

@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot accuracy (CLIP score, Fréchet distance and binding to come)."""

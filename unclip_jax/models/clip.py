@@ -1,0 +1,240 @@
+"""CLIP (Radford et al. 2021): ViT image tower + causal text transformer in one embedding space.
+
+Text feature = final-LN state at the EOS position, linearly projected; both embeddings are
+L2-normalised; the temperature is learned (``logit_scale``, used as ``exp`` clamped at 100);
+the loss is the symmetric cross-entropy over the *global* batch across the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from unclip_jax import sharding
+from unclip_jax.nn.layers import dtype as to_dtype
+from unclip_jax.nn.layers import layer_norm
+from unclip_jax.nn.transformer import Transformer
+from unclip_jax.nn.vit import VisionTransformer
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    """Sizes of the two towers. Defaults are a small CPU-scale model for 32 px shapes."""
+
+    embed_dim: int = 64             # joint embedding E
+    image_size: int = 32
+    patch_size: int = 4
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vocab_size: int = 512
+    context_length: int = 32        # L, tokens incl. BOS/EOS
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"         # "quick_gelu" (OpenAI CLIP) or "gelu"
+    eos_id: int = 2                 # text feature is read at the first EOS
+    pad_id: int = 0                 # without an EOS: the last non-pad position
+    dtype: str = "float32"          # compute dtype; "bfloat16" on TPU/GPU
+    scan_layers: bool = False
+    remat: str = "none"             # "none" | "full" | "dots_saveable" | ...
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = 100.0
+
+
+# The paper's towers (OpenAI BPE: vocab 49408, EOS 49407) and unCLIP's ViT-H/16.
+PRESETS = {
+    "vit_b32": CLIPConfig(512, 224, 32, 768, 12, 12, 49408, 77, 512, 12, 8, eos_id=49407),
+    "vit_b16": CLIPConfig(512, 224, 16, 768, 12, 12, 49408, 77, 512, 12, 8, eos_id=49407),
+    "vit_l14": CLIPConfig(768, 224, 14, 1024, 24, 16, 49408, 77, 768, 12, 12, eos_id=49407),
+    "vit_h16_unclip": CLIPConfig(1024, 256, 16, 1280, 32, 16, 49408, 77, 1024, 24, 16,
+                                 eos_id=49407),
+}
+
+
+def eos_positions(tokens: jax.Array, eos_id: int, pad_id: int) -> jax.Array:
+    """``[B]`` int: the first position holding ``eos_id``; without one, the last non-pad
+    position (0 for an all-pad row)."""
+    length = tokens.shape[1]
+    is_eos = tokens == eos_id
+    first_eos = jnp.argmax(is_eos, axis=1)
+    non_pad = tokens != pad_id
+    last_non_pad = length - 1 - jnp.argmax(non_pad[:, ::-1], axis=1)
+    last_non_pad = jnp.where(non_pad.any(axis=1), last_non_pad, 0)
+    return jnp.where(is_eos.any(axis=1), first_eos, last_non_pad)
+
+
+class TextTransformer(nn.Module):
+    """``[B, L]`` int tokens → (``[B, L, W]`` final-LN states, ``[B, E]`` EOS feature).
+
+    Both outputs are float32; the EOS feature is projected but not normalised.
+    """
+
+    config: CLIPConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        dt = to_dtype(cfg.dtype)
+        if tokens.shape[1] > cfg.context_length:
+            raise ValueError(f"{tokens.shape[1]} text tokens exceed context_length "
+                             f"{cfg.context_length}")
+        emb = nn.Embed(cfg.vocab_size, cfg.text_width, dtype=dt, name="token_embedding",
+                       embedding_init=nn.with_logical_partitioning(
+                           nn.initializers.normal(0.02), ("vocab", "embed")))
+        pos = self.param("positional_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(0.01), ("length", "embed")),
+            (cfg.context_length, cfg.text_width))
+        x = emb(tokens) + pos[: tokens.shape[1]].astype(dt)
+        x = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.mlp_ratio,
+                        cfg.act, causal=True, dtype=dt, scan_layers=cfg.scan_layers,
+                        remat=cfg.remat, name="transformer")(x)
+        x = layer_norm(name="ln_final")(x)
+        at_eos = jnp.take_along_axis(
+            x, eos_positions(tokens, cfg.eos_id, cfg.pad_id)[:, None, None], axis=1)[:, 0]
+        proj = self.param("text_projection", nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.text_width ** -0.5), ("embed", None)),
+            (cfg.text_width, cfg.embed_dim))
+        return x, jnp.dot(at_eos, proj, precision=jax.lax.Precision.HIGHEST)
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+class CLIP(nn.Module):
+    """The two towers and the temperature. Embeddings are ``[B, E]`` float32, unit norm."""
+
+    config: CLIPConfig
+
+    def setup(self):
+        cfg = self.config
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not divisible by patch_size "
+                             f"{cfg.patch_size}")
+        self.visual = VisionTransformer(
+            cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads,
+            cfg.embed_dim, cfg.mlp_ratio, cfg.act, dtype=to_dtype(cfg.dtype),
+            scan_layers=cfg.scan_layers, remat=cfg.remat)
+        self.text = TextTransformer(cfg)
+        self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(
+            nn.initializers.constant(cfg.init_logit_scale), ()), ())
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """``[B, H, W, 3]`` in [-1, 1] → ``[B, E]`` unit-norm float32."""
+        return _normalize(self.visual(images)[1])
+
+    def encode_text_tokens(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``[B, L]`` int32 → (``[B, L, W]`` final-LN token states, ``[B, E]`` unit-norm)."""
+        states, feat = self.text(tokens)
+        return states, _normalize(feat)
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        """``[B, L]`` int32 → ``[B, E]`` unit-norm float32."""
+        return self.encode_text_tokens(tokens)[1]
+
+    def scale(self) -> jax.Array:
+        """The temperature actually used: ``min(exp(logit_scale), max_logit_scale)``."""
+        return jnp.minimum(jnp.exp(self.logit_scale), self.config.max_logit_scale)
+
+    def __call__(self, images: jax.Array, tokens: jax.Array):
+        """→ (image embeddings ``[B, E]``, text embeddings ``[B, E]``, scale ``[]``)."""
+        return self.encode_image(images), self.encode_text(tokens), self.scale()
+
+
+def dummy_inputs(cfg: CLIPConfig, batch_size: int = 1) -> dict[str, np.ndarray]:
+    """A zero batch with the model's input shapes (for ``init`` / ``eval_shape``)."""
+    return {"image": np.zeros((batch_size, cfg.image_size, cfg.image_size, 3), np.float32),
+            "tokens": np.zeros((batch_size, cfg.context_length), np.int32)}
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def _ambient_mesh(mesh):
+    """The explicit mesh, else the one set by ``jax.set_mesh`` (None if there is none)."""
+    if mesh is not None:
+        return mesh
+    abstract = jax.sharding.get_abstract_mesh()
+    return None if abstract.empty else abstract
+
+
+def _local_loss(img, txt, scale, offset):
+    """Loss terms for local rows ``img``/``txt`` ``[b, E]`` against all ``[N, E]`` columns.
+
+    ``img``/``txt`` are tuples (local, all); ``offset`` is the global index of local row 0.
+    Returns (i2t loss, t2i loss, i2t acc, t2i acc), each a mean over the local rows.
+    """
+    (img_local, img_all), (txt_local, txt_all) = img, txt
+    labels = offset + jnp.arange(img_local.shape[0])
+    hp = jax.lax.Precision.HIGHEST
+    logits_i2t = scale * jnp.dot(img_local, txt_all.T, precision=hp)
+    logits_t2i = scale * jnp.dot(txt_local, img_all.T, precision=hp)
+
+    def ce(logits):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+    def acc(logits):
+        return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+
+    return ce(logits_i2t), ce(logits_t2i), acc(logits_i2t), acc(logits_t2i)
+
+
+def contrastive_loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array, mesh=None):
+    """Symmetric InfoNCE over the global batch: ``(loss, metrics)``, float32.
+
+    Args:
+      img_emb, txt_emb: ``[N, E]`` unit-norm embeddings, row i of each a matching pair.
+      scale: the temperature (``exp(logit_scale)``, already clamped).
+      mesh: a ``("data", "fsdp", "model")`` mesh; default: the ambient ``jax.set_mesh``.
+        When the batch axes (data × fsdp) have more than one shard, the loss runs under
+        ``jax.shard_map``: each shard scores its rows against the all-gathered columns.
+    Metrics: ``loss_i2t``, ``loss_t2i``, ``acc_i2t``, ``acc_t2i`` (top-1), ``scale``.
+    """
+    img_emb = img_emb.astype(jnp.float32)
+    txt_emb = txt_emb.astype(jnp.float32)
+    scale = jnp.asarray(scale, jnp.float32)
+    mesh = _ambient_mesh(mesh)
+    axes = tuple(a for a in sharding.BATCH_AXES if mesh is not None and a in mesh.axis_names)
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+    if shards == 1:
+        terms = _local_loss((img_emb, img_emb), (txt_emb, txt_emb), scale, 0)
+    else:
+        if img_emb.shape[0] % shards:
+            raise ValueError(f"batch of {img_emb.shape[0]} does not split over the {shards} "
+                             f"batch shards ({' × '.join(axes)}) of the mesh")
+
+        def per_shard(img, txt, s):
+            gather = lambda t: jax.lax.all_gather(t, axes, axis=0, tiled=True)  # noqa: E731
+            offset = jax.lax.axis_index(axes) * img.shape[0]
+            out = _local_loss((img, gather(img)), (txt, gather(txt)), s, offset)
+            return tuple(jax.lax.pmean(t, axes) for t in out)
+
+        terms = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(axes), P(axes), P()),
+                              out_specs=P())(img_emb, txt_emb, scale)
+    loss_i2t, loss_t2i, acc_i2t, acc_t2i = terms
+    loss = 0.5 * (loss_i2t + loss_t2i)
+    return loss, {"loss": loss, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i,
+                  "acc_i2t": acc_i2t, "acc_t2i": acc_t2i, "scale": scale}
+
+
+def loss_fn(model: CLIP, params, batch: dict, rng: jax.Array | None = None):
+    """The train loop's hook: ``(loss, metrics)`` for a batch.
+
+    ``params`` is the ``params`` collection; ``batch`` holds ``"image"`` ``[B, H, W, 3]``
+    float32 in [-1, 1] and ``"tokens"`` ``[B, L]`` int32. ``rng`` is unused (CLIP has no
+    dropout). The mesh, if any, comes from the ambient ``jax.set_mesh`` context.
+    """
+    del rng
+    img, txt, scale = model.apply({"params": params}, batch["image"], batch["tokens"])
+    return contrastive_loss(img, txt, scale)
