@@ -1,0 +1,131 @@
+"""Compare priors on held-out (test-split) shapes captions; results go to experiments/RESULTS.md.
+
+For each caption of the test split (first ``--num``), a prior produces a CLIP image embedding
+from the caption's CLIP text features. Metrics against the cached true image embeddings:
+
+* ``cos``: mean cosine similarity between the produced and the true image embedding;
+* ``retr_exact``: fraction whose nearest test-set image embedding (over the whole split) shows
+  the caption's attributes — same number of objects and relation, same colour and shape per
+  object, same size wherever the caption names one;
+* ``retr_colour_shape``: the same with colour and shape only (and the object count).
+
+Methods: the diffusion prior (``--prior``), the AR prior (``--prior-ar``, through
+``unclip_jax.models.prior_ar.load_sampler`` when that module and workdir exist), and the
+baseline that uses the CLIP *text* embedding itself as the image embedding.
+
+    python experiments/shapes/eval_priors.py --cache runs/demo/embeddings \\
+        --prior runs/demo/prior --prior-ar runs/demo/prior_ar --out runs/demo/eval_priors.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from unclip_jax import embeddings
+
+COND_KEYS = ("text_emb", "text_states", "text_tokens")
+
+
+def attribute_match(q: dict, r: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(exact, colour+shape) bool ``[N]``: do the retrieved rows ``r`` show the attributes of
+    the query rows ``q`` (arrays ``colour``/``shape``/``size`` ``[N, 2]``, ``num_objects``,
+    ``relation`` ``[N]``)? A query size of -1 (not named) matches any size."""
+    present = np.arange(2)[None, :] < q["num_objects"][:, None]
+    same_n = q["num_objects"] == r["num_objects"]
+    cs = np.all(~present | ((q["colour"] == r["colour"]) & (q["shape"] == r["shape"])), axis=1)
+    size = np.all(~present | (q["size"] < 0) | (q["size"] == r["size"]), axis=1)
+    colour_shape = same_n & cs
+    exact = colour_shape & size & (q["relation"] == r["relation"])
+    return exact, colour_shape
+
+
+def score(pred: np.ndarray, test: dict, n: int) -> dict:
+    pred = pred / np.linalg.norm(pred, axis=-1, keepdims=True)
+    true = test["image_emb"]
+    nearest = np.argmax(pred @ true.T, axis=1)
+    attrs = ("colour", "shape", "size", "num_objects", "relation")
+    exact, cs = attribute_match({k: test[k][:n] for k in attrs},
+                                {k: test[k][nearest] for k in attrs})
+    return {"cos": float(np.mean(np.sum(pred * true[:n], axis=-1))),
+            "retr_exact": float(exact.mean()), "retr_colour_shape": float(cs.mean())}
+
+
+def run_sampler(sampler, test: dict, n: int, batch: int, seed: int) -> np.ndarray:
+    out = []
+    for i, lo in enumerate(range(0, n, batch)):
+        inputs = {k: test[k][lo:lo + batch] for k in COND_KEYS}
+        inputs["text_states"] = inputs["text_states"].astype(np.float32)
+        out.append(np.asarray(sampler(inputs, jax.random.PRNGKey(seed + i))))
+    return np.concatenate(out)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cache", required=True, help="embedding cache holding the test split")
+    p.add_argument("--clip", default=None, help="CLIP workdir (to build the cache if missing)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--prior", default=None, help="diffusion-prior workdir")
+    p.add_argument("--prior-ar", default=None, help="AR-prior workdir")
+    p.add_argument("--num", type=int, default=1000, help="captions to evaluate")
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--num-candidates", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    args = p.parse_args(argv)
+
+    try:
+        test = embeddings.load_split(args.cache, args.split)
+    except FileNotFoundError:
+        if not args.clip:
+            raise
+        embeddings.cache_embeddings(args.clip, None, args.split, args.cache)
+        test = embeddings.load_split(args.cache, args.split)
+    n = min(args.num, len(test["index"]))
+    results = {"split": args.split, "num_captions": n, "retrieval_pool": len(test["index"]),
+               "methods": {}}
+    results["methods"]["text_emb_baseline"] = score(test["text_emb"][:n], test, n)
+
+    if args.prior:
+        from unclip_jax.models import prior
+
+        settings = {k: v for k, v in dict(guidance_scale=args.guidance_scale,
+                                          num_candidates=args.num_candidates).items()
+                    if v is not None}
+        sampler = prior.load_sampler(args.prior, **settings)
+        t0 = time.perf_counter()
+        pred = run_sampler(sampler, test, n, args.batch, args.seed)
+        results["methods"]["diffusion_prior"] = dict(
+            score(pred, test, n), seconds=time.perf_counter() - t0,
+            settings=dict(steps=sampler.steps, method=sampler.method, eta=sampler.eta,
+                          guidance_scale=sampler.guidance_scale,
+                          num_candidates=sampler.num_candidates))
+    if args.prior_ar:
+        try:
+            prior_ar = importlib.import_module("unclip_jax.models.prior_ar")
+        except ModuleNotFoundError:
+            prior_ar = None
+        if prior_ar is None or not Path(args.prior_ar).is_dir():
+            results["methods"]["ar_prior"] = "not available (module or workdir missing)"
+        else:
+            sampler = prior_ar.load_sampler(args.prior_ar)
+            t0 = time.perf_counter()
+            pred = run_sampler(sampler, test, n, args.batch, args.seed)
+            results["methods"]["ar_prior"] = dict(score(pred, test, n),
+                                                  seconds=time.perf_counter() - t0)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

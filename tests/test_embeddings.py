@@ -1,0 +1,131 @@
+"""The CLIP embedding cache: contents, round trip, resume, partial shards, clear errors."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from unclip_jax import config as config_lib
+from unclip_jax import embeddings
+from unclip_jax.config import DataConfig
+from unclip_jax.models.clip import CLIP, CLIPConfig, dummy_inputs
+from unclip_jax.text import Tokenizer
+from unclip_jax.train.checkpoint import Checkpointer
+
+RES, N_TEST = 16, 8
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    """A tiny dataset, a tokenizer trained on it, and a tiny random CLIP saved as a run."""
+    from unclip_jax import input_pipeline
+    from unclip_jax.datasets.captioned_shapes import build_captioned_shapes, dataset_name
+
+    root = tmp_path_factory.mktemp("emb")
+    sizes = dict(num_train=32, num_validation=8, num_test=N_TEST)
+    build_captioned_shapes(root / "data", resolution=RES, **sizes)
+    data_cfg = DataConfig(name=dataset_name(RES, **sizes), data_dir=str(root / "data"),
+                          image_size=RES, context_length=12)
+    src = input_pipeline.open_source(data_cfg, "train")
+    tok = Tokenizer.train([src[i]["caption"] for i in range(len(src))], root / "tok.model", 48)
+    cfg = CLIPConfig(embed_dim=8, image_size=RES, patch_size=8, vision_width=16,
+                     vision_layers=1, vision_heads=2, vocab_size=tok.vocab_size,
+                     context_length=12, text_width=16, text_layers=1, text_heads=2,
+                     eos_id=tok.eos_id, pad_id=tok.pad_id)
+    params = nn.meta.unbox(CLIP(cfg).init(jax.random.PRNGKey(0),
+                                          *dummy_inputs(cfg, 2).values())["params"])
+    workdir = root / "clip"
+    run_cfg = {"model": config_lib.to_dict(cfg), "data": config_lib.to_dict(data_cfg),
+               "train": {"ema_decay": 0.0}}
+    run_cfg["data"]["tokenizer"] = str(root / "tok.model")
+    ck = Checkpointer(workdir, async_save=False)
+    ck.save(7, {"params": params}, {"position": 0}, run_cfg)
+    ck.close()
+    (workdir / "config.json").write_text(json.dumps(run_cfg))
+    return workdir, data_cfg, cfg, params, tok
+
+
+def test_cache_round_trip(clip_run, tmp_path):
+    workdir, data_cfg, cfg, params, tok = clip_run
+    out = embeddings.cache_embeddings(workdir, data_cfg, "test", tmp_path, batch_size=2,
+                                      shard_size=4, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["shard_00000.npz", "shard_00001.npz"]
+    d = embeddings.load_split(tmp_path, "test")
+    assert d["text_emb"].shape == d["image_emb"].shape == (N_TEST, 8)
+    assert d["text_emb"].dtype == np.float32 and d["text_states"].dtype == np.float16
+    assert d["text_states"].shape == (N_TEST, 12, 16) and d["text_tokens"].dtype == np.int32
+    np.testing.assert_array_equal(d["index"], np.arange(N_TEST))
+    assert d["caption"].dtype.kind == "U" and d["colour"].shape == (N_TEST, 2)
+    for k in ("shape", "size", "num_objects", "relation"):
+        assert k in d
+    np.testing.assert_allclose(np.linalg.norm(d["image_emb"], axis=-1), 1.0, rtol=1e-5)
+    # The stored values are the CLIP's (its EOS embedding and final-LN states).
+    model = CLIP(cfg)
+    tokens = tok.encode(list(d["caption"]), 12)
+    np.testing.assert_array_equal(d["text_tokens"], tokens)
+    states, temb = model.apply({"params": params}, tokens, method=model.encode_text_tokens)
+    np.testing.assert_allclose(d["text_emb"], temb, atol=1e-5)
+    np.testing.assert_allclose(d["text_states"], np.asarray(states, np.float16), atol=1e-2)
+    meta = embeddings.read_meta(tmp_path)
+    assert (meta["clip_step"], meta["embed_dim"], meta["context_length"],
+            meta["text_width"], meta["shard_size"]) == (7, 8, 12, 16, 4)
+    assert meta["splits"]["test"] == {"count": N_TEST, "num_shards": 2}
+    # Loaded with allow_pickle=False: no object arrays anywhere.
+    with np.load(out / "shard_00000.npz", allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+
+
+def test_resume_skips_complete_shards_and_never_loads_a_partial_one(clip_run, tmp_path):
+    workdir, data_cfg, *_ = clip_run
+    split_dir = embeddings.cache_embeddings(workdir, data_cfg, "test", tmp_path, batch_size=2,
+                                            shard_size=4, progress=False)
+    first = split_dir / "shard_00000.npz"
+    second = split_dir / "shard_00001.npz"
+    # A killed run: the second shard never got its final name, only a temporary file.
+    os.replace(second, split_dir / f".shard_00001.npz.tmp-{os.getpid()}")
+    (split_dir / ".shard_00001.npz.tmp-1").write_bytes(b"half a zip")
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        embeddings.load_split(tmp_path, "test")
+    stamp = first.stat().st_mtime_ns
+    os.utime(first, ns=(stamp - 10**9, stamp - 10**9))
+    embeddings.cache_embeddings(workdir, data_cfg, "test", tmp_path, batch_size=2,
+                                shard_size=4, progress=False)
+    assert first.stat().st_mtime_ns == stamp - 10**9          # complete shard skipped
+    assert second.is_file()
+    assert len(embeddings.load_split(tmp_path, "test")["index"]) == N_TEST
+
+
+def test_mismatching_cache_and_bad_sizes_are_errors(clip_run, tmp_path):
+    workdir, data_cfg, *_ = clip_run
+    embeddings.cache_embeddings(workdir, data_cfg, "test", tmp_path, batch_size=2,
+                                shard_size=4, progress=False)
+    with pytest.raises(ValueError, match="shard_size"):
+        embeddings.cache_embeddings(workdir, data_cfg, "test", tmp_path, batch_size=2,
+                                    shard_size=8, progress=False)
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        embeddings.cache_embeddings(workdir, data_cfg, "test", tmp_path, batch_size=3,
+                                    shard_size=4, progress=False)
+    with pytest.raises(FileNotFoundError, match="no split 'train'"):
+        embeddings.load_split(tmp_path, "train")
+
+
+def test_missing_clip_workdir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        embeddings.load_clip(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        embeddings.cache_embeddings(tmp_path, None, "train", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="no embedding cache"):
+        embeddings.load_split(tmp_path / "out", "train")
+
+
+def test_load_clip_rebuilds_the_saved_model(clip_run):
+    workdir, data_cfg, cfg, params, tok = clip_run
+    model, got, got_cfg = embeddings.load_clip(workdir)
+    assert got_cfg == cfg
+    img = np.zeros((1, RES, RES, 3), np.float32)
+    np.testing.assert_allclose(model.apply({"params": got}, img, method=model.encode_image),
+                               CLIP(cfg).apply({"params": params}, img,
+                                               method=CLIP(cfg).encode_image), atol=1e-6)

@@ -1,0 +1,460 @@
+"""unCLIP's diffusion prior: a caption's CLIP text features → a CLIP image embedding.
+
+A decoder-only causal transformer reads, in order (``L + 4`` positions)::
+
+    [ text token states ×L | text embedding | timestep | noised image embedding | final query ]
+
+(the CLIP text tower's final-LN token states and its embedding, each linearly projected to
+the model width; a sinusoidal-then-MLP timestep embedding; the noised embedding x_t
+projected; a learned query). The output at the final query is projected to ``E`` and predicts
+the **un-noised** embedding x₀ (MSE, ``model_output="x0"`` in :mod:`unclip_jax.diffusion`).
+Padding text tokens are masked out as keys. Cosine schedule, 1000 steps; sampling runs the
+shared sampler on a 64-step respacing.
+
+Classifier-free guidance: in training the text conditioning — token states *and* text
+embedding, one draw per example — is replaced with probability ``cond_drop_prob`` (10%) by
+learned null embeddings (``null_text_states`` ``[L, W]``, ``null_text_emb`` ``[E]``, all
+null tokens visible). Only the conditioning is replaced: the noised-embedding token and the
+timestep go in unchanged, in training (:func:`unclip_jax.diffusion.training_loss`) and in
+the sampler's ``[cond; uncond]`` batch alike.
+
+Embedding scale ("Known traps": unit-norm embeddings are badly scaled for diffusion). The
+diffusion runs on ``x = s · e`` with ``e`` the unit-norm CLIP image embedding and
+``s = embed_scale``; the paper uses s = 17.2 for E = 1024, i.e. ≈ 0.54·√E, which gives each
+coordinate a standard deviation of ≈ 0.54 — so ``embed_scale = 0`` means ``0.54·√E``
+(4.32 for our E = 64). ``normalization="standardize"`` instead uses ``(e − μ)/σ`` per dimension
+with μ, σ measured on the training cache (stored in the config as ``embed_mean``/``embed_std``).
+Samples are mapped back (÷ s, or ·σ + μ) and, with ``renormalize``, put back on the unit sphere.
+
+At sampling ``num_candidates = k`` embeddings are drawn per caption and the one with the
+highest dot product with the caption's text embedding is kept (paper: k = 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax import diffusion, sharding
+from unclip_jax.nn.attention import padding_mask
+from unclip_jax.nn.layers import dtype as to_dtype
+from unclip_jax.nn.layers import layer_norm
+from unclip_jax.nn.transformer import Transformer
+
+NORMALIZATIONS = ("scale", "standardize")
+PAPER_SCALE_PER_SQRT_DIM = 0.54      # 17.2 / √1024 (unCLIP's scale for 1024-d embeddings)
+BATCH_KEYS = ("image_emb", "text_emb", "text_states", "text_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorConfig:
+    """The diffusion prior. ``embed_dim``/``text_width``/``context_length``/``pad_id`` follow the
+    CLIP (filled in from the embedding cache by :func:`make_task`)."""
+
+    embed_dim: int = 64                  # E, CLIP joint embedding
+    text_width: int = 64                 # W, CLIP text tower width (token states)
+    context_length: int = 24             # L, text tokens
+    pad_id: int = 0                      # text padding token (masked out as keys)
+    width: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    num_timesteps: int = 1000
+    schedule: str = "cosine"
+    cond_drop_prob: float = 0.1          # text tokens + text embedding replaced by nulls
+    normalization: str = "scale"         # "scale" | "standardize"
+    embed_scale: float = 0.0             # 0 = 0.54·√E (the paper's 17.2 at E = 1024)
+    embed_mean: tuple[float, ...] = ()   # standardize: per-dim μ, σ of the training cache
+    embed_std: tuple[float, ...] = ()
+    sample_steps: int = 64               # respaced sampling steps
+    sample_method: str = "ddim"          # "ddim" | "ddpm" | "dpmpp_2m"
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    num_candidates: int = 2
+    renormalize: bool = True             # put samples back on the unit sphere
+    dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
+    clip_workdir: str = ""               # the frozen CLIP (to build the cache when missing)
+    cache_dir: str = ""                  # embedding cache ("" = <workdir>/embeddings)
+
+
+# ----------------------------------------------------------------------------- embedding space
+
+
+def resolved_scale(cfg: PriorConfig) -> float:
+    """The multiplier applied to unit-norm embeddings (``normalization="scale"``)."""
+    return cfg.embed_scale if cfg.embed_scale > 0 else PAPER_SCALE_PER_SQRT_DIM * math.sqrt(
+        cfg.embed_dim)
+
+
+def _stats(cfg: PriorConfig):
+    if len(cfg.embed_mean) != cfg.embed_dim or len(cfg.embed_std) != cfg.embed_dim:
+        raise ValueError(f"normalization='standardize' needs embed_mean and embed_std of "
+                         f"length embed_dim={cfg.embed_dim} (got {len(cfg.embed_mean)} and "
+                         f"{len(cfg.embed_std)}); make_task computes them from the cache")
+    return jnp.asarray(cfg.embed_mean, jnp.float32), jnp.asarray(cfg.embed_std, jnp.float32)
+
+
+def to_model_space(cfg: PriorConfig, emb):
+    """Unit-norm CLIP embeddings ``[B, E]`` → the space the diffusion runs in."""
+    emb = jnp.asarray(emb, jnp.float32)
+    if cfg.normalization == "scale":
+        return emb * resolved_scale(cfg)
+    if cfg.normalization == "standardize":
+        mean, std = _stats(cfg)
+        return (emb - mean) / std
+    raise ValueError(f"unknown normalization {cfg.normalization!r}; accepted: "
+                     f"{', '.join(NORMALIZATIONS)}")
+
+
+def from_model_space(cfg: PriorConfig, x, renormalize: bool = False):
+    """Inverse of :func:`to_model_space`; ``renormalize`` projects onto the unit sphere."""
+    x = jnp.asarray(x, jnp.float32)
+    if cfg.normalization == "scale":
+        emb = x / resolved_scale(cfg)
+    elif cfg.normalization == "standardize":
+        mean, std = _stats(cfg)
+        emb = x * std + mean
+    else:
+        raise ValueError(f"unknown normalization {cfg.normalization!r}; accepted: "
+                         f"{', '.join(NORMALIZATIONS)}")
+    if renormalize:
+        emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True).clip(1e-12)
+    return emb
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
+    """Sinusoidal features ``[B, dim]`` (cos half, then sin half) of integer timesteps ``[B]``."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim - 2 * half)))
+
+
+def _dense(features: int, names: tuple, name: str, dt) -> nn.Dense:
+    return nn.Dense(features, dtype=dt, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                                             names),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
+
+
+class DiffusionPrior(nn.Module):
+    """``(x_t [B, E], t [B] int, cond) -> x̂₀ [B, E]`` float32 (model space).
+
+    ``cond`` (see :func:`condition`): ``text_emb`` ``[B, E]`` (unit norm), ``text_states``
+    ``[B, L, W]``, ``text_mask`` ``[B, L]`` bool (True = real token). With
+    ``return_sequence`` the final-LN states of all ``L + 4`` positions ``[B, L + 4, D]`` are
+    returned instead (for tests of causality).
+    """
+
+    config: PriorConfig
+
+    @nn.compact
+    def __call__(self, x_t, t, cond, return_sequence: bool = False):
+        cfg = self.config
+        dt = to_dtype(cfg.dtype)
+        E, D = cfg.embed_dim, cfg.width
+        L = cond["text_states"].shape[1]
+        if L > cfg.context_length:
+            raise ValueError(f"{L} text tokens exceed context_length {cfg.context_length}")
+        # The learned nulls live here so they train through losses.drop_condition.
+        self.param("null_text_emb", nn.with_logical_partitioning(
+            nn.initializers.normal(E ** -0.5), ("norm",)), (E,))
+        self.param("null_text_states", nn.with_logical_partitioning(
+            nn.initializers.normal(1.0), ("length", "norm")), (cfg.context_length,
+                                                               cfg.text_width))
+        b = x_t.shape[0]
+        act = ("batch", "length", "act_embed")
+        text = _dense(D, (None, "embed"), "text_states_proj", dt)(
+            cond["text_states"].astype(dt))
+        # Unit-norm text embedding × √E: coordinates of unit variance for the projection.
+        temb = _dense(D, (None, "embed"), "text_emb_proj", dt)(
+            (cond["text_emb"].astype(jnp.float32) * math.sqrt(E)).astype(dt))
+        time = timestep_embedding(t, D).astype(dt)
+        time = _dense(D, (None, "embed"), "time_mlp_0", dt)(time)
+        time = _dense(D, ("embed", None), "time_mlp_1", dt)(nn.silu(time))
+        xtok = _dense(D, (None, "embed"), "x_proj", dt)(x_t.astype(dt))
+        query = self.param("final_query", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("embed",)), (D,))
+        seq = jnp.concatenate(
+            [text, temb[:, None], time[:, None], xtok[:, None],
+             jnp.broadcast_to(query.astype(dt), (b, 1, D))], axis=1)
+        pos = self.param("positional_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(0.01), ("length", "embed")), (cfg.context_length + 4, D))
+        seq = jnp.concatenate([seq[:, :L] + pos[:L].astype(dt),
+                               seq[:, L:] + pos[cfg.context_length:].astype(dt)], axis=1)
+        seq = nn.with_logical_constraint(seq, act)
+        valid = jnp.concatenate([cond["text_mask"].astype(jnp.bool_),
+                                 jnp.ones((b, 4), jnp.bool_)], axis=1)
+        h = Transformer(D, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.act, causal=True,
+                        dtype=dt, scan_layers=cfg.scan_layers, remat=cfg.remat,
+                        name="transformer")(seq, padding_mask(valid))
+        h = layer_norm(name="ln_final")(h)
+        if return_sequence:
+            return h
+        return _dense(E, ("embed", None), "out", jnp.float32)(h[:, -1]).astype(jnp.float32)
+
+
+def condition(cfg: PriorConfig, inputs: dict) -> dict:
+    """The model's conditioning from ``text_emb [B, E]``, ``text_states [B, L, W]`` and
+    ``text_tokens [B, L]`` (pad positions → ``text_mask`` False)."""
+    return {"text_emb": jnp.asarray(inputs["text_emb"], jnp.float32),
+            "text_states": jnp.asarray(inputs["text_states"], jnp.float32),
+            "text_mask": jnp.asarray(inputs["text_tokens"]) != cfg.pad_id}
+
+
+def null_condition(params, cfg: PriorConfig, length: int | None = None) -> dict:
+    """The learned null conditioning (unbatched leaves, broadcast by the caller)."""
+    length = cfg.context_length if length is None else length
+    return {"text_emb": params["null_text_emb"],
+            "text_states": params["null_text_states"][:length],
+            "text_mask": jnp.ones((length,), jnp.bool_)}
+
+
+def uncondition(params, cfg: PriorConfig, cond: dict) -> dict:
+    """The null conditioning broadcast to ``cond``'s batch (the guidance's uncond branch)."""
+    null = null_condition(params, cfg, cond["text_states"].shape[1])
+    return jax.tree.map(lambda n, c: jnp.broadcast_to(n, c.shape).astype(c.dtype), null, cond)
+
+
+def make_denoiser(model: DiffusionPrior):
+    """The shared-diffusion denoiser ``(params, x_t, t, cond) -> x̂₀``."""
+    def denoiser(params, x_t, t, cond):
+        return model.apply({"params": params}, x_t, t, cond)
+    return denoiser
+
+
+def base_schedule(cfg: PriorConfig) -> diffusion.Schedule:
+    return diffusion.make_schedule(cfg.schedule, cfg.num_timesteps)
+
+
+def loss_fn(model: DiffusionPrior, params, batch: dict, rng, *, schedule=None, denoiser=None):
+    """x₀-MSE diffusion loss of a batch (``image_emb``, ``text_emb``, ``text_states``,
+    ``text_tokens``) through :func:`unclip_jax.diffusion.training_loss`."""
+    cfg = model.config
+    schedule = base_schedule(cfg) if schedule is None else schedule
+    return diffusion.training_loss(
+        params, to_model_space(cfg, batch["image_emb"]), condition(cfg, batch), rng,
+        denoiser=make_denoiser(model) if denoiser is None else denoiser, schedule=schedule,
+        model_output="x0", cond_drop_prob=cfg.cond_drop_prob,
+        null_cond=lambda p: null_condition(p, cfg, batch["text_states"].shape[1]))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def rerank(candidates, text_emb):
+    """``[k, B, E]`` candidates → ``[B, E]``: per caption the one with the highest dot product
+    with ``text_emb`` ``[B, E]``."""
+    scores = jnp.einsum("kbe,be->kb", candidates, jnp.asarray(text_emb, jnp.float32))
+    best = jnp.argmax(scores, axis=0)
+    return jnp.take_along_axis(candidates, best[None, :, None], axis=0)[0]
+
+
+class PriorSampler:
+    """``sampler(inputs, rng) -> [B, E]`` image embeddings (unit norm with ``renormalize``).
+
+    ``inputs``: ``text_emb [B, E]``, ``text_states [B, L, W]``, ``text_tokens [B, L]``. Runs the
+    shared diffusion sampler (one jitted scan per batch size; ``guidance_scale`` and ``eta``
+    are traced) on ``num_candidates · B`` draws and keeps the best per caption.
+    """
+
+    def __init__(self, model: DiffusionPrior, params, *, sample_steps: int | None = None,
+                 sample_method: str | None = None, eta: float | None = None,
+                 guidance_scale: float | None = None, num_candidates: int | None = None,
+                 renormalize: bool | None = None):
+        cfg = model.config
+        pick = lambda v, d: d if v is None else v  # noqa: E731
+        self.model, self.params, self.cfg = model, params, cfg
+        self.steps = int(pick(sample_steps, cfg.sample_steps))
+        self.method = pick(sample_method, cfg.sample_method)
+        self.eta = float(pick(eta, cfg.eta))
+        self.guidance_scale = float(pick(guidance_scale, cfg.guidance_scale))
+        self.num_candidates = int(pick(num_candidates, cfg.num_candidates))
+        self.renormalize = bool(pick(renormalize, cfg.renormalize))
+        if self.num_candidates < 1:
+            raise ValueError(f"num_candidates must be ≥ 1, got {self.num_candidates}")
+        self.schedule = diffusion.respace(base_schedule(cfg), str(self.steps))
+        self._samplers: dict[tuple[int, bool], diffusion.Sampler] = {}
+
+    def sampler(self, n: int, guided: bool = True) -> diffusion.Sampler:
+        """The jitted shared sampler for ``n`` draws (``guided``: with the uncond branch)."""
+        if (n, guided) not in self._samplers:
+            self._samplers[(n, guided)] = diffusion.make_sampler(
+                make_denoiser(self.model), schedule=self.schedule,
+                shape=(n, self.cfg.embed_dim), method=self.method, model_output="x0",
+                guidance=guided)
+        return self._samplers[(n, guided)]
+
+    def __call__(self, inputs: dict, rng, guidance_scale=None, eta=None) -> jax.Array:
+        """Embeddings ``[B, E]``. ``guidance_scale``/``eta`` override the defaults (traced: new
+        values reuse the compiled sampler). A guidance scale of exactly 1 given as a Python
+        number skips the unconditional half of the batch (same result, half the work)."""
+        k = self.num_candidates
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        guided = not (isinstance(scale, (int, float)) and scale == 1.0)
+        cond = condition(self.cfg, inputs)
+        b = cond["text_emb"].shape[0]
+        cond_k = jax.tree.map(lambda x: jnp.concatenate([x] * k, axis=0), cond)
+        uncond = uncondition(self.params, self.cfg, cond_k) if guided else None
+        x = self.sampler(k * b, guided)(
+            self.params, cond_k, uncond, rng, guidance_scale=scale if guided else 1.0,
+            eta=self.eta if eta is None else eta)
+        emb = from_model_space(self.cfg, x, self.renormalize)
+        return rerank(emb.reshape(k, b, -1), cond["text_emb"])
+
+
+def config_from_dict(d: dict) -> PriorConfig:
+    names = {f.name for f in dataclasses.fields(PriorConfig)}
+    return PriorConfig(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in d.items() if k in names})
+
+
+def load_sampler(workdir: str | os.PathLike, **settings) -> PriorSampler:
+    """The sampler of a trained prior run: ``fn(inputs, rng) -> image_emb [B, E]``.
+
+    ``settings``: ``sample_steps``, ``sample_method``, ``eta``, ``guidance_scale``,
+    ``num_candidates``, ``renormalize`` (defaults from the run's config). EMA params are
+    used when the run kept them.
+    """
+    from unclip_jax.embeddings import read_run_config, restore_run_params
+
+    run_cfg = read_run_config(workdir)
+    if run_cfg.get("model", {}).get("__type__") != "PriorConfig":
+        raise ValueError(f"{str(workdir)!r} holds a {run_cfg.get('model', {}).get('__type__')} "
+                         f"run, not a diffusion prior (PriorConfig)")
+    cfg = config_from_dict(run_cfg["model"])
+    params, _ = restore_run_params(workdir, run_cfg)
+    return PriorSampler(DiffusionPrior(cfg), params, **settings)
+
+
+# ----------------------------------------------------------------------------- training task
+
+
+class EmbeddingBatches:
+    """Training batches from cached arrays; batch ``i`` is a pure function of ``(seed, i)``.
+
+    Flat example ``k`` is row ``perm_e[k mod N]`` with ``perm_e`` a fresh seeded permutation
+    per epoch ``e = k // N`` (as in :mod:`unclip_jax.input_pipeline`); process ``p`` of ``P``
+    takes its ``B/P`` rows. ``position`` = batches produced so far.
+    """
+
+    def __init__(self, arrays: dict, batch_size: int, *, seed: int = 0, start: int = 0,
+                 mesh=None, keys=BATCH_KEYS):
+        self.arrays = {k: arrays[k] for k in keys}
+        self.n = len(self.arrays[keys[0]])
+        pc, pi = jax.process_count(), jax.process_index()
+        if batch_size % pc:
+            raise ValueError(f"batch size {batch_size} does not split over {pc} processes")
+        self.batch_size, self.local = batch_size, batch_size // pc
+        self.offset = pi * self.local
+        self.seed, self.position, self.mesh = seed, int(start), mesh
+        self._perms: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 4:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+        return self._perms[epoch]
+
+    def batch(self, i: int) -> dict:
+        flat = i * self.batch_size + self.offset + np.arange(self.local)
+        epochs, pos = np.divmod(flat, self.n)
+        idx = np.concatenate([self.permutation(int(e))[pos[epochs == e]]
+                              for e in np.unique(epochs)])
+        out = {k: v[idx] for k, v in self.arrays.items()}
+        if "text_states" in out:
+            out["text_states"] = out["text_states"].astype(np.float32)
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = self.batch(self.position)
+        self.position += 1
+        return sharding.shard_batch(b, self.mesh) if self.mesh is not None else b
+
+
+def ensure_cache(cache_dir, clip_workdir: str, data_cfg, splits=("train",)) -> dict:
+    """Build the missing splits of the embedding cache from ``clip_workdir``; return meta."""
+    from unclip_jax import embeddings
+    from unclip_jax.train.tasks import ensure_dataset
+
+    for split in splits:
+        try:
+            embeddings.load_split(cache_dir, split)
+            continue
+        except FileNotFoundError as e:
+            if not clip_workdir:
+                raise FileNotFoundError(f"{e}; or set model.clip_workdir so the prior builds "
+                                        f"the cache itself") from None
+        ensure_dataset(data_cfg)
+        print(f"caching CLIP embeddings of {data_cfg.name}/{split} → {cache_dir}", flush=True)
+        embeddings.cache_embeddings(clip_workdir, data_cfg, split, cache_dir)
+    return embeddings.read_meta(cache_dir)
+
+
+def make_task(cfg, workdir):
+    """``(cfg, Task)`` for the generic loop (task name ``"prior"``)."""
+    from unclip_jax import embeddings
+    from unclip_jax.train.loop import Task
+
+    mcfg: PriorConfig = cfg.model
+    cache_dir = Path(mcfg.cache_dir) if mcfg.cache_dir else Path(workdir) / "embeddings"
+    meta = ensure_cache(cache_dir, mcfg.clip_workdir, cfg.data, ("train", "validation"))
+    train = embeddings.load_split(cache_dir, "train")
+    updates = dict(embed_dim=meta["embed_dim"], text_width=meta["text_width"],
+                   context_length=meta["context_length"],
+                   pad_id=int(meta.get("pad_id", mcfg.pad_id)),
+                   cache_dir=str(cache_dir), clip_workdir=meta["clip_workdir"])
+    if mcfg.normalization == "scale" and mcfg.embed_scale <= 0:
+        updates["embed_scale"] = PAPER_SCALE_PER_SQRT_DIM * math.sqrt(meta["embed_dim"])
+    if mcfg.normalization == "standardize" and not mcfg.embed_mean:
+        emb = train["image_emb"].astype(np.float64)
+        updates["embed_mean"] = tuple(float(v) for v in emb.mean(0))
+        updates["embed_std"] = tuple(float(v) for v in emb.std(0) + 1e-6)
+    mcfg = dataclasses.replace(mcfg, **updates)
+    cfg = dataclasses.replace(cfg, model=mcfg)
+    model = DiffusionPrior(mcfg)
+    schedule = base_schedule(mcfg)
+    bs = cfg.train.batch_size
+    example = EmbeddingBatches(train, bs).batch(0)
+    example = {k: np.zeros_like(v) for k, v in example.items()}
+    val = embeddings.load_split(cache_dir, "validation")
+    n_eval = min(256, len(val["index"]))
+
+    def evaluate(state, step) -> dict:
+        params = state.ema_params if cfg.train.ema_decay > 0 else state.params
+        sampler = PriorSampler(model, params)
+        inputs = {k: val[k][:n_eval] for k in ("text_emb", "text_states", "text_tokens")}
+        emb = np.asarray(sampler(inputs, jax.random.PRNGKey(step)))
+        true = val["image_emb"][:n_eval]
+        return {"val_cos": float(np.mean(np.sum(emb * true, -1))),
+                "val_cos_text_baseline": float(np.mean(np.sum(inputs["text_emb"] * true, -1)))}
+
+    task = Task(
+        init=lambda rng, b: model.init(rng, jnp.zeros(b["image_emb"].shape, jnp.float32),
+                                       jnp.zeros(b["image_emb"].shape[:1], jnp.int32),
+                                       condition(mcfg, b)),
+        loss=lambda params, batch, rng: loss_fn(model, params, batch, rng, schedule=schedule),
+        batches=lambda start, mesh: EmbeddingBatches(train, bs, seed=cfg.data.shuffle_seed,
+                                                     start=start, mesh=mesh),
+        example=example,
+        evaluate=evaluate,
+    )
+    return cfg, task
