@@ -1,0 +1,684 @@
+"""unCLIP's decoder (a GLIDE/ADM U-Net conditioned on CLIP image embeddings) and the diffusion
+upsamplers. Both sample through the shared :mod:`unclip_jax.diffusion` sampler.
+
+Decoder conditioning (Ramesh et al. 2022, §2.1), ``cond`` of the denoiser::
+
+    {"image_emb": [B, E] unit-norm CLIP image embeddings,
+     "text": {"states": [B, L, W] caption-encoder outputs, "valid": [B, L] bool}}   (optional)
+
+* the embedding (×√E, so its entries are ~unit variance) is projected and **added to the
+  timestep embedding**, and projected into ``num_clip_tokens`` (4) **context tokens**
+  concatenated before the caption-encoder states; every attention block attends to them;
+* classifier-free guidance: during training the embedding is replaced by a learned null
+  embedding with probability ``clip_drop_prob`` (10%) and, independently, the caption states by
+  learned null states with probability ``text_drop_prob`` (50%) — only the conditioning is
+  replaced, never ``x_t``. At sampling the same nulls are the ``uncond``.
+
+Upsamplers (§2.1, appendix C): the low-resolution image, resized bilinearly to the target size,
+is concatenated to ``x_t`` on channels; no attention anywhere (fully convolutional); trained on
+random crops and run on whole images; conditioning augmentation "blur" (Gaussian blur of random
+σ, the first stage) or "bsr" (a jittable BSR-style chain: blur → random down/up resize →
+Gaussian noise → JPEG-like 8×8 DCT quantisation, the second stage). Sampled with few DDIM steps
+(the paper: 27 for 64→256, 15 for 256→1024).
+
+Training crops: the paper trains "on random crops of images that are one-fourth the target
+size". We read it as a quarter of the *side* (64×64 crops of 256 px targets, i.e. 16×16
+low-res crops) — the reading under which the 4× upsampler's training cost matches a 64 px
+model — and expose it as ``crop_fraction`` (side ratio, default 0.25). Crops are taken at
+offsets that are multiples of the factor so the low-res crop is exactly the box-downsampled
+high-res crop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax import diffusion
+from unclip_jax.nn.attention import padding_mask
+from unclip_jax.nn.layers import dtype as to_dtype
+from unclip_jax.nn.layers import layer_norm
+from unclip_jax.nn.transformer import Transformer
+from unclip_jax.nn.unet import UNet, dense
+
+AUGMENTATIONS = ("none", "blur", "bsr")
+
+
+# ============================================================================ configs
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """The unCLIP decoder. Defaults: a small CPU-scale 32 px model."""
+
+    image_size: int = 32                      # output side (set from data.image_size)
+    clip_workdir: str = ""                    # the frozen CLIP run whose embeddings condition
+    clip_dim: int = 64                        # E (set from the CLIP)
+    clip_image_size: int = 32                 # CLIP's input side (images are resized to it)
+    # U-Net
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16, 8)   # feature-map sides with attention
+    head_channels: int = 32
+    dropout: float = 0.0
+    resblock_updown: bool = True
+    # conditioning
+    num_clip_tokens: int = 4
+    context_dim: int = 64                     # width of the context tokens (text_width if text)
+    text_layers: int = 0                      # 0 = no caption encoder (CLIP embedding only)
+    text_width: int = 64
+    text_heads: int = 4
+    vocab_size: int = 512                     # set from the tokenizer
+    context_length: int = 32                  # set from data.context_length
+    pad_id: int = 0                           # set from the tokenizer
+    clip_drop_prob: float = 0.1
+    text_drop_prob: float = 0.5
+    # diffusion
+    schedule: str = "cosine"
+    num_timesteps: int = 1000
+    model_output: str = "eps"
+    learned_variance: bool = True
+    vlb_weight: float = 0.001
+    sample_steps: int = 50
+    guidance_scale: float = 3.0
+    dtype: str = "float32"
+
+    @property
+    def use_text(self) -> bool:
+        return self.text_layers > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class UpsamplerConfig:
+    """A diffusion super-resolution stage ``low_res_size → image_size``."""
+
+    image_size: int = 64                      # target side (set from data.image_size)
+    low_res_size: int = 32                    # conditioning side; factor = image_size / this
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    dropout: float = 0.0
+    resblock_updown: bool = True
+    augment: str = "blur"                     # "blur" (1st stage) | "bsr" (2nd) | "none"
+    blur_sigma: tuple[float, float] = (0.4, 0.6)   # σ range of the "blur" augmentation, low-res px
+    crop_fraction: float = 0.25               # training crop side / target side
+    schedule: str = "cosine"
+    num_timesteps: int = 1000
+    model_output: str = "eps"
+    learned_variance: bool = False
+    vlb_weight: float = 0.001
+    sample_steps: int = 27
+    dtype: str = "float32"
+
+    @property
+    def factor(self) -> int:
+        return self.image_size // self.low_res_size
+
+    @property
+    def train_crop(self) -> int:
+        """Target-side training crop: ``crop_fraction · image_size`` rounded down to a multiple
+        of ``factor · 2^(levels-1)`` (so both the crop and its low-res version fit the U-Net)."""
+        unit = self.factor * 2 ** (len(self.channel_mult) - 1)
+        return max(unit, int(self.crop_fraction * self.image_size) // unit * unit)
+
+
+def check_upsampler_config(cfg: UpsamplerConfig) -> None:
+    if cfg.image_size % cfg.low_res_size or cfg.image_size <= cfg.low_res_size:
+        raise ValueError(f"upsampler image_size {cfg.image_size} must be an integer multiple "
+                         f"(> 1) of low_res_size {cfg.low_res_size}")
+    if cfg.augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown upsampler augment {cfg.augment!r}; accepted: "
+                         f"{', '.join(AUGMENTATIONS)}")
+    if not 0 < cfg.crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {cfg.crop_fraction}")
+
+
+# ============================================================================ decoder model
+
+
+class Decoder(nn.Module):
+    """The unCLIP decoder denoiser ``(x_t [B, S, S, 3], t [B], cond) -> [B, S, S, 3 or 6]``.
+
+    Methods (``apply(..., method=...)``): ``__call__``, ``encode_caption(tokens)`` → the
+    ``cond["text"]`` dict, ``null_cond()`` → the learned unbatched nulls (same structure as
+    ``cond``), ``init_all`` (creates every parameter).
+    """
+
+    config: DecoderConfig
+
+    def setup(self):
+        cfg = self.config
+        dt = to_dtype(cfg.dtype)
+        ds = tuple(cfg.image_size // r for r in cfg.attention_resolutions
+                   if r <= cfg.image_size and cfg.image_size % r == 0)
+        self.unet = UNet(6 if cfg.learned_variance else 3, cfg.base_channels, cfg.channel_mult,
+                         cfg.num_res_blocks, ds, True, cfg.head_channels, cfg.dropout,
+                         cfg.resblock_updown, dtype=dt)
+        width = self.context_width
+        self.clip_to_emb = dense(4 * cfg.base_channels)
+        self.clip_to_tokens = dense(cfg.num_clip_tokens * width)
+        self.null_image_emb = self.param(
+            "null_image_emb", nn.with_logical_partitioning(nn.initializers.normal(
+                cfg.clip_dim ** -0.5), ("embed",)), (cfg.clip_dim,))
+        if cfg.use_text:
+            self.token_embedding = nn.Embed(
+                cfg.vocab_size, cfg.text_width, dtype=dt,
+                embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                            ("vocab", "embed")))
+            self.positional_embedding = self.param(
+                "positional_embedding", nn.with_logical_partitioning(
+                    nn.initializers.normal(0.01), ("length", "embed")),
+                (cfg.context_length, cfg.text_width))
+            self.text_encoder = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads,
+                                            act="gelu", dtype=dt)
+            self.text_ln = layer_norm()
+            self.null_text = self.param(
+                "null_text", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                          ("length", "embed")),
+                (cfg.context_length, cfg.text_width))
+
+    @property
+    def context_width(self) -> int:
+        return self.config.text_width if self.config.use_text else self.config.context_dim
+
+    def encode_caption(self, tokens: jax.Array) -> dict:
+        """``[B, L]`` int tokens → ``{"states": [B, L, W] float32, "valid": [B, L] bool}``."""
+        cfg = self.config
+        if not cfg.use_text:
+            raise ValueError("this decoder has no caption encoder (text_layers=0)")
+        if tokens.shape[1] != cfg.context_length:
+            raise ValueError(f"caption tokens have length {tokens.shape[1]}; the decoder was "
+                             f"built for context_length {cfg.context_length}")
+        valid = tokens != cfg.pad_id
+        x = self.token_embedding(tokens) + self.positional_embedding.astype(
+            to_dtype(cfg.dtype))
+        x = self.text_encoder(x, mask=padding_mask(valid))
+        return {"states": self.text_ln(x).astype(jnp.float32), "valid": valid}
+
+    def null_cond(self) -> dict:
+        """The learned nulls, unbatched: ``{"image_emb": [E], "text": {"states": [L, W],
+        "valid": [L]}}`` (no "text" without a caption encoder)."""
+        out = {"image_emb": self.null_image_emb}
+        if self.config.use_text:
+            out["text"] = {"states": self.null_text,
+                           "valid": jnp.ones((self.config.context_length,), jnp.bool_)}
+        return out
+
+    def __call__(self, x_t: jax.Array, t: jax.Array, cond: dict, *,
+                 deterministic: bool = True) -> jax.Array:
+        """``x_t`` ``[B, S, S, 3]``, ``t`` ``[B]``, ``cond`` (module docstring) →
+        ``[B, S, S, 3]`` (ε / x₀ / v) or ``[B, S, S, 6]`` with the learned-variance channels."""
+        cfg = self.config
+        if x_t.shape[1:] != (cfg.image_size, cfg.image_size, 3):
+            raise ValueError(f"decoder input has shape {x_t.shape}; expected "
+                             f"[B, {cfg.image_size}, {cfg.image_size}, 3]")
+        emb = cond["image_emb"].astype(jnp.float32) * math.sqrt(cfg.clip_dim)
+        b = emb.shape[0]
+        tokens = self.clip_to_tokens(emb).reshape(b, cfg.num_clip_tokens, self.context_width)
+        context, mask = tokens, jnp.ones((b, cfg.num_clip_tokens), jnp.bool_)
+        text = cond.get("text")
+        if cfg.use_text:
+            if text is None:
+                raise ValueError("this decoder has a caption encoder: cond needs 'text' "
+                                 "(encode_caption(tokens), or the null)")
+            context = jnp.concatenate([context, text["states"].astype(jnp.float32)], axis=1)
+            mask = jnp.concatenate([mask, text["valid"].astype(jnp.bool_)], axis=1)
+        return self.unet(x_t, t, emb=self.clip_to_emb(emb), context=context,
+                         context_mask=mask, deterministic=deterministic)
+
+    def init_all(self, x_t, t, cond, tokens=None):
+        if self.config.use_text:
+            cond = dict(cond, text=self.encode_caption(tokens))
+        self.null_cond()
+        return self(x_t, t, cond)
+
+
+def init_decoder(cfg: DecoderConfig, rng: jax.Array, batch: int = 1):
+    """Boxed variables of a fresh decoder (``{"params": …}``)."""
+    x, t, cond, tokens = _decoder_dummy(cfg, batch)
+    return jax.jit(functools.partial(Decoder(cfg).init, method=Decoder.init_all))(
+        rng, x, t, cond, tokens)
+
+
+def _decoder_dummy(cfg: DecoderConfig, batch: int):
+    s = cfg.image_size
+    return (jnp.zeros((batch, s, s, 3)), jnp.zeros((batch,), jnp.int32),
+            {"image_emb": jnp.zeros((batch, cfg.clip_dim))},
+            jnp.zeros((batch, cfg.context_length), jnp.int32))
+
+
+def make_denoiser(cfg: DecoderConfig, dropout_rng: jax.Array | None = None):
+    """``denoiser(params, x_t, t, cond) -> output``, the shared sampler's contract. With a
+    ``dropout_rng`` the U-Net's dropout is active (training)."""
+    model = Decoder(cfg)
+
+    def denoiser(params, x_t, t, cond):
+        return model.apply({"params": params}, x_t, t, cond,
+                           deterministic=dropout_rng is None,
+                           rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+
+    return denoiser
+
+
+def encode_caption(params, cfg: DecoderConfig, tokens: jax.Array) -> dict:
+    return Decoder(cfg).apply({"params": params}, tokens, method=Decoder.encode_caption)
+
+
+def null_cond(params, cfg: DecoderConfig) -> dict:
+    """The learned null conditioning, unbatched (see :meth:`Decoder.null_cond`)."""
+    return Decoder(cfg).apply({"params": params}, method=Decoder.null_cond)
+
+
+def batched(tree: Any, batch: int) -> Any:
+    """Broadcast every leaf of an unbatched pytree to a leading ``batch`` axis."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), tree)
+
+
+def make_cond(params, cfg: DecoderConfig, image_emb: jax.Array,
+              tokens: jax.Array | None = None) -> dict:
+    """``cond`` for the denoiser from CLIP image embeddings ``[B, E]`` and caption tokens."""
+    cond = {"image_emb": jnp.asarray(image_emb, jnp.float32)}
+    if cfg.use_text:
+        if tokens is None:
+            raise ValueError("this decoder has a caption encoder: pass caption tokens")
+        cond["text"] = encode_caption(params, cfg, jnp.asarray(tokens, jnp.int32))
+    return cond
+
+
+def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array,
+                 tokens: jax.Array | None, rng: jax.Array):
+    """The decoder's diffusion loss on images ``x0`` ``[B, S, S, 3]`` in [-1, 1] with their
+    CLIP image embeddings; conditioning dropped to the learned nulls for guidance."""
+    rng_drop, rng_loss = jax.random.split(rng)
+    cond = make_cond(params, cfg, image_emb, tokens)
+    probs = {"image_emb": cfg.clip_drop_prob}
+    if cfg.use_text:
+        probs["text"] = cfg.text_drop_prob
+    return diffusion.training_loss(
+        params, x0, cond, rng_loss, denoiser=make_denoiser(
+            cfg, rng_drop if cfg.dropout > 0 else None),
+        schedule=diffusion.make_schedule(cfg.schedule, cfg.num_timesteps),
+        model_output=cfg.model_output, learned_variance=cfg.learned_variance,
+        vlb_weight=cfg.vlb_weight, cond_drop_prob=probs,
+        null_cond=lambda p: null_cond(p, cfg))
+
+
+@functools.lru_cache(maxsize=16)
+def _decoder_sampler(cfg: DecoderConfig, steps: int, method: str, batch: int):
+    return diffusion.make_sampler(
+        make_denoiser(cfg), schedule=diffusion.make_schedule(cfg.schedule, cfg.num_timesteps,
+                                                             steps),
+        shape=(batch, cfg.image_size, cfg.image_size, 3), method=method,
+        model_output=cfg.model_output,
+        variance="learned" if cfg.learned_variance else "fixed_small", clip_x0=(-1.0, 1.0))
+
+
+def sample_images(params, cfg: DecoderConfig, image_emb: jax.Array,
+                  tokens: jax.Array | None = None, rng: jax.Array | None = None,
+                  guidance_scale: float | None = None, steps: int | None = None,
+                  method: str = "ddim", eta: float = 0.0,
+                  x_T: jax.Array | None = None) -> jax.Array:
+    """Images ``[B, S, S, 3]`` in [-1, 1] from CLIP image embeddings ``[B, E]`` (and caption
+    tokens ``[B, L]`` when the decoder has a caption encoder), through the shared jitted sampler
+    with classifier-free guidance against the learned nulls. ``guidance_scale`` and ``eta`` are
+    traced (no recompilation); ``steps`` respaces the schedule (default ``cfg.sample_steps``).
+    """
+    image_emb = jnp.asarray(image_emb, jnp.float32)
+    if image_emb.ndim != 2 or image_emb.shape[1] != cfg.clip_dim:
+        raise ValueError(f"image_emb has shape {image_emb.shape}; expected [B, {cfg.clip_dim}]")
+    b = image_emb.shape[0]
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    cond = make_cond(params, cfg, image_emb, tokens)
+    uncond = batched(null_cond(params, cfg), b)
+    sampler = _decoder_sampler(cfg, int(steps or cfg.sample_steps), method, b)
+    scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+    return sampler(params, cond, uncond, rng, guidance_scale=scale, eta=eta, x_T=x_T)
+
+
+# ============================================================================ upsampler model
+
+
+def resize_to(x: jax.Array, size: int | tuple[int, int], method: str = "linear") -> jax.Array:
+    """Resize ``[B, h, w, C]`` to ``[B, size, size, C]`` (or ``size = (H, W)``), antialiased
+    when shrinking."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if x.shape[1:3] == hw:
+        return x
+    return jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), method=method)
+
+
+def box_downsample(x: jax.Array, factor: int) -> jax.Array:
+    """Average ``factor × factor`` blocks: ``[B, H, W, C] -> [B, H/f, W/f, C]``."""
+    b, h, w, c = x.shape
+    if h % factor or w % factor:
+        raise ValueError(f"image {h}×{w} is not divisible by the downsampling factor {factor}")
+    return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+
+
+class Upsampler(nn.Module):
+    """Super-resolution denoiser ``(x_t [B, H, W, 3], t, {"low_res": [B, H/f, W/f, 3]})
+    -> [B, H, W, 3 or 6]``; fully convolutional (any H = f · low-res side, divisible by the
+    U-Net's downsampling)."""
+
+    config: UpsamplerConfig
+
+    @nn.compact
+    def __call__(self, x_t: jax.Array, t: jax.Array, cond: dict, *,
+                 deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        low = cond["low_res"]
+        f = cfg.factor
+        if (low.ndim != 4 or x_t.ndim != 4 or low.shape[1] * f != x_t.shape[1]
+                or low.shape[2] * f != x_t.shape[2]):
+            raise ValueError(
+                f"low-res image {tuple(low.shape[1:3])} × factor {f} does not match the target "
+                f"{tuple(x_t.shape[1:3])}; accepted: a low-res side of exactly target side / "
+                f"{f} ({cfg.low_res_size} → {cfg.image_size} in this config, or any crop of it)")
+        unet = UNet(6 if cfg.learned_variance else 3, cfg.base_channels, cfg.channel_mult,
+                    cfg.num_res_blocks, attention_ds=(), middle_attention=False,
+                    dropout=cfg.dropout, resblock_updown=cfg.resblock_updown,
+                    dtype=to_dtype(cfg.dtype), name="unet")
+        unet.check_input(x_t.shape[1], x_t.shape[2])
+        up = jax.image.resize(low.astype(jnp.float32), x_t.shape[:3] + (low.shape[3],),
+                              method="linear")
+        return unet(jnp.concatenate([x_t, up], axis=-1), t, deterministic=deterministic)
+
+
+def init_upsampler(cfg: UpsamplerConfig, rng: jax.Array, batch: int = 1):
+    s, lo = cfg.train_crop, cfg.train_crop // cfg.factor
+    return jax.jit(Upsampler(cfg).init)(rng, jnp.zeros((batch, s, s, 3)),
+                                        jnp.zeros((batch,), jnp.int32),
+                                        {"low_res": jnp.zeros((batch, lo, lo, 3))})
+
+
+def make_upsampler_denoiser(cfg: UpsamplerConfig, dropout_rng: jax.Array | None = None):
+    model = Upsampler(cfg)
+
+    def denoiser(params, x_t, t, cond):
+        return model.apply({"params": params}, x_t, t, cond,
+                           deterministic=dropout_rng is None,
+                           rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+
+    return denoiser
+
+
+# ---------------------------------------------------------------------------- augmentation
+
+
+def gaussian_blur(x: jax.Array, sigma: jax.Array, radius: int = 3) -> jax.Array:
+    """Separable Gaussian blur of ``[B, H, W, C]`` with a per-example ``sigma`` ``[B]`` (pixels),
+    edge padding, ``2·radius + 1`` taps. Jittable; σ → 0 is the identity."""
+    k = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    s = jnp.maximum(sigma.astype(jnp.float32), 1e-3)[:, None]
+    w = jnp.exp(-0.5 * (k[None] / s) ** 2)
+    w = w / w.sum(axis=1, keepdims=True)                          # [B, taps]
+    pad = ((0, 0), (radius, radius), (radius, radius), (0, 0))
+    xp = jnp.pad(x, pad, mode="edge")
+    h, wd = x.shape[1], x.shape[2]
+    rows = sum(w[:, i, None, None, None] * xp[:, i:i + h] for i in range(2 * radius + 1))
+    return sum(w[:, i, None, None, None] * rows[:, :, i:i + wd] for i in range(2 * radius + 1))
+
+
+_JPEG_LUMA = np.array([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
+    [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
+    [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], np.float32)
+
+
+def _dct_matrix(n: int = 8) -> np.ndarray:
+    k, i = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    d = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+    d[0] /= np.sqrt(2.0)
+    return d.astype(np.float32)
+
+
+def jpeg_like(x: jax.Array, quality: jax.Array) -> jax.Array:
+    """A jittable JPEG approximation of ``[B, H, W, 3]`` in [-1, 1] at per-example ``quality``
+    ``[B]`` (1–100): per-channel 8×8 DCT, quantisation with the standard luminance table scaled
+    by the IJG quality rule, inverse DCT, 8-bit rounding. (No chroma subsampling or YCbCr.)"""
+    b, h, w, c = x.shape
+    ph, pw = (-h) % 8, (-w) % 8
+    pix = jnp.pad((x + 1.0) * 127.5 - 128.0, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+    hh, ww = pix.shape[1] // 8, pix.shape[2] // 8
+    blocks = pix.reshape(b, hh, 8, ww, 8, c)
+    d = jnp.asarray(_dct_matrix())
+    coef = jnp.einsum("ij,bhjwkc,lk->bhiwlc", d, blocks, d)
+    q = jnp.clip(quality.astype(jnp.float32), 1.0, 100.0)
+    scale = jnp.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q) / 100.0
+    table = jnp.maximum(jnp.floor(jnp.asarray(_JPEG_LUMA)[None] * scale[:, None, None] + 0.5),
+                        1.0)[:, None, :, None, :, None]
+    coef = jnp.round(coef / table) * table
+    back = jnp.einsum("ji,bhjwkc,kl->bhiwlc", d, coef, d).reshape(b, hh * 8, ww * 8, c)
+    back = jnp.clip(jnp.round(back + 128.0), 0.0, 255.0)[:, :h, :w]
+    return back / 127.5 - 1.0
+
+
+def bsr_degrade(x: jax.Array, rng: jax.Array) -> jax.Array:
+    """BSR-style degradation (Zhang et al. 2021, as used by unCLIP's second upsampler), a
+    jittable approximation on ``[B, H, W, 3]`` in [-1, 1]: Gaussian blur σ ~ U(0.1, 1.5) px →
+    resize down by a random factor in {1, 3/4, 1/2} and back (bilinear) → Gaussian noise of
+    std ~ U(0, 0.1) → JPEG-like quantisation at quality ~ U(30, 95). Same shape, in [-1, 1]."""
+    b, h, w, c = x.shape
+    k = jax.random.split(rng, 5)
+    x = gaussian_blur(x, jax.random.uniform(k[0], (b,), minval=0.1, maxval=1.5))
+    variants = [x] + [resize_to(resize_to(x, (max(2, round(h * s)), max(2, round(w * s)))),
+                                (h, w)) for s in (0.75, 0.5)]
+    choice = jax.random.randint(k[1], (b,), 0, len(variants))
+    x = jnp.stack(variants)[choice, jnp.arange(b)]
+    std = jax.random.uniform(k[2], (b, 1, 1, 1), maxval=0.1)
+    x = x + std * jax.random.normal(k[3], x.shape)
+    x = jpeg_like(jnp.clip(x, -1.0, 1.0), jax.random.uniform(k[4], (b,), minval=30., maxval=95.))
+    return jnp.clip(x, -1.0, 1.0)
+
+
+def augment_low_res(cfg: UpsamplerConfig, low: jax.Array, rng: jax.Array) -> jax.Array:
+    """The configured conditioning augmentation of a low-res batch (training only)."""
+    if cfg.augment == "blur":
+        sigma = jax.random.uniform(rng, (low.shape[0],), minval=cfg.blur_sigma[0],
+                                   maxval=cfg.blur_sigma[1])
+        return gaussian_blur(low, sigma)
+    if cfg.augment == "bsr":
+        return bsr_degrade(low, rng)
+    return low
+
+
+def random_crops(x: jax.Array, size: int, unit: int, rng: jax.Array) -> jax.Array:
+    """Per-example random ``size × size`` crops of ``[B, H, W, C]`` at offsets that are
+    multiples of ``unit``."""
+    b, h, w, c = x.shape
+    if size > min(h, w):
+        raise ValueError(f"crop {size} is larger than the images {h}×{w}")
+    ky, kx = jax.random.split(rng)
+    oy = jax.random.randint(ky, (b,), 0, (h - size) // unit + 1) * unit
+    ox = jax.random.randint(kx, (b,), 0, (w - size) // unit + 1) * unit
+    return jax.vmap(lambda im, y, x_: jax.lax.dynamic_slice(im, (y, x_, 0), (size, size, c)))(
+        x, oy, ox)
+
+
+def upsampler_loss(params, cfg: UpsamplerConfig, images: jax.Array, rng: jax.Array):
+    """Loss on full-resolution images ``[B, S, S, 3]`` in [-1, 1]: random training crops, their
+    box-downsampled and augmented low-res versions as conditioning."""
+    rc, ra, rl, rd = jax.random.split(rng, 4)
+    hi = random_crops(images.astype(jnp.float32), cfg.train_crop, cfg.factor, rc)
+    low = augment_low_res(cfg, box_downsample(hi, cfg.factor), ra)
+    return diffusion.training_loss(
+        params, hi, {"low_res": low}, rl,
+        denoiser=make_upsampler_denoiser(cfg, rd if cfg.dropout > 0 else None),
+        schedule=diffusion.make_schedule(cfg.schedule, cfg.num_timesteps),
+        model_output=cfg.model_output, learned_variance=cfg.learned_variance,
+        vlb_weight=cfg.vlb_weight)
+
+
+@functools.lru_cache(maxsize=16)
+def _upsampler_sampler(cfg: UpsamplerConfig, steps: int, method: str, shape: tuple):
+    return diffusion.make_sampler(
+        make_upsampler_denoiser(cfg), schedule=diffusion.make_schedule(
+            cfg.schedule, cfg.num_timesteps, steps), shape=shape, method=method,
+        model_output=cfg.model_output,
+        variance="learned" if cfg.learned_variance else "fixed_small", clip_x0=(-1.0, 1.0),
+        guidance=False)
+
+
+def upsample_images(params, cfg: UpsamplerConfig, low_res: jax.Array,
+                    rng: jax.Array | None = None, steps: int | None = None,
+                    method: str = "ddim", eta: float = 0.0,
+                    x_T: jax.Array | None = None) -> jax.Array:
+    """``[B, h, w, 3]`` in [-1, 1] → ``[B, f·h, f·w, 3]`` by the shared sampler (DDIM with
+    ``cfg.sample_steps`` by default), run fully convolutionally on the whole image."""
+    low_res = jnp.asarray(low_res, jnp.float32)
+    if low_res.ndim != 4 or low_res.shape[-1] != 3:
+        raise ValueError(f"low_res must be [B, h, w, 3], got {low_res.shape}")
+    shape = (low_res.shape[0], low_res.shape[1] * cfg.factor, low_res.shape[2] * cfg.factor, 3)
+    d = 2 ** (len(cfg.channel_mult) - 1)
+    if shape[1] % d or shape[2] % d:
+        raise ValueError(f"target {shape[1]}×{shape[2]} (low-res × {cfg.factor}) is not "
+                         f"divisible by the U-Net's downsampling factor {d}")
+    sampler = _upsampler_sampler(cfg, int(steps or cfg.sample_steps), method, shape)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return sampler(params, {"low_res": low_res}, None, rng, eta=eta, x_T=x_T)
+
+
+# ============================================================================ loading
+
+
+def _from_dict(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+                  if k in names})
+
+
+def _restore(workdir: str | Path, expected: str, ema: bool | None = None):
+    from unclip_jax.train.checkpoint import Checkpointer
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist: {str(workdir)!r} is not the "
+                                f"workdir of a {expected} training run")
+    run = json.loads(path.read_text())
+    model = run.get("model", {})
+    if model.get("__type__") != expected:
+        raise ValueError(f"{str(workdir)!r} holds a {model.get('__type__')} run, not a "
+                         f"{expected}")
+    ckpt = Checkpointer(workdir, async_save=False)
+    has_ema = run.get("train", {}).get("ema_decay", 0) > 0
+    if ema and not has_ema:
+        raise ValueError(f"{str(workdir)!r} kept no EMA params (train.ema_decay = 0)")
+    which = "ema_params" if (has_ema if ema is None else ema) else "params"
+    params = ckpt.restore_params(which=which)
+    ckpt.close()
+    cls = DecoderConfig if expected == "DecoderConfig" else UpsamplerConfig
+    return jax.tree.map(jnp.asarray, params), _from_dict(cls, model)
+
+
+def load_decoder(workdir: str | Path, ema: bool | None = None) -> tuple[Any, DecoderConfig]:
+    """``(params, DecoderConfig)`` of the latest checkpoint of a decoder run (``ema``: None =
+    the EMA params when the run kept them; True/False force EMA/raw params)."""
+    return _restore(workdir, "DecoderConfig", ema)
+
+
+def load_upsampler(workdir: str | Path, ema: bool | None = None) -> tuple[Any, UpsamplerConfig]:
+    """``(params, UpsamplerConfig)`` of the latest checkpoint of an upsampler run."""
+    return _restore(workdir, "UpsamplerConfig", ema)
+
+
+def load_frozen_clip(clip_workdir: str | Path):
+    """``(CLIP module, params, CLIPConfig)`` of a trained CLIP run."""
+    if not clip_workdir:
+        raise ValueError("model.clip_workdir is empty: the decoder needs a trained CLIP run "
+                         "(e.g. --set model.clip_workdir=runs/demo/clip)")
+    from unclip_jax.embeddings import load_clip
+
+    model, params, clip_cfg = load_clip(clip_workdir)
+    return model, jax.tree.map(jnp.asarray, params), clip_cfg
+
+
+def clip_image_embedder(clip_model, clip_params, clip_image_size: int):
+    """``images [B, S, S, 3] in [-1, 1] -> [B, E]`` unit-norm, frozen (stop-gradient); images
+    are resized (antialiased) to CLIP's resolution when it differs."""
+    def embed(images):
+        images = resize_to(images.astype(jnp.float32), clip_image_size)
+        emb = clip_model.apply({"params": clip_params}, images, method="encode_image")
+        return jax.lax.stop_gradient(emb)
+
+    return embed
+
+
+# ============================================================================ tasks
+
+
+def make_task(cfg, workdir):
+    """The decoder's training task (registered as "decoder")."""
+    from unclip_jax import input_pipeline
+    from unclip_jax.train.loop import Task
+    from unclip_jax.train.tasks import ensure_dataset, ensure_tokenizer
+
+    mcfg: DecoderConfig = cfg.model
+    clip_model, clip_params, clip_cfg = load_frozen_clip(mcfg.clip_workdir)
+    ensure_dataset(cfg.data)
+    tok = ensure_tokenizer(cfg.data, workdir)
+    mcfg = dataclasses.replace(
+        mcfg, image_size=cfg.data.image_size, clip_dim=clip_cfg.embed_dim,
+        clip_image_size=clip_cfg.image_size, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
+        context_length=cfg.data.context_length)
+    cfg = dataclasses.replace(cfg, model=mcfg)
+    embed = clip_image_embedder(clip_model, clip_params, mcfg.clip_image_size)
+
+    def loss(params, batch, rng):
+        tokens = batch["tokens"] if mcfg.use_text else None
+        return decoder_loss(params, mcfg, batch["image"], embed(batch["image"]), tokens, rng)
+
+    def batches(start, mesh):
+        return input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
+                                           tokenizer=tok, mesh=mesh, train=True, start=start)
+
+    b, s = cfg.train.batch_size, mcfg.image_size
+    example = {"image": np.zeros((b, s, s, 3), np.float32),
+               "tokens": np.zeros((b, mcfg.context_length), np.int32)}
+    task = Task(init=lambda rng, batch: init_decoder(mcfg, rng, 1), loss=loss,
+                batches=batches, example=example)
+    return cfg, task
+
+
+def make_upsampler_task(cfg, workdir):
+    """The upsampler's training task (registered as "upsampler")."""
+    from unclip_jax import input_pipeline
+    from unclip_jax.train.loop import Task
+    from unclip_jax.train.tasks import ensure_dataset
+
+    mcfg: UpsamplerConfig = dataclasses.replace(cfg.model, image_size=cfg.data.image_size)
+    check_upsampler_config(mcfg)
+    cfg = dataclasses.replace(cfg, model=mcfg)
+    ensure_dataset(cfg.data)
+
+    def batches(start, mesh):
+        return input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
+                                           mesh=mesh, train=True, start=start)
+
+    s = mcfg.image_size
+    example = {"image": np.zeros((cfg.train.batch_size, s, s, 3), np.float32)}
+    task = Task(init=lambda rng, batch: init_upsampler(mcfg, rng, 1),
+                loss=lambda params, batch, rng: upsampler_loss(params, mcfg, batch["image"], rng),
+                batches=batches, example=example)
+    return cfg, task
+
+
+__all__ = [
+    "AUGMENTATIONS", "Decoder", "DecoderConfig", "Upsampler", "UpsamplerConfig",
+    "augment_low_res", "box_downsample", "bsr_degrade", "check_upsampler_config",
+    "clip_image_embedder", "decoder_loss", "encode_caption", "gaussian_blur", "init_decoder",
+    "init_upsampler", "jpeg_like", "load_decoder", "load_frozen_clip", "load_upsampler",
+    "make_cond", "make_denoiser", "make_task", "make_upsampler_denoiser",
+    "make_upsampler_task", "null_cond", "random_crops", "sample_images", "upsample_images",
+    "upsampler_loss",
+]
