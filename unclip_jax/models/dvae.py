@@ -1,0 +1,453 @@
+"""DALL·E's discrete VAE (Ramesh et al. 2021, stage 1): images ↔ a grid of K-way codes.
+
+Architecture (the paper's appendix A and OpenAI's released dVAE): a conv encoder of residual
+groups, each group's blocks followed by a 2× max-pool except the last, ending in a 1×1 conv to
+logits over the K codes of every grid cell; a conv decoder starting with a 1×1 conv from the
+(one-hot or relaxed) K channels, groups of blocks each followed by 2× nearest upsampling
+except the last, ending in a 1×1 conv to 6 channels: the logit-Laplace parameters (μ in logit
+space and ln b, for each of the 3 colour channels). A residual block is
+``x ↦ id(x) + post_gain · res(x)`` with ``post_gain = 1 / n_layers²`` (``n_layers`` = every
+block of the stack), ``id`` a 1×1 conv when the width changes, and ``res`` four ReLU→conv
+layers at a quarter of the output width (encoder 3×3,3×3,3×3,1×1; decoder 1×1,3×3,3×3,3×3).
+With G groups the grid is ``image_size / 2^(G-1)`` (paper: 256 px, G=4 → 32×32, K=8192).
+
+Objective (paper §3.1 and A.2), per image, in nats:
+``NLL(x | decoder(z̃)) + β · KL(q(z|x) ‖ uniform)``, with z̃ a gumbel-softmax relaxed sample at
+temperature τ; the likelihood is the logit-Laplace density of the pixels mapped into
+``[ε, 1-ε]`` (ε = 0.1), the KL is summed over grid cells. We divide the sum by the number of
+pixel values ``H·W·3`` (a per-dimension loss that keeps the learning rate independent of the
+resolution; β keeps the paper's meaning: the weight of the summed KL against the summed NLL).
+τ is annealed 1 → 1/16 and β ramped 0 → 6.6 with cosine schedules (the paper: over the first
+150 000 and 5 000 updates). The loop passes no step to the loss, so the task's batches carry it:
+``batch["step"]`` ``[B]`` int32, every row equal to the batch's stream position — which is the
+update index, because the loop draws one batch per update and resumes the stream at the
+checkpointed position (see :class:`StepBatches`).
+
+Tokens at encode time are the argmax of the logits (no noise); decoding returns the mean of
+the logit-Laplace distribution's ``sigmoid(μ)`` mapped back through the inverse ε map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax import input_pipeline, sharding
+from unclip_jax.nn.layers import dtype as to_dtype
+
+SCHEDULES = ("cosine", "linear", "exponential")
+
+
+@dataclasses.dataclass(frozen=True)
+class DVAEConfig:
+    """Sizes and objective of the dVAE. Defaults: a CPU-scale model for 32 px (8×8 grid)."""
+
+    image_size: int = 32
+    num_groups: int = 3             # G; the grid is image_size / 2^(G-1)
+    blocks_per_group: int = 2
+    encoder_width: int = 64         # width of the first encoder group; group g has 2^g × it
+    decoder_width: int = 64         # width of the last decoder group; group g has 2^(G-1-g) ×
+    decoder_init_width: int = 32    # width after the decoder's first 1×1 conv from K
+    vocab_size: int = 512           # K codes
+    dtype: str = "float32"          # compute dtype; logits, likelihood and losses are float32
+    # objective
+    eps: float = 0.1                # pixels x ∈ [0, 1] are modelled as (1 - 2ε) x + ε
+    tau_start: float = 1.0
+    tau_end: float = 1.0 / 16
+    tau_steps: int = 150_000
+    tau_schedule: str = "cosine"    # one of SCHEDULES
+    beta_max: float = 6.6
+    beta_steps: int = 5_000
+    beta_schedule: str = "cosine"   # one of SCHEDULES except "exponential" (it starts at 0)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (self.num_groups - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return grid_size(self.image_size, self.num_groups)
+
+
+# The released DALL·E dVAE: 256 px → 32×32 codes of 8192, n_hid 256, n_init 128, 4×2 blocks.
+PRESETS = {
+    "dalle": DVAEConfig(image_size=256, num_groups=4, blocks_per_group=2, encoder_width=256,
+                        decoder_width=256, decoder_init_width=128, vocab_size=8192),
+}
+
+
+def grid_size(image_size: int, num_groups: int) -> int:
+    """The side of the code grid, or a ValueError when the downsampling does not divide it."""
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    factor = 2 ** (num_groups - 1)
+    if image_size <= 0 or image_size % factor:
+        raise ValueError(
+            f"image size {image_size} is not divisible by the dVAE's downsampling factor "
+            f"{factor} (= 2^(num_groups-1) with num_groups={num_groups}); use an image size "
+            f"that is a multiple of {factor} or change num_groups")
+    return image_size // factor
+
+
+# ----------------------------------------------------------------------------- distributions
+
+
+def map_pixels(x: jax.Array, eps: float = 0.1) -> jax.Array:
+    """``[0, 1] → [ε, 1-ε]``: ``(1 - 2ε) x + ε`` (keeps the logit-Laplace away from 0 and 1)."""
+    return (1 - 2 * eps) * x + eps
+
+
+def unmap_pixels(y: jax.Array, eps: float = 0.1) -> jax.Array:
+    """Inverse of :func:`map_pixels`, clipped to [0, 1]."""
+    return jnp.clip((y - eps) / (1 - 2 * eps), 0.0, 1.0)
+
+
+def logit_laplace_log_prob(x: jax.Array, mu: jax.Array, log_b: jax.Array) -> jax.Array:
+    """Log-density on (0, 1) of the logit-Laplace distribution (paper eq. 2), elementwise:
+
+    ``f(x | μ, b) = exp(-|logit(x) - μ| / b) / (2 b x (1 - x))``, i.e. a Laplace(μ, b) in logit
+    space pushed through the sigmoid. ``x`` in (0, 1); ``μ`` in logit space; ``b = exp(log_b)``.
+    """
+    x, mu, log_b = (jnp.asarray(a, jnp.float32) for a in (x, mu, log_b))
+    logit = jnp.log(x) - jnp.log1p(-x)
+    return (-jnp.abs(logit - mu) * jnp.exp(-log_b) - math.log(2.0) - log_b
+            - jnp.log(x) - jnp.log1p(-x))
+
+
+def gumbel_softmax(logits: jax.Array, key: jax.Array, tau) -> jax.Array:
+    """Relaxed one-hot sample ``softmax((logits + g) / τ)``, g ~ Gumbel(0, 1) i.i.d., float32.
+
+    As τ → 0 it approaches ``one_hot(argmax(logits + g))`` for the same key.
+    """
+    logits = logits.astype(jnp.float32)
+    g = jax.random.gumbel(key, logits.shape, jnp.float32)
+    return jax.nn.softmax((logits + g) / tau, axis=-1)
+
+
+def kl_to_uniform(logits: jax.Array) -> jax.Array:
+    """``KL(softmax(logits) ‖ uniform over K) = log K - H(q)`` over the last axis, float32."""
+    logits = logits.astype(jnp.float32)
+    logq = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.sum(jnp.exp(logq) * logq, axis=-1) + math.log(logits.shape[-1])
+
+
+def _ramp(step, steps: int, kind: str):
+    """Progress in [0, 1] shaped by ``kind`` (``linear`` or the half-cosine ``cosine``)."""
+    t = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
+    return 0.5 * (1 - jnp.cos(jnp.pi * t)) if kind == "cosine" else t
+
+
+def tau_at(step, cfg: DVAEConfig) -> jax.Array:
+    """Relaxation temperature at update ``step``: ``tau_start`` → ``tau_end`` over
+    ``tau_steps``, constant after. ``exponential`` interpolates log τ linearly."""
+    if cfg.tau_schedule not in SCHEDULES:
+        raise ValueError(f"unknown tau_schedule {cfg.tau_schedule!r}; accepted: "
+                         f"{', '.join(SCHEDULES)}")
+    if cfg.tau_schedule == "exponential":
+        t = _ramp(step, cfg.tau_steps, "linear")
+        return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** t
+    return cfg.tau_start + (cfg.tau_end - cfg.tau_start) * _ramp(step, cfg.tau_steps,
+                                                                 cfg.tau_schedule)
+
+
+def beta_at(step, cfg: DVAEConfig) -> jax.Array:
+    """KL weight at update ``step``: 0 → ``beta_max`` over ``beta_steps``, constant after."""
+    if cfg.beta_schedule not in ("cosine", "linear"):
+        raise ValueError(f"unknown beta_schedule {cfg.beta_schedule!r}; accepted: cosine, "
+                         f"linear")
+    return cfg.beta_max * _ramp(step, cfg.beta_steps, cfg.beta_schedule)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _conv(features: int, kernel: int, dtype, name: str, in_axis: str = "conv_in",
+          out_axis: str = "conv_out") -> nn.Conv:
+    """A 'SAME' conv with fan-in normal init (the release's), kernel ``[k, k, in, out]``."""
+    return nn.Conv(
+        features, (kernel, kernel), padding="SAME", dtype=dtype, param_dtype=jnp.float32,
+        name=name,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
+            (None, None, in_axis, out_axis)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)))
+
+
+class ResBlock(nn.Module):
+    """``[B, H, W, C_in] → [B, H, W, features]``: ``id(x) + post_gain · res(x)``.
+
+    ``res`` is ReLU→conv ×4 at ``features // 4`` hidden channels with the given kernel sizes.
+    """
+
+    features: int
+    kernels: tuple[int, ...]
+    post_gain: float
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = max(1, self.features // 4)
+        identity = x
+        if x.shape[-1] != self.features:
+            identity = _conv(self.features, 1, self.dtype, "id_path")(x)
+        h = x
+        for i, k in enumerate(self.kernels):
+            out = self.features if i == len(self.kernels) - 1 else hidden
+            h = _conv(out, k, self.dtype, f"conv_{i}")(nn.relu(h))
+        y = identity + self.post_gain * h
+        return nn.with_logical_constraint(y, ("batch", "height", "width", "act_embed"))
+
+
+class Encoder(nn.Module):
+    """``[B, H, W, 3]`` mapped pixels in [ε, 1-ε] → ``[B, H/f, W/f, K]`` float32 logits."""
+
+    config: DVAEConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dt = to_dtype(cfg.dtype)
+        gain = 1.0 / (cfg.num_groups * cfg.blocks_per_group) ** 2
+        h = _conv(cfg.encoder_width, 7, dt, "input")(x.astype(dt))
+        for g in range(cfg.num_groups):
+            for b in range(cfg.blocks_per_group):
+                h = ResBlock(cfg.encoder_width * 2 ** g, (3, 3, 3, 1), gain, dt,
+                             name=f"group_{g}_block_{b}")(h)
+            if g < cfg.num_groups - 1:
+                h = nn.max_pool(h, (2, 2), strides=(2, 2))
+        logits = _conv(cfg.vocab_size, 1, dt, "output", out_axis="vocab")(nn.relu(h))
+        return nn.with_logical_constraint(logits.astype(jnp.float32),
+                                          ("batch", "height", "width", "vocab"))
+
+
+class Decoder(nn.Module):
+    """``[B, h, w, K]`` one-hot / relaxed codes → ``[B, h·f, w·f, 6]`` float32 statistics:
+    ``[..., :3]`` μ (logit space), ``[..., 3:]`` ln b of the logit-Laplace per channel."""
+
+    config: DVAEConfig
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        cfg = self.config
+        dt = to_dtype(cfg.dtype)
+        gain = 1.0 / (cfg.num_groups * cfg.blocks_per_group) ** 2
+        h = _conv(cfg.decoder_init_width, 1, dt, "input", in_axis="vocab")(z.astype(dt))
+        for g in range(cfg.num_groups):
+            width = cfg.decoder_width * 2 ** (cfg.num_groups - 1 - g)
+            for b in range(cfg.blocks_per_group):
+                h = ResBlock(width, (1, 3, 3, 3), gain, dt, name=f"group_{g}_block_{b}")(h)
+            if g < cfg.num_groups - 1:
+                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)   # nearest 2× upsampling
+        return _conv(6, 1, dt, "output")(nn.relu(h)).astype(jnp.float32)
+
+
+class DVAE(nn.Module):
+    """Encoder + decoder. ``__call__(images, z)`` (used by ``init``) runs both: images
+    ``[B, H, W, 3]`` in [-1, 1] and codes ``z`` ``[B, h, w, K]`` → (logits, statistics)."""
+
+    config: DVAEConfig
+
+    def setup(self):
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+
+    def _check(self, images: jax.Array) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}")
+        for side in images.shape[1:3]:
+            grid_size(side, self.config.num_groups)
+
+    def encode_logits(self, images: jax.Array) -> jax.Array:
+        """``[B, H, W, 3]`` in [-1, 1] → ``[B, h, w, K]`` float32 logits of q(z | x)."""
+        self._check(images)
+        x = map_pixels((images.astype(jnp.float32) + 1) / 2, self.config.eps)
+        return self.encoder(x)
+
+    def decode_stats(self, z: jax.Array) -> jax.Array:
+        """``[B, h, w, K]`` codes → ``[B, H, W, 6]`` logit-Laplace statistics (μ, ln b)."""
+        if z.shape[-1] != self.config.vocab_size:
+            raise ValueError(f"codes must have {self.config.vocab_size} channels (vocab_size), "
+                             f"got shape {z.shape}")
+        return self.decoder(z)
+
+    def __call__(self, images: jax.Array, z: jax.Array | None = None):
+        logits = self.encode_logits(images)
+        if z is None:
+            z = jax.nn.one_hot(jnp.argmax(logits, -1), self.config.vocab_size)
+        return logits, self.decode_stats(z)
+
+
+# ----------------------------------------------------------------------------- pure API
+
+
+def encode(model: DVAE, params, images: jax.Array) -> jax.Array:
+    """``[B, H, W, 3]`` in [-1, 1] → ``[B, h, w]`` int32 tokens: argmax of the logits, no noise."""
+    logits = model.apply({"params": params}, images, method=DVAE.encode_logits)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def decode(model: DVAE, params, tokens: jax.Array) -> jax.Array:
+    """``[B, h, w]`` int tokens → ``[B, H, W, 3]`` images in [-1, 1]: the distribution's
+    ``sigmoid(μ)`` mapped back through the inverse ε map, clipped."""
+    z = jax.nn.one_hot(tokens, model.config.vocab_size, dtype=jnp.float32)
+    stats = model.apply({"params": params}, z, method=DVAE.decode_stats)
+    return stats_to_images(stats, model.config.eps)
+
+
+def stats_to_images(stats: jax.Array, eps: float) -> jax.Array:
+    """``[B, H, W, 6]`` statistics → ``[B, H, W, 3]`` mean images in [-1, 1]."""
+    return unmap_pixels(jax.nn.sigmoid(stats[..., :3]), eps) * 2 - 1
+
+
+def code_usage(logits: jax.Array) -> dict[str, jax.Array]:
+    """Codebook statistics of ``[..., K]`` logits: ``perplexity`` = exp(entropy) of the average
+    q(z | x) over all cells (K when every code is used evenly, 1 when one code is), and
+    ``used_fraction`` = fraction of the K codes that are some cell's argmax."""
+    k = logits.shape[-1]
+    q = jax.nn.softmax(logits.reshape(-1, k).astype(jnp.float32), axis=-1)
+    avg = q.mean(0)
+    perplexity = jnp.exp(-jnp.sum(avg * jnp.log(jnp.maximum(avg, 1e-30))))
+    counts = jnp.zeros(k, jnp.int32).at[jnp.argmax(q, -1)].add(1)
+    return {"perplexity": perplexity, "used_fraction": jnp.mean(counts > 0)}
+
+
+def psnr(mse) -> jax.Array:
+    """PSNR in dB of a mean squared error on [0, 1] pixels."""
+    return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+
+
+def loss_fn(model: DVAE, params, batch: dict, rng: jax.Array):
+    """Negative ELBO per pixel value (with β on the KL) of ``batch["image"]`` ``[B, H, W, 3]``
+    in [-1, 1] at update ``max(batch["step"])``. Returns ``(loss, metrics)``."""
+    cfg = model.config
+    images = batch["image"]
+    step = jnp.max(batch["step"])
+    tau, beta = tau_at(step, cfg), beta_at(step, cfg)
+    x = map_pixels((images.astype(jnp.float32) + 1) / 2, cfg.eps)
+
+    logits = model.apply({"params": params}, images, method=DVAE.encode_logits)
+    z = gumbel_softmax(logits, rng, tau)
+    stats = model.apply({"params": params}, z, method=DVAE.decode_stats)
+    log_p = logit_laplace_log_prob(x, stats[..., :3], stats[..., 3:])
+    dims = images.shape[1] * images.shape[2] * images.shape[3]
+    nll = -jnp.sum(log_p, axis=(1, 2, 3))                     # [B], nats per image
+    kl = jnp.sum(kl_to_uniform(logits), axis=(1, 2))          # [B], nats per image
+    loss = jnp.mean(nll + beta * kl) / dims
+    recon01 = (stats_to_images(stats, cfg.eps) + 1) / 2
+    mse = jnp.mean(jnp.square(recon01 - (images.astype(jnp.float32) + 1) / 2))
+    usage = code_usage(logits)
+    metrics = {"nll_per_dim": jnp.mean(nll) / dims, "kl_per_cell": jnp.mean(kl) / (
+        logits.shape[1] * logits.shape[2]), "tau": tau, "beta": beta, "relaxed_mse": mse,
+        "relaxed_psnr": psnr(mse), "perplexity": usage["perplexity"],
+        "used_fraction": usage["used_fraction"]}
+    return loss, metrics
+
+
+def dummy_inputs(cfg: DVAEConfig, batch_size: int = 1) -> dict[str, np.ndarray]:
+    """A zero batch fixing the shapes: ``image`` ``[B, S, S, 3]`` and ``step`` ``[B]``."""
+    return {"image": np.zeros((batch_size, cfg.image_size, cfg.image_size, 3), np.float32),
+            "step": np.zeros((batch_size,), np.int32)}
+
+
+# ----------------------------------------------------------------------------- training task
+
+
+class StepBatches:
+    """Wraps an image stream (``position`` attribute, process-local numpy batches) and adds
+    ``step`` ``[B]`` int32 = the batch's position in the stream, i.e. the update it is used
+    for; places the batch on ``mesh`` when given. ``position`` is the wrapped stream's."""
+
+    def __init__(self, stream, mesh=None):
+        self.stream, self.mesh = stream, mesh
+
+    @property
+    def position(self) -> int:
+        return self.stream.position
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        step = self.stream.position
+        raw = next(self.stream)
+        batch = {"image": np.asarray(raw["image"], np.float32),
+                 "step": np.full((len(raw["image"]),), step, np.int32)}
+        return sharding.shard_batch(batch, self.mesh) if self.mesh is not None else batch
+
+
+def image_grid(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows of ``[N, H, W, 3]`` images in [-1, 1] → one ``[R·H, N·W, 3]`` uint8 picture."""
+    grid = np.concatenate([np.concatenate(list(np.asarray(r)), axis=1) for r in rows], axis=0)
+    return np.clip(np.round((grid + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_task(cfg, workdir):
+    """``(cfg, Task)`` training the dVAE on ``cfg.data``'s images (no tokenizer).
+
+    The evaluation reconstructs validation images with argmax codes (up to 8 batches) and
+    reports ``mse``/``psnr`` on [0, 1] pixels (PSNR of the pooled MSE), and codebook usage over
+    all those cells: ``code_perplexity`` (exp entropy of the token histogram) and
+    ``used_fraction`` (codes used at least once / K). It also writes ``recon_<step>.png``
+    (originals above reconstructions) into the workdir.
+    """
+    from PIL import Image
+
+    from unclip_jax.train.loop import Task
+    from unclip_jax.train.tasks import ensure_dataset
+
+    ensure_dataset(cfg.data)
+    model_cfg = dataclasses.replace(cfg.model, image_size=cfg.data.image_size)
+    grid_size(model_cfg.image_size, model_cfg.num_groups)
+    tau_at(0, model_cfg), beta_at(0, model_cfg)            # schedule names fail here, early
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    model = DVAE(model_cfg)
+    workdir = Path(workdir)
+
+    def batches(start, mesh):
+        stream = input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
+                                             train=True, start=start)
+        return StepBatches(stream, mesh)
+
+    @jax.jit
+    def reconstruct(params, images):
+        tokens = encode(model, params, images)
+        return tokens, decode(model, params, tokens)
+
+    def evaluate(state, step) -> dict:
+        params = state.ema_params if cfg.train.ema_decay > 0 else state.params
+        val = input_pipeline.make_batches(cfg.data, "validation",
+                                          batch_size=cfg.train.batch_size, train=False)
+        sq_err, n_values = 0.0, 0
+        counts = np.zeros(model_cfg.vocab_size, np.int64)
+        first = None
+        for _, b in zip(range(8), val):
+            keep = np.asarray(b["mask"])
+            tokens, recon = (np.asarray(a) for a in reconstruct(params, b["image"]))
+            orig01, recon01 = (b["image"][keep] + 1) / 2, (recon[keep] + 1) / 2
+            sq_err += float(np.sum(np.square(recon01 - orig01, dtype=np.float64)))
+            n_values += orig01.size
+            counts += np.bincount(tokens[keep].ravel(), minlength=model_cfg.vocab_size)
+            if first is None:
+                first = (b["image"][:8], recon[:8])
+        mse = sq_err / max(n_values, 1)
+        p = counts / max(counts.sum(), 1)
+        entropy = -float(np.sum(p[p > 0] * np.log(p[p > 0])))
+        if first is not None and jax.process_index() == 0:
+            Image.fromarray(image_grid(list(first))).save(workdir / f"recon_{step}.png")
+        return {"mse": mse, "psnr": float(psnr(mse)), "code_perplexity": math.exp(entropy),
+                "used_fraction": float(np.mean(counts > 0))}
+
+    task = Task(
+        init=lambda rng, b: model.init(rng, b["image"]),
+        loss=lambda params, batch, rng: loss_fn(model, params, batch, rng),
+        batches=batches,
+        example=dummy_inputs(model_cfg, cfg.train.batch_size),
+        evaluate=evaluate,
+    )
+    return cfg, task
