@@ -73,6 +73,7 @@ COMMAND_MODULES = (
     "unclip_jax.commands.prior",
     "unclip_jax.commands.decoder",
     "unclip_jax.commands.dalle",
+    "unclip_jax.commands.unclip",
 )
 
 

@@ -30,7 +30,9 @@ class DataConfig:
     vocab_size: int = 512                # vocabulary size when training the tokenizer
     context_length: int = 32             # text tokens incl. BOS/EOS
     shuffle_seed: int = 0
-    num_workers: int = 0                 # grain worker processes (0 = in-process)
+    num_workers: int = 0                 # loader threads (0 = in-process)
+    caption_augment: float = 0.0         # captioned_shapes: P(describe objects by a random
+                                         # subset of their attributes), training only
 
 
 @dataclasses.dataclass(frozen=True)

@@ -217,8 +217,11 @@ class Batches:
                  context_length: int = 32, seed: int = 0, train: bool = True,
                  random_crop: bool = False, mesh=None, start: int = 0,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, caption_fn=None):
         self.source = source
+        # caption_fn(example, rng) -> str replaces the stored caption (training only), e.g. the
+        # captioned-shapes attribute dropout; its rng is keyed by (seed, flat position).
+        self.caption_fn = caption_fn if train else None
         self.num_examples = len(source)
         if self.num_examples == 0:
             raise ValueError("the data source is empty")
@@ -310,7 +313,11 @@ class Batches:
             imgs = [center(im, s) for im in imgs]
         batch = {"image": np.stack(imgs).astype(np.float32) * np.float32(2 / 255) - 1.0,
                  "mask": valid}
-        texts = [_text(ex.get("caption", b"")) for ex in examples]
+        if self.caption_fn is not None:
+            texts = [self.caption_fn(ex, np.random.default_rng((self.seed, int(k), 1)))
+                     for ex, k in zip(examples, flat)]
+        else:
+            texts = [_text(ex.get("caption", b"")) for ex in examples]
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer.encode(texts, self.context_length)
         for key, value in examples[0].items():
@@ -383,11 +390,11 @@ def _text(value: Any) -> str:
 
 def make_batches(data_cfg: Any, split: str, *, batch_size: int, tokenizer=None, mesh=None,
                  train: bool, start: int = 0, process_index: int | None = None,
-                 process_count: int | None = None) -> Batches:
+                 process_count: int | None = None, caption_fn=None) -> Batches:
     """``Batches`` over ``split`` of the dataset named by a ``DataConfig``."""
     return Batches(open_source(data_cfg, split), batch_size=batch_size,
                    image_size=data_cfg.image_size, tokenizer=tokenizer,
                    context_length=data_cfg.context_length, seed=data_cfg.shuffle_seed,
                    train=train, random_crop=data_cfg.random_crop, mesh=mesh, start=start,
                    process_index=process_index, process_count=process_count,
-                   num_workers=data_cfg.num_workers)
+                   num_workers=data_cfg.num_workers, caption_fn=caption_fn)

@@ -214,6 +214,31 @@ def caption(scene: Scene) -> str:
     return text
 
 
+def partial_caption(arrays: Mapping[str, np.ndarray], rng: np.random.Generator,
+                    p: float) -> str:
+    """The caption of a stored example (``colour``/``shape``/``size``/``relation`` arrays) in
+    which, with probability ``p``, each object is described by a random non-empty subset of its
+    attributes: "a red shape", "a small triangle", "a triangle". Training-time augmentation:
+    captions naming one attribute alone reward an image embedding that encodes it apart from
+    the others, which is what held-out (colour, shape) pairs need.
+    """
+    scene = arrays_to_scene(arrays)
+    if rng.random() >= p:
+        return caption(scene)
+    words = []
+    for obj in scene.objects:
+        keep = [False, False, False]
+        while not any(keep):
+            keep = list(rng.random(3) < 0.5)
+        size = obj.size if keep[0] else None
+        colour = obj.colour if keep[1] else None
+        shape = obj.shape if keep[2] else "shape"
+        words.append("a " + " ".join(w for w in (size, colour, shape) if w))
+    if scene.num_objects == 2:
+        return f"{words[0]} {scene.relation} {words[1]}"
+    return words[0]
+
+
 _OBJECT_RE = (r"an? (?:(?P<size{i}>{sizes}) )?(?P<colour{i}>{colours}) (?P<shape{i}>{shapes})")
 
 

@@ -8,6 +8,7 @@ the config saved with the checkpoint is the one the model was really built with.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -60,6 +61,12 @@ def ensure_tokenizer(data_cfg: DataConfig, workdir: str | Path) -> Tokenizer:
                                         data_cfg.vocab_size)
 
 
+def _shapes_caption(example: dict, rng, p: float) -> str:
+    from unclip_jax import shapes
+
+    return shapes.partial_caption(example, rng, p)
+
+
 def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentConfig, Task]:
     from unclip_jax.eval import shapes_eval, zero_shot
     from unclip_jax.models import clip
@@ -73,9 +80,17 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
     model = clip.CLIP(model_cfg)
     tokenize = lambda texts: tok.encode(texts, cfg.data.context_length)  # noqa: E731
 
+    caption_fn = None
+    if cfg.data.caption_augment > 0:
+        if not cfg.data.name.startswith("captioned_shapes"):
+            raise ValueError("data.caption_augment applies to captioned_shapes only, not "
+                             f"{cfg.data.name!r}")
+        caption_fn = functools.partial(_shapes_caption, p=cfg.data.caption_augment)
+
     def batches(start, mesh):
         return input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
-                                           tokenizer=tok, mesh=mesh, train=True, start=start)
+                                           tokenizer=tok, mesh=mesh, train=True, start=start,
+                                           caption_fn=caption_fn)
 
     def evaluate(state, step) -> dict:
         params = state.ema_params if cfg.train.ema_decay > 0 else state.params
