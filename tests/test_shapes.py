@@ -256,3 +256,21 @@ def test_build_tiny_dataset_and_read_back(tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in files]
     build_captioned_shapes(tmp_path, resolution=32, **sizes)
     assert [p.stat().st_mtime_ns for p in files] == mtimes
+
+
+def test_partial_caption_drops_attributes_but_never_invents_them():
+    rng = np.random.default_rng(0)
+    full = 0
+    for i in range(200):
+        scene = S.sample_scene(3, i, "train")
+        arrays = S.scene_to_arrays(scene)
+        text = S.partial_caption(arrays, rng, p=0.7)
+        assert S.partial_caption(arrays, np.random.default_rng(i), p=0.0) == S.caption(scene)
+        words = set(text.split())
+        named = {w for o in scene.objects for w in (o.colour, o.shape, o.size)}
+        vocab = set(S.COLOURS) | set(S.SHAPES) | set(S.SIZES)
+        assert (words & vocab) <= named and words & vocab
+        if scene.num_objects == 2:
+            assert scene.relation in text
+        full += text == S.caption(scene)
+    assert 40 < full < 120   # about 30% untouched plus the subsets that keep everything
