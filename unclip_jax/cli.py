@@ -64,7 +64,14 @@ def _data_captions(args) -> None:
 def _demo(args) -> None:
     from unclip_jax import demo
 
-    demo.run(args.workdir, config_dir=args.config_dir, overrides=args.set)
+    stages = demo.STAGES[: demo.STAGES.index(args.until) + 1]
+    demo.run(args.workdir, config_dir=args.config_dir, overrides=args.set, stages=stages)
+
+
+def demo_stages() -> tuple[str, ...]:
+    from unclip_jax.demo import STAGES
+
+    return STAGES
 
 
 # Modules that add their own sub-commands: each defines ``add_commands(subparsers)`` and sets
@@ -128,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("demo", help="the main job on the built-in shapes data")
     q.add_argument("--workdir", default="runs/demo")
     q.add_argument("--config-dir", default="experiments/shapes")
+    q.add_argument("--until", default="upsampler", choices=demo_stages(),
+                   help="last stage to run (default: the whole chain)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     q.set_defaults(fn=_demo)
 

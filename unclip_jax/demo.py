@@ -7,6 +7,11 @@ interruption picks up where it stopped; a half-trained model resumes from its ch
 2. tokenizer  sentencepiece BPE on the training captions
 3. clip       train the CLIP of ``<config_dir>/clip.py``
 4. clip_eval  zero-shot colour / shape / size accuracy on held-out test renders
+5. prior      the diffusion prior of ``<config_dir>/prior.py`` on the CLIP's embeddings
+6. decoder    the unCLIP decoder of ``<config_dir>/decoder.py``, conditioned on the CLIP
+7. upsampler  the 32 → 64 px upsampler of ``<config_dir>/upsampler.py``
+
+``stages`` picks a prefix of them (``--set`` overrides apply to the CLIP config only).
 
 Outputs land in ``<workdir>``: one sub-folder per model, ``report.md`` and ``report.json``.
 """
@@ -30,8 +35,20 @@ def _stage(report: dict, name: str, fn) -> None:
         report[name] = result
 
 
+STAGES = ("data", "tokenizer", "clip", "clip_eval", "prior", "decoder", "upsampler")
+
+
+def _train_stage(config: Path, workdir: Path, overrides: list[str]) -> None:
+    """Train (or resume, or skip when finished) the model of ``config`` in ``workdir``."""
+    from unclip_jax.train import loop, tasks
+
+    cfg = config_lib.load_config(config, overrides)
+    cfg, task = tasks.build_task(cfg, workdir)
+    loop.train(cfg, task, workdir)
+
+
 def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments/shapes",
-        overrides: list[str] | tuple[str, ...] = ()) -> dict:
+        overrides: list[str] | tuple[str, ...] = (), stages: tuple[str, ...] = STAGES) -> dict:
     from unclip_jax.train import loop, tasks
 
     workdir, config_dir = Path(workdir), Path(config_dir)
@@ -65,6 +82,18 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
         return metrics
 
     _stage(report, "clip_eval", eval_clip)
+
+    w = workdir.absolute()
+    chain = {
+        "prior": ("prior.py", [f"model.clip_workdir={w}/clip", f"model.cache_dir={w}/embeddings"]),
+        "decoder": ("decoder.py", [f"model.clip_workdir={w}/clip",
+                                   f"data.tokenizer={w}/tokenizer.model"]),
+        "upsampler": ("upsampler.py", []),
+    }
+    for name, (config, sets) in chain.items():
+        if name in stages:
+            _stage(report, name, lambda c=config, n=name, o=sets:
+                   _train_stage(config_dir / c, workdir / n, o))
     report["wall_s"]["total"] = round(time.perf_counter() - t_start, 1)
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (workdir / "report.md").write_text(_markdown(report, clip_cfg))
