@@ -1,0 +1,1 @@
+"""Text-to-image pipelines: compositions of trained models as pure, jitted functions."""
