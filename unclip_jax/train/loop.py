@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,6 +91,58 @@ def _state_layout(cfg, task: Task, tx, mesh, rules):
     return make_state, rng, abstract, state_sh
 
 
+def prepare_workdir(workdir: str | Path) -> Path:
+    """Create ``workdir`` (and its parents) and make sure files can be written in it.
+
+    Raises ``PermissionError`` naming the folder when it cannot be created (e.g. a parent is a
+    regular file) or is not writable; the check writes a probe file, so it also holds for root
+    on a read-only mount, where ``os.access`` alone says yes.
+    """
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (workdir, *workdir.parents)
+                        if p.exists() and not p.is_dir()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None
+               else e.strerror or str(e))
+        raise PermissionError(f"cannot create the workdir {workdir}: {why}; pass a --workdir "
+                              f"in a folder you can write to") from None
+    problem = None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        problem = "no write permission"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=workdir, prefix=".write-probe-"):
+                pass
+        except OSError as e:
+            problem = e.strerror or str(e)
+    if problem:
+        raise PermissionError(f"the workdir {workdir.absolute()} is not writable ({problem}); "
+                              f"checkpoints and metrics are written there — pass a --workdir "
+                              f"in a folder you can write to")
+    return workdir
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep only the rows of the JSONL log at ``path`` up to ``last_step`` (the step a run
+    resumes from), dropping rows a killed run wrote after its last checkpoint and a torn last
+    line, so a resumed run's log reads like the uninterrupted run's. Atomic (write + rename)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path,
                         step: int | None = None) -> dict:
     """Restore the latest (or given) checkpoint of ``workdir`` and run ``task.evaluate``."""
@@ -120,8 +174,7 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
     if tcfg.on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"train.on_nonfinite must be one of {NONFINITE_POLICIES}, "
                          f"got {tcfg.on_nonfinite!r}")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = prepare_workdir(workdir)
 
     # --- mesh
     mesh = sharding.make_mesh(cfg.mesh)
@@ -131,8 +184,22 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
     lr_at = learning_rate_schedule(cfg.optim, tcfg.steps)
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
     config_dict = config_lib.to_dict(cfg)
-    (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    tmp = workdir / f".config.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    os.replace(tmp, workdir / "config.json")
+    try:
+        return _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at,
+                      stop_after=stop_after, progress=progress)
+    finally:
+        try:
+            ckpt.close()
+        except Exception:   # noqa: BLE001 — the error that got us here is the one to report
+            pass
 
+
+def _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at, *, stop_after,
+           progress) -> TrainState:
+    tcfg = cfg.train
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # --- abstract init → shardings
         make_state, rng, abstract, state_sh = _state_layout(cfg, task, tx, mesh, rules)
@@ -176,6 +243,7 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
 
         # --- loop
         log_path = workdir / "metrics.jsonl"
+        truncate_log(log_path, start)
         bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {cfg.name}",
                    disable=not progress, dynamic_ncols=True)
         pending: list[tuple[int, dict]] = []
@@ -230,5 +298,4 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
         if pending:
             check(*pending[-1])
         ckpt.wait()
-        ckpt.close()
     return state
