@@ -14,6 +14,7 @@ def _train(args) -> None:
     from unclip_jax.train import loop, tasks
 
     cfg = config_lib.load_config(args.config, args.set)
+    loop.prepare_workdir(args.workdir)
     cfg, task = tasks.build_task(cfg, args.workdir)
     loop.train(cfg, task, args.workdir)
 
@@ -153,9 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from unclip_jax.train.checkpoint import CheckpointWriteError
+    from unclip_jax.train.loop import NonFiniteError
+
     try:
         args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError, PermissionError) as e:
+    except (KeyError, ValueError, FileNotFoundError, PermissionError, CheckpointWriteError,
+            NonFiniteError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"unclip-jax {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -57,23 +57,27 @@ def load_image(path_or_bytes: str | os.PathLike | bytes, *, max_pixels: int | No
     if max_pixels is None:
         max_pixels = Image.MAX_IMAGE_PIXELS or _DEFAULT_MAX_PIXELS
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        label, data = name or "<bytes>", bytes(path_or_bytes)
+        label, source = name or "<bytes>", io.BytesIO(bytes(path_or_bytes))
+        empty = len(path_or_bytes) == 0
     else:
-        label = str(path_or_bytes)
+        # A path is opened lazily: only the header is read before the size check, so a huge
+        # file is refused without reading it into memory.
+        label, source = str(path_or_bytes), Path(path_or_bytes)
         try:
-            data = Path(path_or_bytes).read_bytes()
+            if source.is_dir():
+                raise ImageLoadError(label, "is a directory", "unreadable")
+            empty = source.stat().st_size == 0
+            with open(source, "rb"):
+                pass
         except FileNotFoundError:
             raise ImageLoadError(label, "file does not exist", "missing") from None
-        except IsADirectoryError:
-            raise ImageLoadError(label, "is a directory", "unreadable") from None
         except OSError as e:
             raise ImageLoadError(label, f"cannot read file ({e.strerror or e})") from None
-    if not data:
+    if empty:
         raise ImageLoadError(label, "empty (zero-byte) file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), Image.open(source) as img:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise ImageLoadError(label, f"invalid size {w}x{h}")
@@ -81,8 +85,7 @@ def load_image(path_or_bytes: str | os.PathLike | bytes, *, max_pixels: int | No
                 raise ImageLoadError(label, f"too large: {w}x{h} = {w * h} pixels exceeds the "
                                             f"limit of {max_pixels}", "too large")
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img)).copy()
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -106,7 +106,9 @@ class Tokenizer:
                         "vocab_size clamped from %d to %d", len(corpus), got, vocab_size, got)
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_bytes(proto)
+        tmp = out_path.with_name(out_path.name + ".tmp")   # atomic: never a truncated model
+        tmp.write_bytes(proto)
+        os.replace(tmp, out_path)
         tok = cls(proto, str(out_path))
         log.info("tokenizer: trained BPE with %d pieces on %d captions -> %s",
                  tok.vocab_size, len(corpus), out_path)
