@@ -153,7 +153,9 @@ def test_step_batches_carry_the_update_index():
             self.position += 1
             return {"image": np.zeros((3, 16, 16, 3), np.float32), "mask": np.ones(3, bool)}
 
-    it = dvae.StepBatches(Stream())
+    from unclip_jax.input_pipeline import MappedBatches
+
+    it = MappedBatches(Stream(), dvae.with_step)
     first, second = next(it), next(it)
     assert set(first) == {"image", "step"}
     np.testing.assert_array_equal(first["step"], [5, 5, 5])

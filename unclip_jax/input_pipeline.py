@@ -382,6 +382,29 @@ class Batches:
             self._pool = None
 
 
+class MappedBatches:
+    """A batch stream transformed per batch: ``fn(position, batch) -> batch`` on the wrapped
+    stream's process-local numpy batches (``position`` = the batch's index in the stream, i.e.
+    the update it feeds), placed on ``mesh`` when given. ``position`` is the wrapped stream's,
+    so the data position a checkpoint stores is unchanged. Used by models whose inputs are
+    derived from the images (dVAE codes for DALL·E, the annealing step for the dVAE)."""
+
+    def __init__(self, stream, fn, mesh=None):
+        self.stream, self.fn, self.mesh = stream, fn, mesh
+
+    @property
+    def position(self) -> int:
+        return self.stream.position
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        position = self.stream.position
+        batch = self.fn(position, next(self.stream))
+        return sharding.shard_batch(batch, self.mesh) if self.mesh is not None else batch
+
+
 def _text(value: Any) -> str:
     if isinstance(value, (bytes, np.bytes_)):
         return bytes(value).decode("utf-8", errors="replace")

@@ -403,29 +403,6 @@ def load(workdir: str | Path):
 # ----------------------------------------------------------------------------- training task
 
 
-class TokenBatches:
-    """Wraps an image–caption stream (``position``, process-local numpy batches with
-    ``image`` and ``tokens``) and turns images into dVAE codes with ``encode`` (jitted, frozen).
-    Yields ``text`` ``[B, L]`` and ``image_tokens`` ``[B, n]``, placed on ``mesh`` if given."""
-
-    def __init__(self, stream_, encode, mesh=None):
-        self.stream, self.encode, self.mesh = stream_, encode, mesh
-
-    @property
-    def position(self) -> int:
-        return self.stream.position
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        raw = next(self.stream)
-        codes = np.asarray(self.encode(raw["image"]))
-        batch = {"text": np.asarray(raw["tokens"], np.int32),
-                 "image_tokens": codes.reshape(len(codes), -1).astype(np.int32)}
-        return sharding.shard_batch(batch, self.mesh) if self.mesh is not None else batch
-
-
 def make_task(cfg, workdir: str | Path):
     """The "dalle" task: text from the tokenizer, images → codes of the frozen
     ``model.dvae_workdir`` dVAE. The evaluation reports validation losses and, on captioned
@@ -453,16 +430,22 @@ def make_task(cfg, workdir: str | Path):
     model = DalleTransformer(mcfg)
     encode = jax.jit(lambda images: dvae_lib.encode(dvae_model, dvae_params, images))
 
+    def to_codes(position, raw):
+        """Text tokens and the frozen dVAE's codes of the images."""
+        codes = np.asarray(encode(raw["image"]))
+        return {"text": np.asarray(raw["tokens"], np.int32),
+                "image_tokens": codes.reshape(len(codes), -1).astype(np.int32)}
+
     def batches(start, mesh):
         raw = input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
                                           tokenizer=tok, train=True, start=start)
-        return TokenBatches(raw, encode, mesh)
+        return input_pipeline.MappedBatches(raw, to_codes, mesh)
 
     def evaluate(state, step) -> dict:
         params = state.ema_params if cfg.train.ema_decay > 0 else state.params
-        val = TokenBatches(input_pipeline.make_batches(
+        val = input_pipeline.MappedBatches(input_pipeline.make_batches(
             cfg.data, "validation", batch_size=cfg.train.batch_size, tokenizer=tok,
-            train=False), encode)
+            train=False), to_codes)
         loss = jax.jit(lambda p, b: loss_fn(model, p, b)[1])
         parts = [jax.device_get(loss(params, b)) for _, b in zip(range(4), val)]
         out = {f"val_{k}": float(np.mean([p[k] for p in parts]))

@@ -21,7 +21,7 @@ resolution; β keeps the paper's meaning: the weight of the summed KL against th
 150 000 and 5 000 updates). The loop passes no step to the loss, so the task's batches carry it:
 ``batch["step"]`` ``[B]`` int32, every row equal to the batch's stream position — which is the
 update index, because the loop draws one batch per update and resumes the stream at the
-checkpointed position (see :class:`StepBatches`).
+checkpointed position (see :func:`with_step`).
 
 Tokens at encode time are the argmax of the logits (no noise); decoding returns the mean of
 the logit-Laplace distribution's ``sigmoid(μ)`` mapped back through the inverse ε map.
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import input_pipeline, sharding
+from unclip_jax import input_pipeline
 from unclip_jax.nn.layers import dtype as to_dtype
 
 SCHEDULES = ("cosine", "linear", "exponential")
@@ -358,27 +358,11 @@ def dummy_inputs(cfg: DVAEConfig, batch_size: int = 1) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- training task
 
 
-class StepBatches:
-    """Wraps an image stream (``position`` attribute, process-local numpy batches) and adds
-    ``step`` ``[B]`` int32 = the batch's position in the stream, i.e. the update it is used
-    for; places the batch on ``mesh`` when given. ``position`` is the wrapped stream's."""
-
-    def __init__(self, stream, mesh=None):
-        self.stream, self.mesh = stream, mesh
-
-    @property
-    def position(self) -> int:
-        return self.stream.position
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        step = self.stream.position
-        raw = next(self.stream)
-        batch = {"image": np.asarray(raw["image"], np.float32),
-                 "step": np.full((len(raw["image"]),), step, np.int32)}
-        return sharding.shard_batch(batch, self.mesh) if self.mesh is not None else batch
+def with_step(position: int, raw: dict) -> dict:
+    """The dVAE's batch: ``image`` plus ``step`` ``[B]`` int32 = the update the batch feeds
+    (the τ and β schedules read it; ``[B]`` so it shards like every other batch entry)."""
+    return {"image": np.asarray(raw["image"], np.float32),
+            "step": np.full((len(raw["image"]),), position, np.int32)}
 
 
 def image_grid(rows: list[np.ndarray]) -> np.ndarray:
@@ -412,7 +396,7 @@ def make_task(cfg, workdir):
     def batches(start, mesh):
         stream = input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
                                              train=True, start=start)
-        return StepBatches(stream, mesh)
+        return input_pipeline.MappedBatches(stream, with_step, mesh)
 
     @jax.jit
     def reconstruct(params, images):
