@@ -18,6 +18,7 @@ from unclip_jax.diffusion import (
     make_sampler,
     make_schedule,
     respace,
+    space_timesteps,
     sample,
     x0_eps_to_output,
     x0_to_eps,
@@ -29,13 +30,14 @@ B, D = 4096, 2
 FULL = make_schedule("cosine", 1000)
 
 
-def gaussian_denoiser(model_output, shift_key=None):
-    """Exact denoiser of N(MU, SIG²); with ``shift_key`` the data mean is MU + cond[shift_key]."""
+def gaussian_denoiser(model_output, shift_key=None, mu0=MU, sig=SIG):
+    """Exact denoiser of N(mu0, sig²); with ``shift_key`` the data mean is mu0 + cond[shift_key]."""
     def f(params, x, t, cond):
-        mu = MU if shift_key is None else MU + cond[shift_key].reshape((-1,) + (1,) * (x.ndim - 1))
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        mu = mu0 if shift_key is None else mu0 + cond[shift_key].reshape(shape)
         ac = FULL.alphas_cumprod[t].reshape((-1,) + (1,) * (x.ndim - 1))
         a = jnp.sqrt(ac)
-        x0 = mu + a * SIG ** 2 / (ac * SIG ** 2 + 1 - ac) * (x - a * mu)
+        x0 = mu + a * sig ** 2 / (ac * sig ** 2 + 1 - ac) * (x - a * mu)
         return x0_eps_to_output(FULL, x, t, x0, x0_to_eps(FULL, x, t, x0), model_output)
     return f
 
@@ -59,19 +61,32 @@ def _affine_oracle(schedule, method):
         return (MU + g * (x[0] - np.sqrt(a) * MU), g * x[1])
 
     lam = lambda a: 0.5 * np.log(a / (1 - a))  # noqa: E731
-    x, x0_prev, h_prev = (0.0, 1.0), None, None
+    x, hist = np.array([0.0, 1.0]), []          # hist: (x₀, λ) of the earlier steps, newest last
     for i in range(len(ts) - 1, -1, -1):
-        x0 = x0_of(x)
+        x0 = np.array(x0_of(x))
         if method == "ddim" or i == 0:
-            eps = tuple((x[k] - np.sqrt(a_s[i]) * x0[k]) / np.sqrt(1 - a_s[i]) for k in range(2))
-            x = tuple(np.sqrt(a_p[i]) * x0[k] + np.sqrt(1 - a_p[i]) * eps[k] for k in range(2))
-        else:
-            h = lam(a_p[i]) - lam(a_s[i])
-            d = x0 if x0_prev is None else tuple(
-                (1 + 0.5 * h / h_prev) * x0[k] - 0.5 * h / h_prev * x0_prev[k] for k in range(2))
-            x = tuple(np.sqrt((1 - a_p[i]) / (1 - a_s[i])) * x[k]
-                      - np.sqrt(a_p[i]) * np.expm1(-h) * d[k] for k in range(2))
-            x0_prev, h_prev = x0, h
+            eps = (x - np.sqrt(a_s[i]) * x0) / np.sqrt(1 - a_s[i])
+            x = np.sqrt(a_p[i]) * x0 + np.sqrt(1 - a_p[i]) * eps
+            continue
+        ls, h = lam(a_s[i]), lam(a_p[i]) - lam(a_s[i])
+        x_new = np.sqrt((1 - a_p[i]) / (1 - a_s[i])) * x - np.sqrt(a_p[i]) * np.expm1(-h) * x0
+        if method == "dpmpp_2m" and hist:
+            r = (ls - hist[-1][1]) / h
+            x_new = x_new - np.sqrt(a_p[i]) * np.expm1(-h) * 0.5 / r * (x0 - hist[-1][0])
+        if method == "dpmpp_3m":
+            order = min(len(hist) + 1, 3, i)    # warm-up and lower-order final
+            if order >= 2:
+                (m1, l1) = hist[-1]
+                d1 = (x0 - m1) / (ls - l1)
+                der1, der2 = d1, 0.0
+                if order == 3:
+                    (m2, l2) = hist[-2]
+                    dd = (d1 - (m1 - m2) / (l1 - l2)) / (ls - l2)
+                    der1, der2 = d1 + (ls - l1) * dd, 2 * dd
+                x_new = x_new + np.sqrt(a_p[i]) * ((h + np.expm1(-h)) * der1
+                                                   + (h * h / 2 - h - np.expm1(-h)) * der2)
+        x = x_new
+        hist.append((x0, ls))
     return x
 
 
@@ -102,7 +117,8 @@ def test_ddpm_1000_steps_matches_the_data(model_output):
 
 @pytest.mark.parametrize("method,spec,model_output", [
     ("ddim", "50", "eps"), ("ddim", "50", "v"), ("dpmpp_2m", "20", "x0"),
-    ("dpmpp_2m", "20", "eps"), ("dpmpp_2m", "10", "v")])
+    ("dpmpp_2m", "20", "eps"), ("dpmpp_2m", "10", "v"), ("dpmpp_3m", "20", "eps"),
+    ("dpmpp_3m", "logsnr20", "v")])
 def test_deterministic_samplers_equal_their_closed_form(method, spec, model_output, x_T):
     x, sched = _run(method, spec, model_output, x_T)
     c, a = _affine_oracle(sched, method)
@@ -127,6 +143,35 @@ def test_dpm_solver_is_second_order_and_beats_ddim(x_T):
     assert errs["dpmpp_2m", "50"] < errs["ddim", "50"]
     assert errs["dpmpp_2m", "25"] / errs["dpmpp_2m", "50"] > 3.0      # ≈ 4 for 2nd order
     assert 1.6 < errs["ddim", "25"] / errs["ddim", "50"] < 2.5         # ≈ 2 for 1st order
+
+
+@pytest.mark.parametrize("mu0,sig", [(MU, SIG), (0.0, 1.0)])
+def test_fast_solver_20_steps_within_2_percent(mu0, sig, x_T):
+    # Issue #3. DPM-Solver++(3M) on the log-SNR spacing; with 20 evenly spaced steps 2M is +21%
+    # off in variance (its second-order step t = 53 → 0 spans h ≈ 2.7 after h ≈ 0.6).
+    sched = respace(FULL, "logsnr20")
+    x = np.asarray(sample(gaussian_denoiser("eps", mu0=mu0, sig=sig), None, schedule=sched,
+                          rng=jax.random.key(1), x_T=x_T, method="dpmpp_3m"), np.float64)
+    assert abs(x.mean() - mu0) < 0.02 * max(abs(mu0), sig)
+    assert abs(x.var() / sig ** 2 - 1) < 0.02, x.var() / sig ** 2 - 1
+
+
+def test_dpm_solver_3m_at_50_log_snr_steps_is_near_exact(x_T):
+    x, _ = _run("dpmpp_3m", "logsnr50", "eps", x_T)
+    m, v = _rel(x)
+    assert m < 2e-3 and v < 2e-3, (m, v)        # 2M: 0.4% here, DDIM (50 even steps): 6%
+
+
+def test_logsnr_spacing():
+    ts = np.asarray(respace(FULL, "logsnr20").timesteps)
+    assert len(ts) == 20 and ts[0] == 0 and ts[-1] == 999 and np.all(np.diff(ts) > 0)
+    lam = np.log(np.asarray(FULL.alphas_cumprod, np.float64)[ts[:-1]]) / 2
+    lam -= np.log1p(-np.asarray(FULL.alphas_cumprod, np.float64)[ts[:-1]]) / 2
+    steps = np.diff(lam)
+    assert np.all(np.abs(steps / steps.mean() - 1) < 0.25)   # even in λ up to integer t
+    assert len(respace(FULL, "logsnr1000").timesteps) == 1000
+    with pytest.raises(ValueError, match="needs the schedule's alphas_cumprod"):
+        space_timesteps(1000, "logsnr20")
 
 
 def test_ddim_eta1_equals_ddpm_posterior(x_T):

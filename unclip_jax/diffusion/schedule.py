@@ -23,6 +23,7 @@ from flax import struct
 KINDS = ("linear", "cosine")
 COSINE_OFFSET = 0.008     # s in improved DDPM's ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2)
 MAX_BETA = 0.999          # improved DDPM caps cosine betas to avoid a singularity at t = T
+LOGSNR_MIN = -4.0         # "logsnrN" spacing: lowest half log-SNR λ = log(α/σ) of its λ grid
 
 
 @struct.dataclass
@@ -128,7 +129,8 @@ def make_schedule(kind: str, num_timesteps: int, respacing: str | int | None = N
 # ----------------------------------------------------------------------------- respacing
 
 
-def space_timesteps(num_timesteps: int, spec: str | int) -> np.ndarray:
+def space_timesteps(num_timesteps: int, spec: str | int,
+                    alphas_cumprod: np.ndarray | None = None) -> np.ndarray:
     """Sorted original timesteps to keep out of ``num_timesteps``.
 
     ``spec``:
@@ -137,7 +139,13 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> np.ndarray:
         (improved DDPM's section strings);
       * ``"ddim64"`` — DDIM's strided ("leading") spacing: ``0, k, 2k, …`` with ``k = T // 64``,
         exactly 64 steps (identical to improved DDPM's ``ddimN`` whenever that one exists, and to
-        diffusers' DDIM ``timestep_spacing="leading"``).
+        diffusers' DDIM ``timestep_spacing="leading"``);
+      * ``"logsnr20"`` — for DPM-Solver++: t = T-1 (the pure-noise start), then 19 steps evenly
+        spaced in λ = log(α/σ) from λ(t=0) down to ``max(LOGSNR_MIN, λ(T-1))``, each at the
+        nearest timestep (nudged apart where two coincide). Needs ``alphas_cumprod`` (``[T]``,
+        float64), which :func:`respace` passes. An evenly-in-t grid makes a few huge λ steps at
+        both ends (t = 53 → 0 is h ≈ 2.7 at 20 cosine steps) where multistep solvers extrapolate
+        worst; this one keeps every step but the first (from the noise) the same size in λ.
     """
     T = int(num_timesteps)
     if isinstance(spec, (int, np.integer)):
@@ -146,6 +154,17 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> np.ndarray:
         raise ValueError(f"respacing must be a step count, 'ddimN' or a section string like "
                          f"'10,10,7'; got {spec!r}")
     spec = spec.strip()
+    if spec.startswith("logsnr"):
+        try:
+            n = int(spec[len("logsnr"):])
+        except ValueError:
+            raise ValueError(f"respacing {spec!r}: expected 'logsnr' followed by a step count, "
+                             f"e.g. 'logsnr20'") from None
+        _check_count(n, T, spec)
+        if alphas_cumprod is None:
+            raise ValueError(f"respacing {spec!r} spaces steps by log-SNR and needs the "
+                             f"schedule's alphas_cumprod; use respace(schedule, {spec!r})")
+        return _logsnr_steps(np.asarray(alphas_cumprod, np.float64), n)
     if spec.startswith("ddim"):
         try:
             n = int(spec[len("ddim"):])
@@ -173,6 +192,19 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> np.ndarray:
     return np.array(sorted(set(taken)))
 
 
+def _logsnr_steps(ac: np.ndarray, n: int) -> np.ndarray:
+    """Indices into ``ac`` for the "logsnrN" spacing (see :func:`space_timesteps`)."""
+    T = ac.size
+    if n == 1:
+        return np.array([T - 1])
+    lam = 0.5 * (np.log(ac) - np.log1p(-ac))               # decreasing in t
+    targets = np.linspace(lam[0], max(LOGSNR_MIN, lam[-1]), n - 1)
+    idx = np.array([int(np.argmin(np.abs(lam - v))) for v in targets] + [T - 1])
+    for k in range(1, n):                                   # strictly increasing, in range
+        idx[k] = max(idx[k], idx[k - 1] + 1)
+    return np.minimum(idx, np.arange(T - n, T))           # still strictly increasing
+
+
 def _check_count(n: int, T: int, spec: str) -> None:
     if n < 1:
         raise ValueError(f"respacing {spec!r}: the number of sampling steps must be ≥ 1")
@@ -198,7 +230,8 @@ def respace(schedule: Schedule, spec: str | int) -> Schedule:
             raise ValueError("respacing an already respaced custom schedule is not supported; "
                              "respace the base schedule instead")
         base = np.asarray(schedule.betas, dtype=np.float64)
-    keep_idx = space_timesteps(n_here, spec)
+    ac_here = np.cumprod(1.0 - base)[ts_here]
+    keep_idx = space_timesteps(n_here, spec, alphas_cumprod=ac_here)
     kept = ts_here[keep_idx]
     ac = np.cumprod(1.0 - base)
     new_betas = np.empty(kept.size, dtype=np.float64)
