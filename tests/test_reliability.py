@@ -220,10 +220,7 @@ def _gauss(params, x, t, cond):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(eta=-0.1), r"eta must be ≥ 0 .*got -0\.1"),
     (dict(eta=-1.0, method="ddpm"), r"eta must be ≥ 0"),
-    pytest.param(dict(guidance_scale=-2.0, uncond=jnp.zeros((2, 1))),
-                 r"guidance_scale must be ≥ 0", marks=pytest.mark.xfail(
-                     reason="needs a guidance_scale < 0 check in diffusion/sampler.py "
-                            "(see the reliability report)", strict=False)),
+    (dict(guidance_scale=-2.0, uncond=jnp.zeros((2, 1))), r"guidance_scale must be ≥ 0"),
 ])
 def test_sampler_rejects_bad_settings(kwargs, message):
     sched = respace(make_schedule("cosine", 100), 4)

@@ -64,6 +64,14 @@ def _check_eta(eta):
                          f"variance), got {eta!r}")
 
 
+def _check_guidance(scale):
+    if isinstance(scale, jax.core.Tracer):
+        return
+    if np.any(np.asarray(scale) < 0):
+        raise ValueError(f"guidance_scale must be ≥ 0 (0 = unconditional, 1 = conditional, "
+                         f"> 1 = guided), got {scale!r}")
+
+
 def _is_one(x) -> bool:
     return not isinstance(x, jax.core.Tracer) and bool(np.all(np.asarray(x) == 1))
 
@@ -163,6 +171,7 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
     """
     _check_config(method, variance, model_output, clip_x0, dynamic_threshold)
     _check_eta(eta)
+    _check_guidance(guidance_scale)
     rng_init, rng_steps = jax.random.split(rng)
     if x_T is None:
         if shape is None:
@@ -320,6 +329,7 @@ def ddim_invert(denoiser: Callable, params: Any, x0: jax.Array, *, schedule: Sch
         raise ValueError(f"fixed_point_iters must be ≥ 0, got {fixed_point_iters}")
     if callable(uncond):
         uncond = uncond(cond)
+    _check_guidance(guidance_scale)
     if uncond is None and not _is_one(guidance_scale):
         raise ValueError("guidance_scale ≠ 1 asks for classifier-free guidance, which needs an "
                          "uncond (the null conditioning, or a builder cond -> uncond)")
@@ -384,6 +394,7 @@ class Sampler:
 
     def __call__(self, params, cond, uncond, rng, guidance_scale=1.0, eta=0.0, x_T=None):
         _check_eta(eta)
+        _check_guidance(guidance_scale)
         if self.guidance and uncond is None:
             raise ValueError("this sampler was made with guidance=True and needs an uncond "
                              "(the null conditioning, or a builder cond -> uncond)")
