@@ -82,6 +82,7 @@ COMMAND_MODULES = (
     "unclip_jax.commands.decoder",
     "unclip_jax.commands.dalle",
     "unclip_jax.commands.unclip",
+    "unclip_jax.commands.describe",
 )
 
 
