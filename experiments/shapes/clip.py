@@ -13,9 +13,9 @@ def get_config() -> ExperimentConfig:
                          vision_heads=4, text_width=64, text_layers=3, text_heads=4,
                          act="quick_gelu", dtype="float32"),
         data=DataConfig(name="captioned_shapes/r32", image_size=32, vocab_size=256,
-                        context_length=24),
+                        context_length=24, num_workers=2),
         optim=OptimConfig(learning_rate=2e-3, warmup_steps=100, weight_decay=0.05),
-        train=TrainConfig(batch_size=128, steps=1500, log_every=100, eval_every=500,
+        train=TrainConfig(batch_size=128, steps=2000, log_every=100, eval_every=1000,
                           ckpt_every=500, ema_decay=0.0),
         mesh=MeshConfig(data=-1, fsdp=1, model=1),
     )
