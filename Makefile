@@ -36,6 +36,9 @@ $(PARITY_VENV)/.installed: requirements.txt requirements-dev.txt requirements-pa
 	$(PYTHON) -m venv $(PARITY_VENV)
 	$(PPY) -m pip install -q --upgrade pip
 	$(PPY) -m pip install -q -r requirements.txt -r requirements-dev.txt -r requirements-parity.txt
+	# open_clip imports torchvision, whose PyPI build cannot load on CPU torch: only its
+	# tokenizer module is used (loaded from its file), so install it without dependencies.
+	$(PPY) -m pip install -q --no-deps open-clip-torch==3.3.0
 	$(PPY) -m pip install -q --no-deps -e .
 	touch $@
 
