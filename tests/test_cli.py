@@ -58,6 +58,7 @@ def tiny_shapes(tmp_path_factory):
     return build_captioned_shapes(tmp_path_factory.mktemp("data"), resolution=32, **SIZES)
 
 
+@pytest.mark.slow
 def test_cli_train_kill_and_resume_is_bitwise_identical(tiny_shapes, tmp_path):
     """Interrupted after step 7 (latest checkpoint 6), resumed: same params, EMA, optimizer
     state and data position as the uninterrupted 9-step run."""
@@ -87,6 +88,7 @@ def test_cli_train_kill_and_resume_is_bitwise_identical(tiny_shapes, tmp_path):
     assert data_a == data_b == {"position": 9}
 
 
+@pytest.mark.slow
 def test_cli_refuses_checkpoint_of_other_model(tiny_shapes, tmp_path, capsys):
     args = ["train", CLIP_CFG, "--workdir", str(tmp_path), *tiny_overrides(tiny_shapes, 2)]
     assert cli.main(args) == 0

@@ -189,6 +189,7 @@ def test_sharded_init_and_forward_match_unsharded(model_and_params):
     np.testing.assert_allclose(out[1]["acc_i2t"], ref[1]["acc_i2t"])
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss():
     cfg = dataclasses.replace(TINY, dtype="bfloat16")
     model = CLIP(cfg)

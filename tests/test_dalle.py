@@ -214,6 +214,7 @@ def test_guidance_scale_one_is_conditional_only():
 # ----------------------------------------------------------------------------- rerank
 
 
+@pytest.mark.slow
 def test_rerank_sorts_candidates_by_clip_score():
     from unclip_jax.models import dvae as dvae_lib
     from unclip_jax.models.clip import CLIP, CLIPConfig

@@ -131,6 +131,7 @@ def test_sampler_runs_four_ddim_steps(params):
     assert float(jnp.abs(out).max()) <= 1.0 + 1e-5
 
 
+@pytest.mark.slow
 def test_short_training_reduces_loss():
     cfg = dataclasses.replace(CFG, text_layers=0, learned_variance=False, clip_drop_prob=0.0)
     params = sharding.strip_boxes(D.init_decoder(cfg, jax.random.PRNGKey(0)))["params"]

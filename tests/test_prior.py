@@ -168,6 +168,7 @@ def test_sampler_shapes_unit_norm_and_candidates(setup):
     assert s.sampler(3 * B, True).jitted._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_load_sampler_from_a_trained_run(tmp_path):
     """A short real training run on synthetic embeddings: the loss falls, and the workdir's
     ``load_sampler`` returns ``[B, E]`` embeddings."""
