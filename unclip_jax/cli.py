@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("demo", help="the main job on the built-in shapes data")
     q.add_argument("--workdir", default="runs/demo")
     q.add_argument("--config-dir", default="experiments/shapes")
-    q.add_argument("--until", default="upsampler", choices=demo_stages(),
+    q.add_argument("--until", default=demo_stages()[-1], choices=demo_stages(),
                    help="last stage to run (default: the whole chain)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     q.set_defaults(fn=_demo)
