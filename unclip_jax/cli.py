@@ -19,7 +19,7 @@ def _train(args) -> None:
     loop.train(cfg, task, args.workdir)
 
 
-def _eval(args) -> None:
+def _evaluate(args) -> None:
     from unclip_jax import config as config_lib
     from unclip_jax.train import loop, tasks
 
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(q)
     q.add_argument("--step", type=int, default=None)
     q.add_argument("--out", default=None, help="also write the metrics JSON here")
-    q.set_defaults(fn=_eval)
+    q.set_defaults(fn=_evaluate)
 
     q = sub.add_parser("tokenizer", help="tokenizer utilities")
     tsub = q.add_subparsers(dest="action", required=True)

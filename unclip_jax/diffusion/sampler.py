@@ -56,20 +56,19 @@ def _check_config(method, variance, model_output, clip_x0, dynamic_threshold):
                          f"{dynamic_threshold!r}")
 
 
+def _check_nonnegative(name: str, value, meaning: str) -> None:
+    """Fail on a concrete negative ``value`` (traced values are checked by their caller)."""
+    if not isinstance(value, jax.core.Tracer) and np.any(np.asarray(value) < 0):
+        raise ValueError(f"{name} must be ≥ 0 ({meaning}), got {value!r}")
+
+
 def _check_eta(eta):
-    if isinstance(eta, jax.core.Tracer):
-        return
-    if np.any(np.asarray(eta) < 0):
-        raise ValueError(f"eta must be ≥ 0 (0 = deterministic DDIM, 1 = DDPM posterior "
-                         f"variance), got {eta!r}")
+    _check_nonnegative("eta", eta, "0 = deterministic DDIM, 1 = DDPM posterior variance")
 
 
 def _check_guidance(scale):
-    if isinstance(scale, jax.core.Tracer):
-        return
-    if np.any(np.asarray(scale) < 0):
-        raise ValueError(f"guidance_scale must be ≥ 0 (0 = unconditional, 1 = conditional, "
-                         f"> 1 = guided), got {scale!r}")
+    _check_nonnegative("guidance_scale", scale,
+                       "0 = unconditional, 1 = conditional, > 1 = guided")
 
 
 def _is_one(x) -> bool:
