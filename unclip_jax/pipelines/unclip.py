@@ -349,26 +349,13 @@ def score_prompts(unclip: UnCLIP, prompts: Sequence[str], seed: int = 0, *,
     ``relation`` (two-object prompts: the relation right), ``exact``, and the counts
     ``num_single`` / ``num_two``; a fraction is None where no prompt of its kind was given.
     """
-    from unclip_jax import shapes
+    from unclip_jax.eval.metrics import judge_scores
 
     prompts = check_prompts(prompts)
-    scenes = [shapes.parse_caption(p) for p in prompts]
     images = np.concatenate([
         generate(unclip, prompts[i:i + batch_size], seed + i, **settings)
         for i in range(0, len(prompts), batch_size)])
-    single, both, relation, exact = [], [], [], []
-    for image, prompt, scene in zip(images, prompts, scenes):
-        s = shapes.score_caption(image, prompt)
-        exact.append(s["exact"])
-        if scene.num_objects == 1:
-            single.append(s["colour_shape_correct"][0])
-        else:
-            both.append(all(s["colour_shape_correct"]))
-            relation.append(s["relation_correct"])
-    frac = lambda v: float(np.mean(v)) if v else None  # noqa: E731
-    return {"single_colour_shape": frac(single), "two_both_colour_shape": frac(both),
-            "relation": frac(relation), "exact": frac(exact), "num_single": len(single),
-            "num_two": len(both), "resolution": int(images.shape[1])}
+    return judge_scores(images, prompts)
 
 
 __all__ = ["Settings", "UnCLIP", "check_chain", "check_prompts", "decode", "decoder_conds",
