@@ -33,6 +33,13 @@ class DataConfig:
     num_workers: int = 0                 # loader threads (0 = in-process)
     caption_augment: float = 0.0         # captioned_shapes: P(describe objects by a random
                                          # subset of their attributes), training only
+    colour_drop: float = 0.0             # captioned_shapes: P(grayscale image + caption
+                                         # without colour words), training only
+
+    def __post_init__(self):
+        if not 0.0 <= self.colour_drop <= 1.0:
+            raise ValueError(f"data.colour_drop is a probability in [0, 1], got "
+                             f"{self.colour_drop}")
 
 
 @dataclasses.dataclass(frozen=True)

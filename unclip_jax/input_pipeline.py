@@ -217,8 +217,12 @@ class Batches:
                  context_length: int = 32, seed: int = 0, train: bool = True,
                  random_crop: bool = False, mesh=None, start: int = 0,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_workers: int = 0, caption_fn=None):
+                 num_workers: int = 0, caption_fn=None, example_fn=None):
         self.source = source
+        # example_fn(example, rng) -> example rewrites a stored example before anything else
+        # (training only), e.g. the captioned-shapes colour drop (image and caption together);
+        # its rng is keyed by (seed, flat position, 2).
+        self.example_fn = example_fn if train else None
         # caption_fn(example, rng) -> str replaces the stored caption (training only), e.g. the
         # captioned-shapes attribute dropout; its rng is keyed by (seed, flat position).
         self.caption_fn = caption_fn if train else None
@@ -304,6 +308,9 @@ class Batches:
         flat = self._flat(i)
         idx, valid = self._indices(flat)
         examples = self._read(idx)
+        if self.example_fn is not None:
+            examples = [self.example_fn(ex, np.random.default_rng((self.seed, int(k), 2)))
+                        for ex, k in zip(examples, flat)]
         s = self.image_size
         imgs = [_as_rgb_array(ex["image"]) for ex in examples]
         if self.random_crop:
@@ -413,11 +420,13 @@ def _text(value: Any) -> str:
 
 def make_batches(data_cfg: Any, split: str, *, batch_size: int, tokenizer=None, mesh=None,
                  train: bool, start: int = 0, process_index: int | None = None,
-                 process_count: int | None = None, caption_fn=None) -> Batches:
+                 process_count: int | None = None, caption_fn=None,
+                 example_fn=None) -> Batches:
     """``Batches`` over ``split`` of the dataset named by a ``DataConfig``."""
     return Batches(open_source(data_cfg, split), batch_size=batch_size,
                    image_size=data_cfg.image_size, tokenizer=tokenizer,
                    context_length=data_cfg.context_length, seed=data_cfg.shuffle_seed,
                    train=train, random_crop=data_cfg.random_crop, mesh=mesh, start=start,
                    process_index=process_index, process_count=process_count,
-                   num_workers=data_cfg.num_workers, caption_fn=caption_fn)
+                   num_workers=data_cfg.num_workers, caption_fn=caption_fn,
+                   example_fn=example_fn)

@@ -86,11 +86,19 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
             raise ValueError("data.caption_augment applies to captioned_shapes only, not "
                              f"{cfg.data.name!r}")
         caption_fn = functools.partial(_shapes_caption, p=cfg.data.caption_augment)
+    example_fn = None
+    if cfg.data.colour_drop:
+        if not cfg.data.name.startswith("captioned_shapes"):
+            raise ValueError("data.colour_drop applies to captioned_shapes only, not "
+                             f"{cfg.data.name!r}")
+        from unclip_jax import augment
+
+        example_fn = functools.partial(augment.colour_drop, p=cfg.data.colour_drop)
 
     def batches(start, mesh):
         return input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
                                            tokenizer=tok, mesh=mesh, train=True, start=start,
-                                           caption_fn=caption_fn)
+                                           caption_fn=caption_fn, example_fn=example_fn)
 
     def evaluate(state, step) -> dict:
         params = state.ema_params if cfg.train.ema_decay > 0 else state.params
