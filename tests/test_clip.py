@@ -265,3 +265,25 @@ def test_encode_images_batches_with_padding(model_and_params):
         {"params": params}, images, method="encode_image")
     assert got.shape == (5, TINY.embed_dim)
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_conv_stem_tokens_names_and_bad_depth():
+    cfg = dataclasses.replace(TINY, vision_stem=(8, 16))          # 2 stride-2 convs = patch 4
+    b = dummy_inputs(cfg, 2)
+    variables = CLIP(cfg).init(jax.random.key(0), b["image"], b["tokens"])
+    visual = nn.meta.unbox(variables)["params"]["visual"]
+    assert visual["stem_conv0"]["kernel"].shape == (3, 3, 3, 8)
+    assert visual["stem_conv1"]["kernel"].shape == (3, 3, 8, 16)
+    assert visual["patch_embed"]["kernel"].shape == (1, 1, 16, TINY.vision_width)
+    image = jax.random.uniform(jax.random.key(1), b["image"].shape, minval=-1, maxval=1)
+    states, feat = CLIP(cfg).apply(variables, image, method=lambda m, x: m.visual(x))
+    assert states.shape == (2, 1 + (16 // 4) ** 2, TINY.vision_width)
+    assert feat.shape == (2, TINY.embed_dim) and np.all(np.isfinite(feat))
+    # Every parameter of the stem carries logical axis names (so the rules table shards it).
+    flat = jax.tree_util.tree_flatten_with_path(
+        variables["params"]["visual"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+    for path, leaf in flat:
+        assert isinstance(leaf, nn.LogicallyPartitioned), jax.tree_util.keystr(path)
+    with pytest.raises(ValueError, match=r"gives patches of 8, not patch_size 4"):
+        CLIP(dataclasses.replace(TINY, vision_stem=(8, 16, 32))).init(
+            jax.random.key(0), b["image"], b["tokens"])

@@ -47,6 +47,9 @@ class CLIPConfig:
     remat: str = "none"             # "none" | "full" | "dots_saveable" | ...
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
+    # Conv-stem channels, one stride-2 3×3 conv each (so log2(patch_size) of them), or () for
+    # the linear patch embedding (see ``unclip_jax.nn.vit``).
+    vision_stem: tuple[int, ...] = ()
 
 
 # The paper's towers (OpenAI BPE: vocab 49408, EOS 49407) and unCLIP's ViT-H/16.
@@ -123,7 +126,7 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(
             cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads,
             cfg.embed_dim, cfg.mlp_ratio, cfg.act, dtype=to_dtype(cfg.dtype),
-            scan_layers=cfg.scan_layers, remat=cfg.remat)
+            scan_layers=cfg.scan_layers, remat=cfg.remat, stem_channels=tuple(cfg.vision_stem))
         self.text = TextTransformer(cfg)
         self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(cfg.init_logit_scale), ()), ())
