@@ -59,10 +59,16 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The generic loop: steps, batch, logging, evaluation, checkpoints."""
+    """The generic loop: steps, batch, logging, evaluation, checkpoints.
+
+    The compute dtype is not set here: each model config has its own ``dtype`` (params,
+    optimizer state, norms, softmax and losses stay float32 whatever it is), so the dtype a
+    checkpoint was trained with is saved with the model it shaped.
+    """
 
     seed: int = 0
     batch_size: int = 64                 # global batch
+    grad_accum_steps: int = 1            # micro-batches per update (one jitted scan)
     steps: int = 1000
     log_every: int = 50
     eval_every: int = 500                # 0 = no periodic evaluation
@@ -71,7 +77,6 @@ class TrainConfig:
     keep_checkpoints: int = 3
     ema_decay: float = 0.0               # 0 = no EMA params
     on_nonfinite: str = "error"          # "error" stops; "skip" drops the update and counts it
-    compute_dtype: str = "float32"       # "bfloat16" on TPU/GPU
     async_checkpoint: bool = True
 
 

@@ -32,7 +32,6 @@ def get_config() -> ExperimentConfig:
         optim=OptimConfig(learning_rate=2e-4, warmup_steps=2000, b1=0.9, b2=0.98, eps=1e-6,
                           weight_decay=0.2, grad_clip=0.0),
         train=TrainConfig(batch_size=32768, steps=390_000, log_every=100, eval_every=10_000,
-                          ckpt_every=2000, keep_checkpoints=3, ema_decay=0.0,
-                          compute_dtype="bfloat16"),
+                          ckpt_every=2000, keep_checkpoints=3, ema_decay=0.0),
         mesh=MeshConfig(data=-1, fsdp=32, model=1, preset="fsdp"),
     )

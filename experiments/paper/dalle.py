@@ -34,6 +34,6 @@ def get_config() -> ExperimentConfig:
         optim=OptimConfig(learning_rate=4.5e-4, warmup_steps=5000, b1=0.9, b2=0.96, eps=1e-8,
                           weight_decay=4.5e-2, grad_clip=4.0),
         train=TrainConfig(batch_size=1024, steps=430_000, log_every=100, eval_every=10_000,
-                          ckpt_every=1000, ema_decay=0.0, compute_dtype="bfloat16"),
+                          ckpt_every=1000, ema_decay=0.0),
         mesh=MeshConfig(data=-1, fsdp=32, model=2, preset="fsdp_tp"),
     )

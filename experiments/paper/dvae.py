@@ -27,6 +27,6 @@ def get_config() -> ExperimentConfig:
         optim=OptimConfig(learning_rate=1e-4, warmup_steps=0, end_lr_factor=0.0125,
                           b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip=0.0),
         train=TrainConfig(batch_size=512, steps=3_000_000, log_every=100, eval_every=10_000,
-                          ckpt_every=2000, ema_decay=0.0, compute_dtype="bfloat16"),
+                          ckpt_every=2000, ema_decay=0.0),
         mesh=MeshConfig(data=-1, fsdp=4, model=1, preset="fsdp"),
     )

@@ -37,6 +37,6 @@ def get_config() -> ExperimentConfig:
         optim=OptimConfig(learning_rate=1.1e-4, warmup_steps=10_000, b1=0.9, b2=0.96,
                           eps=1e-6, weight_decay=6.0e-2, grad_clip=1.0),
         train=TrainConfig(batch_size=4096, steps=600_000, log_every=100, eval_every=10_000,
-                          ckpt_every=2000, ema_decay=0.9999, compute_dtype="bfloat16"),
+                          ckpt_every=2000, ema_decay=0.9999),
         mesh=MeshConfig(data=-1, fsdp=8, model=4, preset="fsdp_tp"),
     )

@@ -28,6 +28,6 @@ def get_config() -> ExperimentConfig:
         optim=OptimConfig(learning_rate=1.2e-4, warmup_steps=10_000, b1=0.9, b2=0.999,
                           eps=1e-8, weight_decay=0.0, grad_clip=1.0),
         train=TrainConfig(batch_size=1024, steps=1_000_000, log_every=100, eval_every=10_000,
-                          ckpt_every=2000, ema_decay=0.9999, compute_dtype="bfloat16"),
+                          ckpt_every=2000, ema_decay=0.9999),
         mesh=MeshConfig(data=-1, fsdp=16, model=1, preset="fsdp"),
     )

@@ -56,10 +56,76 @@ class Task:
     evaluate: Callable[[TrainState, int], dict] | None = None
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn, tx, ema_decay: float):
-    """One update. A non-finite loss or gradient leaves params/opt/EMA unchanged (flagged)."""
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, state.step_rng())
+def micro_batches(batch: dict, k: int) -> dict:
+    """Split every ``[B, …]`` leaf into ``[k, B/k, …]``: micro-batch ``i`` is rows
+    ``i, i+k, i+2k, …`` (strided, not contiguous).
+
+    Why strided: the global batch is sharded over (data, fsdp) in contiguous row blocks, one
+    per device. Reshaping ``[B] → [B/k, k]`` keeps each device's block in place (it holds
+    ``B/(k·n)`` whole groups of ``k`` rows when ``k·n`` divides ``B``) and micro-batch ``i`` is
+    column ``i``, so every micro-batch is again spread evenly over all devices and the split
+    moves no data. A contiguous split would put each micro-batch on a subset of the devices.
+    """
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into "
+                             f"grad_accum_steps={k} equal micro-batches")
+        x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
+def accumulated_value_and_grad(loss_fn, params, batch: dict, rng: jax.Array, k: int):
+    """``((loss, metrics), grads)`` of ``loss_fn`` averaged over ``k`` micro-batches.
+
+    One ``lax.scan`` over the micro-batches (see :func:`micro_batches`) sums loss, metrics and
+    gradients in float32 and divides by ``k``; micro-batch ``i`` gets the key
+    ``fold_in(rng, i)``. Peak activation memory is that of one micro-batch.
+
+    This equals the full-batch gradient exactly (up to float rounding) only for a loss that is
+    a mean of per-example terms whose random draws do not depend on how the batch is cut. The
+    diffusion losses draw t, noise and condition dropout per batch from the key, so their
+    accumulated step is an equally valid but *different* sample of the same objective. CLIP's
+    contrastive loss is not a mean of per-example terms at all: each micro-batch only sees its
+    own ``B/k`` negatives, so accumulation changes the objective (fewer negatives per row), and
+    token-count-weighted means (DALL·E's text loss) become means of micro-batch means.
+    """
+    micro = micro_batches(batch, k)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)  # noqa: E731
+
+    def body(carry, xs):
+        i, mb = xs
+        (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        total = (loss, metrics, grads)
+        return jax.tree.map(lambda a, b: a + b, carry, f32(total)), None
+
+    shapes = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng))
+    (loss0, metrics0), grads0 = shapes
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (loss0, metrics0, grads0))
+    (loss, metrics, grads), _ = jax.lax.scan(body, zero, (jnp.arange(k), micro))
+    loss, metrics, grads = jax.tree.map(lambda x: x / k, (loss, metrics, grads))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return (loss, metrics), grads
+
+
+def train_step(state: TrainState, batch: dict, *, loss_fn, tx, ema_decay: float,
+               grad_accum_steps: int = 1):
+    """One update. A non-finite loss or gradient leaves params/opt/EMA unchanged (flagged).
+
+    With ``grad_accum_steps = k > 1`` the gradient is the mean over ``k`` micro-batches
+    computed in one scan (:func:`accumulated_value_and_grad`); ``k = 1`` is the plain step
+    (the loss sees the step key itself, so runs without accumulation are unchanged).
+    """
+    if grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be ≥ 1, got {grad_accum_steps}")
+    if grad_accum_steps == 1:
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, state.step_rng())
+    else:
+        (loss, metrics), grads = accumulated_value_and_grad(
+            loss_fn, state.params, batch, state.step_rng(), grad_accum_steps)
     leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     ok = jnp.isfinite(loss) & jnp.all(leaf_finite)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -71,6 +137,20 @@ def train_step(state: TrainState, batch: dict, *, loss_fn, tx, ema_decay: float)
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), finite=ok,
                    leaf_finite=leaf_finite)
     return new, metrics
+
+
+def check_accumulation(batch_size: int, grad_accum_steps: int, mesh) -> None:
+    """Fail unless ``batch_size`` splits into ``grad_accum_steps`` micro-batches that each
+    split evenly over the mesh's data×fsdp devices."""
+    if grad_accum_steps < 1:
+        raise ValueError(f"train.grad_accum_steps must be ≥ 1, got {grad_accum_steps}")
+    div = sharding.batch_divisor(mesh)
+    if batch_size % (grad_accum_steps * div):
+        raise ValueError(
+            f"global batch size {batch_size} is not divisible by train.grad_accum_steps × the "
+            f"mesh's data×fsdp size = {grad_accum_steps} × {div} = {grad_accum_steps * div}; "
+            f"each micro-batch must split evenly over the devices — choose a batch size that "
+            f"is a multiple of {grad_accum_steps * div}")
 
 
 def _leaf_names(tree) -> list[str]:
@@ -180,6 +260,7 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.logical_rules(cfg.mesh.preset)
     sharding.check_batch_size(tcfg.batch_size, mesh)
+    check_accumulation(tcfg.batch_size, tcfg.grad_accum_steps, mesh)
     tx = make_optimizer(cfg.optim, tcfg.steps)
     lr_at = learning_rate_schedule(cfg.optim, tcfg.steps)
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
@@ -220,7 +301,8 @@ def _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at, *, sto
 
         # --- update step
         step_fn = jax.jit(
-            functools.partial(train_step, loss_fn=task.loss, tx=tx, ema_decay=tcfg.ema_decay),
+            functools.partial(train_step, loss_fn=task.loss, tx=tx, ema_decay=tcfg.ema_decay,
+                              grad_accum_steps=tcfg.grad_accum_steps),
             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
             donate_argnums=0)
 
