@@ -39,6 +39,8 @@ $(PARITY_VENV)/.installed: requirements.txt requirements-dev.txt requirements-pa
 	# open_clip imports torchvision, whose PyPI build cannot load on CPU torch: only its
 	# tokenizer module is used (loaded from its file), so install it without dependencies.
 	$(PPY) -m pip install -q --no-deps open-clip-torch==3.3.0
+	# dall_e (the dVAE reference) lists torchvision and tools it never imports: no deps either.
+	$(PPY) -m pip install -q --no-deps dall-e==0.1
 	$(PPY) -m pip install -q --no-deps -e .
 	touch $@
 

@@ -2,4 +2,66 @@
 
 Torch is never imported at module level: torch files are read lazily with
 ``weights_only=True``; ``.safetensors`` files need no torch at all.
+
+A converted model is written as a training run would leave it (:func:`save_workdir`):
+``<out>/config.json`` with the model config under ``model`` and ``checkpoints/<step>/`` holding
+``{state: {params}, data, config}``, so every loader of trained runs reads it unchanged.
 """
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """``{key: float32 numpy array}`` from ``.npz`` (``np.savez``; read without pickles), or
+    anything :func:`unclip_jax.convert.clip.load_state_dict` reads (``.safetensors``, torch
+    files with ``weights_only=True``). ``.npz`` needs neither torch nor safetensors."""
+    import numpy as np
+
+    from unclip_jax.convert.clip import load_state_dict, normalize_state_dict
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        return load_state_dict(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {str(path)!r}")
+    with np.load(path, allow_pickle=False) as f:
+        return normalize_state_dict({k: f[k] for k in f.files})
+
+
+def save_workdir(model_cfg: Any, params: Mapping, out_dir: str | os.PathLike, *,
+                 source: str = "", step: int = 0, extra: Mapping | None = None) -> Path:
+    """Write ``<out_dir>/config.json`` and ``checkpoints/<step>`` like a training run.
+
+    ``model_cfg`` is the model's config dataclass (saved with its ``__type__``); the run has no
+    EMA (``train.ema_decay = 0``) so loaders restore ``params``. ``extra`` adds top-level
+    entries to the run config. Refuses an ``out_dir`` that already holds checkpoints.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from unclip_jax import config as config_lib
+    from unclip_jax.train.checkpoint import Checkpointer
+
+    out = Path(out_dir)
+    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise FileExistsError(f"{str(out)!r} already holds checkpoints; pick an empty --out")
+    out.mkdir(parents=True, exist_ok=True)
+    run_cfg = {"model": config_lib.to_dict(model_cfg), "train": {"ema_decay": 0.0},
+               "converted_from": str(source), **dict(extra or {})}
+    tmp = out / f".config.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(run_cfg, indent=2, sort_keys=True))
+    os.replace(tmp, out / "config.json")
+    state = {"params": jax.tree_util.tree_map(jnp.asarray, dict(params))}
+    ckpt = Checkpointer(out, keep=1, async_save=False)
+    try:
+        ckpt.save(step, state, data={}, config=run_cfg)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    return out
