@@ -83,6 +83,7 @@ COMMAND_MODULES = (
     "unclip_jax.commands.dalle",
     "unclip_jax.commands.unclip",
     "unclip_jax.commands.describe",
+    "unclip_jax.commands.convert",
 )
 
 

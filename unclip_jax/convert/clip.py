@@ -434,3 +434,13 @@ def convert_file(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, **kw
     """Load, convert and save: the whole ``unclip-jax convert clip`` job."""
     cfg, params = convert(load_state_dict(checkpoint), **kwargs)
     return save_workdir(cfg, params, out_dir, source=str(checkpoint))
+
+
+def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike,
+                       **options) -> Path:
+    """The ``unclip-jax convert clip`` entry point (every converter has this signature):
+    :func:`convert_file`, also reading ``.npz`` via :func:`unclip_jax.convert.read_state_dict`."""
+    from unclip_jax.convert import read_state_dict
+
+    cfg, params = convert(read_state_dict(source), **options)
+    return save_workdir(cfg, params, out_dir, source=str(source))
