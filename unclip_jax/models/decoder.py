@@ -14,6 +14,14 @@ Decoder conditioning (Ramesh et al. 2022, §2.1), ``cond`` of the denoiser::
   learned null states with probability ``text_drop_prob`` (50%) — only the conditioning is
   replaced, never ``x_t``. At sampling the same nulls are the ``uncond``.
 
+CLIP-text conditioning (``clip_text_width > 0``, Karlo's decoder; see
+:mod:`unclip_jax.convert.karlo`): ``cond["clip_text"] = {"emb": [B, E] CLIP text embedding,
+"states": [B, L, W] CLIP text-tower token states, "valid": [B, L] bool}``. The text embedding is
+projected and added to the timestep embedding next to the image embedding's projection, and
+the token states are projected to the context width, LayerNorm-ed and concatenated after the
+CLIP tokens. ``clip_emb_scale`` (0 = √E, our unit-norm convention; Karlo: 1, raw embeddings)
+multiplies the image embedding before its projections.
+
 Upsamplers (§2.1, appendix C): the low-resolution image, resized bilinearly to the target size,
 is concatenated to ``x_t`` on channels; no attention anywhere (fully convolutional); trained on
 random crops and run on whole images; conditioning augmentation "blur" (Gaussian blur of random
@@ -83,6 +91,9 @@ class DecoderConfig:
     pad_id: int = 0                           # set from the tokenizer
     clip_drop_prob: float = 0.1
     text_drop_prob: float = 0.5
+    clip_emb_scale: float = 0.0               # 0 = √clip_dim (unit-norm inputs); Karlo: 1
+    clip_text_width: int = 0                  # > 0: CLIP text emb + states condition (Karlo)
+    groups: int = 32                          # GroupNorm groups of the U-Net
     # diffusion
     schedule: str = "cosine"
     num_timesteps: int = 1000
@@ -109,6 +120,8 @@ class UpsamplerConfig:
     num_res_blocks: int = 2
     dropout: float = 0.0
     resblock_updown: bool = True
+    groups: int = 32                          # GroupNorm groups of the U-Net
+    time_shift: str = "scale_shift"           # "scale_shift" | "add" (Karlo's SR U-Nets)
     augment: str = "blur"                     # "blur" (1st stage) | "bsr" (2nd) | "none"
     blur_sigma: tuple[float, float] = (0.4, 0.6)   # σ range of the "blur" augmentation, low-res px
     crop_fraction: float = 0.25               # training crop side / target side
@@ -163,10 +176,14 @@ class Decoder(nn.Module):
                    if r <= cfg.image_size and cfg.image_size % r == 0)
         self.unet = UNet(6 if cfg.learned_variance else 3, cfg.base_channels, cfg.channel_mult,
                          cfg.num_res_blocks, ds, True, cfg.head_channels, cfg.dropout,
-                         cfg.resblock_updown, dtype=dt)
+                         cfg.resblock_updown, cfg.groups, dtype=dt)
         width = self.context_width
         self.clip_to_emb = dense(4 * cfg.base_channels)
         self.clip_to_tokens = dense(cfg.num_clip_tokens * width)
+        if cfg.clip_text_width > 0:
+            self.text_emb_to_emb = dense(4 * cfg.base_channels)
+            self.text_states_proj = dense(width)
+            self.text_states_ln = layer_norm()
         self.null_image_emb = self.param(
             "null_image_emb", nn.with_logical_partitioning(nn.initializers.normal(
                 cfg.clip_dim ** -0.5), ("embed",)), (cfg.clip_dim,))
@@ -222,10 +239,23 @@ class Decoder(nn.Module):
         if x_t.shape[1:] != (cfg.image_size, cfg.image_size, 3):
             raise ValueError(f"decoder input has shape {x_t.shape}; expected "
                              f"[B, {cfg.image_size}, {cfg.image_size}, 3]")
-        emb = cond["image_emb"].astype(jnp.float32) * math.sqrt(cfg.clip_dim)
+        scale = cfg.clip_emb_scale if cfg.clip_emb_scale > 0 else math.sqrt(cfg.clip_dim)
+        emb = cond["image_emb"].astype(jnp.float32) * scale
         b = emb.shape[0]
         tokens = self.clip_to_tokens(emb).reshape(b, cfg.num_clip_tokens, self.context_width)
         context, mask = tokens, jnp.ones((b, cfg.num_clip_tokens), jnp.bool_)
+        time_emb = self.clip_to_emb(emb)
+        if cfg.clip_text_width > 0:
+            clip_text = cond.get("clip_text")
+            if clip_text is None:
+                raise ValueError("this decoder is conditioned on CLIP text features "
+                                 "(clip_text_width > 0): cond needs 'clip_text' with 'emb', "
+                                 "'states' and 'valid'")
+            time_emb = time_emb + self.text_emb_to_emb(clip_text["emb"].astype(jnp.float32))
+            states = self.text_states_ln(self.text_states_proj(
+                clip_text["states"].astype(jnp.float32)))
+            context = jnp.concatenate([context, states], axis=1)
+            mask = jnp.concatenate([mask, clip_text["valid"].astype(jnp.bool_)], axis=1)
         text = cond.get("text")
         if cfg.use_text:
             if text is None:
@@ -233,7 +263,7 @@ class Decoder(nn.Module):
                                  "(encode_caption(tokens), or the null)")
             context = jnp.concatenate([context, text["states"].astype(jnp.float32)], axis=1)
             mask = jnp.concatenate([mask, text["valid"].astype(jnp.bool_)], axis=1)
-        return self.unet(x_t, t, emb=self.clip_to_emb(emb), context=context,
+        return self.unet(x_t, t, emb=time_emb, context=context,
                          context_mask=mask, deterministic=deterministic)
 
     def init_all(self, x_t, t, cond, tokens=None):
@@ -252,8 +282,13 @@ def init_decoder(cfg: DecoderConfig, rng: jax.Array, batch: int = 1):
 
 def _decoder_dummy(cfg: DecoderConfig, batch: int):
     s = cfg.image_size
-    return (jnp.zeros((batch, s, s, 3)), jnp.zeros((batch,), jnp.int32),
-            {"image_emb": jnp.zeros((batch, cfg.clip_dim))},
+    cond = {"image_emb": jnp.zeros((batch, cfg.clip_dim))}
+    if cfg.clip_text_width > 0:
+        cond["clip_text"] = {"emb": jnp.zeros((batch, cfg.clip_dim)),
+                             "states": jnp.zeros((batch, cfg.context_length,
+                                                  cfg.clip_text_width)),
+                             "valid": jnp.ones((batch, cfg.context_length), jnp.bool_)}
+    return (jnp.zeros((batch, s, s, 3)), jnp.zeros((batch,), jnp.int32), cond,
             jnp.zeros((batch, cfg.context_length), jnp.int32))
 
 
@@ -387,7 +422,8 @@ class Upsampler(nn.Module):
         unet = UNet(6 if cfg.learned_variance else 3, cfg.base_channels, cfg.channel_mult,
                     cfg.num_res_blocks, attention_ds=(), middle_attention=False,
                     dropout=cfg.dropout, resblock_updown=cfg.resblock_updown,
-                    dtype=to_dtype(cfg.dtype), name="unet")
+                    groups=cfg.groups, dtype=to_dtype(cfg.dtype), time_shift=cfg.time_shift,
+                    name="unet")
         unet.check_input(x_t.shape[1], x_t.shape[2])
         up = jax.image.resize(low.astype(jnp.float32), x_t.shape[:3] + (low.shape[3],),
                               method="linear")

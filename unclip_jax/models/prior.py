@@ -26,6 +26,12 @@ coordinate a standard deviation of ≈ 0.54 — so ``embed_scale = 0`` means ``0
 with μ, σ measured on the training cache (stored in the config as ``embed_mean``/``embed_std``).
 Samples are mapped back (÷ s, or ·σ + μ) and, with ``renormalize``, put back on the unit sphere.
 
+Options for imported weights (Karlo, :mod:`unclip_jax.convert.karlo`): ``text_emb_scale``
+(0 = √E, our unit-norm convention; Karlo feeds raw CLIP text embeddings: 1), ``time_embed_dim``
+(hidden width of the timestep MLP, 0 = width), ``norm_in`` (a LayerNorm on the sequence before
+the transformer) and ``clip_sample_range`` (clip every predicted x₀ to ±range while sampling;
+0 = no clipping).
+
 At sampling ``num_candidates = k`` embeddings are drawn per caption and the one with the
 highest dot product with the caption's text embedding is kept (paper: k = 2).
 """
@@ -80,6 +86,10 @@ class PriorConfig:
     guidance_scale: float = 1.0
     num_candidates: int = 2
     renormalize: bool = True             # put samples back on the unit sphere
+    text_emb_scale: float = 0.0          # 0 = √E (unit-norm text embeddings); Karlo: 1
+    time_embed_dim: int = 0              # hidden width of the timestep MLP (0 = width)
+    norm_in: bool = False                # LayerNorm on the sequence before the transformer
+    clip_sample_range: float = 0.0       # sampling: clip x̂₀ to ±range (0 = no clipping)
     dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"
@@ -181,10 +191,11 @@ class DiffusionPrior(nn.Module):
         text = _dense(D, (None, "embed"), "text_states_proj", dt)(
             cond["text_states"].astype(dt))
         # Unit-norm text embedding × √E: coordinates of unit variance for the projection.
+        scale = cfg.text_emb_scale if cfg.text_emb_scale > 0 else math.sqrt(E)
         temb = _dense(D, (None, "embed"), "text_emb_proj", dt)(
-            (cond["text_emb"].astype(jnp.float32) * math.sqrt(E)).astype(dt))
+            (cond["text_emb"].astype(jnp.float32) * scale).astype(dt))
         time = timestep_embedding(t, D).astype(dt)
-        time = _dense(D, (None, "embed"), "time_mlp_0", dt)(time)
+        time = _dense(cfg.time_embed_dim or D, (None, "embed"), "time_mlp_0", dt)(time)
         time = _dense(D, ("embed", None), "time_mlp_1", dt)(nn.silu(time))
         xtok = _dense(D, (None, "embed"), "x_proj", dt)(x_t.astype(dt))
         query = self.param("final_query", nn.with_logical_partitioning(
@@ -196,6 +207,8 @@ class DiffusionPrior(nn.Module):
             nn.initializers.normal(0.01), ("length", "embed")), (cfg.context_length + 4, D))
         seq = jnp.concatenate([seq[:, :L] + pos[:L].astype(dt),
                                seq[:, L:] + pos[cfg.context_length:].astype(dt)], axis=1)
+        if cfg.norm_in:
+            seq = layer_norm(name="ln_in")(seq).astype(dt)
         seq = nn.with_logical_constraint(seq, act)
         valid = jnp.concatenate([cond["text_mask"].astype(jnp.bool_),
                                  jnp.ones((b, 4), jnp.bool_)], axis=1)
@@ -228,6 +241,12 @@ def uncondition(params, cfg: PriorConfig, cond: dict) -> dict:
     """The null conditioning broadcast to ``cond``'s batch (the guidance's uncond branch)."""
     null = null_condition(params, cfg, cond["text_states"].shape[1])
     return jax.tree.map(lambda n, c: jnp.broadcast_to(n, c.shape).astype(c.dtype), null, cond)
+
+
+def clip_range(cfg: PriorConfig) -> tuple[float, float] | None:
+    """The sampler's x̂₀ clipping interval (None when ``clip_sample_range`` is 0)."""
+    r = float(cfg.clip_sample_range)
+    return (-r, r) if r > 0 else None
 
 
 def make_denoiser(model: DiffusionPrior):
@@ -296,7 +315,7 @@ class PriorSampler:
             self._samplers[(n, guided)] = diffusion.make_sampler(
                 make_denoiser(self.model), schedule=self.schedule,
                 shape=(n, self.cfg.embed_dim), method=self.method, model_output="x0",
-                guidance=guided)
+                guidance=guided, clip_x0=clip_range(self.cfg))
         return self._samplers[(n, guided)]
 
     def __call__(self, inputs: dict, rng, guidance_scale=None, eta=None) -> jax.Array:

@@ -17,6 +17,10 @@
   residual branch starts as the identity (the role ADM's zero-initialised ``proj_out`` plays);
 * the final GroupNorm → SiLU → conv is zero-initialised (the model outputs 0 at init).
 
+``time_shift="add"`` injects the timestep additively instead (``h + proj(emb)`` before the
+second GroupNorm, diffusers' ``resnet_time_scale_shift="default"``, as Karlo's super-resolution
+U-Nets need); the default scale-shift is ADM's.
+
 Conv kernels carry the logical names ``(None, None, "conv_in", "conv_out")``; activations
 ``("batch", "height", "width", "act_embed")``. GroupNorm and the timestep arithmetic are float32.
 """
@@ -68,6 +72,9 @@ def dense(features: int, *, dtype: Dtype = jnp.float32, name: str | None = None,
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
 
 
+TIME_SHIFTS = ("scale_shift", "add")
+
+
 def group_norm(channels: int, groups: int = 32, name: str | None = None) -> nn.GroupNorm:
     """GroupNorm in float32 with ``gcd(groups, channels)`` groups."""
     return nn.GroupNorm(num_groups=math.gcd(groups, channels), epsilon=1e-5, dtype=jnp.float32,
@@ -102,18 +109,27 @@ class ResBlock(nn.Module):
     resample: str | None = None
     groups: int = 32
     dtype: Dtype = jnp.float32
+    time_shift: str = "scale_shift"          # "scale_shift" (ADM) | "add" (h + proj(emb))
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, deterministic: bool = True) -> jax.Array:
+        if self.time_shift not in TIME_SHIFTS:
+            raise ValueError(f"unknown time_shift {self.time_shift!r}; accepted: "
+                             f"{', '.join(TIME_SHIFTS)}")
         act = jax.nn.silu
         h = act(group_norm(x.shape[-1], self.groups, "norm_1")(x)).astype(self.dtype)
         if self.resample is not None:
             fn = downsample_2x if self.resample == "down" else upsample_2x
             h, x = fn(h), fn(x)
         h = conv(self.out_channels, dtype=self.dtype, name="conv_1")(h)
-        film = dense(2 * self.out_channels, dtype=jnp.float32, name="emb_proj")(act(emb))
-        scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
-        h = group_norm(self.out_channels, self.groups, "norm_2")(h) * (1.0 + scale) + shift
+        if self.time_shift == "add":
+            shift = dense(self.out_channels, dtype=jnp.float32, name="emb_proj")(act(emb))
+            h = group_norm(self.out_channels, self.groups, "norm_2")(
+                h.astype(jnp.float32) + shift[:, None, None, :])
+        else:
+            film = dense(2 * self.out_channels, dtype=jnp.float32, name="emb_proj")(act(emb))
+            scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
+            h = group_norm(self.out_channels, self.groups, "norm_2")(h) * (1.0 + scale) + shift
         h = act(h).astype(self.dtype)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic or self.dropout == 0.0)
         h = conv(self.out_channels, zero=True, dtype=self.dtype, name="conv_2")(h)
@@ -163,6 +179,7 @@ class UNet(nn.Module):
       dropout: dropout rate inside residual blocks (needs a ``dropout`` rng when training).
       resblock_updown: BigGAN-style residual up/down-sampling (else strided conv / nearest+conv).
       groups: GroupNorm groups (at most; ``gcd`` with the channels).
+      time_shift: how residual blocks take the timestep ("scale_shift" or "add").
     """
 
     out_channels: int
@@ -176,6 +193,7 @@ class UNet(nn.Module):
     resblock_updown: bool = True
     groups: int = 32
     dtype: Dtype = jnp.float32
+    time_shift: str = "scale_shift"
 
     @property
     def time_embed_dim(self) -> int:
@@ -228,7 +246,8 @@ class UNet(nn.Module):
                 h, context, context_mask)
 
         def res(ch, name, resample=None):
-            return ResBlock(ch, self.dropout, resample, self.groups, dt, name=name)
+            return ResBlock(ch, self.dropout, resample, self.groups, dt, self.time_shift,
+                            name=name)
 
         h = _constrain(conv(self.base_channels * self.channel_mult[0], dtype=dt,
                             name="conv_in")(x.astype(dt)))
