@@ -16,7 +16,9 @@ import datetime
 import importlib.util
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +39,24 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
+def _run_section(mod, path: Path) -> str | None:
+    """``mod.run()`` here, or, for a module naming another interpreter in ``PYTHON`` (the
+    parity venv of the benchmarks against torch references), its ``--out`` section written by
+    that interpreter; None (skipped, its old section kept) when that interpreter is absent."""
+    python = getattr(mod, "PYTHON", None)
+    if python is None or Path(sys.prefix).resolve() == Path(python).parent.parent.resolve():
+        return mod.run().rstrip()
+    if not Path(python).is_file():
+        print(f"skipping {path.stem}: it runs with {python} (`make parity` builds it)",
+              flush=True)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "section.md"
+        subprocess.run([str(python), str(path), "--out", str(out)], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
+        return out.read_text().rstrip()
+
+
 def main(argv: list[str]) -> int:
     import jax
 
@@ -52,7 +72,9 @@ def main(argv: list[str]) -> int:
         sys.modules[path.stem] = mod          # dataclass-based modules look themselves up
         spec.loader.exec_module(mod)
         t0 = time.perf_counter()
-        section = mod.run().rstrip()
+        section = _run_section(mod, path)
+        if section is None:
+            continue
         print(section, flush=True)
         now = datetime.datetime.now(datetime.timezone.utc)
         stamp = (f"_({path.name}: {time.perf_counter() - t0:.0f} s wall; {machine()}, "

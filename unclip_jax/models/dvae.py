@@ -10,6 +10,9 @@ space and ln b, for each of the 3 colour channels). A residual block is
 block of the stack), ``id`` a 1×1 conv when the width changes, and ``res`` four ReLU→conv
 layers at a quarter of the output width (encoder 3×3,3×3,3×3,1×1; decoder 1×1,3×3,3×3,3×3).
 With G groups the grid is ``image_size / 2^(G-1)`` (paper: 256 px, G=4 → 32×32, K=8192).
+This is exactly the network of OpenAI's ``dall_e`` package (same kernels, gains, pooling and
+upsampling), so its released weights load without approximation: ``unclip-jax convert dvae``
+(:mod:`unclip_jax.convert.dvae`; parity with ``dall_e`` in ``tests/test_convert_dvae.py``).
 
 Objective (paper §3.1 and A.2), per image, in nats:
 ``NLL(x | decoder(z̃)) + β · KL(q(z|x) ‖ uniform)``, with z̃ a gumbel-softmax relaxed sample at
