@@ -41,7 +41,7 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
-# ----------------------------------------------------------------------------- synthetic state dicts
+# ----------------------------------------------------------------------------- synthetic
 
 
 def _synthetic(spec, shapes, rng, skip=()):
@@ -377,7 +377,7 @@ class _NoiseQueue:
 
 def _float64(sched):
     """The reference scheduler with its constants in float64. In float32 its last step's
-    ``1 − ᾱ₀`` cancels (β₀ ≈ 4e-5, ~1e-3 relative error), scaling the final x̂₀ by ≈ 1.0005:
+    ``1 − ᾱ₀`` cancels (β₀ ≈ 4e-5, ~1e-3 rel. error), scaling the final x̂₀ by ≈ 1.0005:
     an artefact of the reference's arithmetic (ours derives every coefficient in float64)."""
     import torch
 
