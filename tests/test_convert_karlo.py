@@ -197,6 +197,8 @@ def test_convert_checkpoint_folder_errors(tmp_path):
         karlo.convert_checkpoint(tmp_path, tmp_path / "out", bogus=1)
     with pytest.raises(ValueError, match="unknown component 'vae'"):
         karlo.convert_checkpoint(tmp_path, tmp_path / "out", components=("vae",))
+    with pytest.raises(ValueError, match="unknown component 'vae'"):
+        karlo.convert_checkpoint(tmp_path, tmp_path / "out", components="prior,vae")
 
 
 # ----------------------------------------------------------------------------- parity

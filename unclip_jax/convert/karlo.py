@@ -586,8 +586,11 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike,
     bad = sorted(set(options) - known)
     if bad:
         raise TypeError(f"unknown option(s) {', '.join(bad)}; accepted: {', '.join(sorted(known))}")
-    stages = tuple(options.get("components", ("prior", "decoder", "super_res_first",
-                                               "super_res_last")))
+    stages = options.get("components", ("prior", "decoder", "super_res_first",
+                                         "super_res_last"))
+    if isinstance(stages, str):  # from the CLI: "prior,decoder"
+        stages = [c.strip() for c in stages.split(",") if c.strip()]
+    stages = tuple(stages)
     for s in stages:
         if s not in ("prior", "decoder", "super_res_first", "super_res_last"):
             raise ValueError(f"unknown component {s!r}; accepted: prior, decoder, "
