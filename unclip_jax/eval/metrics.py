@@ -11,6 +11,7 @@ The API the ablation scripts use::
     real.update(clip.images(real_renders))
     fd = metrics.frechet_distance(real, fake)                       # float
     cs = metrics.clip_score(clip, images, captions)                 # 100·max(cos, 0), mean
+    per = metrics.clip_scores(clip.images(chunk), clip.texts(caps))  # per sample, to stream
     div = metrics.mean_pairwise_distance(clip.images(images))       # mean ‖f_i − f_j‖, i < j
     js = metrics.judge_scores(images, captions)                     # shapes judge fractions
 
