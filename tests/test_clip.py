@@ -287,3 +287,72 @@ def test_conv_stem_tokens_names_and_bad_depth():
     with pytest.raises(ValueError, match=r"gives patches of 8, not patch_size 4"):
         CLIP(dataclasses.replace(TINY, vision_stem=(8, 16, 32))).init(
             jax.random.key(0), b["image"], b["tokens"])
+
+
+def _numpy_shared_loss(img, txt, scale, same):
+    """The multi-positive loss written out: row i's target is uniform over j with same[i, j]."""
+    logits = scale * np.asarray(img, np.float64) @ np.asarray(txt, np.float64).T
+    target = same / same.sum(axis=1, keepdims=True)
+
+    def ce(z):
+        logp = z - z.max(axis=1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(axis=1, keepdims=True))
+        return -(target * logp).sum(axis=1).mean()
+
+    return 0.5 * (ce(logits) + ce(logits.T)), same[np.arange(len(same)), logits.argmax(1)].mean()
+
+
+def _groups(n=16):
+    group = np.array([0, 1, 1, 2, 3, 3, 3, 4, 5, 6, 6, 7, 8, 9, 10, 10])[:n]
+    return group[:, None] == group[None, :]
+
+
+def test_shared_positives_loss_matches_numpy_and_reduces_to_clip():
+    img, txt = _embeddings()
+    same = _groups()
+    loss, metrics = contrastive_loss(img, txt, 10.0, same=same)
+    ref, acc = _numpy_shared_loss(img, txt, 10.0, same)
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+    assert float(metrics["acc_i2t"]) == pytest.approx(acc)
+    plain, _ = contrastive_loss(img, txt, 10.0)
+    assert abs(float(loss) - float(plain)) > 1e-3          # duplicates do change the loss
+    eye, _ = contrastive_loss(img, txt, 10.0, same=np.eye(16, dtype=bool))
+    assert float(eye) == pytest.approx(float(plain), rel=1e-6)
+    with pytest.raises(ValueError, match=r"same must be \[16, 16\] for a batch of 16"):
+        contrastive_loss(img, txt, 10.0, same=np.eye(8, dtype=bool))
+
+
+def test_shared_positives_sharded_equals_single_device():
+    mesh = _mesh()
+    img, txt = _embeddings()
+    same = _groups()
+    loss0, m0 = contrastive_loss(img, txt, 7.0, same=same)
+    put = jax.device_put
+    img_s, txt_s = (put(x, sharding.batch_sharding(mesh, 2)) for x in (img, txt))
+    loss1, m1 = jax.jit(lambda i, t, s: contrastive_loss(i, t, 7.0, mesh=mesh, same=s))(
+        img_s, txt_s, same)
+    assert float(loss1) == pytest.approx(float(loss0), abs=1e-6)
+    for k in m0:
+        assert float(m1[k]) == pytest.approx(float(m0[k]), abs=1e-6), k
+
+
+def test_loss_fn_shares_positives_between_equal_captions(model_and_params, monkeypatch):
+    from unclip_jax.models import clip as clip_module
+
+    cfg = dataclasses.replace(TINY, shared_positives=True)
+    params = _params(model_and_params)
+    images = jax.random.uniform(jax.random.key(3), (4, 16, 16, 3), minval=-1, maxval=1)
+    tokens = jnp.concatenate([_tokens(), _tokens()[:1], _tokens()[1:]])   # rows 0=2, 1=3
+    batch = {"image": images, "tokens": tokens}
+    loss, _ = loss_fn(CLIP(cfg), params, batch)
+    img, txt, scale = CLIP(cfg).apply({"params": params}, images, tokens)
+    same = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]], bool)
+    ref, _ = _numpy_shared_loss(img, txt, float(scale), same)
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+    seen = []
+    monkeypatch.setattr(clip_module, "contrastive_loss",
+                        lambda *a, same=None, **k: seen.append(same) or (0.0, {}))
+    loss_fn(CLIP(cfg), params, batch)
+    loss_fn(CLIP(TINY), params, batch)
+    np.testing.assert_array_equal(seen[0], same)
+    assert seen[1] is None

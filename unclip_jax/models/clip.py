@@ -50,6 +50,10 @@ class CLIPConfig:
     # Conv-stem channels, one stride-2 3×3 conv each (so log2(patch_size) of them), or () for
     # the linear patch embedding (see ``unclip_jax.nn.vit``).
     vision_stem: tuple[int, ...] = ()
+    # Loss: treat every pair of rows with identical tokens as positives (a uniform target over
+    # them) instead of only the diagonal. Small captioned datasets repeat captions within a
+    # batch ("a small red circle"); the diagonal-only loss pushes those equal captions apart.
+    shared_positives: bool = False
 
 
 # The paper's towers (OpenAI BPE: vocab 49408, EOS 49407) and unCLIP's ViT-H/16.
@@ -170,34 +174,44 @@ def _ambient_mesh(mesh):
     return None if abstract.empty else abstract
 
 
-def _local_loss(img, txt, scale, offset):
+def _local_loss(img, txt, scale, offset, same=None):
     """Loss terms for local rows ``img``/``txt`` ``[b, E]`` against all ``[N, E]`` columns.
 
-    ``img``/``txt`` are tuples (local, all); ``offset`` is the global index of local row 0.
+    ``img``/``txt`` are tuples (local, all); ``offset`` is the global index of local row 0;
+    ``same`` (optional ``[b, N]`` bool, True on the diagonal) marks the positives of each row.
     Returns (i2t loss, t2i loss, i2t acc, t2i acc), each a mean over the local rows.
     """
     (img_local, img_all), (txt_local, txt_all) = img, txt
     labels = offset + jnp.arange(img_local.shape[0])
+    if same is None:
+        same = labels[:, None] == jnp.arange(img_all.shape[0])[None, :]
+    target = same.astype(jnp.float32) / jnp.sum(same, axis=1, keepdims=True)
     hp = jax.lax.Precision.HIGHEST
     logits_i2t = scale * jnp.dot(img_local, txt_all.T, precision=hp)
     logits_t2i = scale * jnp.dot(txt_local, img_all.T, precision=hp)
 
     def ce(logits):
         logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+        return -jnp.mean(jnp.sum(target * logp, axis=1))
 
     def acc(logits):
-        return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+        hit = jnp.take_along_axis(same, jnp.argmax(logits, axis=-1)[:, None], axis=1)[:, 0]
+        return jnp.mean(hit.astype(jnp.float32))
 
     return ce(logits_i2t), ce(logits_t2i), acc(logits_i2t), acc(logits_t2i)
 
 
-def contrastive_loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array, mesh=None):
+def contrastive_loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array, mesh=None,
+                     same: jax.Array | None = None):
     """Symmetric InfoNCE over the global batch: ``(loss, metrics)``, float32.
 
     Args:
       img_emb, txt_emb: ``[N, E]`` unit-norm embeddings, row i of each a matching pair.
       scale: the temperature (``exp(logit_scale)``, already clamped).
+      same: optional ``[N, N]`` symmetric bool with a True diagonal: ``same[i, j]`` makes
+        text j a positive of image i (and image j of text i), e.g. equal captions; the target
+        of a row is uniform over its positives, and a top-1 hit is any positive. Default: the
+        diagonal (standard CLIP).
       mesh: a ``("data", "fsdp", "model")`` mesh; default: the ambient ``jax.set_mesh``.
         When the batch axes (data × fsdp) have more than one shard, the loss runs under
         ``jax.shard_map``: each shard scores its rows against the all-gathered columns.
@@ -210,21 +224,28 @@ def contrastive_loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array, m
     axes = tuple(a for a in sharding.BATCH_AXES if mesh is not None and a in mesh.axis_names)
     shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
+    if same is not None:
+        same = jnp.asarray(same, bool)
+        n = img_emb.shape[0]
+        if same.shape != (n, n):
+            raise ValueError(f"same must be [{n}, {n}] for a batch of {n}, got {same.shape}")
     if shards == 1:
-        terms = _local_loss((img_emb, img_emb), (txt_emb, txt_emb), scale, 0)
+        terms = _local_loss((img_emb, img_emb), (txt_emb, txt_emb), scale, 0, same)
     else:
         if img_emb.shape[0] % shards:
             raise ValueError(f"batch of {img_emb.shape[0]} does not split over the {shards} "
                              f"batch shards ({' × '.join(axes)}) of the mesh")
 
-        def per_shard(img, txt, s):
+        def per_shard(img, txt, s, *rows):
             gather = lambda t: jax.lax.all_gather(t, axes, axis=0, tiled=True)  # noqa: E731
             offset = jax.lax.axis_index(axes) * img.shape[0]
-            out = _local_loss((img, gather(img)), (txt, gather(txt)), s, offset)
+            out = _local_loss((img, gather(img)), (txt, gather(txt)), s, offset, *rows)
             return tuple(jax.lax.pmean(t, axes) for t in out)
 
-        terms = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(axes), P(axes), P()),
-                              out_specs=P())(img_emb, txt_emb, scale)
+        extra = () if same is None else (same,)
+        terms = jax.shard_map(per_shard, mesh=mesh,
+                              in_specs=(P(axes), P(axes), P()) + (P(axes, None),) * len(extra),
+                              out_specs=P())(img_emb, txt_emb, scale, *extra)
     loss_i2t, loss_t2i, acc_i2t, acc_t2i = terms
     loss = 0.5 * (loss_i2t + loss_t2i)
     return loss, {"loss": loss, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i,
@@ -236,8 +257,13 @@ def loss_fn(model: CLIP, params, batch: dict, rng: jax.Array | None = None):
 
     ``params`` is the ``params`` collection; ``batch`` holds ``"image"`` ``[B, H, W, 3]``
     float32 in [-1, 1] and ``"tokens"`` ``[B, L]`` int32. ``rng`` is unused (CLIP has no
-    dropout). The mesh, if any, comes from the ambient ``jax.set_mesh`` context.
+    dropout). The mesh, if any, comes from the ambient ``jax.set_mesh`` context. With
+    ``config.shared_positives``, rows with identical tokens are each other's positives.
     """
     del rng
     img, txt, scale = model.apply({"params": params}, batch["image"], batch["tokens"])
-    return contrastive_loss(img, txt, scale)
+    same = None
+    if model.config.shared_positives:
+        tokens = batch["tokens"]
+        same = jnp.all(tokens[:, None, :] == tokens[None, :, :], axis=-1)
+    return contrastive_loss(img, txt, scale, same=same)
