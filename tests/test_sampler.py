@@ -15,6 +15,7 @@ import pytest
 
 from unclip_jax.diffusion import (
     ddim_invert,
+    learned_log_variance,
     make_sampler,
     make_schedule,
     respace,
@@ -295,6 +296,46 @@ def test_images_learned_variance_and_clipping():
     thr = sample(base, None, schedule=sched, shape=(2, 4, 4, 3), rng=jax.random.key(0),
                  dynamic_threshold=0.9)
     assert float(jnp.abs(thr).max()) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("spec", ["4", "50", "ddim25", "10,10,7"])
+def test_learned_variance_endpoints_use_the_respaced_betas(spec):
+    """v_var = −1 / +1 must give log β̃' / log β' of the *respaced* steps (β'_i = 1 − ᾱ_{t_i}/
+    ᾱ_{t_{i−1}}, computed here in float64 from the base ᾱ), not the base schedule's β_{t_i}."""
+    sched = respace(FULL, spec)
+    ac = np.cumprod(1 - np.asarray(FULL.betas, np.float64))[np.asarray(sched.timesteps)]
+    ac_prev = np.append(1.0, ac[:-1])
+    beta = 1 - ac / ac_prev
+    beta_tilde = beta * (1 - ac_prev) / (1 - ac)
+    beta_tilde[0] = beta_tilde[1]                   # the clipped log β̃ at the last step
+    i = jnp.arange(sched.num_steps)
+    lo = learned_log_variance(sched, i, -jnp.ones((sched.num_steps, 1)))[:, 0]
+    hi = learned_log_variance(sched, i, jnp.ones((sched.num_steps, 1)))[:, 0]
+    np.testing.assert_allclose(np.asarray(lo), np.log(beta_tilde), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(hi), np.log(beta), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.log(beta[1:]), np.log(np.asarray(FULL.betas)[
+        np.asarray(sched.timesteps)[1:]]), rtol=1e-2)   # the two readings really differ
+
+
+def test_eps_output_is_ill_posed_at_the_cosine_terminal_step(x_T):
+    """Why the shapes decoder and upsampler predict v: the cosine schedule ends at ᾱ ≈ 2e-9, so
+    an ε output's x₀ = (x_t − σ ε)/α multiplies any output error by σ/α ≈ 2·10⁴ on the first
+    sampling step (what gave the demo's confetti: clipped, that x₀ is a random ±1 pattern, and
+    DDIM keeps it). A v output gives x₀ = α x_t − σ v directly, error ≤ |δ|. The same 1e-3
+    output error is harmless with v and ruins ε; this also fails if v were routed through ε
+    (float32 cancellation at α ≈ 5e-5)."""
+    delta = 1e-3
+    sched = respace(FULL, "10")
+    assert float(sched.alphas_cumprod[-1]) < 1e-8
+
+    def run(model_output):
+        exact = gaussian_denoiser(model_output)
+        f = lambda p, x, t, c: exact(p, x, t, c) + delta  # noqa: E731
+        return np.asarray(sample(f, None, schedule=sched, rng=jax.random.key(1),
+                                 x_T=x_T[:512], method="ddim", model_output=model_output))
+
+    assert abs(run("v").mean() - MU) < 0.01           # ≈ δ
+    assert abs(run("eps").mean() - MU) > 1.0          # ≈ −1.5 at 10 steps
 
 
 def test_batch_sharding_constraint_gives_the_same_samples(x_T):
