@@ -17,25 +17,72 @@ interruption picks up where it stopped; a half-trained model resumes from its ch
 ``stages`` picks a prefix of them (``--set`` overrides apply to the CLIP config only).
 
 Outputs land in ``<workdir>``: one sub-folder per model, ``report.md`` and ``report.json``.
+
+Wall times: a stage's time is stored in ``<workdir>/stage_times.json`` by the run that did its
+work (training, building, sampling), and a later run that only finds the stage finished
+records its (skip) time separately, so the report's table keeps the real cost of each stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from unclip_jax import config as config_lib
 
 
-def _stage(report: dict, name: str, fn) -> None:
+TIMES_FILE = "stage_times.json"
+
+
+def read_times(workdir: Path) -> dict:
+    """``{stage: seconds}`` of the runs that did each stage's work (empty when none yet)."""
+    path = Path(workdir) / TIMES_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_times(workdir: Path, times: dict) -> None:
+    path = Path(workdir) / TIMES_FILE
+    tmp = path.with_name(f".{TIMES_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(times, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _stage(report: dict, workdir: Path, name: str, fn, done: Callable[[], bool]) -> None:
+    """Run stage ``name``; ``done()`` (asked before) says whether it was already finished.
+
+    A stage that does work stores its wall time in ``stage_times.json``; a finished one only
+    reports how long the check took (``report["skip_s"]``). ``report["wall_s"]`` holds the
+    stored time of the run that did the work (None when that run predates the times file)."""
+    was_done = done()
     t0 = time.perf_counter()
-    print(f"\n=== demo stage: {name}", flush=True)
+    print(f"\n=== demo stage: {name}" + (" (finished before: checking)" if was_done else ""),
+          flush=True)
     result = fn()
-    report.setdefault("wall_s", {})[name] = round(time.perf_counter() - t0, 1)
+    seconds = round(time.perf_counter() - t0, 1)
+    times = read_times(workdir)
+    if was_done:
+        report.setdefault("skip_s", {})[name] = seconds
+    else:
+        times[name] = seconds
+        _write_times(workdir, times)
+    report.setdefault("wall_s", {})[name] = times.get(name)
     if result is not None:
         report[name] = result
+
+
+def _trained(workdir: Path, steps: int) -> bool:
+    """Whether ``workdir`` holds a complete checkpoint at step ≥ ``steps`` (the training loop
+    then only restores and returns)."""
+    ckpts = Path(workdir) / "checkpoints"
+    if not ckpts.is_dir():
+        return False
+    done = [int(d.name) for d in ckpts.iterdir() if d.name.isdigit()
+            and all((d / item / "metadata").is_file() for item in ("data", "config"))]
+    return bool(done) and max(done) >= steps
 
 
 STAGES = ("data", "tokenizer", "clip", "clip_eval", "prior", "decoder", "upsampler", "samples")
@@ -65,16 +112,26 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
         clip_cfg.data, tokenizer=str(workdir / "tokenizer.model")))
     clip_dir = workdir / "clip"
 
-    _stage(report, "data", lambda: tasks.ensure_dataset(clip_cfg.data))
-    _stage(report, "tokenizer", lambda: tasks.ensure_tokenizer(
-        dataclasses.replace(clip_cfg.data, tokenizer=""), workdir) and None)
+    def have_data() -> bool:
+        from unclip_jax import input_pipeline
+        try:
+            input_pipeline.dataset_dir(clip_cfg.data.name, clip_cfg.data.data_dir)
+            return True
+        except FileNotFoundError:
+            return False
+
+    _stage(report, workdir, "data", lambda: tasks.ensure_dataset(clip_cfg.data), have_data)
+    _stage(report, workdir, "tokenizer", lambda: tasks.ensure_tokenizer(
+        dataclasses.replace(clip_cfg.data, tokenizer=""), workdir) and None,
+        lambda: (workdir / "tokenizer.model").is_file())
 
     def train_clip():
         cfg, task = tasks.build_task(clip_cfg, clip_dir)
         loop.train(cfg, task, clip_dir)
         return None
 
-    _stage(report, "clip", train_clip)
+    _stage(report, workdir, "clip", train_clip,
+           lambda: _trained(clip_dir, clip_cfg.train.steps))
 
     def eval_clip():
         out = clip_dir / "eval.json"
@@ -85,7 +142,7 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
         out.write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
 
-    _stage(report, "clip_eval", eval_clip)
+    _stage(report, workdir, "clip_eval", eval_clip, lambda: (clip_dir / "eval.json").is_file())
 
     w = workdir.absolute()
     chain = {
@@ -96,34 +153,94 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
     }
     for name, (config, sets) in chain.items():
         if name in stages:
-            _stage(report, name, lambda c=config, n=name, o=sets:
-                   _train_stage(config_dir / c, workdir / n, o))
+            steps = config_lib.load_config(config_dir / config, sets).train.steps
+            _stage(report, workdir, name, lambda c=config, n=name, o=sets:
+                   _train_stage(config_dir / c, workdir / n, o),
+                   lambda n=name, k=steps: _trained(workdir / n, k))
     if "samples" in stages:
-        _stage(report, "samples", lambda: _samples(workdir))
-    report["wall_s"]["total"] = round(time.perf_counter() - t_start, 1)
+        _stage(report, workdir, "samples", lambda: _samples(workdir),
+               lambda: _samples_done(workdir))
+    known = [v for v in report["wall_s"].values() if v is not None]
+    report["wall_s"]["total"] = round(sum(known), 1)
+    report["total_is_partial"] = len(known) < len(report["wall_s"]) - 1   # some stage unknown
+    report["this_run_s"] = round(time.perf_counter() - t_start, 1)
+    report["stage_times_note"] = read_times(workdir).get("_note")
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (workdir / "report.md").write_text(_markdown(report, clip_cfg))
     print((workdir / "report.md").read_text(), flush=True)
     return report
 
 
+SAMPLE_METRICS = ("clip_score", "fd_clip", "diversity")   # samples.json without them is redone
+GEN_BATCH = 16
+
+
+def _samples_done(workdir: Path) -> bool:
+    out = workdir / "samples.json"
+    return out.is_file() and all(k in json.loads(out.read_text()) for k in SAMPLE_METRICS)
+
+
+def held_out_scenes(seed: int = 7) -> list:
+    """``NUM_JUDGED`` single-object then ``NUM_JUDGED`` two-object scenes of the test split
+    (colour–shape pairs never seen in training)."""
+    from unclip_jax import shapes
+
+    return [shapes.sample_scene(seed, i, "test", num_objects=k)
+            for k in (1, 2) for i in range(NUM_JUDGED)]
+
+
+def sample_metrics(clip, images, prompts, real_images, reference_images) -> dict:
+    """CLIP score, Fréchet distance (CLIP image features) and diversity of generated images.
+
+    ``real_images``: renders of the prompts' own scenes (the CLIP score ceiling and the FD
+    target); ``reference_images``: renders of other held-out scenes, whose FD to
+    ``real_images`` is the floor a perfect generator would reach at this sample count."""
+    from unclip_jax.eval import metrics
+
+    feats = {k: clip.images(v) for k, v in (("fake", images), ("real", real_images),
+                                            ("ref", reference_images))}
+    text = clip.texts(prompts)
+    stats = {k: metrics.FeatureStats.of(v) for k, v in feats.items()}
+    return {
+        "clip_score": float(metrics.clip_scores(feats["fake"], text).mean()),
+        "clip_score_real": float(metrics.clip_scores(feats["real"], text).mean()),
+        "fd_clip": metrics.frechet_distance(stats["real"], stats["fake"]),
+        "fd_clip_real_vs_real": metrics.frechet_distance(stats["real"], stats["ref"]),
+        "diversity": metrics.mean_pairwise_distance(feats["fake"]),
+        "diversity_real": metrics.mean_pairwise_distance(feats["real"]),
+        "num_samples": int(len(images)), "feature_dim": int(feats["fake"].shape[1]),
+    }
+
+
 def _samples(workdir: Path) -> dict:
-    """Generate and judge held-out prompts through the whole chain (cached in samples.json)."""
+    """Generate held-out prompts through the whole chain, judge them and measure CLIP score,
+    Fréchet distance and diversity (cached in samples.json)."""
     import numpy as np
 
     from unclip_jax import shapes
+    from unclip_jax.eval import metrics
     from unclip_jax.pipelines import manipulate, unclip
 
     out = workdir / "samples.json"
-    if out.is_file():
+    if _samples_done(workdir):
         return json.loads(out.read_text())
     model = unclip.load_unclip(workdir / "clip", workdir / "tokenizer.model", workdir / "prior",
                                workdir / "decoder", [workdir / "upsampler"])
-    prompts = [shapes.caption(shapes.sample_scene(7, i, "test", num_objects=k))
-               for k in (1, 2) for i in range(NUM_JUDGED)]
+    scenes = held_out_scenes()
+    prompts = [shapes.caption(s) for s in scenes]
     t0 = time.perf_counter()
-    scores = unclip.score_prompts(model, prompts, seed=0)
+    generated = np.concatenate([unclip.generate(model, prompts[i:i + GEN_BATCH], seed=i)
+                                for i in range(0, len(prompts), GEN_BATCH)])
+    scores = metrics.judge_scores(generated, prompts)
     scores["judged_wall_s"] = round(time.perf_counter() - t0, 1)
+    size = model.resolution
+    t0 = time.perf_counter()
+    scores.update(sample_metrics(
+        metrics.ClipFeatures.from_unclip(model), generated, prompts,
+        np.stack([shapes.render(s, size) for s in scenes]),
+        np.stack([shapes.render(s, size) for s in held_out_scenes(seed=8)])))
+    scores["metrics_wall_s"] = round(time.perf_counter() - t0, 1)
+    scores["load_average_1min"] = round(os.getloadavg()[0], 1)    # other jobs on the machine
     shown = prompts[:8] + prompts[NUM_JUDGED:NUM_JUDGED + 8]
     unclip.generate(model, shown[:8], seed=1)                  # compiles for a batch of 8
     t0 = time.perf_counter()
@@ -162,14 +279,45 @@ def _markdown(report: dict, clip_cfg) -> str:
     if sm:
         lines += ["", f"## Text → image on held-out prompts ({sm['num_single']} single-object, "
                   f"{sm['num_two']} two-object; judged at {sm['resolution']} px)", "",
+                  "Shapes judge (fractions of prompts read back correctly):", "",
                   "| measure | fraction |", "|---|---|"]
-        for key in ("single_colour_shape", "two_both_colour_shape", "relation",
-                    "variation_consistency"):
+        for key, what in (("single_colour_shape", "prompt fidelity: one object, colour+shape"),
+                          ("two_both_colour_shape", "binding: two objects, both colour+shape"),
+                          ("relation", "binding: two objects, relation"),
+                          ("exact", "everything incl. sizes and count"),
+                          ("variation_consistency", "variations keep the judged objects")):
             if sm.get(key) is not None:
-                lines.append(f"| {key} | {sm[key]:.3f} |")
+                lines.append(f"| {key} ({what}) | {sm[key]:.3f} |")
+        if "clip_score" in sm:
+            lines += ["", f"Sample metrics on CLIP image features ({sm['feature_dim']}-d, the "
+                      f"chain's own CLIP, so CLIP score favours the chain; "
+                      f"{sm['num_samples']} samples, one per prompt):", "",
+                      "| measure | generated | real renders |", "|---|---|---|",
+                      f"| CLIP score (100·max(cos, 0), mean) | {sm['clip_score']:.2f} | "
+                      f"{sm['clip_score_real']:.2f} |",
+                      f"| Fréchet distance to the prompts' renders (FD_CLIP) | "
+                      f"{sm['fd_clip']:.4f} | {sm['fd_clip_real_vs_real']:.4f} (other "
+                      f"held-out renders: the floor at this n) |",
+                      f"| diversity (mean pairwise feature distance) | {sm['diversity']:.4f} | "
+                      f"{sm['diversity_real']:.4f} |"]
+        load = (f" (1-min load average {sm['load_average_1min']} on this machine)"
+                if "load_average_1min" in sm else "")
         lines += ["", f"One 8-image guided generation after compile: "
-                  f"{sm['generate_8_after_compile_s']} s. Grid: `samples.png` (prompts in "
+                  f"{sm['generate_8_after_compile_s']} s{load}. Grid: `samples.png` (prompts in "
                   "`samples.txt`), variations: `variations.png`."]
-    lines += ["", "## Wall time (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in report["wall_s"].items()]
+    lines += ["", "## Wall time (s)", "",
+              "Each stage's time is that of the run that did its work (stored in "
+              f"`{TIMES_FILE}`); a run that found the stage finished only checked it "
+              "(last column, this run).", ""]
+    if report.get("stage_times_note"):
+        lines += [f"Note: {report['stage_times_note']}", ""]
+    lines += ["| stage | seconds (doing the work) | seconds (this run, skipping) |",
+              "|---|---|---|"]
+    skip = report.get("skip_s", {})
+    for k, v in report["wall_s"].items():
+        shown = "—" if v is None else v
+        if k == "total" and report.get("total_is_partial"):
+            shown = f"≥ {v} (stages marked — unknown)"
+        lines.append(f"| {k} | {shown} | {skip.get(k, '')} |")
+    lines.append(f"| this run | | {report.get('this_run_s', '')} |")
     return "\n".join(lines) + "\n"
