@@ -11,8 +11,10 @@ from pathlib import Path
 
 def _train(args) -> None:
     from unclip_jax import config as config_lib
+    from unclip_jax import sharding
     from unclip_jax.train import loop, tasks
 
+    sharding.maybe_initialize_distributed()   # multi-host launches; before any computation
     cfg = config_lib.load_config(args.config, args.set)
     loop.prepare_workdir(args.workdir)
     cfg, task = tasks.build_task(cfg, args.workdir)

@@ -154,7 +154,29 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
     replicated. Returns a tree of NamedSharding with the boxes removed.
     """
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    return jax.tree.map(lambda s, a: divisible_sharding(s, np.shape(a)), shardings,
+                        strip_boxes(abstract_tree))
+
+
+def divisible_sharding(s: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """``s`` with each dimension that its mesh axes do not divide evenly replicated instead.
+
+    E.g. a U-Net's first conv kernel ``[3, 3, 3, C]`` has its input channels (3, RGB) named
+    ``conv_in`` → fsdp; with fsdp = 2 that dimension cannot be split, so it is kept whole on
+    every device (the kernel is tiny) rather than failing to place the array.
+    """
+    if not isinstance(s, NamedSharding):
+        return s
+    spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+    changed = False
+    for dim, entry in enumerate(spec[:len(shape)]):
+        if entry is None:
+            continue
+        axes = entry if isinstance(entry, tuple) else (entry,)
+        if shape[dim] % int(np.prod([s.mesh.shape[a] for a in axes])):
+            spec[dim], changed = None, True
+    return NamedSharding(s.mesh, P(*spec[:len(shape)])) if changed else s
 
 
 def strip_boxes(tree: Any) -> Any:
@@ -189,21 +211,51 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     return jax.tree.map(put, batch)
 
 
+DISTRIBUTED_ENV = "UNCLIP_JAX_DISTRIBUTED"
+
+
 def maybe_initialize_distributed() -> bool:
     """Call ``jax.distributed.initialize()`` when a multi-process launch is detected.
 
-    Detected from the environment of the usual launchers: an explicit
-    ``JAX_COORDINATOR_ADDRESS``, SLURM with more than one task, or a multi-worker Cloud TPU
-    (``TPU_WORKER_HOSTNAMES`` or ``MEGASCALE_COORDINATOR_ADDRESS``). Returns whether it did.
+    ``UNCLIP_JAX_DISTRIBUTED=1`` forces it (a Cloud TPU VM pod slice announces its workers
+    only through the metadata server, which ``initialize()`` reads itself) and ``=0`` turns it
+    off. Otherwise it is detected from the environment of the usual launchers: an explicit
+    ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` for processes
+    started by hand), SLURM with more than one task, or a multi-worker TPU on GKE
+    (``TPU_WORKER_HOSTNAMES``) or multislice (``MEGASCALE_COORDINATOR_ADDRESS``). All
+    arguments (coordinator, process count and id) come from that environment. Returns whether
+    it initialised. Call it before anything runs on a device.
     """
     env = os.environ
+    forced = env.get(DISTRIBUTED_ENV, "").strip().lower()
+    if forced not in ("", "0", "1", "true", "false"):
+        raise ValueError(f"{DISTRIBUTED_ENV}={env[DISTRIBUTED_ENV]!r}; accepted: 1 (initialise "
+                         f"jax.distributed), 0 (never), or unset (detect from the launcher)")
+    if forced in ("0", "false"):
+        return False
     multi = (
-        "JAX_COORDINATOR_ADDRESS" in env
+        forced in ("1", "true")
+        or "JAX_COORDINATOR_ADDRESS" in env
         or int(env.get("SLURM_NTASKS", "1")) > 1
         or "," in env.get("TPU_WORKER_HOSTNAMES", "")
         or "MEGASCALE_COORDINATOR_ADDRESS" in env
     )
     if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**_explicit_process_args(env))
         return True
     return False
+
+
+def _explicit_process_args(env) -> dict:
+    """``num_processes``/``process_id`` from ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` (hand-
+    started processes with ``JAX_COORDINATOR_ADDRESS``; launchers JAX knows need neither)."""
+    out = {}
+    for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if var in env:
+            try:
+                out[arg] = int(env[var])
+            except ValueError:
+                raise ValueError(f"{var}={env[var]!r} is not an integer") from None
+    if len(out) == 1:
+        raise ValueError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither")
+    return out

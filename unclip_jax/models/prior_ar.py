@@ -406,7 +406,13 @@ class EmbeddingBatches:
         return self._perm[1]
 
     def batch(self, i: int) -> dict[str, np.ndarray]:
-        flat = np.arange(i * self.batch_size, (i + 1) * self.batch_size)
+        # Multi-host: process p of P takes its B/P rows of global batch i (shard_batch
+        # assembles the global array from every process's slice).
+        pc, pi = jax.process_count(), jax.process_index()
+        if self.batch_size % pc:
+            raise ValueError(f"batch size {self.batch_size} does not split over {pc} processes")
+        local = self.batch_size // pc
+        flat = i * self.batch_size + pi * local + np.arange(local)
         idx = np.array([self._permutation(f // self.n)[f % self.n] for f in flat])
         return {k: v[idx] for k, v in self.arrays.items()}
 

@@ -265,9 +265,10 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
     lr_at = learning_rate_schedule(cfg.optim, tcfg.steps)
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
     config_dict = config_lib.to_dict(cfg)
-    tmp = workdir / f".config.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-    os.replace(tmp, workdir / "config.json")
+    if jax.process_index() == 0:       # multi-host: one writer of the shared workdir's files
+        tmp = workdir / f".config.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+        os.replace(tmp, workdir / "config.json")
     try:
         return _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at,
                       stop_after=stop_after, progress=progress)
@@ -323,11 +324,13 @@ def _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at, *, sto
                 f"{'(step ' + str(last) + ')' if last is not None else '(none yet)'} is untouched. "
                 f"Set train.on_nonfinite=skip to skip such steps instead.")
 
-        # --- loop
-        log_path = workdir / "metrics.jsonl"
-        truncate_log(log_path, start)
+        # --- loop (process 0 writes the log; every process saves its checkpoint shards)
+        main = jax.process_index() == 0
+        log_path = workdir / "metrics.jsonl" if main else Path(os.devnull)
+        if main:
+            truncate_log(log_path, start)
         bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {cfg.name}",
-                   disable=not progress, dynamic_ncols=True)
+                   disable=not (progress and main), dynamic_ncols=True)
         pending: list[tuple[int, dict]] = []
         t_last, steps_since = time.perf_counter(), 0
         step = start
