@@ -1,1 +1,3 @@
-"""Evaluation: zero-shot accuracy (CLIP score, Fréchet distance and binding to come)."""
+"""Evaluation: zero-shot accuracy (``zero_shot``, ``shapes_eval``), sample metrics — CLIP score,
+Fréchet distance, diversity, the shapes judge's fidelity and binding scores (``metrics``) — and
+the FID Inception-v3 feature extractor for user-supplied weights (``inception``)."""
