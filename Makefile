@@ -7,7 +7,7 @@ PPY    := $(PARITY_VENV)/bin/python
 DEMO_DIR ?= runs/demo
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-slow demo bench parity clean
+.PHONY: install test test-slow demo bench parity clean ablations
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ test-slow: install
 
 demo: install
 	$(VENV)/bin/unclip-jax demo --workdir $(DEMO_DIR)
+
+# The papers' ablations at small scale (experiments/ablations/README.md): each script writes
+# its row group into experiments/RESULTS.md. Needs `make demo` (and the extra runs listed there).
+ablations: install
+	for s in prior guidance sampler prior_k dalle; do \
+		nice -n 10 $(PY) experiments/ablations/$$s.py || exit 1; done
 
 bench: install
 	$(PY) benchmarks/run_all.py
