@@ -160,7 +160,9 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
         within 1% of the exact ODE's variance at 20 steps on Gaussian data, ≈ 0 at 50).
       eta: DDIM noise scale ≥ 0 (0 deterministic; 1 on the full schedule = DDPM posterior).
       guidance_scale: s in ``uncond + s·(cond − uncond)``; needs ``uncond`` unless it is 1.
-      model_output: "eps" | "x0" | "v".
+      model_output: "eps" | "x0" | "v". Prefer "v" (or "x0") with the cosine schedule: its last
+        step has ᾱ ≈ 2e-9, where x₀ from an ε output multiplies the output's error by σ/α ≈ 2·10⁴
+        (clipped, a random ±1 pattern that DDIM then carries to the end).
       variance: DDPM's reverse variance: "fixed_small" (β̃), "fixed_large" (β) or "learned".
       clip_x0: clip every predicted x₀ to ``(low, high)``, e.g. (-1, 1) for images.
       dynamic_threshold: quantile p of Imagen's dynamic thresholding (x₀ in [-1, 1] data).
