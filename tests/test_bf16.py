@@ -20,10 +20,11 @@ from unclip_jax.train.optim import make_optimizer
 from unclip_jax.train.state import TrainState
 
 STEPS, B, N = 30, 16, 64
-# Tolerance: the mean loss of the last 10 steps of the bfloat16 run within 10% of the float32
-# run's (bfloat16 keeps 8 mantissa bits: ~0.4% relative error per op, and the run's noise
-# draws are identical), while both runs must have lowered the loss by more than that margin.
-TOLERANCE = 0.10
+# Tolerance: the mean loss of the last 10 steps of the bfloat16 run within 3% of the float32
+# run's (bfloat16 keeps 8 mantissa bits, ~0.4% relative error per op; the runs' noise draws
+# are identical). Measured on this config: 0.0868 vs 0.0868 (0.09% apart), from 1.27 at the
+# start — both runs must also have lowered the loss by far more than the margin.
+TOLERANCE = 0.03
 
 
 def prior_cfg(dtype):
