@@ -356,3 +356,42 @@ def test_loss_fn_shares_positives_between_equal_captions(model_and_params, monke
     loss_fn(CLIP(TINY), params, batch)
     np.testing.assert_array_equal(seen[0], same)
     assert seen[1] is None
+
+
+def test_late_chroma_blocks_before_it_are_colour_blind():
+    from unclip_jax import shapes as S
+
+    cfg = dataclasses.replace(TINY, vision_chroma_from=1)
+    model = CLIP(cfg)
+    b = dummy_inputs(cfg, 2)
+    variables = model.init(jax.random.key(0), b["image"], b["tokens"])
+    assert "chroma_embed" in variables["params"]["visual"]
+    def paint(shape, colour):
+        # Exact (unquantised) anti-aliased image: coverage from a white render, blended.
+        white = S.render(S.Scene((S.ShapeObject("white", shape, "big", 0.4, 0.6),)), 16)
+        alpha = (white[..., :1].astype(np.float32) - S.BACKGROUND[0]) / (
+            S.PALETTE[S.COLOURS.index("white")][0] - S.BACKGROUND[0])
+        rgb = S.BACKGROUND + alpha * (S.PALETTE[S.COLOURS.index(colour)] - S.BACKGROUND)
+        return rgb / 127.5 - 1
+
+    images = np.stack([paint("triangle", c) for c in ("red", "blue", "white")])
+
+    def run(x):
+        return model.apply(variables, x, method=lambda m, x: m.visual(x),
+                           capture_intermediates=True)
+
+    (_, feat), inter = run(images)
+    early = inter["intermediates"]["visual"]["transformer"]["__call__"][0]
+    # The same triangle in three colours: identical states up to the chroma injection...
+    np.testing.assert_allclose(early[0], early[1], atol=1e-5)
+    np.testing.assert_allclose(early[0], early[2], atol=1e-5)
+    # ...and different features after it (colour still reaches the embedding).
+    assert np.abs(feat[0] - feat[1]).max() > 1e-3
+    # A different shape is seen before the injection.
+    tri_vs_sq = np.stack([images[0], paint("square", "red")])
+    early2 = run(tri_vs_sq)[1]["intermediates"]["visual"]["transformer"]["__call__"][0]
+    assert np.abs(early2[0] - early2[1]).max() > 1e-3
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=r"chroma_from=.* must be in \[1, depth - 1 = 1\]"):
+            CLIP(dataclasses.replace(TINY, vision_chroma_from=bad)).init(
+                jax.random.key(0), b["image"], b["tokens"])

@@ -6,6 +6,13 @@ better"): instead of one ``p×p`` stride-``p`` patch projection, ``log2(p)`` 3×
 convolutions (LayerNorm over channels, ReLU) and a 1×1 projection to the width. Each token
 still covers one ``p×p`` patch, but its features come from overlapping small receptive fields,
 which matters when a whole object spans only one or two patches (32 px shapes, patch 8).
+
+Optional late colour (``chroma_from = k``): blocks ``[0, k)`` see a colour-blind image (the
+luma, stretched per image to span [-1, 1], so no intensity level names a colour either); the
+chroma (RGB minus luma) gets its own patch projection, added to the tokens before block ``k``.
+Shape features are then computed without colour and cannot be conditioned on it; colour is
+bound to them by the last ``depth - k`` blocks. Meant for compositional generalisation to
+unseen (colour, shape) pairs.
 """
 
 from __future__ import annotations
@@ -20,6 +27,21 @@ from unclip_jax.nn.layers import layer_norm
 from unclip_jax.nn.transformer import Transformer
 
 Dtype = Any
+
+
+# ITU-R BT.601 luma weights.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _split_luma(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``[B, H, W, 3]`` in [-1, 1] → (colour-blind ``[B, H, W, 1]``: the luma stretched per
+    image to [-1, 1]; chroma ``[B, H, W, 3]``: the image minus its luma)."""
+    x = images.astype(jnp.float32)
+    luma = jnp.tensordot(x, jnp.asarray(_LUMA, jnp.float32), axes=[[-1], [0]])[..., None]
+    lo = jnp.min(luma, axis=(1, 2, 3), keepdims=True)
+    hi = jnp.max(luma, axis=(1, 2, 3), keepdims=True)
+    blind = 2.0 * (luma - lo) / jnp.maximum(hi - lo, 1e-3) - 1.0
+    return blind, x - luma
 
 
 class VisionTransformer(nn.Module):
@@ -39,6 +61,7 @@ class VisionTransformer(nn.Module):
     scan_layers: bool = False
     remat: str = "none"
     stem_channels: tuple[int, ...] = ()   # () = linear patch embedding; else the conv stem
+    chroma_from: int = 0                  # 0 = RGB from the start; k = colour enters at block k
 
     def _conv_stem(self, x: jax.Array) -> jax.Array:
         p, chans = self.patch_size, tuple(self.stem_channels)
@@ -62,6 +85,11 @@ class VisionTransformer(nn.Module):
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+        if self.chroma_from:
+            if not 0 < self.chroma_from < self.depth:
+                raise ValueError(f"chroma_from={self.chroma_from} must be in [1, depth - 1 = "
+                                 f"{self.depth - 1}] (0 disables it)")
+            images, chroma = _split_luma(images)
         if self.stem_channels:
             x = self._conv_stem(images.astype(self.dtype))
         else:
@@ -80,9 +108,20 @@ class VisionTransformer(nn.Module):
             nn.initializers.normal(scale), ("length", "embed")), x.shape[1:])
         x = x + pos.astype(x.dtype)
         x = layer_norm(name="ln_pre")(x)
-        x = Transformer(self.width, self.depth, self.num_heads, self.mlp_ratio, self.act,
+        early = self.chroma_from or self.depth
+        x = Transformer(self.width, early, self.num_heads, self.mlp_ratio, self.act,
                         dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
                         name="transformer")(x)
+        if self.chroma_from:
+            c = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+                        dtype=self.dtype, name="chroma_embed",
+                        kernel_init=nn.with_logical_partitioning(
+                            nn.initializers.lecun_normal(), (None, None, None, "embed")))(
+                                chroma.astype(self.dtype)).reshape(b, -1, self.width)
+            x = x + jnp.concatenate([jnp.zeros((b, 1, self.width), x.dtype), c], axis=1)
+            x = Transformer(self.width, self.depth - early, self.num_heads, self.mlp_ratio,
+                            self.act, dtype=self.dtype, scan_layers=self.scan_layers,
+                            remat=self.remat, name="transformer_late")(x)
         x = layer_norm(name="ln_post")(x)
         proj = self.param("proj", nn.with_logical_partitioning(
             nn.initializers.normal(scale), ("embed", None)), (self.width, self.output_dim))
