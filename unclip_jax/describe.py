@@ -299,7 +299,8 @@ def describe(cfg, mesh_shape: tuple[int, int, int] | None = None,
     total, local = per_device_param_elements(boxed, mesh_shape, preset)
     data, fsdp, model = mesh_shape
     t = model if preset == "fsdp_tp" else 1
-    local_batch = -(-batch // (data * fsdp))
+    # Activations live for one micro-batch at a time under gradient accumulation.
+    local_batch = -(-batch // (data * fsdp * max(1, cfg.train.grad_accum_steps)))
     ema = cfg.train.ema_decay > 0
     out = {
         "name": cfg.name, "task": cfg.task, "params": int(total),
