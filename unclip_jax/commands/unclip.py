@@ -9,22 +9,47 @@ Every command loads the chain (CLIP, tokenizer, prior, decoder, upsamplers; defa
     unclip-jax text-diff --image a.png --from "a red circle" --to "a blue circle" --out diff.png
 
 `sample` also writes the judge's scores beside the grid (`.json`) when every prompt is a
-captioned-shapes caption.
+captioned-shapes caption. Imported models (`unclip-jax convert clip|karlo`) run the same way;
+an OpenAI/open_clip CLIP takes its BPE vocabulary instead of a sentencepiece model, and Karlo's
+two super-resolution networks are given in order (the second runs only the last step):
+
+    unclip-jax sample --clip vitl14 --bpe-vocab bpe_simple_vocab_16e6.txt.gz \
+        --prior karlo/prior --decoder karlo/decoder \
+        --upsampler karlo/super_res_first --upsampler karlo/super_res_last \
+        --prompt "a high-resolution photograph of a big red frog" --out frog.png
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 
+class _Workdirs(argparse.Action):
+    """A repeatable list option: its first use replaces the default, later uses extend it
+    (``--upsampler A --upsampler B`` → ``[A, B]``; the flag alone → ``[]``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = getattr(namespace, self.dest)
+        items = [] if items is self.default or items is None else list(items)
+        setattr(namespace, self.dest, items + list(values))
+
+
 def _add_model_args(q) -> None:
     q.add_argument("--clip", default="runs/demo/clip", help="CLIP workdir")
-    q.add_argument("--tokenizer", default="runs/demo/tokenizer.model")
+    q.add_argument("--tokenizer", default=None,
+                   help="sentencepiece model (default: the CLIP run's, e.g. "
+                        "runs/demo/tokenizer.model) or a CLIP BPE vocabulary (.txt[.gz])")
+    q.add_argument("--bpe-vocab", default=None,
+                   help="CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) of a CLIP "
+                        "imported from OpenAI/open_clip")
     q.add_argument("--prior", default="runs/demo/prior", help="diffusion prior workdir")
     q.add_argument("--decoder", default="runs/demo/decoder", help="decoder workdir")
-    q.add_argument("--upsampler", nargs="*", default=["runs/demo/upsampler"],
-                   help="upsampler workdirs in order (give the flag alone for none)")
+    q.add_argument("--upsampler", nargs="*", action=_Workdirs,
+                   default=["runs/demo/upsampler"],
+                   help="upsampler workdirs in order, repeatable (Karlo: super_res_first, "
+                        "then super_res_last); give the flag alone for none")
     q.add_argument("--decoder-guidance", type=float, default=None,
                    help="decoder guidance scale (config default)")
     q.add_argument("--upsampler-steps", type=int, nargs="*", default=None)
@@ -84,7 +109,15 @@ def add_commands(subparsers) -> None:
 def _load(args):
     from unclip_jax.pipelines import unclip as U
 
-    return U.load_unclip(args.clip, args.tokenizer, args.prior, args.decoder, args.upsampler)
+    if args.tokenizer and args.bpe_vocab:
+        raise ValueError(f"give either --tokenizer ({args.tokenizer}) or --bpe-vocab "
+                         f"({args.bpe_vocab}), not both")
+    if args.bpe_vocab and not str(args.bpe_vocab).endswith(U.BPE_SUFFIXES):
+        raise ValueError(f"--bpe-vocab {args.bpe_vocab!r} is not a BPE merges file; accepted: "
+                         f"a {' or '.join(U.BPE_SUFFIXES)} file such as "
+                         f"bpe_simple_vocab_16e6.txt.gz")
+    return U.load_unclip(args.clip, args.bpe_vocab or args.tokenizer, args.prior, args.decoder,
+                         args.upsampler)
 
 
 def _manipulation_options(args) -> dict:

@@ -4,7 +4,7 @@ Input: a diffusers ``UnCLIPPipeline`` folder (``kakaobrain/karlo-v1-alpha``): ``
 (``PriorTransformer``), ``text_proj/`` (``UnCLIPTextProjModel``), ``decoder/`` (the 64 px
 ``UNet2DConditionModel``), ``super_res_first/`` and ``super_res_last/`` (``UNet2DModel``), each
 with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (``.bin`` read with
-``weights_only=True``). Output: one workdir per stage (``prior``, ``decoder``,
+``weights_only=True``; ``.npz`` from ``np.savez`` needs neither torch nor safetensors). Output: one workdir per stage (``prior``, ``decoder``,
 ``super_res_first``, ``super_res_last``), each a ``config.json`` plus ``checkpoints/0`` as a
 training run writes them, so :func:`unclip_jax.models.prior.load_sampler`,
 :func:`unclip_jax.models.decoder.load_decoder` / ``load_upsampler`` read them.
@@ -36,8 +36,16 @@ Where Karlo differs from the paper (Ramesh et al. 2022), and how our models hold
   add the timestep embedding (``time_shift="add"``), not ADM's scale-shift, and it replaces the
   paper's second 256→1024 stage by a separate network for the *last* step of the 64→256
   sampling ("improved SR": ``super_res_first`` for all but the last step, ``super_res_last``
-  for it). Its low-res input is upscaled bicubically in diffusers (ours: bilinear; the networks
-  themselves convert exactly).
+  for it: ``UpsamplerConfig.last_step`` on the converted ``super_res_last``, so the pipeline
+  folds it into the stage before it). Its low-res input is enlarged bicubically with
+  antialiasing in diffusers (→ ``low_res_resize="cubic"``: ``jax.image.resize``'s cubic equals
+  torch's antialiased bicubic when enlarging).
+* **Sampling.** diffusers' ``UnCLIPScheduler`` is DDPM over ``round(k·(T−1)/(n−1))``
+  timesteps (→ ``sample_method="ddpm"``, ``sample_spacing="unclip"``, :func:`karlo_schedule`)
+  with 25 prior, 25 decoder and 7 super-resolution steps and guidance scales 4 (prior) and 8
+  (decoder), the defaults written into the converted configs; guidance's unconditional input
+  is the empty caption's CLIP encoding (→ ``PriorConfig.uncond="empty_caption"``), and both the
+  prior and the decoder read the raw CLIP text embedding (``unit_text_emb=False``).
 """
 
 from __future__ import annotations
@@ -50,13 +58,14 @@ from typing import Any
 
 import numpy as np
 
-from unclip_jax.convert.clip import (ConversionError, _leaves, _set, load_state_dict,
+from unclip_jax.convert.clip import (ConversionError, _leaves, _set,
                                      normalize_state_dict)
 from unclip_jax.models.decoder import DecoderConfig, UpsamplerConfig
 from unclip_jax.models.prior import PriorConfig
 
 COMPONENTS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last")
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.npz")
 SUPER_RES_FACTOR = 4                     # Karlo's upsamplers: 64 → 256
 
 Spec = dict  # nested {our name: (source key, fn) | nested}
@@ -240,7 +249,8 @@ def prior_config(config: Mapping, sd: Mapping[str, np.ndarray], *,
               sample_steps=25, sample_method="ddpm", text_emb_scale=1.0,
               time_embed_dim=int(config.get("time_embed_dim") or width),
               norm_in=config.get("norm_in_type") == "layer",
-              clip_sample_range=float(clip_sample_range))
+              clip_sample_range=float(clip_sample_range), guidance_scale=4.0,
+              uncond="empty_caption", unit_text_emb=False, sample_spacing="unclip")
     kw.update(overrides)
     return PriorConfig(**kw)
 
@@ -417,7 +427,8 @@ def decoder_config(decoder: Mapping, text_proj: Mapping, *, context_length: int 
               clip_emb_scale=1.0, clip_text_width=clip_dim,
               groups=int(decoder.get("norm_num_groups", 32)), schedule="cosine",
               num_timesteps=1000, model_output="eps", learned_variance=out == 6,
-              sample_steps=25, guidance_scale=8.0)
+              sample_steps=25, guidance_scale=8.0, sample_method="ddpm",
+              sample_spacing="unclip")
     kw.update(overrides)
     return DecoderConfig(**kw)
 
@@ -491,7 +502,8 @@ def upsampler_config(config: Mapping, *, factor: int = SUPER_RES_FACTOR,
               groups=int(config.get("norm_num_groups", 32)),
               time_shift="add" if shift == "default" else "scale_shift", augment="none",
               schedule="cosine", num_timesteps=1000, model_output="eps",
-              learned_variance=out == 6, sample_steps=7)
+              learned_variance=out == 6, sample_steps=7, sample_method="ddpm",
+              sample_spacing="unclip", low_res_resize="cubic")
     kw.update(overrides)
     return UpsamplerConfig(**kw)
 
@@ -525,13 +537,14 @@ def karlo_timesteps(num_steps: int, num_timesteps: int = 1000) -> np.ndarray:
                      .astype(np.int64))
 
 
-def karlo_schedule(num_steps: int, num_timesteps: int = 1000):
-    """Our cosine :class:`~unclip_jax.diffusion.Schedule` respaced onto Karlo's timesteps, so
+def karlo_schedule(num_steps: int, num_timesteps: int = 1000, kind: str = "cosine"):
+    """Our ``kind`` :class:`~unclip_jax.diffusion.Schedule` (Karlo: cosine) respaced onto
+    Karlo's timesteps, so
     the shared sampler's ``method="ddpm"`` takes exactly ``UnCLIPScheduler``'s steps (β of a
     skip = 1 − ᾱ_t/ᾱ_prev, posterior mean and variance, x̂₀ clipping via ``clip_x0``)."""
     from unclip_jax.diffusion.schedule import base_betas, from_betas
 
-    base = base_betas("cosine", num_timesteps)
+    base = base_betas(kind, num_timesteps)
     ac = np.cumprod(1.0 - base)
     kept = karlo_timesteps(num_steps, num_timesteps)
     betas, prev = [], -1
@@ -552,9 +565,11 @@ def read_component(source: str | os.PathLike, name: str) -> tuple[dict, dict[str
         raise FileNotFoundError(f"{str(cfg_path)!r} does not exist: {str(source)!r} is not a "
                                 f"diffusers Karlo pipeline folder (expected "
                                 f"{', '.join(COMPONENTS)}, each with config.json)")
+    from unclip_jax.convert import read_state_dict
+
     for f in WEIGHT_FILES:
         if (folder / f).is_file():
-            return json.loads(cfg_path.read_text()), load_state_dict(folder / f)
+            return json.loads(cfg_path.read_text()), read_state_dict(folder / f)
     raise FileNotFoundError(f"no weights in {str(folder)!r}; expected one of "
                             f"{', '.join(WEIGHT_FILES)}")
 
@@ -611,7 +626,7 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike,
     for name in ("super_res_first", "super_res_last"):
         if name in stages:
             ucfg, usd = read_component(source, name)
-            cfg, params = convert_upsampler(ucfg, usd)
+            cfg, params = convert_upsampler(ucfg, usd, last_step=name == "super_res_last")
             done.append((cfg, params, name))
     # Write only once everything converted (no half-converted output folder).
     for cfg, params, name in done:

@@ -22,7 +22,8 @@ the token states are projected to the context width, LayerNorm-ed and concatenat
 CLIP tokens. ``clip_emb_scale`` (0 = √E, our unit-norm convention; Karlo: 1, raw embeddings)
 multiplies the image embedding before its projections.
 
-Upsamplers (§2.1, appendix C): the low-resolution image, resized bilinearly to the target size,
+Upsamplers (§2.1, appendix C): the low-resolution image, resized bilinearly to the target size
+(``low_res_resize``; Karlo: "cubic", which equals torch's antialiased bicubic when enlarging),
 is concatenated to ``x_t`` on channels; no attention anywhere (fully convolutional); trained on
 random crops and run on whole images; conditioning augmentation "blur" (Gaussian blur of random
 σ, the first stage) or "bsr" (a jittable BSR-style chain: blur → random down/up resize →
@@ -101,6 +102,8 @@ class DecoderConfig:
     learned_variance: bool = True
     vlb_weight: float = 0.001
     sample_steps: int = 50
+    sample_method: str = "ddim"               # the text → image pipeline's default; Karlo: ddpm
+    sample_spacing: str = "even"              # "even" (respace) | "unclip" (diffusers' Karlo)
     guidance_scale: float = 3.0
     dtype: str = "float32"
 
@@ -131,6 +134,10 @@ class UpsamplerConfig:
     learned_variance: bool = False
     vlb_weight: float = 0.001
     sample_steps: int = 27
+    sample_method: str = "ddim"               # the text → image pipeline's default; Karlo: ddpm
+    sample_spacing: str = "even"              # "even" (respace) | "unclip" (diffusers' Karlo)
+    low_res_resize: str = "linear"            # jax.image.resize method of the low-res input
+    last_step: bool = False                   # runs only the final step of the stage before it
     dtype: str = "float32"
 
     @property
@@ -320,9 +327,15 @@ def batched(tree: Any, batch: int) -> Any:
 
 
 def make_cond(params, cfg: DecoderConfig, image_emb: jax.Array,
-              tokens: jax.Array | None = None) -> dict:
-    """``cond`` for the denoiser from CLIP image embeddings ``[B, E]`` and caption tokens."""
+              tokens: jax.Array | None = None, clip_text: dict | None = None) -> dict:
+    """``cond`` for the denoiser from CLIP image embeddings ``[B, E]`` and caption tokens
+    (and, for a ``clip_text_width > 0`` decoder, the CLIP text features ``clip_text``)."""
     cond = {"image_emb": jnp.asarray(image_emb, jnp.float32)}
+    if cfg.clip_text_width > 0:
+        if clip_text is None:
+            raise ValueError("this decoder is conditioned on CLIP text features "
+                             "(clip_text_width > 0): pass clip_text={'emb', 'states', 'valid'}")
+        cond["clip_text"] = clip_text
     if cfg.use_text:
         if tokens is None:
             raise ValueError("this decoder has a caption encoder: pass caption tokens")
@@ -362,19 +375,29 @@ def sample_images(params, cfg: DecoderConfig, image_emb: jax.Array,
                   tokens: jax.Array | None = None, rng: jax.Array | None = None,
                   guidance_scale: float | None = None, steps: int | None = None,
                   method: str = "ddim", eta: float = 0.0,
-                  x_T: jax.Array | None = None) -> jax.Array:
+                  x_T: jax.Array | None = None, clip_text: dict | None = None,
+                  uncond_clip_text: dict | None = None) -> jax.Array:
     """Images ``[B, S, S, 3]`` in [-1, 1] from CLIP image embeddings ``[B, E]`` (and caption
     tokens ``[B, L]`` when the decoder has a caption encoder), through the shared jitted sampler
     with classifier-free guidance against the learned nulls. ``guidance_scale`` and ``eta`` are
     traced (no recompilation); ``steps`` respaces the schedule (default ``cfg.sample_steps``).
+    A ``clip_text_width > 0`` decoder (Karlo) also takes the CLIP text features ``clip_text``
+    (``{"emb": [B, E] raw, "states": [B, L, W], "valid": [B, L]}``) and their unconditional
+    counterpart ``uncond_clip_text`` (Karlo: the empty caption's encoding; it has no learned
+    null text). The text → image pipeline samples with ``cfg.sample_method``/``sample_spacing``.
     """
     image_emb = jnp.asarray(image_emb, jnp.float32)
     if image_emb.ndim != 2 or image_emb.shape[1] != cfg.clip_dim:
         raise ValueError(f"image_emb has shape {image_emb.shape}; expected [B, {cfg.clip_dim}]")
     b = image_emb.shape[0]
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    cond = make_cond(params, cfg, image_emb, tokens)
+    cond = make_cond(params, cfg, image_emb, tokens, clip_text)
     uncond = batched(null_cond(params, cfg), b)
+    if cfg.clip_text_width > 0:
+        if uncond_clip_text is None:
+            raise ValueError("this decoder has no learned null text: pass uncond_clip_text "
+                             "(the empty caption's CLIP encoding, batched)")
+        uncond["clip_text"] = uncond_clip_text
     sampler = _decoder_sampler(cfg, int(steps or cfg.sample_steps), method, b)
     scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
     return sampler(params, cond, uncond, rng, guidance_scale=scale, eta=eta, x_T=x_T)
@@ -426,7 +449,7 @@ class Upsampler(nn.Module):
                     name="unet")
         unet.check_input(x_t.shape[1], x_t.shape[2])
         up = jax.image.resize(low.astype(jnp.float32), x_t.shape[:3] + (low.shape[3],),
-                              method="linear")
+                              method=cfg.low_res_resize)
         return unet(jnp.concatenate([x_t, up], axis=-1), t, deterministic=deterministic)
 
 

@@ -30,7 +30,11 @@ Options for imported weights (Karlo, :mod:`unclip_jax.convert.karlo`): ``text_em
 (0 = √E, our unit-norm convention; Karlo feeds raw CLIP text embeddings: 1), ``time_embed_dim``
 (hidden width of the timestep MLP, 0 = width), ``norm_in`` (a LayerNorm on the sequence before
 the transformer) and ``clip_sample_range`` (clip every predicted x₀ to ±range while sampling;
-0 = no clipping).
+0 = no clipping). Sampling options the text → image pipeline (:mod:`unclip_jax.pipelines.unclip`)
+honours: ``uncond`` (the guidance's unconditional input: the learned nulls, or — Karlo, which
+has none — the CLIP encoding of the empty caption), ``unit_text_emb`` (False: the raw projected
+CLIP text feature goes in, as Karlo was trained) and ``sample_spacing`` ("even": our
+:func:`~unclip_jax.diffusion.respace`; "unclip": diffusers' ``UnCLIPScheduler`` timesteps).
 
 At sampling ``num_candidates = k`` embeddings are drawn per caption and the one with the
 highest dot product with the caption's text embedding is kept (paper: k = 2).
@@ -90,6 +94,9 @@ class PriorConfig:
     time_embed_dim: int = 0              # hidden width of the timestep MLP (0 = width)
     norm_in: bool = False                # LayerNorm on the sequence before the transformer
     clip_sample_range: float = 0.0       # sampling: clip x̂₀ to ±range (0 = no clipping)
+    uncond: str = "learned"              # guidance uncond: "learned" nulls | "empty_caption"
+    unit_text_emb: bool = True           # text_emb unit-norm (ours) or raw (Karlo: False)
+    sample_spacing: str = "even"         # "even" (respace) | "unclip" (diffusers UnCLIPScheduler)
     dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"
@@ -325,6 +332,10 @@ class PriorSampler:
         k = self.num_candidates
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         guided = not (isinstance(scale, (int, float)) and scale == 1.0)
+        if guided and self.cfg.uncond != "learned":
+            raise ValueError(f"this prior has no learned nulls (uncond={self.cfg.uncond!r}); "
+                             f"guide it with unclip_jax.pipelines.unclip, which passes the "
+                             f"empty caption's CLIP encoding as the unconditional input")
         cond = condition(self.cfg, inputs)
         b = cond["text_emb"].shape[0]
         cond_k = jax.tree.map(lambda x: jnp.concatenate([x] * k, axis=0), cond)

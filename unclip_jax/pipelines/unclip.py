@@ -5,7 +5,8 @@ and unit-norm text embedding ``[B, E]``) → diffusion prior (the shared sampler
 guidance, ``k`` candidates per caption, the one with the highest dot product with the text
 embedding kept) → decoder (the shared sampler, guided against its learned nulls) →
 upsampler(s) (the shared sampler, few-step DDIM, no guidance) → images ``[B, H, W, 3]`` in
-[-1, 1]. Every stage is a pure function of its params; :func:`make_text_to_image` composes them
+[-1, 1]. Each stage samples with its config's method and timestep spacing (``sample_method``,
+``sample_spacing``) unless :class:`Settings` overrides them. Every stage is a pure function of its params; :func:`make_text_to_image` composes them
 into ``fn(params, tokens, rng, guidance)``. Static (one compile per value and input shape):
 step counts, methods, η, ``num_candidates``. Traced: ``guidance = (prior_scale,
 decoder_scale)``, so new guidance scales never recompile.
@@ -19,6 +20,27 @@ From a notebook, three lines::
 For full control: ``fn = unclip.make_text_to_image(model, unclip.Settings(decoder_steps=25))``
 then ``fn(model.params, tokens, jax.random.PRNGKey(0), (prior_scale, decoder_scale))``.
 Only the diffusion prior runs inside the jitted chain (the AR prior has its own token loop).
+
+Converted Karlo stacks (:mod:`unclip_jax.convert.karlo`, with an OpenAI ViT-L/14 CLIP from
+``unclip-jax convert clip`` and its BPE vocabulary) run through the same chain; their configs
+say what differs from ours, and the chain follows them:
+
+* ``PriorConfig.uncond = "empty_caption"``: Karlo has no learned null text; the guidance's
+  unconditional input is the CLIP encoding of the empty caption (``params["empty_caption"]``,
+  computed once by :func:`load_unclip` / :func:`with_empty_caption`). The same encoding is the
+  decoder's unconditional CLIP text (``DecoderConfig.clip_text_width > 0``), next to its learned
+  null image embedding, exactly as diffusers' ``UnCLIPPipeline`` builds its guidance batch.
+* ``PriorConfig.unit_text_emb = False``: the prior (and the decoder's CLIP text input) read the
+  raw projected EOS feature, not the unit-norm embedding.
+* ``sample_spacing = "unclip"``, ``sample_method = "ddpm"``: ``UnCLIPScheduler``'s timesteps.
+* ``UpsamplerConfig.last_step``: an upsampler that takes only the final sampling step of the
+  stage before it (Karlo's ``super_res_last`` after ``super_res_first``); a stage is one
+  upsampler, or one plus its last-step network.
+* ``UpsamplerConfig.low_res_resize = "cubic"``: the low-res image enlarged bicubically
+  (antialiased, as ``torch.nn.functional.interpolate(..., "bicubic", antialias=True)``).
+
+Text masks are "up to and including the first EOS" (Hugging Face's ``attention_mask``), so a
+real token that shares the padding id (CLIP BPE's ``!`` is id 0) is not masked out.
 """
 
 from __future__ import annotations
@@ -36,7 +58,11 @@ from unclip_jax import diffusion
 from unclip_jax.commands.decoder import to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
-from unclip_jax.models.clip import CLIP, CLIPConfig
+from unclip_jax.models.clip import CLIP, CLIPConfig, eos_positions
+
+SPACINGS = ("even", "unclip")           # sample_spacing values (see stage_schedule)
+UNCONDS = ("learned", "empty_caption")  # PriorConfig.uncond values
+RESIZES = ("linear", "cubic")           # UpsamplerConfig.low_res_resize values
 
 # ============================================================================ the models
 
@@ -45,8 +71,10 @@ from unclip_jax.models.clip import CLIP, CLIPConfig
 class UnCLIP:
     """The frozen models of the chain: configs (static) and ``params`` (arguments).
 
-    ``params = {"clip": …, "prior": …, "decoder": …, "upsamplers": (…, …)}``; ``tokenizer`` is a
-    :class:`unclip_jax.text.Tokenizer` (None: only the token-level API works).
+    ``params = {"clip": …, "prior": …, "decoder": …, "upsamplers": (…, …)}``, plus
+    ``"empty_caption"`` (see :func:`with_empty_caption`) where a config asks for it;
+    ``tokenizer`` is a :class:`unclip_jax.text.Tokenizer` or :class:`ClipBPE` (None: only the
+    token-level API works).
     """
 
     clip: CLIPConfig
@@ -67,9 +95,51 @@ class UnCLIP:
         return self.upsamplers[-1].image_size if self.upsamplers else self.decoder.image_size
 
 
+def _check_choice(what: str, value, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ValueError(f"{what} = {value!r} is not supported; accepted: "
+                         f"{', '.join(map(repr, accepted))}")
+
+
+def upsampler_stages(upsamplers: Sequence[D.UpsamplerConfig]) -> tuple[tuple[int, ...], ...]:
+    """The sampling stages of an upsampler list: indices ``(i,)``, or ``(i, i + 1)`` where
+    upsampler ``i + 1`` has ``last_step`` (it takes over stage ``i``'s final step; both must
+    have the same sizes and outputs). ValueError for a ``last_step`` upsampler with no stage
+    (or a stage that already has one) before it."""
+    stages: list[tuple[int, ...]] = []
+    for i, up in enumerate(upsamplers):
+        if not up.last_step:
+            stages.append((i,))
+            continue
+        if not stages or len(stages[-1]) == 2:
+            raise ValueError(f"upsampler {i} runs only the last step of the stage before it "
+                             f"(last_step=True), but no upsampler stage precedes it; accepted: "
+                             f"it right after its stage's main upsampler (Karlo: "
+                             f"super_res_first, then super_res_last)")
+        main = upsamplers[stages[-1][0]]
+        mine = (up.low_res_size, up.image_size, up.learned_variance, up.model_output)
+        theirs = (main.low_res_size, main.image_size, main.learned_variance, main.model_output)
+        if mine != theirs:
+            raise ValueError(f"upsampler {i} (last_step) has low_res_size, image_size, "
+                             f"learned_variance, model_output = {mine}, its stage's upsampler "
+                             f"{stages[-1][0]} has {theirs}; they must agree")
+        stages[-1] = stages[-1] + (i,)
+    return tuple(stages)
+
+
 def check_chain(clip: CLIPConfig, prior: P.PriorConfig, decoder: D.DecoderConfig,
                 upsamplers: Sequence[D.UpsamplerConfig]) -> None:
-    """Raise ValueError unless the models' sizes fit together."""
+    """Raise ValueError unless the models' sizes and sampling options fit together."""
+    _check_choice("prior uncond", prior.uncond, UNCONDS)
+    _check_choice("prior sample_spacing", prior.sample_spacing, SPACINGS)
+    _check_choice("decoder sample_spacing", decoder.sample_spacing, SPACINGS)
+    for i, up in enumerate(upsamplers):
+        _check_choice(f"upsampler {i} sample_spacing", up.sample_spacing, SPACINGS)
+        _check_choice(f"upsampler {i} low_res_resize", up.low_res_resize, RESIZES)
+    if decoder.clip_text_width and decoder.clip_text_width != clip.text_width:
+        raise ValueError(f"the decoder reads CLIP token states of width "
+                         f"{decoder.clip_text_width}, the CLIP's text tower has width "
+                         f"{clip.text_width}")
     if not clip.embed_dim == prior.embed_dim == decoder.clip_dim:
         raise ValueError(f"embedding sizes disagree: CLIP embed_dim {clip.embed_dim}, prior "
                          f"embed_dim {prior.embed_dim}, decoder clip_dim {decoder.clip_dim}; "
@@ -81,7 +151,8 @@ def check_chain(clip: CLIPConfig, prior: P.PriorConfig, decoder: D.DecoderConfig
         raise ValueError(f"the CLIP's {clip.context_length} text tokens exceed the prior's "
                          f"context_length {prior.context_length}")
     size = decoder.image_size
-    for i, up in enumerate(upsamplers):
+    for stage in upsampler_stages(upsamplers):
+        i, up = stage[0], upsamplers[stage[0]]
         if up.low_res_size != size:
             raise ValueError(f"upsampler {i} takes {up.low_res_size}×{up.low_res_size} inputs "
                              f"but the stage before it makes {size}×{size} images; accepted: "
@@ -95,25 +166,103 @@ def load_unclip(clip_workdir: str | os.PathLike, tokenizer_path: str | os.PathLi
                 ema: bool | None = None) -> UnCLIP:
     """The latest checkpoints of the four kinds of training run, checked to fit together.
 
-    ``tokenizer_path`` None: the CLIP run's own (``data.tokenizer`` or beside its workdir).
+    ``tokenizer_path``: a sentencepiece model (ours), or CLIP's BPE vocabulary
+    (``bpe_simple_vocab_16e6.txt.gz``, for a CLIP imported by ``unclip-jax convert clip``);
+    None: the CLIP run's own (``data.tokenizer`` or beside its workdir).
     ``ema``: None = EMA params where a run kept them (the decoder and upsamplers; the CLIP and
-    prior loaders always take the EMA params when kept).
+    prior loaders always take the EMA params when kept). Upsampler workdirs are given in order;
+    one with ``last_step`` joins the stage before it (Karlo: ``super_res_first``,
+    ``super_res_last``).
     """
     from unclip_jax.embeddings import clip_tokenizer_path, load_clip
-    from unclip_jax.text import Tokenizer
 
     if isinstance(upsampler_workdirs, (str, os.PathLike)):
         upsampler_workdirs = [upsampler_workdirs]
     _, clip_params, clip_cfg = load_clip(clip_workdir)
-    tok = Tokenizer.load(tokenizer_path or clip_tokenizer_path(clip_workdir))
+    if tokenizer_path is None:
+        try:
+            tokenizer_path = clip_tokenizer_path(clip_workdir)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} (for a CLIP imported from OpenAI/open_clip: its BPE "
+                                    f"vocabulary bpe_simple_vocab_16e6.txt.gz, --bpe-vocab "
+                                    f"on the command line)") from None
+    tok = load_tokenizer(tokenizer_path)
+    check_tokenizer(tok, clip_cfg)
     prior = P.load_sampler(prior_workdir)
     dec_params, dec_cfg = D.load_decoder(decoder_workdir, ema)
     ups = [D.load_upsampler(w, ema) for w in upsampler_workdirs]
     check_chain(clip_cfg, prior.cfg, dec_cfg, [c for _, c in ups])
     params = {"clip": clip_params, "prior": prior.params, "decoder": dec_params,
               "upsamplers": tuple(p for p, _ in ups)}
-    return UnCLIP(clip_cfg, prior.cfg, dec_cfg, tuple(c for _, c in ups),
-                  jax.tree.map(jnp.asarray, params), tok)
+    model = UnCLIP(clip_cfg, prior.cfg, dec_cfg, tuple(c for _, c in ups),
+                   jax.tree.map(jnp.asarray, params), tok)
+    return with_empty_caption(model) if needs_empty_caption(model.configs) else model
+
+
+class ClipBPE:
+    """CLIP's byte-level BPE (:class:`unclip_jax.convert.clip_bpe.ClipBPETokenizer`) behind the
+    interface the pipelines use (``encode(texts, context_length)``, ``pad_id``, ``eos_id``,
+    ``vocab_size()``)."""
+
+    pad_id = 0
+
+    def __init__(self, vocab_path: str | os.PathLike):
+        from unclip_jax.convert.clip_bpe import ClipBPETokenizer
+
+        self.bpe = ClipBPETokenizer(vocab_path)
+        self.path = str(vocab_path)
+        self.eos_id, self.bos_id = self.bpe.eot_id, self.bpe.sot_id
+
+    def vocab_size(self) -> int:
+        return self.bpe.vocab_size
+
+    def encode(self, texts: str | Sequence[str], context_length: int) -> np.ndarray:
+        """``[N, context_length]`` int32: SOT, ids, EOT, zeros (open_clip's rows)."""
+        return self.bpe([texts] if isinstance(texts, str) else list(texts), context_length)
+
+
+BPE_SUFFIXES = (".txt", ".txt.gz")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A sentencepiece :class:`~unclip_jax.text.Tokenizer` (``.model``), or :class:`ClipBPE` for
+    CLIP's BPE vocabulary (a merges file, ``.txt`` or ``.txt.gz``)."""
+    from unclip_jax.text import Tokenizer
+
+    if str(path).endswith(BPE_SUFFIXES):
+        return ClipBPE(path)
+    return Tokenizer.load(path)
+
+
+def check_tokenizer(tok, clip: CLIPConfig) -> None:
+    """ValueError unless the tokenizer's ids fit the CLIP's embedding table and EOS id."""
+    n, eos = tok.vocab_size(), getattr(tok, "eos_id", clip.eos_id)
+    path = getattr(tok, "path", None) or "the tokenizer"
+    if n > clip.vocab_size or eos != clip.eos_id:
+        raise ValueError(f"{path} (vocabulary {n}, EOS id {eos}) does not fit the CLIP "
+                         f"(vocab_size {clip.vocab_size}, eos_id {clip.eos_id}); pass the "
+                         f"tokenizer the CLIP was trained with (OpenAI/open_clip CLIPs: "
+                         f"bpe_simple_vocab_16e6.txt.gz)")
+
+
+def needs_empty_caption(configs: tuple) -> bool:
+    """Whether the chain guides with the empty caption's CLIP encoding (Karlo's prior or a
+    decoder reading CLIP text features)."""
+    _, prior, decoder, _ = configs
+    return prior.uncond == "empty_caption" or decoder.clip_text_width > 0
+
+
+def with_empty_caption(unclip: UnCLIP) -> UnCLIP:
+    """``unclip`` with ``params["empty_caption"] = {"emb": [E] raw, "states": [L, W],
+    "valid": [L]}``: the CLIP encoding of the caption "" (SOT, EOT, padding), Karlo's
+    unconditional input. Needs the tokenizer."""
+    if unclip.tokenizer is None:
+        raise ValueError("with_empty_caption needs the UnCLIP's tokenizer (to encode \"\")")
+    tokens = jnp.asarray(unclip.tokenizer.encode([""], unclip.clip.context_length))
+    states, emb = encode_text(unclip.clip, unclip.params["clip"], tokens, normalize=False)
+    valid = text_mask(unclip.clip, tokens)
+    empty = {"emb": emb[0], "states": states[0], "valid": valid[0]}
+    return dataclasses.replace(unclip, params={**unclip.params, "empty_caption": empty})
 
 
 # ============================================================================ settings
@@ -128,27 +277,29 @@ class Settings:
     prior_eta: float | None = None
     num_candidates: int | None = None       # k draws per caption, best by dot product kept
     decoder_steps: int | None = None
-    decoder_method: str = "ddim"
+    decoder_method: str | None = None
     decoder_eta: float = 0.0
-    upsampler_steps: tuple[int, ...] | None = None   # per upsampler (paper: 27, 15)
-    upsampler_method: str = "ddim"
+    upsampler_steps: tuple[int, ...] | None = None   # per upsampler stage (paper: 27, 15)
+    upsampler_method: str | None = None              # None: each stage's config's
     upsampler_eta: float = 0.0
 
     def resolved(self, unclip_configs: tuple) -> "Settings":
         _, prior, decoder, ups = unclip_configs
         pick = lambda v, d: d if v is None else v  # noqa: E731
-        up_steps = pick(self.upsampler_steps, tuple(u.sample_steps for u in ups))
+        stages = upsampler_stages(ups)
+        up_steps = pick(self.upsampler_steps, tuple(ups[s[0]].sample_steps for s in stages))
         if isinstance(up_steps, int):
-            up_steps = (up_steps,) * len(ups)
-        if len(up_steps) != len(ups):
-            raise ValueError(f"upsampler_steps has {len(up_steps)} entries for {len(ups)} "
-                             f"upsamplers")
+            up_steps = (up_steps,) * len(stages)
+        if len(up_steps) != len(stages):
+            raise ValueError(f"upsampler_steps has {len(up_steps)} entries for {len(stages)} "
+                             f"upsampler stages")
         out = dataclasses.replace(
             self, prior_steps=int(pick(self.prior_steps, prior.sample_steps)),
             prior_method=pick(self.prior_method, prior.sample_method),
             prior_eta=float(pick(self.prior_eta, prior.eta)),
             num_candidates=int(pick(self.num_candidates, prior.num_candidates)),
             decoder_steps=int(pick(self.decoder_steps, decoder.sample_steps)),
+            decoder_method=pick(self.decoder_method, decoder.sample_method),
             upsampler_steps=tuple(int(s) for s in up_steps))
         if out.num_candidates < 1:
             raise ValueError(f"num_candidates must be ≥ 1, got {out.num_candidates}")
@@ -173,32 +324,82 @@ def settings_from(**kwargs) -> Settings:
 # ============================================================================ the stages
 
 
-def encode_text(clip_cfg: CLIPConfig, clip_params, tokens: jax.Array):
-    """CLIP text tower: ``[B, L]`` int32 → (states ``[B, L, W]``, embedding ``[B, E]`` unit)."""
-    return CLIP(clip_cfg).apply({"params": clip_params}, tokens,
-                                method=CLIP.encode_text_tokens)
+def encode_text(clip_cfg: CLIPConfig, clip_params, tokens: jax.Array, *,
+                normalize: bool = True):
+    """CLIP text tower: ``[B, L]`` int32 → (states ``[B, L, W]``, embedding ``[B, E]``), the
+    embedding unit-norm, or with ``normalize=False`` the raw projected EOS feature (Karlo's
+    ``text_embeds``)."""
+    if normalize:
+        return CLIP(clip_cfg).apply({"params": clip_params}, tokens,
+                                    method=CLIP.encode_text_tokens)
+    return CLIP(clip_cfg).apply({"params": clip_params}, tokens, method=lambda m, t: m.text(t))
+
+
+def unit(x: jax.Array) -> jax.Array:
+    """Rows scaled to unit L2 norm."""
+    x = jnp.asarray(x, jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+def text_mask(clip_cfg: CLIPConfig, tokens: jax.Array) -> jax.Array:
+    """``[B, L]`` bool: positions up to and including each row's first EOS (Hugging Face's
+    ``attention_mask``); rows without one: up to the last non-pad token."""
+    last = eos_positions(tokens, clip_cfg.eos_id, clip_cfg.pad_id)
+    return jnp.arange(tokens.shape[1])[None] <= last[:, None]
+
+
+def stage_schedule(kind: str, num_timesteps: int, steps: int, spacing: str = "even"):
+    """A stage's sampling schedule: ``steps`` of the ``kind`` schedule, spaced "even" (our
+    :func:`~unclip_jax.diffusion.respace`, ``round(k·(T−1)/(n−1))``) or "unclip" (diffusers'
+    ``UnCLIPScheduler``: the same rule in its float arithmetic, which rounds some ties — e.g.
+    499.5 at 27 steps — the other way; :func:`unclip_jax.convert.karlo.karlo_schedule`)."""
+    _check_choice("sample_spacing", spacing, SPACINGS)
+    if spacing == "unclip":
+        from unclip_jax.convert.karlo import karlo_schedule
+
+        return karlo_schedule(int(steps), num_timesteps, kind)
+    return diffusion.make_schedule(kind, num_timesteps, str(int(steps)))
 
 
 def prior_schedule(cfg: P.PriorConfig, steps: int) -> diffusion.Schedule:
-    """The prior's sampling schedule (evenly respaced, as :class:`PriorSampler` uses)."""
-    return diffusion.respace(P.base_schedule(cfg), str(steps))
+    """The prior's sampling schedule (``cfg.sample_spacing``; "even" is what
+    :class:`PriorSampler` uses)."""
+    return stage_schedule(cfg.schedule, cfg.num_timesteps, steps, cfg.sample_spacing)
 
 
 def prior_embeddings(cfg: P.PriorConfig, params, text_emb, text_states, tokens, rng, guidance,
-                     *, schedule, method: str, eta: float, num_candidates: int) -> jax.Array:
+                     *, schedule, method: str, eta: float, num_candidates: int,
+                     text_mask: jax.Array | None = None, uncond: dict | None = None
+                     ) -> jax.Array:
     """Image embeddings ``[B, E]`` (unit norm with ``cfg.renormalize``): ``k`` guided draws
     per caption through the shared sampler, the best by dot product with ``text_emb`` kept.
-    Schedules are built outside ``jit`` (respacing runs in numpy)."""
+    ``text_emb`` in the prior's convention (``cfg.unit_text_emb``); ``text_mask`` None: the
+    non-pad tokens. ``uncond`` (``text_emb``, ``text_states``, ``text_mask``, batched like the
+    captions): the guidance's unconditional input; None = the learned nulls, which a prior with
+    ``uncond="empty_caption"`` does not have (ValueError). Schedules are built outside ``jit``
+    (respacing runs in numpy)."""
     k = num_candidates
     cond = P.condition(cfg, {"text_emb": text_emb, "text_states": text_states,
                              "text_tokens": tokens})
-    cond_k = jax.tree.map(lambda x: jnp.concatenate([x] * k, axis=0), cond)
+    if text_mask is not None:
+        cond["text_mask"] = jnp.asarray(text_mask, jnp.bool_)
+    rep = lambda tree: jax.tree.map(lambda x: jnp.concatenate([x] * k, axis=0), tree)  # noqa
+    cond_k = rep(cond)
+    if uncond is None:
+        if cfg.uncond != "learned":
+            raise ValueError(f"this prior has no learned nulls (uncond={cfg.uncond!r}): pass "
+                             f"uncond, the empty caption's CLIP encoding")
+        uncond_k = P.uncondition(params, cfg, cond_k)
+    else:
+        uncond_k = rep({"text_emb": jnp.asarray(uncond["text_emb"], jnp.float32),
+                        "text_states": jnp.asarray(uncond["text_states"], jnp.float32),
+                        "text_mask": jnp.asarray(uncond["text_mask"], jnp.bool_)})
     x = diffusion.sample(
         P.make_denoiser(P.DiffusionPrior(cfg)), params,
         schedule=schedule, rng=rng,
         shape=(k * text_emb.shape[0], cfg.embed_dim), cond=cond_k,
-        uncond=P.uncondition(params, cfg, cond_k), method=method, eta=eta,
-        guidance_scale=guidance, model_output="x0")
+        uncond=uncond_k, method=method, eta=eta,
+        guidance_scale=guidance, model_output="x0", clip_x0=P.clip_range(cfg))
     emb = P.from_model_space(cfg, x, cfg.renormalize)
     return P.rerank(emb.reshape(k, text_emb.shape[0], -1), text_emb)
 
@@ -211,23 +412,34 @@ def fit_tokens(tokens: jax.Array, length: int, pad_id: int) -> jax.Array:
 
 
 def decoder_conds(cfg: D.DecoderConfig, params, image_emb: jax.Array,
-                  tokens: jax.Array | None = None) -> tuple[dict, dict]:
+                  tokens: jax.Array | None = None, clip_text: dict | None = None,
+                  uncond_clip_text: dict | None = None) -> tuple[dict, dict]:
     """``(cond, uncond)`` of the decoder for embeddings ``[B, E]``. Without ``tokens`` a
-    caption-conditioned decoder gets its learned null caption in both branches."""
+    caption-conditioned decoder gets its learned null caption in both branches. A decoder
+    reading CLIP text features (``clip_text_width > 0``, Karlo) needs ``clip_text`` and
+    ``uncond_clip_text`` (``{"emb": [B, E] raw, "states": [B, L, W], "valid": [B, L]}``; Karlo's
+    uncond is the empty caption's encoding)."""
     b = image_emb.shape[0]
     uncond = D.batched(D.null_cond(params, cfg), b)
     cond = {"image_emb": jnp.asarray(image_emb, jnp.float32)}
     if cfg.use_text:
         cond["text"] = (uncond["text"] if tokens is None else D.encode_caption(
             params, cfg, fit_tokens(tokens, cfg.context_length, cfg.pad_id)))
+    if cfg.clip_text_width > 0:
+        if clip_text is None or uncond_clip_text is None:
+            raise ValueError("this decoder reads CLIP text features (clip_text_width > 0): "
+                             "pass clip_text and uncond_clip_text (the caption's and the "
+                             "empty caption's CLIP encodings)")
+        cond["clip_text"], uncond["clip_text"] = clip_text, uncond_clip_text
     return cond, uncond
 
 
 def decode(cfg: D.DecoderConfig, params, image_emb, rng, guidance, *, schedule,
            method: str = "ddim", eta=0.0, tokens=None, x_T=None,
-           clip_x0: tuple[float, float] | None = (-1.0, 1.0)) -> jax.Array:
+           clip_x0: tuple[float, float] | None = (-1.0, 1.0), clip_text: dict | None = None,
+           uncond_clip_text: dict | None = None) -> jax.Array:
     """Decoder images ``[B, S, S, 3]`` from embeddings ``[B, E]`` (guided, shared sampler)."""
-    cond, uncond = decoder_conds(cfg, params, image_emb, tokens)
+    cond, uncond = decoder_conds(cfg, params, image_emb, tokens, clip_text, uncond_clip_text)
     s = cfg.image_size
     return diffusion.sample(
         D.make_denoiser(cfg), params, schedule=schedule, rng=rng,
@@ -238,30 +450,57 @@ def decode(cfg: D.DecoderConfig, params, image_emb, rng, guidance, *, schedule,
 
 
 def decoder_schedule(cfg: D.DecoderConfig, steps: int | str):
-    return diffusion.make_schedule(cfg.schedule, cfg.num_timesteps, steps)
+    """The decoder's schedule: ``steps`` spaced by ``cfg.sample_spacing``; a string is a
+    :func:`~unclip_jax.diffusion.respace` spec (e.g. "ddim50")."""
+    if isinstance(steps, str) and not steps.isdigit():
+        return diffusion.make_schedule(cfg.schedule, cfg.num_timesteps, steps)
+    return stage_schedule(cfg.schedule, cfg.num_timesteps, int(steps), cfg.sample_spacing)
 
 
 def upsampler_schedules(cfgs: Sequence[D.UpsamplerConfig], steps: Sequence[int]) -> tuple:
-    return tuple(diffusion.make_schedule(c.schedule, c.num_timesteps, int(n))
-                 for c, n in zip(cfgs, steps))
+    """One schedule per upsampler stage (:func:`upsampler_stages`), its main upsampler's."""
+    return tuple(stage_schedule(cfgs[st[0]].schedule, cfgs[st[0]].num_timesteps, int(n),
+                                cfgs[st[0]].sample_spacing)
+                 for st, n in zip(upsampler_stages(cfgs), steps))
+
+
+def _stage_denoiser(cfgs: Sequence[D.UpsamplerConfig], stage: tuple[int, ...],
+                    schedule: diffusion.Schedule):
+    """The denoiser of one upsampler stage; with a last-step network, ``params`` is the pair
+    and the network switches at the schedule's first timestep (the final sampling step), one
+    branch evaluated per step (``lax.cond``)."""
+    main = D.make_upsampler_denoiser(cfgs[stage[0]])
+    if len(stage) == 1:
+        return main
+    last = D.make_upsampler_denoiser(cfgs[stage[1]])
+
+    def denoiser(params, x_t, t, cond):
+        return jax.lax.cond(t[0] == schedule.timesteps[0],
+                            lambda: last(params[1], x_t, t, cond),
+                            lambda: main(params[0], x_t, t, cond))
+
+    return denoiser
 
 
 def upsample_chain(cfgs: Sequence[D.UpsamplerConfig], params: Sequence, x: jax.Array, rng, *,
-                   schedules: Sequence[diffusion.Schedule], method: str = "ddim",
+                   schedules: Sequence[diffusion.Schedule], method: str | None = None,
                    eta=0.0) -> jax.Array:
-    """Run the upsamplers in order on ``[B, h, h, 3]`` in [-1, 1] (``schedules`` from
-    :func:`upsampler_schedules`); each input must have its stage's ``low_res_size``
-    (ValueError otherwise)."""
-    for i, (cfg, p, sched) in enumerate(zip(cfgs, params, schedules)):
+    """Run the upsampler stages in order on ``[B, h, h, 3]`` in [-1, 1] (``schedules`` from
+    :func:`upsampler_schedules`, one per stage; ``method`` None: each stage's
+    ``sample_method``); each input must have its stage's ``low_res_size`` (ValueError
+    otherwise). Stage ``k`` draws its noise from ``fold_in(rng, k)``."""
+    for k, (stage, sched) in enumerate(zip(upsampler_stages(cfgs), schedules)):
+        i, cfg = stage[0], cfgs[stage[0]]
         if x.ndim != 4 or x.shape[1:] != (cfg.low_res_size, cfg.low_res_size, 3):
             raise ValueError(f"upsampler {i} got input of shape {tuple(x.shape)}; its config "
                              f"takes [B, {cfg.low_res_size}, {cfg.low_res_size}, 3] "
                              f"({cfg.low_res_size} → {cfg.image_size})")
         s = cfg.image_size
+        p = params[i] if len(stage) == 1 else tuple(params[j] for j in stage)
         x = diffusion.sample(
-            D.make_upsampler_denoiser(cfg), p,
-            schedule=sched, rng=jax.random.fold_in(rng, i), shape=(x.shape[0], s, s, 3), cond={"low_res": x},
-            method=method, eta=eta, model_output=cfg.model_output,
+            _stage_denoiser(cfgs, stage, sched), p, schedule=sched,
+            rng=jax.random.fold_in(rng, k), shape=(x.shape[0], s, s, 3), cond={"low_res": x},
+            method=method or cfg.sample_method, eta=eta, model_output=cfg.model_output,
             variance="learned" if cfg.learned_variance else "fixed_small",
             clip_x0=(-1.0, 1.0))
     return x
@@ -288,17 +527,42 @@ def _text_to_image(configs: tuple, s: Settings):
     dec_schedule = decoder_schedule(dec_cfg, s.decoder_steps)
     up_schedules = upsampler_schedules(ups, s.upsampler_steps)
 
+    empty = needs_empty_caption(configs)
+
     def text_to_image(params, tokens, rng, guidance):
         prior_scale, decoder_scale = guidance
         tokens = jnp.asarray(tokens, jnp.int32)
         r_prior, r_dec, r_up = jax.random.split(rng, 3)
-        states, text_emb = encode_text(clip_cfg, params["clip"], tokens)
+        p_uncond = clip_text = uncond_clip_text = None
+        if not empty:
+            states, text_emb = encode_text(clip_cfg, params["clip"], tokens)
+            mask = None
+        else:
+            if "empty_caption" not in params:
+                raise ValueError("this chain guides with the empty caption's CLIP encoding "
+                                 "(Karlo): params['empty_caption'] is missing; build the model "
+                                 "with load_unclip or with_empty_caption")
+            null = params["empty_caption"]
+            tokens = fit_tokens(tokens, clip_cfg.context_length, clip_cfg.pad_id)
+            b = tokens.shape[0]
+            states, raw = encode_text(clip_cfg, params["clip"], tokens, normalize=False)
+            mask = text_mask(clip_cfg, tokens)
+            text_emb = unit(raw) if prior_cfg.unit_text_emb else raw
+            if prior_cfg.uncond == "empty_caption":
+                p_uncond = D.batched({
+                    "text_emb": unit(null["emb"]) if prior_cfg.unit_text_emb else null["emb"],
+                    "text_states": null["states"], "text_mask": null["valid"]}, b)
+            if dec_cfg.clip_text_width > 0:
+                clip_text = {"emb": raw, "states": states, "valid": mask}
+                uncond_clip_text = D.batched(null, b)
         emb = prior_embeddings(prior_cfg, params["prior"], text_emb, states, tokens, r_prior,
                                prior_scale, schedule=p_schedule, method=s.prior_method,
-                               eta=s.prior_eta, num_candidates=s.num_candidates)
+                               eta=s.prior_eta, num_candidates=s.num_candidates,
+                               text_mask=mask, uncond=p_uncond)
         x = decode(dec_cfg, params["decoder"], emb, r_dec, decoder_scale,
                    schedule=dec_schedule, method=s.decoder_method, eta=s.decoder_eta,
-                   tokens=tokens if dec_cfg.use_text else None)
+                   tokens=tokens if dec_cfg.use_text else None, clip_text=clip_text,
+                   uncond_clip_text=uncond_clip_text)
         return upsample_chain(ups, params["upsamplers"], x, r_up, schedules=up_schedules,
                               method=s.upsampler_method, eta=s.upsampler_eta)
 
@@ -358,7 +622,9 @@ def score_prompts(unclip: UnCLIP, prompts: Sequence[str], seed: int = 0, *,
     return judge_scores(images, prompts)
 
 
-__all__ = ["Settings", "UnCLIP", "check_chain", "check_prompts", "decode", "decoder_conds",
-           "decoder_schedule", "encode_text", "fit_tokens", "generate", "load_unclip",
-           "make_text_to_image", "prior_embeddings", "prior_schedule", "score_prompts",
-           "settings_from", "to_uint8", "upsample_chain", "upsampler_schedules"]
+__all__ = ["ClipBPE", "Settings", "UnCLIP", "check_chain", "check_prompts", "check_tokenizer",
+           "decode", "decoder_conds", "decoder_schedule", "encode_text", "fit_tokens",
+           "generate", "load_tokenizer", "load_unclip", "make_text_to_image",
+           "needs_empty_caption", "prior_embeddings", "prior_schedule", "score_prompts",
+           "settings_from", "stage_schedule", "text_mask", "to_uint8", "unit",
+           "upsample_chain", "upsampler_schedules", "upsampler_stages", "with_empty_caption"]

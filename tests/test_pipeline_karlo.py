@@ -1,0 +1,263 @@
+"""A converted Karlo stack through the text → image pipeline and ``unclip-jax sample``.
+
+Main suite (numpy only): a tiny Karlo pipeline folder of synthetic diffusers-named tensors
+(``.npz``) goes through ``convert_checkpoint``, a tiny random CLIP is written as the CLIP
+converter writes its workdirs (with a tiny BPE vocabulary), and the whole stack through ``load_unclip`` + ``generate``
+and the CLI. Invariants that could fail: the caption "" is unaffected by either guidance scale
+(its conditional input *is* the unconditional one, the empty caption's encoding, in the prior
+and the decoder), the last-step handoff of the super-resolution stage, the spacing choice.
+
+Parity (``make parity``): the full guided chain — CLIP text tower, prior, decoder, one
+super-resolution stage with its last-step network — against diffusers' ``UnCLIPPipeline`` on
+the same weights and the same noise.
+"""
+
+import dataclasses
+import gzip
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from test_convert_karlo import (DECODER_CFG, PRIOR_CFG, SR_CFG, TEXT_PROJ_CFG, _decoder_sd,
+                                _prior_sd, _synthetic)
+
+from unclip_jax import cli
+from unclip_jax.convert import clip as convert_clip
+from unclip_jax.convert import karlo
+from unclip_jax.models import decoder as D
+from unclip_jax.models import prior as P
+from unclip_jax.models.clip import CLIP, CLIPConfig
+from unclip_jax.pipelines import unclip as U
+
+MERGES = ["h e", "l l", "he ll", "hell o</w>", "t h", "th e</w>"]
+VOCAB = 512 + len(MERGES) + 2                 # bytes, bytes</w>, merges, SOT, EOT
+E, L = 12, 7                                  # the Karlo test configs' embedding / context
+CLIP_CFG = CLIPConfig(embed_dim=E, image_size=8, patch_size=4, vision_width=16,
+                      vision_layers=1, vision_heads=2, vocab_size=VOCAB, context_length=L,
+                      text_width=E, text_layers=1, text_heads=2, eos_id=VOCAB - 1, pad_id=0)
+DEC_SIZE, SR_SIZE = 8, 32                     # 8 px decoder, ×4 super-resolution
+STEPS = dict(prior_steps=3, decoder_steps=3, upsampler_steps=(3,))
+
+
+def _scaled(sd, scale=0.2):
+    """Synthetic N(0, 1) tensors shrunk (the statistics kept), so activations stay tame."""
+    return {k: v if k in ("clip_mean", "clip_std") else scale * v for k, v in sd.items()}
+
+
+def _write(folder, config, sd):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    np.savez(folder / "diffusion_pytorch_model.npz", **sd)
+
+
+def write_karlo_folder(src):
+    """A diffusers-layout Karlo folder of tiny synthetic tensors (``.npz`` weights)."""
+    rng = np.random.default_rng(0)
+    _write(src / "prior", PRIOR_CFG, _scaled(_prior_sd(rng)))
+    _, sd = _decoder_sd(rng)
+    _write(src / "decoder", dict(DECODER_CFG, sample_size=DEC_SIZE),
+           _scaled({k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}))
+    _write(src / "text_proj", TEXT_PROJ_CFG,
+           _scaled({k[len("text_proj."):]: v for k, v in sd.items()
+                    if k.startswith("text_proj.")}))
+    cfg = karlo.upsampler_config(SR_CFG)
+    probe = {"down_blocks.1.resnets.0.conv_shortcut.weight": 0,
+             **{f"up_blocks.{j}.resnets.{i}.conv_shortcut.weight": 0
+                for j in range(2) for i in range(2)}}
+    spec, _ = karlo._unet_spec(probe, 2, 1, set(), 0, False)
+    for name in ("super_res_first", "super_res_last"):
+        sd = _synthetic({"unet": spec}, karlo.upsampler_shapes(cfg), rng)
+        _write(src / name, dict(SR_CFG, sample_size=SR_SIZE), _scaled(sd))
+    (src / "prior_scheduler").mkdir()
+    (src / "prior_scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"clip_sample": True, "clip_sample_range": 5.0}))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """``(paths, model)``: converted Karlo workdirs, a converted random CLIP, its vocabulary."""
+    root = tmp_path_factory.mktemp("karlo")
+    write_karlo_folder(root / "src")
+    karlo.convert_checkpoint(root / "src", root / "out", context_length=L)
+    vocab = root / "vocab.txt.gz"
+    vocab.write_bytes(gzip.compress(("#version: 0.2\n" + "\n".join(MERGES) + "\n").encode()))
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(CLIP(CLIP_CFG).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, L), jnp.int32))))
+    rng = np.random.default_rng(1)      # random params without compiling an init
+    clip = jax.tree_util.tree_map_with_path(
+        lambda path, x: np.float32("scale" in str(path[-1])) + 0.2 * rng.normal(
+            size=x.shape).astype(np.float32), shapes["params"])
+    convert_clip.save_workdir(CLIP_CFG, clip, root / "clip")
+    paths = dict(clip=root / "clip", vocab=vocab, prior=root / "out" / "prior",
+                 decoder=root / "out" / "decoder",
+                 upsamplers=[root / "out" / "super_res_first", root / "out" / "super_res_last"])
+    model = U.load_unclip(paths["clip"], paths["vocab"], paths["prior"], paths["decoder"],
+                          paths["upsamplers"])
+    return paths, model
+
+
+# ---------------------------------------------------------------------------- through the chain
+
+
+def test_converted_stack_loads_with_karlo_settings(stack):
+    _, model = stack
+    assert model.clip == CLIP_CFG and isinstance(model.tokenizer, U.ClipBPE)
+    p, d, (first, last) = model.prior, model.decoder, model.upsamplers
+    assert (p.uncond, p.unit_text_emb, p.sample_spacing, p.sample_method) == (
+        "empty_caption", False, "unclip", "ddpm")
+    assert p.clip_sample_range == 5.0 and p.guidance_scale == 4.0
+    assert (d.clip_text_width, d.sample_method, d.sample_spacing) == (E, "ddpm", "unclip")
+    assert (first.last_step, last.last_step) == (False, True)
+    assert first.low_res_resize == last.low_res_resize == "cubic"
+    assert U.upsampler_stages(model.upsamplers) == ((0, 1),)
+    assert model.resolution == SR_SIZE
+    # The empty caption's encoding: raw CLIP text feature, SOT + EOT visible.
+    empty = model.params["empty_caption"]
+    tokens = model.tokenizer.encode([""], L)
+    assert tokens[0, :3].tolist() == [VOCAB - 2, VOCAB - 1, 0]
+    states, raw = U.encode_text(CLIP_CFG, model.params["clip"], tokens, normalize=False)
+    np.testing.assert_allclose(empty["emb"], raw[0], rtol=1e-6)
+    np.testing.assert_allclose(empty["states"], states[0], rtol=1e-6)
+    assert empty["valid"].tolist() == [True, True] + [False] * (L - 2)
+    assert abs(float(jnp.linalg.norm(raw[0])) - 1.0) > 1e-3        # not normalised
+
+
+def test_generate_shape_and_determinism(stack):
+    _, model = stack
+    a = U.generate(model, ["hello the", "the"], seed=0, **STEPS)
+    assert a.shape == (2, SR_SIZE, SR_SIZE, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, U.generate(model, ["hello the", "the"], seed=0, **STEPS))
+    assert np.abs(a.astype(int) - U.generate(model, ["hello the", "the"], seed=1,
+                                             **STEPS)).max() > 0
+
+
+def test_empty_caption_is_the_priors_unconditional_input(stack):
+    """For the caption "" the prior's conditional input *is* its unconditional one (the empty
+    caption's encoding), so the prior guidance scale cannot change its image; it does change
+    any other caption's. (The decoder's uncond also has the learned null image embedding, so
+    its scale matters for every caption; the parity test checks its whole guidance batch.)"""
+    _, model = stack
+    fn = U.make_text_to_image(model, U.Settings(**STEPS))    # generate's compiled chain
+    tokens = model.tokenizer.encode(["", "hello"], L)
+    rng = jax.random.PRNGKey(3)
+    lo, hi = (np.asarray(fn(model.params, tokens, rng, (jnp.float32(s), jnp.float32(8.0))))
+              for s in (0.0, 4.0))
+    assert np.abs(lo[0] - hi[0]).max() < 1e-4
+    assert np.abs(lo[1] - hi[1]).max() > 1e-2
+
+
+def test_last_step_network_takes_only_the_final_step(stack):
+    _, model = stack
+    cfgs, params = model.upsamplers, model.params["upsamplers"]
+    sched = U.upsampler_schedules(cfgs, (4,))[0]
+    den = U._stage_denoiser(cfgs, (0, 1), sched)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, SR_SIZE, SR_SIZE, 3)), jnp.float32)
+    cond = {"low_res": jnp.asarray(rng.uniform(-1, 1, (1, DEC_SIZE, DEC_SIZE, 3)),
+                                   jnp.float32)}
+    first, last = (D.make_upsampler_denoiser(c) for c in cfgs)
+    both = jax.jit(lambda t: (first(params[0], x, t, cond), last(params[1], x, t, cond)))
+    switched = jax.jit(lambda t: den(params, x, t, cond))
+    for i, t in enumerate(np.asarray(sched.timesteps)[:2]):      # the last step, then another
+        t = jnp.full((1,), t, jnp.int32)
+        out_first, out_last = both(t)
+        assert float(jnp.abs(out_first - out_last).max()) > 1e-3   # the two nets do differ
+        np.testing.assert_allclose(switched(t), out_last if i == 0 else out_first, atol=1e-5)
+
+
+def test_text_mask_keeps_real_tokens_with_the_pad_id(stack):
+    _, model = stack
+    tokens = model.tokenizer.encode(["hello !!"], L)
+    assert 0 in tokens[0, 1:3].tolist()          # "!" (no end-of-word) is id 0, the pad id
+    n = int(np.argmax(tokens[0] == VOCAB - 1)) + 1
+    assert U.text_mask(CLIP_CFG, jnp.asarray(tokens))[0].tolist() == [True] * n + [False] * (
+        L - n)
+
+
+def test_unclip_spacing_is_the_schedulers_rounding():
+    ours, theirs = (U.stage_schedule("cosine", 1000, 27, s) for s in ("even", "unclip"))
+    assert 499 in np.asarray(ours.timesteps) and 500 in np.asarray(theirs.timesteps)
+    np.testing.assert_array_equal(theirs.timesteps, karlo.karlo_timesteps(27))
+    with pytest.raises(ValueError, match="sample_spacing = 'karlo' is not supported; "
+                                         "accepted: 'even', 'unclip'"):
+        U.stage_schedule("cosine", 1000, 25, "karlo")
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_chain_errors(stack):
+    _, model = stack
+    c, p, d, (first, last) = model.configs
+    with pytest.raises(ValueError, match="upsampler 0 runs only the last step .* no upsampler "
+                                         "stage precedes it"):
+        U.check_chain(c, p, d, (last, first))
+    with pytest.raises(ValueError, match="upsampler 1 \\(last_step\\) has low_res_size"):
+        U.check_chain(c, p, d, (first, dataclasses.replace(last, learned_variance=True)))
+    with pytest.raises(ValueError, match="prior uncond = 'zeros' is not supported"):
+        U.check_chain(c, dataclasses.replace(p, uncond="zeros"), d, (first, last))
+    with pytest.raises(ValueError, match="upsampler 0 low_res_resize = 'lanczos3'"):
+        U.check_chain(c, p, d, (dataclasses.replace(first, low_res_resize="lanczos3"), last))
+    with pytest.raises(ValueError, match="upsampler_steps has 2 entries for 1 upsampler"):
+        U.generate(model, ["hello"], upsampler_steps=(2, 2))
+    bare = dataclasses.replace(model, params={k: v for k, v in model.params.items()
+                                              if k != "empty_caption"})
+    with pytest.raises(ValueError, match="params\\['empty_caption'\\] is missing"):
+        U.generate(bare, ["hello"], **STEPS)
+    with pytest.raises(ValueError, match="has no learned nulls \\(uncond='empty_caption'\\)"):
+        P.PriorSampler(P.DiffusionPrior(p), model.params["prior"])(
+            {"text_emb": jnp.zeros((1, E)), "text_states": jnp.zeros((1, L, E)),
+             "text_tokens": jnp.ones((1, L), jnp.int32)}, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="no learned null text: pass uncond_clip_text"):
+        D.sample_images(model.params["decoder"], d, jnp.zeros((1, E)), steps=2,
+                        clip_text={"emb": jnp.zeros((1, E)), "states": jnp.zeros((1, L, E)),
+                                   "valid": jnp.ones((1, L), bool)})
+
+
+def test_tokenizer_errors(stack, tmp_path):
+    paths, _ = stack
+    other = tmp_path / "other.txt.gz"
+    other.write_bytes(gzip.compress(b"#version: 0.2\nh e\n"))
+    with pytest.raises(ValueError, match="vocabulary 515, EOS id 514\\) does not fit the CLIP "
+                                         f"\\(vocab_size {VOCAB}, eos_id {VOCAB - 1}\\)"):
+        U.load_unclip(paths["clip"], other, paths["prior"], paths["decoder"])
+    with pytest.raises(FileNotFoundError, match="no tokenizer .*bpe_simple_vocab_16e6.txt.gz"):
+        U.load_unclip(paths["clip"], None, paths["prior"], paths["decoder"])
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def _sample_args(paths, out):
+    return ["sample", "--clip", paths["clip"], "--prior", paths["prior"], "--decoder",
+            paths["decoder"], "--upsampler", paths["upsamplers"][0], "--upsampler",
+            paths["upsamplers"][1], "--prior-steps", "3", "--decoder-steps", "3",
+            "--upsampler-steps", "3", "--prompt", "hello the", "--prompt", "the", "--out", out]
+
+
+def test_cli_sample_writes_the_karlo_images(stack, tmp_path, capsys):
+    paths, model = stack
+    out = tmp_path / "grid.png"
+    rc = cli.main([str(a) for a in _sample_args(paths, out) + ["--bpe-vocab", paths["vocab"]]])
+    assert rc == 0, capsys.readouterr().err
+    assert f"(2 images, {SR_SIZE}×{SR_SIZE})" in capsys.readouterr().out
+    grid = np.asarray(Image.open(out))
+    want = U.generate(model, ["hello the", "the"], seed=0, **STEPS)
+    assert grid.shape == (SR_SIZE + 2, 2 * (SR_SIZE + 2), 3)      # one row, 2 px gaps
+    np.testing.assert_array_equal(grid[:SR_SIZE, :SR_SIZE], want[0])
+    np.testing.assert_array_equal(grid[:SR_SIZE, SR_SIZE + 2:2 * SR_SIZE + 2], want[1])
+
+
+def test_cli_sample_tokenizer_errors(stack, tmp_path, capsys):
+    paths, _ = stack
+    args = [str(a) for a in _sample_args(paths, tmp_path / "g.png")]
+    rc = cli.main(args + ["--bpe-vocab", str(paths["vocab"]), "--tokenizer", "t.model"])
+    assert rc == 2 and "give either --tokenizer (t.model) or --bpe-vocab" in (
+        capsys.readouterr().err)
+    rc = cli.main(args + ["--bpe-vocab", "tokenizer.model"])
+    assert rc == 2 and "--bpe-vocab 'tokenizer.model' is not a BPE merges file" in (
+        capsys.readouterr().err)
