@@ -327,8 +327,9 @@ def within_noise(a: float, a_se: float, b: float, b_se: float, z: float = 2.0) -
     return abs(a - b) <= z * float(np.hypot(a_se, b_se))
 
 
-def provenance() -> dict:
-    """Commit, date, machine and load, for the row group's header line."""
+def provenance(chain: Chain | None = None) -> dict:
+    """Commit, date, machine and load (and the decoder's output parametrisation and step),
+    for the row group's provenance line."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                 capture_output=True, text=True, check=True).stdout.strip()
@@ -336,14 +337,28 @@ def provenance() -> dict:
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", ""
-    return {"commit": commit + ("+uncommitted library edits" if dirty else ""),
+    out = {"decoder_note": ""}
+    if chain is not None:
+        cfg = json.loads((chain.decoder_workdir / "config.json").read_text())
+        rel = str(chain.decoder_workdir).replace(str(ROOT) + "/", "")
+        out["decoder_note"] = (f" Decoder `{rel}`: model_output={chain.dec_cfg.model_output}, "
+                               f"{cfg['train']['steps']} steps × batch "
+                               f"{cfg['train']['batch_size']}.")
+        if chain.dec_cfg.model_output == "eps" and chain.dec_cfg.schedule == "cosine":
+            out["decoder_note"] += (
+                " **Caveat:** this decoder predicts ε on the cosine schedule, which is "
+                "ill-posed at the terminal step (`tests/test_sampler.py::"
+                "test_eps_output_is_ill_posed_at_the_cosine_terminal_step`); its samples are "
+                "covered in coloured noise, so these rows mostly measure that failure and "
+                "their differences say little about the ablated component.")
+    return {**out, "commit": commit + ("+uncommitted library edits" if dirty else ""),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{MACHINE} (load average {os.getloadavg()[0]:.1f} at the end)"}
 
 
 def provenance_line(p: dict, wall_s: float) -> str:
     return (f"Measured {p['date']} with the code of commit `{p['commit']}` on a {p['machine']}; "
-            f"wall time {wall_s / 60:.1f} min.")
+            f"wall time {wall_s / 60:.1f} min.{p.get('decoder_note', '')}")
 
 
 # ============================================================================ RESULTS.md

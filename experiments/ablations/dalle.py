@@ -60,6 +60,18 @@ def fmt_budget(name: str, b: dict) -> str:
     return f"{name} {b['steps']} × {b['batch']} ({mins})"
 
 
+def dvae_eval(workdir: Path) -> dict | None:
+    """The last evaluation record of a dVAE run (None when it has not finished)."""
+    if not common.trained(workdir):
+        return None
+    records = [json.loads(line) for line in
+               (workdir / "metrics.jsonl").read_text().splitlines() if "eval/psnr" in line]
+    if not records:
+        return None
+    cfg = json.loads((workdir / "config.json").read_text())["train"]
+    return dict(records[-1], steps=cfg["steps"], batch=cfg["batch_size"])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dalle", default=str(common.RUNS / "dalle"))
@@ -67,6 +79,9 @@ def main(argv=None) -> dict:
     p.add_argument("--num-per-kind", type=int, default=16)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--decoder", default=None, help="unCLIP decoder run (default: the demo's)")
+    p.add_argument("--missing-reason", default="the dVAE + transformer did not fit in this "
+                   "session's CPU budget after the other ablations",
+                   help="why the DALL·E rows are missing (printed when they are)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -114,7 +129,7 @@ def main(argv=None) -> dict:
     for name, r in rows.items():
         print(name, {k: v for k, v in r.items() if not isinstance(v, dict)}, flush=True)
 
-    prov = common.provenance()
+    prov = common.provenance(chain)
     data = {"rows": rows, "budgets": budgets, "fd_floor": ref.fd_floor, "have_dalle": have,
             "prompts": len(prompts), "seeds": args.seeds, **prov}
     common.save_json("dalle", data)
@@ -148,9 +163,16 @@ def render(data: dict, args, wall: float) -> str:
         f"FD_CLIP floor (renders vs other renders): **{data['fd_floor']:.3f}**.",
     ]
     if not data["have_dalle"]:
-        lines += ["", "DALL·E rows: **not measured** — no finished DALL·E run in "
-                  "`runs/ablations/dalle` (the dVAE + transformer did not fit in this "
-                  "session's CPU budget after the other ablations)."]
+        lines += ["", f"DALL·E rows: **not measured** — no finished DALL·E run in "
+                  f"`runs/ablations/dalle` ({args.missing_reason})."]
+        dvae = dvae_eval(common.RUNS / "dvae")
+        if dvae:
+            lines += ["", f"The dVAE of `runs/ablations/dvae` (`experiments/shapes/dvae.py`, "
+                      f"{dvae['steps']} steps × batch {dvae['batch']}) was trained: validation "
+                      f"PSNR {dvae['eval/psnr']:.1f} dB with argmax codes, code perplexity "
+                      f"{dvae['eval/code_perplexity']:.1f}, {100 * dvae['eval/used_fraction']:.1f}"
+                      f" % of the codes used — the known collapse, so a transformer over "
+                      f"these codes could at best place blobs of background-like codes."]
     else:
         lines += ["", "The shapes dVAE is known to collapse at this budget (see "
                   "`experiments/shapes/dvae.py`: a handful of codes, mostly background), so "

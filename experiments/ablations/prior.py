@@ -57,6 +57,8 @@ def main(argv=None) -> dict:
     p.add_argument("--prior-ar", default=str(common.RUNS / "prior_ar"))
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--missing-reason", default="it did not fit in the CPU budget",
+                   help="why the caption-decoder run is missing (printed when it is)")
     p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -95,7 +97,7 @@ def main(argv=None) -> dict:
         results[name] = r
         print(name, {k: v for k, v in r.items() if not isinstance(v, dict)}, flush=True)
 
-    prov = common.provenance()
+    prov = common.provenance(chain)
     data = {"rows": results, "fd_floor": ref.fd_floor, "clip_score_real": ref.clip_score_real,
             "decoder": str(chain.decoder_workdir), "prompts": len(prompts),
             "seeds": args.seeds, **prov}
@@ -135,13 +137,13 @@ def render(data: dict, args, has_text: bool, dprior, wall: float) -> str:
         f"Fractions ± binomial s.e.; CLIP score ± s.e. of the mean. FD_CLIP is against the "
         f"prompts' own renders (CLIP-score ceiling of those renders: "
         f"{data['clip_score_real']:.1f}); the floor (renders vs renders of other held-out "
-        f"scenes at the same count) is **{data['fd_floor']:.1f}**. `cos` is the produced "
+        f"scenes at the same count) is **{data['fd_floor']:.3f}**. `cos` is the produced "
         f"embedding's cosine with the CLIP image embedding of the prompt's own render.",
     ]
     if not has_text:
-        lines += ["", "Caption-only decoding: **not measured** — no decoder with the caption "
-                  "pathway (`runs/ablations/decoder_text`) was trained within the CPU budget; "
-                  "the demo decoder has `text_layers=0`, so it has no caption input."]
+        lines += ["", f"Caption-only decoding: **not measured** — no decoder with the caption "
+                  f"pathway (`runs/ablations/decoder_text`) was trained: {args.missing_reason}. "
+                  f"The demo decoder has `text_layers=0`, so it has no caption input."]
     lines += ["", noise_note(rows), "", common.provenance_line(data, wall)]
     return "\n".join(lines)
 

@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
             print(method, steps, {k: v for k, v in r.items() if not isinstance(v, dict)},
                   flush=True)
 
-    prov = common.provenance()
+    prov = common.provenance(chain)
     data = {"rows": rows, "fd_floor": ref.fd_floor, "clip_score_real": ref.clip_score_real,
             "decoder": str(chain.decoder_workdir), "mode": mode, "prompts": len(prompts),
             "seeds": args.seeds, **prov}
