@@ -3,6 +3,12 @@
 CLIP-embedding conditioning only (``text_layers=0``: the optional caption encoder is off, as the
 shapes captions add little over the CLIP embedding at this scale; set ``model.text_layers=2`` to
 train GLIDE's caption pathway too). Learned σ with the hybrid loss; cosine schedule.
+
+The denoiser predicts v, not ε: the cosine schedule ends at ᾱ ≈ 2e-9, where an ε output's
+x₀ = (x_t − σ ε)/α multiplies every output error by ~2·10⁴, and a small model trained for
+minutes never gets ε that exact (ε-MSE weights x₀ errors at high t by ᾱ/(1 − ᾱ) ≈ 0). The ε
+decoder's samples were confetti on grey/green backgrounds; the same checkpoint fine-tuned 300
+steps on v gives clean shapes on black (the reason is tested in tests/test_sampler.py).
 """
 
 from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
@@ -19,7 +25,7 @@ def get_config() -> ExperimentConfig:
             num_res_blocks=1, attention_resolutions=(8,), head_channels=32,
             resblock_updown=True, num_clip_tokens=4, context_dim=64, text_layers=0,
             clip_drop_prob=0.1, text_drop_prob=0.5, schedule="cosine", num_timesteps=1000,
-            model_output="eps", learned_variance=True, sample_steps=50, guidance_scale=3.0),
+            model_output="v", learned_variance=True, sample_steps=50, guidance_scale=3.0),
         data=DataConfig(name="captioned_shapes/r32", image_size=32, vocab_size=256,
                         context_length=24, tokenizer="runs/demo/tokenizer.model"),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0,
