@@ -361,7 +361,7 @@ def test_loss_fn_shares_positives_between_equal_captions(model_and_params, monke
 def test_late_chroma_blocks_before_it_are_colour_blind():
     from unclip_jax import shapes as S
 
-    cfg = dataclasses.replace(TINY, vision_chroma_from=1)
+    cfg = dataclasses.replace(TINY, vision_colour_blocks=1)
     model = CLIP(cfg)
     b = dummy_inputs(cfg, 2)
     variables = model.init(jax.random.key(0), b["image"], b["tokens"])
@@ -391,7 +391,11 @@ def test_late_chroma_blocks_before_it_are_colour_blind():
     tri_vs_sq = np.stack([images[0], paint("square", "red")])
     early2 = run(tri_vs_sq)[1]["intermediates"]["visual"]["transformer"]["__call__"][0]
     assert np.abs(early2[0] - early2[1]).max() > 1e-3
-    for bad in (2, -1):
-        with pytest.raises(ValueError, match=r"chroma_from=.* must be in \[1, depth - 1 = 1\]"):
-            CLIP(dataclasses.replace(TINY, vision_chroma_from=bad)).init(
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=r"colour_blocks=.* must be in \[1, depth = 2\]"):
+            CLIP(dataclasses.replace(TINY, vision_colour_blocks=bad)).init(
                 jax.random.key(0), b["image"], b["tokens"])
+    # All blocks may see colour (the input is still split into luma and chroma).
+    every = dataclasses.replace(TINY, vision_colour_blocks=2)
+    params = CLIP(every).init(jax.random.key(0), b["image"], b["tokens"])["params"]["visual"]
+    assert "transformer" not in params and "transformer_late" in params

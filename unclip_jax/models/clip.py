@@ -50,9 +50,9 @@ class CLIPConfig:
     # Conv-stem channels, one stride-2 3×3 conv each (so log2(patch_size) of them), or () for
     # the linear patch embedding (see ``unclip_jax.nn.vit``).
     vision_stem: tuple[int, ...] = ()
-    # > 0: the first ``vision_chroma_from`` ViT blocks see a colour-blind image and the colour
-    # is added before the next one (see ``unclip_jax.nn.vit``); 0: plain RGB ViT.
-    vision_chroma_from: int = 0
+    # > 0: only the last ``vision_colour_blocks`` ViT blocks see colour, the ones before see a
+    # colour-blind image (see ``unclip_jax.nn.vit``); 0: plain RGB ViT.
+    vision_colour_blocks: int = 0
     # Loss: treat every pair of rows with identical tokens as positives (a uniform target over
     # them) instead of only the diagonal. Small captioned datasets repeat captions within a
     # batch ("a small red circle"); the diagonal-only loss pushes those equal captions apart.
@@ -134,7 +134,7 @@ class CLIP(nn.Module):
             cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads,
             cfg.embed_dim, cfg.mlp_ratio, cfg.act, dtype=to_dtype(cfg.dtype),
             scan_layers=cfg.scan_layers, remat=cfg.remat, stem_channels=tuple(cfg.vision_stem),
-            chroma_from=cfg.vision_chroma_from)
+            colour_blocks=cfg.vision_colour_blocks)
         self.text = TextTransformer(cfg)
         self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(cfg.init_logit_scale), ()), ())

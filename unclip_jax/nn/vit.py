@@ -7,12 +7,12 @@ convolutions (LayerNorm over channels, ReLU) and a 1×1 projection to the width.
 still covers one ``p×p`` patch, but its features come from overlapping small receptive fields,
 which matters when a whole object spans only one or two patches (32 px shapes, patch 8).
 
-Optional late colour (``chroma_from = k``): blocks ``[0, k)`` see a colour-blind image (the
-luma, stretched per image to span [-1, 1], so no intensity level names a colour either); the
-chroma (RGB minus luma) gets its own patch projection, added to the tokens before block ``k``.
-Shape features are then computed without colour and cannot be conditioned on it; colour is
-bound to them by the last ``depth - k`` blocks. Meant for compositional generalisation to
-unseen (colour, shape) pairs.
+Optional late colour (``colour_blocks = n``): the first ``depth - n`` blocks see a
+colour-blind image (the luma, stretched per image to span [-1, 1], so that no intensity
+level names a colour either); the chroma (RGB minus luma) gets its own patch projection,
+added to the tokens before the last ``n`` blocks. Shape features are then computed without
+colour and cannot be conditioned on it; colour is bound to them by the last ``n`` blocks.
+Meant for compositional generalisation to unseen (colour, shape) pairs.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class VisionTransformer(nn.Module):
     scan_layers: bool = False
     remat: str = "none"
     stem_channels: tuple[int, ...] = ()   # () = linear patch embedding; else the conv stem
-    chroma_from: int = 0                  # 0 = RGB from the start; k = colour enters at block k
+    colour_blocks: int = 0                # 0 = RGB from the start; n = only the last n blocks
+                                          # see colour
 
     def _conv_stem(self, x: jax.Array) -> jax.Array:
         p, chans = self.patch_size, tuple(self.stem_channels)
@@ -85,10 +86,10 @@ class VisionTransformer(nn.Module):
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
-        if self.chroma_from:
-            if not 0 < self.chroma_from < self.depth:
-                raise ValueError(f"chroma_from={self.chroma_from} must be in [1, depth - 1 = "
-                                 f"{self.depth - 1}] (0 disables it)")
+        if self.colour_blocks:
+            if not 0 < self.colour_blocks <= self.depth:
+                raise ValueError(f"colour_blocks={self.colour_blocks} must be in [1, depth = "
+                                 f"{self.depth}] (0 disables it)")
             images, chroma = _split_luma(images)
         if self.stem_channels:
             x = self._conv_stem(images.astype(self.dtype))
@@ -108,11 +109,12 @@ class VisionTransformer(nn.Module):
             nn.initializers.normal(scale), ("length", "embed")), x.shape[1:])
         x = x + pos.astype(x.dtype)
         x = layer_norm(name="ln_pre")(x)
-        early = self.chroma_from or self.depth
-        x = Transformer(self.width, early, self.num_heads, self.mlp_ratio, self.act,
-                        dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
-                        name="transformer")(x)
-        if self.chroma_from:
+        early = self.depth - self.colour_blocks
+        if early:
+            x = Transformer(self.width, early, self.num_heads, self.mlp_ratio, self.act,
+                            dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
+                            name="transformer")(x)
+        if self.colour_blocks:
             c = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
                         dtype=self.dtype, name="chroma_embed",
                         kernel_init=nn.with_logical_partitioning(
