@@ -307,11 +307,15 @@ def test_parity_upsampler():
     x_t = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
     low = rng.uniform(-1, 1, size=(2, 4, 4, 3)).astype(np.float32)
     t = np.array([5, 600])
-    # Feed the reference exactly the upscaled image our Upsampler builds internally.
-    up = np.asarray(jax.image.resize(jnp.asarray(low), (2, 16, 16, 3), method="linear"))
-    inp = np.concatenate([x_t, up], -1).transpose(0, 3, 1, 2)
+    # The reference input as UnCLIPPipeline builds it: the low-res image enlarged bicubically
+    # with antialiasing (our converted config: low_res_resize="cubic", inside the Upsampler).
+    assert cfg.low_res_resize == "cubic"
     with torch.no_grad():
-        want = ref(torch.from_numpy(inp), torch.from_numpy(t)).sample.numpy()
+        up = torch.nn.functional.interpolate(
+            torch.from_numpy(low.transpose(0, 3, 1, 2)), size=[16, 16], mode="bicubic",
+            align_corners=False, antialias=True)
+        inp = torch.cat([torch.from_numpy(x_t.transpose(0, 3, 1, 2)), up], dim=1)
+        want = ref(inp, torch.from_numpy(t)).sample.numpy()
     got = Upsampler(cfg).apply({"params": params}, jnp.asarray(x_t), jnp.asarray(t),
                                {"low_res": jnp.asarray(low)})
     got = np.asarray(got).transpose(0, 3, 1, 2)
@@ -347,7 +351,8 @@ def test_convert_checkpoint_from_saved_pipeline_folder(tmp_path):
                                   tp.learned_classifier_free_guidance_embeddings.detach().numpy())
     for name in ("super_res_first", "super_res_last"):
         _, ucfg = D.load_upsampler(out / name)
-        assert ucfg.time_shift == "add"
+        assert ucfg.time_shift == "add" and ucfg.low_res_resize == "cubic"
+        assert ucfg.last_step == (name == "super_res_last")
 
 
 def test_karlo_timesteps_match_unclip_scheduler_rule():

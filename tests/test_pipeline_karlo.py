@@ -13,8 +13,10 @@ the same weights and the same noise.
 """
 
 import dataclasses
+import functools
 import gzip
 import json
+from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
@@ -261,3 +263,189 @@ def test_cli_sample_tokenizer_errors(stack, tmp_path, capsys):
     rc = cli.main(args + ["--bpe-vocab", "tokenizer.model"])
     assert rc == 2 and "--bpe-vocab 'tokenizer.model' is not a BPE merges file" in (
         capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------- parity
+
+
+class _Tokenizer:
+    """The ``CLIPTokenizer`` calls ``UnCLIPPipeline`` makes, answered with our BPE rows
+    (the tokenizer's own parity with open_clip is tested in test_convert_clip)."""
+
+    def __init__(self, torch, tok):
+        self.torch, self.tok, self.model_max_length = torch, tok, L
+
+    def __call__(self, prompt, padding=None, max_length=None, truncation=None,
+                 return_tensors=None):
+        rows = self.tok.encode([prompt] if isinstance(prompt, str) else list(prompt), L)
+        mask = np.asarray(U.text_mask(CLIP_CFG, jnp.asarray(rows)))
+        return SimpleNamespace(input_ids=self.torch.from_numpy(rows.astype(np.int64)),
+                               attention_mask=self.torch.from_numpy(mask.astype(np.int64)))
+
+
+def _hf_clip(torch, transformers):
+    """A tiny random Hugging Face CLIP (text tower used by the pipeline) and our conversion
+    of the same weights (through the OpenAI layout, as ``unclip-jax convert clip`` reads)."""
+    from test_convert_clip import _hf_to_openai
+
+    common = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    c = CLIP_CFG
+    hf_cfg = transformers.CLIPConfig(
+        text_config=dict(common, vocab_size=c.vocab_size, hidden_size=c.text_width,
+                         intermediate_size=4 * c.text_width, num_hidden_layers=c.text_layers,
+                         num_attention_heads=c.text_heads, max_position_embeddings=L,
+                         eos_token_id=c.eos_id, bos_token_id=c.eos_id - 1, pad_token_id=0),
+        vision_config=dict(common, hidden_size=c.vision_width,
+                           intermediate_size=4 * c.vision_width,
+                           num_hidden_layers=c.vision_layers, num_attention_heads=c.vision_heads,
+                           image_size=c.image_size, patch_size=c.patch_size),
+        projection_dim=c.embed_dim)
+    torch.manual_seed(0)
+    full = transformers.CLIPModel(hf_cfg).eval()
+    with torch.no_grad():
+        for p in full.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    text_cfg = hf_cfg.text_config
+    text_cfg.projection_dim = c.embed_dim
+    text = transformers.CLIPTextModelWithProjection(text_cfg).eval()
+    sd = {k: v for k, v in full.state_dict().items()
+          if k.startswith(("text_model.", "text_projection."))}
+    missing, unexpected = text.load_state_dict(sd, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    cfg, params = convert_clip.convert(_hf_to_openai(full.state_dict(), c.vision_layers,
+                                                     c.text_layers), CLIP_CFG)
+    return text, params
+
+
+@pytest.mark.parity
+def test_parity_full_chain_with_unclip_pipeline(tmp_path, monkeypatch):
+    """CLIP text → prior (4 steps) → decoder (3) → super-resolution (3, the last by
+    ``super_res_last``), guided 4 / 8, against ``UnCLIPPipeline`` on the same converted weights.
+    Same noise: the pipeline gets our x_T of each stage as its ``*_latents``, and its scheduler
+    module's ``randn_tensor`` hands out our per-step draws in the order the stages ask for them
+    (prior, decoder, super-resolution; none at t = 0). Schedulers in float64 (see
+    ``test_convert_karlo._float64``).
+
+    Checked stage by stage (the reference's intermediates caught on their way: the prior's
+    embeddings entering ``text_proj``, the decoder's images entering the bicubic upscale) to
+    1e-4, and the super-resolution stage on the reference's own decoder images to 1e-4. The
+    end-to-end images agree less tightly, and must: the decoder's float32 round-off (~1e-5)
+    enters the super-resolution's first step at t = 999, where x̂₀ = (x − √(1−ᾱ) ε)/√ᾱ
+    multiplies ε's error by 1/√ᾱ₉₉₉ ≈ 2·10⁴ wherever x̂₀ is not clipped to ±1."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("diffusers")
+    from diffusers import (PriorTransformer, UnCLIPPipeline, UnCLIPScheduler,
+                           UNet2DConditionModel, UNet2DModel)
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from diffusers.schedulers import scheduling_unclip
+    from test_convert_karlo import _float64, _NoiseQueue, _randomise, rel
+
+    src = tmp_path / "karlo"
+    prior = _randomise(torch, PriorTransformer(**PRIOR_CFG), 0)
+    decoder = _randomise(torch, UNet2DConditionModel(**dict(DECODER_CFG, sample_size=DEC_SIZE)),
+                         1)
+    text_proj = _randomise(torch, UnCLIPTextProjModel(**TEXT_PROJ_CFG), 2)
+    srs = [_randomise(torch, UNet2DModel(**dict(SR_CFG, sample_size=SR_SIZE)), 3 + i)
+           for i in range(2)]
+    for name, m in (("prior", prior), ("decoder", decoder), ("text_proj", text_proj),
+                    ("super_res_first", srs[0]), ("super_res_last", srs[1])):
+        m.save_pretrained(src / name)
+    clip_range = 2.0
+    karlo.convert_checkpoint(src, tmp_path / "out", context_length=L,
+                             prior_clip_sample_range=clip_range)
+    text_encoder, clip_params = _hf_clip(torch, transformers)
+    convert_clip.save_workdir(CLIP_CFG, clip_params, tmp_path / "clip")
+    vocab = tmp_path / "vocab.txt.gz"
+    vocab.write_bytes(gzip.compress(("#version: 0.2\n" + "\n".join(MERGES) + "\n").encode()))
+    out = tmp_path / "out"
+    model = U.load_unclip(tmp_path / "clip", vocab, out / "prior", out / "decoder",
+                          [out / "super_res_first", out / "super_res_last"])
+
+    prompts, steps, scales = ["hello the", "the hello hello"], (4, 3, 3), (4.0, 8.0)
+    b = len(prompts)
+    fn = U.make_text_to_image(model, U.Settings(prior_steps=steps[0], decoder_steps=steps[1],
+                                                upsampler_steps=(steps[2],)))
+    key = jax.random.PRNGKey(11)
+    ours = np.asarray(fn(model.params, model.tokenizer.encode(prompts, L), key,
+                         tuple(jnp.float32(s) for s in scales)))
+
+    # Our draws, stage by stage, as the chain makes them.
+    r_prior, r_dec, r_up = jax.random.split(key, 3)
+    nchw = lambda z: np.ascontiguousarray(z.transpose(0, 3, 1, 2))  # noqa: E731
+    latents, noises = [], []
+    for rng, shape, n, layout in ((r_prior, (b, E), steps[0], lambda z: z),
+                                  (r_dec, (b, DEC_SIZE, DEC_SIZE, 3), steps[1], nchw),
+                                  (jax.random.fold_in(r_up, 0), (b, SR_SIZE, SR_SIZE, 3),
+                                   steps[2], nchw)):
+        r_init, r_steps = jax.random.split(rng)
+        latents.append(torch.from_numpy(layout(np.asarray(jax.random.normal(r_init, shape)))))
+        noises += [layout(np.asarray(jax.random.normal(jax.random.fold_in(r_steps, i), shape)))
+                   for i in range(n - 1, 0, -1)]
+    queue = _NoiseQueue(torch, noises)
+    monkeypatch.setattr(scheduling_unclip, "randn_tensor", queue)
+
+    pipe = UnCLIPPipeline(
+        prior=prior, decoder=decoder, text_encoder=text_encoder,
+        tokenizer=_Tokenizer(torch, model.tokenizer), text_proj=text_proj,
+        super_res_first=srs[0], super_res_last=srs[1],
+        prior_scheduler=_float64(UnCLIPScheduler(
+            variance_type="fixed_small_log", prediction_type="sample", clip_sample=True,
+            clip_sample_range=clip_range)),
+        decoder_scheduler=_float64(UnCLIPScheduler(variance_type="learned_range",
+                                                   prediction_type="epsilon")),
+        super_res_scheduler=_float64(UnCLIPScheduler(variance_type="fixed_small_log",
+                                                     prediction_type="epsilon")))
+    pipe.set_progress_bar_config(disable=True)
+    caught = {}
+
+    def catch_embeddings(module, args, kwargs):
+        caught["emb"] = kwargs["image_embeddings"].numpy().copy()
+
+    text_proj.register_forward_pre_hook(catch_embeddings, with_kwargs=True)
+    from diffusers.pipelines.deprecated.unclip import pipeline_unclip
+
+    @functools.wraps(torch.nn.functional.interpolate)   # its signature offers antialias
+    def interpolate(x, **kw):
+        caught["small"] = x.numpy().copy()
+        return torch.nn.functional.interpolate(x, **kw)
+
+    monkeypatch.setattr(pipeline_unclip, "F", SimpleNamespace(
+        interpolate=interpolate, pad=torch.nn.functional.pad))
+    want = pipe(prompts, prior_num_inference_steps=steps[0],
+                decoder_num_inference_steps=steps[1], super_res_num_inference_steps=steps[2],
+                prior_latents=latents[0], decoder_latents=latents[1],
+                super_res_latents=latents[2], prior_guidance_scale=scales[0],
+                decoder_guidance_scale=scales[1], output_type="np").images
+    assert not queue.noises                        # every draw consumed, in order
+
+    # Our stages, assembled as the chain does (and checked to be the chain).
+    tokens = jnp.asarray(model.tokenizer.encode(prompts, L))
+    states, raw = U.encode_text(CLIP_CFG, model.params["clip"], tokens, normalize=False)
+    mask, null = U.text_mask(CLIP_CFG, tokens), model.params["empty_caption"]
+    emb = U.prior_embeddings(
+        model.prior, model.params["prior"], raw, states, tokens, r_prior, scales[0],
+        schedule=U.prior_schedule(model.prior, steps[0]), method="ddpm", eta=0.0,
+        num_candidates=1, text_mask=mask, uncond=D.batched(
+            {"text_emb": null["emb"], "text_states": null["states"],
+             "text_mask": null["valid"]}, b))
+    small = U.decode(model.decoder, model.params["decoder"], emb, r_dec, scales[1],
+                     schedule=U.decoder_schedule(model.decoder, steps[1]), method="ddpm",
+                     clip_text={"emb": raw, "states": states, "valid": mask},
+                     uncond_clip_text=D.batched(null, b))
+    sr = lambda x: U.upsample_chain(  # noqa: E731
+        model.upsamplers, model.params["upsamplers"], jnp.asarray(x), r_up,
+        schedules=U.upsampler_schedules(model.upsamplers, (steps[2],)))
+    np.testing.assert_allclose(sr(small), ours, atol=1e-4)    # eager vs jitted round-off
+    ref_small = caught["small"].transpose(0, 2, 3, 1)
+    to01 = lambda x: np.clip(np.asarray(x) * 0.5 + 0.5, 0.0, 1.0)  # noqa: E731
+    diffs = {"prior embeddings": rel(emb, caught["emb"]),
+             "decoder images": rel(small, ref_small),
+             "super-res on the reference's decoder images": rel(to01(sr(ref_small)), want)}
+    end = np.abs(to01(ours) - want)
+    print("full Karlo chain parity, max rel diff: " + ", ".join(
+        f"{k} {v:.2e}" for k, v in diffs.items())
+        + f"; end to end: max abs {end.max():.2e} (images in [0, 1]), "
+          f"{np.mean(end > 1e-3):.2%} of values off by > 1e-3")
+    assert max(diffs.values()) <= 1e-4
+    assert end.max() <= 0.05 and np.mean(end > 1e-3) <= 0.01
