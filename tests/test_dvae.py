@@ -1,5 +1,6 @@
 """dVAE: logit-Laplace, ε map, gumbel relaxation, KL, schedules, shapes, argmax encode, training."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -189,3 +190,68 @@ def test_short_training_reduces_the_loss(tiny):
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, (losses[:5], losses[-5:])
     assert float(m["beta"]) == pytest.approx(0.5) and float(m["tau"]) < 1.0
+
+
+# ----------------------------------------------------------------------------- small-data options
+
+
+def test_gaussian_likelihood_is_a_normal_density_around_sigmoid_mu():
+    x = np.linspace(-3, 4, 700_001)
+    logp = np.asarray(jax.jit(dvae.gaussian_log_prob, static_argnums=2)(x, 0.3, 0.2), np.float64)
+    assert abs(np.sum(np.exp(logp)) * (x[1] - x[0]) - 1.0) < 1e-4
+    assert abs(x[np.argmax(logp)] - float(jax.nn.sigmoid(0.3))) < 1e-4
+    # closed form at one point
+    m = float(jax.nn.sigmoid(0.3))
+    assert float(dvae.gaussian_log_prob(0.9, 0.3, 0.2)) == pytest.approx(
+        -0.5 * ((0.9 - m) / 0.2) ** 2 - math.log(0.2) - 0.5 * math.log(2 * math.pi), abs=1e-5)
+
+
+def test_pixel_log_prob_picks_the_likelihood_and_rejects_bad_ones():
+    x = jnp.full((2, 3), 0.4)
+    stats = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6)), jnp.float32)
+    lap = dvae.pixel_log_prob(x, stats, dvae.DVAEConfig())
+    np.testing.assert_allclose(lap, dvae.logit_laplace_log_prob(x, stats[:, :3], stats[:, 3:]))
+    gau = dvae.pixel_log_prob(x, stats, dvae.DVAEConfig(likelihood="gaussian",
+                                                        gaussian_sigma=0.3))
+    np.testing.assert_allclose(gau, dvae.gaussian_log_prob(x, stats[:, :3], 0.3))
+    with pytest.raises(ValueError, match="unknown likelihood 'l1'; accepted: logit_laplace, "
+                                         "gaussian"):
+        dvae.pixel_log_prob(x, stats, dvae.DVAEConfig(likelihood="l1"))
+    with pytest.raises(ValueError, match="gaussian_sigma must be > 0, got 0.0"):
+        dvae.pixel_log_prob(x, stats, dvae.DVAEConfig(likelihood="gaussian", gaussian_sigma=0.0))
+
+
+def test_usage_kl_rewards_an_evenly_used_codebook_not_uncertain_cells():
+    k = 8
+    confident = 50.0 * jax.nn.one_hot(jnp.arange(16) % k, k).reshape(2, 2, 4, k)
+    # every cell certain, codes used evenly: usage KL 0 although each cell's KL is log K
+    assert float(dvae.usage_kl(confident)) == pytest.approx(0.0, abs=1e-5)
+    assert float(dvae.kl_to_uniform(confident).mean()) == pytest.approx(math.log(k), abs=1e-4)
+    same = 50.0 * jax.nn.one_hot(jnp.zeros(16, jnp.int32), k).reshape(2, 2, 4, k)
+    assert float(dvae.usage_kl(same)) == pytest.approx(math.log(k), abs=1e-4)
+    two = 50.0 * jax.nn.one_hot(jnp.arange(16) % 2, k).reshape(2, 2, 4, k)
+    assert float(dvae.usage_kl(two)) == pytest.approx(math.log(k / 2), abs=1e-4)
+
+
+def test_logit_scale_and_code_init_std(tiny):
+    model, params, images = tiny
+    scaled = dvae.DVAE(dataclasses.replace(TINY, logit_scale=3.0))
+    run = lambda m: m.apply({"params": params}, images, method=dvae.DVAE.encode_logits)  # noqa
+    np.testing.assert_allclose(run(scaled), 3.0 * run(model), rtol=1e-5, atol=1e-6)
+    std = lambda cfg: float(np.std(nn.meta.unbox(dvae.DVAE(cfg).init(  # noqa: E731
+        jax.random.PRNGKey(0), images)["params"])["decoder"]["input"]["kernel"]))
+    assert std(TINY) == pytest.approx(1 / math.sqrt(TINY.vocab_size), rel=0.2)   # fan-in
+    assert std(dataclasses.replace(TINY, code_init_std=1.0)) == pytest.approx(1.0, rel=0.2)
+
+
+def test_usage_weight_adds_exactly_its_term_to_the_loss(tiny):
+    model, params, images = tiny
+    batch = {"image": images, "step": jnp.full((2,), 7, jnp.int32)}
+    key = jax.random.PRNGKey(3)
+    base, m = dvae.loss_fn(model, params, batch, key)
+    weighted = dvae.DVAE(dataclasses.replace(TINY, usage_weight=0.5))
+    loss, m2 = dvae.loss_fn(weighted, params, batch, key)
+    cells, dims = 8 * 8, 16 * 16 * 3
+    assert float(m2["usage_kl"]) > 0
+    assert float(loss - base) == pytest.approx(0.5 * cells * float(m2["usage_kl"]) / dims,
+                                               rel=1e-4)

@@ -45,6 +45,7 @@ from unclip_jax import input_pipeline
 from unclip_jax.nn.layers import dtype as to_dtype
 
 SCHEDULES = ("cosine", "linear", "exponential")
+LIKELIHOODS = ("logit_laplace", "gaussian")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,13 @@ class DVAEConfig:
     beta_max: float = 6.6
     beta_steps: int = 5_000
     beta_schedule: str = "cosine"   # one of SCHEDULES except "exponential" (it starts at 0)
+    # Options for small / sparse data (defaults = the paper and the released network; see
+    # experiments/shapes/dvae.py for why the shapes dVAE needs them).
+    likelihood: str = "logit_laplace"   # one of LIKELIHOODS; "gaussian": fixed σ, mean sigmoid(μ)
+    gaussian_sigma: float = 0.1     # σ of the "gaussian" likelihood on the ε-mapped pixels
+    usage_weight: float = 0.0       # weight of KL(batch-average q ‖ uniform), summed over cells
+    logit_scale: float = 1.0        # fixed factor on the encoder's logits
+    code_init_std: float = 0.0      # > 0: N(0, σ²) init of the decoder's 1×1 conv from K codes
 
     @property
     def downsample(self) -> int:
@@ -140,6 +148,37 @@ def kl_to_uniform(logits: jax.Array) -> jax.Array:
     return jnp.sum(jnp.exp(logq) * logq, axis=-1) + math.log(logits.shape[-1])
 
 
+def gaussian_log_prob(x: jax.Array, mu: jax.Array, sigma: float) -> jax.Array:
+    """Log-density of ``N(sigmoid(μ), σ²)`` at ``x``, elementwise, float32 (the ``gaussian``
+    likelihood: a fixed-σ squared error on the ε-mapped pixels, ``μ`` in logit space)."""
+    x, mu = jnp.asarray(x, jnp.float32), jnp.asarray(mu, jnp.float32)
+    return (-0.5 * jnp.square((x - jax.nn.sigmoid(mu)) / sigma)
+            - math.log(sigma) - 0.5 * math.log(2 * math.pi))
+
+
+def pixel_log_prob(x: jax.Array, stats: jax.Array, cfg: "DVAEConfig") -> jax.Array:
+    """``[..., 3]`` log-likelihood of mapped pixels ``x`` under ``[..., 6]`` decoder statistics
+    with ``cfg.likelihood`` (the gaussian ignores the ln b channels)."""
+    if cfg.likelihood == "logit_laplace":
+        return logit_laplace_log_prob(x, stats[..., :3], stats[..., 3:])
+    if cfg.likelihood == "gaussian":
+        if cfg.gaussian_sigma <= 0:
+            raise ValueError(f"gaussian_sigma must be > 0, got {cfg.gaussian_sigma}")
+        return gaussian_log_prob(x, stats[..., :3], cfg.gaussian_sigma)
+    raise ValueError(f"unknown likelihood {cfg.likelihood!r}; accepted: "
+                     f"{', '.join(LIKELIHOODS)}")
+
+
+def usage_kl(logits: jax.Array) -> jax.Array:
+    """``KL(q̄ ‖ uniform)`` of the average ``q̄`` of ``softmax(logits)`` over every cell of the
+    batch (a scalar): 0 when the batch spreads its codes evenly over the K, log K when every
+    cell puts its mass on the same code. Unlike the per-cell KL it does not ask any single
+    cell to be uncertain, only the codebook as a whole to be used."""
+    k = logits.shape[-1]
+    avg = jax.nn.softmax(logits.reshape(-1, k).astype(jnp.float32), axis=-1).mean(0)
+    return jnp.sum(avg * jnp.log(jnp.maximum(avg, 1e-30))) + math.log(k)
+
+
 def _ramp(step, steps: int, kind: str):
     """Progress in [0, 1] shaped by ``kind`` (``linear`` or the half-cosine ``cosine``)."""
     t = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
@@ -171,14 +210,15 @@ def beta_at(step, cfg: DVAEConfig) -> jax.Array:
 
 
 def _conv(features: int, kernel: int, dtype, name: str, in_axis: str = "conv_in",
-          out_axis: str = "conv_out") -> nn.Conv:
-    """A 'SAME' conv with fan-in normal init (the release's), kernel ``[k, k, in, out]``."""
+          out_axis: str = "conv_out", init_std: float = 0.0) -> nn.Conv:
+    """A 'SAME' conv with fan-in normal init (the release's), kernel ``[k, k, in, out]``;
+    ``init_std > 0`` draws the kernel from N(0, init_std²) instead."""
+    init = (nn.initializers.normal(init_std) if init_std > 0
+            else nn.initializers.variance_scaling(1.0, "fan_in", "normal"))
     return nn.Conv(
         features, (kernel, kernel), padding="SAME", dtype=dtype, param_dtype=jnp.float32,
         name=name,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
-            (None, None, in_axis, out_axis)),
+        kernel_init=nn.with_logical_partitioning(init, (None, None, in_axis, out_axis)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)))
 
 
@@ -225,7 +265,8 @@ class Encoder(nn.Module):
             if g < cfg.num_groups - 1:
                 h = nn.max_pool(h, (2, 2), strides=(2, 2))
         logits = _conv(cfg.vocab_size, 1, dt, "output", out_axis="vocab")(nn.relu(h))
-        return nn.with_logical_constraint(logits.astype(jnp.float32),
+        logits = logits.astype(jnp.float32) * cfg.logit_scale
+        return nn.with_logical_constraint(logits,
                                           ("batch", "height", "width", "vocab"))
 
 
@@ -240,7 +281,8 @@ class Decoder(nn.Module):
         cfg = self.config
         dt = to_dtype(cfg.dtype)
         gain = 1.0 / (cfg.num_groups * cfg.blocks_per_group) ** 2
-        h = _conv(cfg.decoder_init_width, 1, dt, "input", in_axis="vocab")(z.astype(dt))
+        h = _conv(cfg.decoder_init_width, 1, dt, "input", in_axis="vocab",
+                  init_std=cfg.code_init_std)(z.astype(dt))
         for g in range(cfg.num_groups):
             width = cfg.decoder_width * 2 ** (cfg.num_groups - 1 - g)
             for b in range(cfg.blocks_per_group):
@@ -327,7 +369,8 @@ def psnr(mse) -> jax.Array:
 
 def loss_fn(model: DVAE, params, batch: dict, rng: jax.Array):
     """Negative ELBO per pixel value (with β on the KL) of ``batch["image"]`` ``[B, H, W, 3]``
-    in [-1, 1] at update ``max(batch["step"])``. Returns ``(loss, metrics)``."""
+    in [-1, 1] at update ``max(batch["step"])``, plus ``usage_weight`` × cells ×
+    :func:`usage_kl` of the batch (0 by default). Returns ``(loss, metrics)``."""
     cfg = model.config
     images = batch["image"]
     step = jnp.max(batch["step"])
@@ -337,18 +380,20 @@ def loss_fn(model: DVAE, params, batch: dict, rng: jax.Array):
     logits = model.apply({"params": params}, images, method=DVAE.encode_logits)
     z = gumbel_softmax(logits, rng, tau)
     stats = model.apply({"params": params}, z, method=DVAE.decode_stats)
-    log_p = logit_laplace_log_prob(x, stats[..., :3], stats[..., 3:])
+    log_p = pixel_log_prob(x, stats, cfg)
     dims = images.shape[1] * images.shape[2] * images.shape[3]
+    cells = logits.shape[1] * logits.shape[2]
     nll = -jnp.sum(log_p, axis=(1, 2, 3))                     # [B], nats per image
     kl = jnp.sum(kl_to_uniform(logits), axis=(1, 2))          # [B], nats per image
-    loss = jnp.mean(nll + beta * kl) / dims
+    usage = usage_kl(logits)
+    loss = (jnp.mean(nll + beta * kl) + cfg.usage_weight * cells * usage) / dims
     recon01 = (stats_to_images(stats, cfg.eps) + 1) / 2
     mse = jnp.mean(jnp.square(recon01 - (images.astype(jnp.float32) + 1) / 2))
-    usage = code_usage(logits)
-    metrics = {"nll_per_dim": jnp.mean(nll) / dims, "kl_per_cell": jnp.mean(kl) / (
-        logits.shape[1] * logits.shape[2]), "tau": tau, "beta": beta, "relaxed_mse": mse,
-        "relaxed_psnr": psnr(mse), "perplexity": usage["perplexity"],
-        "used_fraction": usage["used_fraction"]}
+    stats_usage = code_usage(logits)
+    metrics = {"nll_per_dim": jnp.mean(nll) / dims, "kl_per_cell": jnp.mean(kl) / cells,
+               "usage_kl": usage, "tau": tau, "beta": beta, "relaxed_mse": mse,
+               "relaxed_psnr": psnr(mse), "perplexity": stats_usage["perplexity"],
+               "used_fraction": stats_usage["used_fraction"]}
     return loss, metrics
 
 
@@ -392,6 +437,7 @@ def make_task(cfg, workdir):
     model_cfg = dataclasses.replace(cfg.model, image_size=cfg.data.image_size)
     grid_size(model_cfg.image_size, model_cfg.num_groups)
     tau_at(0, model_cfg), beta_at(0, model_cfg)            # schedule names fail here, early
+    pixel_log_prob(jnp.full((1, 3), 0.5), jnp.zeros((1, 6)), model_cfg)    # likelihood too
     cfg = dataclasses.replace(cfg, model=model_cfg)
     model = DVAE(model_cfg)
     workdir = Path(workdir)
