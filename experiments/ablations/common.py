@@ -44,6 +44,11 @@ RUNS = ROOT / "runs" / "ablations"
 RESULTS = ROOT / "experiments" / "RESULTS.md"
 MACHINE = "2-core CPU, shared with other jobs"
 PROMPT_SEED, REFERENCE_SEED = 7, 8
+# Where decoder runs under runs/ablations came from (printed in the provenance line).
+DECODER_ORIGINS = {
+    "decoder_v": "the demo's ε decoder (1500 steps) fine-tuned 300 steps with v prediction, "
+                 "the sampling-quality fix of commit f2cb0ca (a copy of that fix's run)",
+}
 
 # ============================================================================ prompts
 
@@ -343,7 +348,10 @@ def provenance(chain: Chain | None = None) -> dict:
         rel = str(chain.decoder_workdir).replace(str(ROOT) + "/", "")
         out["decoder_note"] = (f" Decoder `{rel}`: model_output={chain.dec_cfg.model_output}, "
                                f"{cfg['train']['steps']} steps × batch "
-                               f"{cfg['train']['batch_size']}.")
+                               f"{cfg['train']['batch_size']}"
+                               + (f", {DECODER_ORIGINS[chain.decoder_workdir.name]}"
+                                  if chain.decoder_workdir.name in DECODER_ORIGINS else "")
+                               + ".")
         if chain.dec_cfg.model_output == "eps" and chain.dec_cfg.schedule == "cosine":
             out["decoder_note"] += (
                 " **Caveat:** this decoder predicts ε on the cosine schedule, which is "
@@ -354,6 +362,13 @@ def provenance(chain: Chain | None = None) -> dict:
     return {**out, "commit": commit + ("+uncommitted library edits" if dirty else ""),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{MACHINE} (load average {os.getloadavg()[0]:.1f} at the end)"}
+
+
+def decoder_flag(decoder) -> str:
+    """The ``--decoder`` part of a script's command line (empty for the default)."""
+    if not decoder:
+        return ""
+    return " --decoder " + str(decoder).replace(str(ROOT) + "/", "")
 
 
 def provenance_line(p: dict, wall_s: float) -> str:

@@ -148,7 +148,8 @@ def render(data: dict, args, wall: float) -> str:
         "### Ablation: DALL·E 1 vs unCLIP on captioned shapes",
         "",
         f"`python experiments/ablations/dalle.py --candidates {args.candidates} "
-        f"--num-per-kind {args.num_per_kind} --seeds {' '.join(map(str, args.seeds))}`. "
+        f"--num-per-kind {args.num_per_kind} --seeds {' '.join(map(str, args.seeds))}"
+        f"{common.decoder_flag(args.decoder)}`. "
         f"{n} held-out prompts ({n // 2} one-object, {n // 2} two-object) × "
         f"{len(args.seeds)} seeds = {n * len(args.seeds)} images per row, all at 32 px. "
         f"Training budgets (steps × batch, wall minutes on the loaded 2-core CPU): unCLIP "
@@ -160,7 +161,8 @@ def render(data: dict, args, wall: float) -> str:
         common.table(["model"] + common.METRIC_HEADER,
                      [[k] + common.row_cells(r) for k, r in rows.items()]),
         "",
-        f"FD_CLIP floor (renders vs other renders): **{data['fd_floor']:.3f}**.",
+        f"FD_CLIP reference (renders of other held-out scenes vs the prompts' renders; a "
+        f"scale, not a bound): **{data['fd_floor']:.3f}**.",
     ]
     if not data["have_dalle"]:
         lines += ["", f"DALL·E rows: **not measured** — no finished DALL·E run in "

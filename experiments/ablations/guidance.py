@@ -95,7 +95,8 @@ def render(data: dict, args, rows: dict, wall: float) -> str:
         "",
         f"`python experiments/ablations/guidance.py --scales "
         f"{' '.join(f'{s:g}' for s in rows)} --num-per-kind {args.num_per_kind} --seeds "
-        f"{' '.join(map(str, args.seeds))}`. Decoder `{dec}` ({data['mode']} conditioning), "
+        f"{' '.join(map(str, args.seeds))}{common.decoder_flag(args.decoder)}`. "
+        f"Decoder `{dec}` ({data['mode']} conditioning), "
         f"DDIM {args.steps} steps, η 0; image embeddings from the diffusion prior "
         f"`runs/demo/prior` (its config: DDIM 64 steps, k = 2), drawn once and shared by all "
         f"scales. {n} held-out prompts ({n // 2} one-object, {n // 2} two-object) × "
@@ -105,7 +106,8 @@ def render(data: dict, args, rows: dict, wall: float) -> str:
         "",
         table,
         "",
-        f"FD_CLIP floor (renders vs other renders, same count): **{data['fd_floor']:.3f}**; "
+        f"FD_CLIP reference (renders of other held-out scenes vs the prompts' renders, "
+        f"same count; a scale, not a bound): **{data['fd_floor']:.3f}**; "
         f"CLIP score of the prompts' own renders: {data['clip_score_real']:.1f}. Lowest FD_CLIP "
         f"at scale {best_fd:g}, highest CLIP score at scale {best_cs:g}; the CLIP-score gain "
         f"of scale {best_cs:g} over scale {min(rows):g} is "

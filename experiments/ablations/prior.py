@@ -53,7 +53,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-per-kind", type=int, default=32)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--decoder", default=str(common.RUNS / "decoder_text"))
+    p.add_argument("--decoder", default=str(common.RUNS / "decoder_text"),
+                   help="decoder run; one with a caption pathway adds the caption-only row "
+                   "(default: runs/ablations/decoder_text, else the demo decoder)")
     p.add_argument("--prior-ar", default=str(common.RUNS / "prior_ar"))
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--steps", type=int, default=50)
@@ -65,9 +67,9 @@ def main(argv=None) -> dict:
 
     from unclip_jax.eval import metrics
 
-    text_decoder = Path(args.decoder)
-    has_text = common.trained(text_decoder)
-    chain = common.load_chain(decoder=text_decoder if has_text else None)
+    decoder = Path(args.decoder)
+    chain = common.load_chain(decoder=decoder if common.trained(decoder) else None)
+    has_text = chain.dec_cfg.use_text
     clip = metrics.ClipFeatures(chain.clip_cfg, chain.clip_params, chain.tokenizer)
     prompts, scenes = common.held_out(args.num_per_kind)
     ref = common.reference(clip, prompts, scenes, chain.size, repeats=len(args.seeds))
@@ -116,14 +118,15 @@ def render(data: dict, args, has_text: bool, dprior, wall: float) -> str:
         ["conditioning", "decoder input", "cos(emb, true image emb)"] + common.METRIC_HEADER,
         [[name, r["mode"], "—" if r["emb_cos"] is None else f"{r['emb_cos']:.3f}"]
          + common.row_cells(r) for name, r in rows.items()])
-    dec = ("`runs/ablations/decoder_text` (`experiments/shapes/decoder.py --set "
-           "model.text_layers=2`, same 1500 steps × batch 32)" if has_text else
-           "the demo decoder `runs/demo/decoder` (CLIP embedding only)")
+    rel = data["decoder"].replace(str(common.ROOT) + "/", "")
+    dec = (f"`{rel}` (`experiments/shapes/decoder.py --set model.text_layers=2`, same steps)"
+           if has_text else f"`{rel}` (CLIP embedding only, no caption pathway)")
     lines = [
         "### Ablation: prior (unCLIP §5.1, Fig. 8)",
         "",
         f"`python experiments/ablations/prior.py --num-per-kind {args.num_per_kind} --seeds "
-        f"{' '.join(map(str, args.seeds))}`. {n} held-out prompts ({n // 2} one-object, "
+        f"{' '.join(map(str, args.seeds))}{common.decoder_flag(args.decoder)}`. "
+        f"{n} held-out prompts ({n // 2} one-object, "
         f"{n // 2} two-object, scene seed 7) × {len(args.seeds)} sampling seeds "
         f"({', '.join(map(str, args.seeds))}) = {n * len(args.seeds)} images per row, judged "
         f"at {32} px (decoder output, no upsampler). Decoder: {dec}; DDIM {args.steps} steps, "
@@ -136,8 +139,8 @@ def render(data: dict, args, has_text: bool, dprior, wall: float) -> str:
         "",
         f"Fractions ± binomial s.e.; CLIP score ± s.e. of the mean. FD_CLIP is against the "
         f"prompts' own renders (CLIP-score ceiling of those renders: "
-        f"{data['clip_score_real']:.1f}); the floor (renders vs renders of other held-out "
-        f"scenes at the same count) is **{data['fd_floor']:.3f}**. `cos` is the produced "
+        f"{data['clip_score_real']:.1f}); the reference (renders of other held-out scenes; "
+        f"a scale, not a bound) is **{data['fd_floor']:.3f}**. `cos` is the produced "
         f"embedding's cosine with the CLIP image embedding of the prompt's own render.",
     ]
     if not has_text:

@@ -100,7 +100,8 @@ def render(data: dict, args, rows: dict, wall: float) -> str:
         "### Ablation: prior candidates k (rerank by dot product with the text embedding)",
         "",
         f"`python experiments/ablations/prior_k.py --ks {' '.join(map(str, ks))} "
-        f"--num-per-kind {args.num_per_kind} --seeds {' '.join(map(str, args.seeds))}`. "
+        f"--num-per-kind {args.num_per_kind} --seeds {' '.join(map(str, args.seeds))}"
+        f"{common.decoder_flag(args.decoder)}`. "
         f"Diffusion prior `runs/demo/prior` (DDIM 64 steps, guidance 1), decoder `{dec}` "
         f"({data['mode']} conditioning, DDIM {args.steps} steps, guidance {args.guidance}). "
         f"{n} held-out prompts ({n // 2} one-object, {n // 2} two-object) × "
@@ -109,7 +110,8 @@ def render(data: dict, args, rows: dict, wall: float) -> str:
         table,
         "",
         f"`cos` ± s.e.: the kept embedding against the CLIP image embedding of the prompt's own "
-        f"render. FD_CLIP floor: **{data['fd_floor']:.3f}**. k = {ks[0]} vs k = {ks[-1]}: "
+        f"render. FD_CLIP reference (other held-out scenes' renders; a scale, not a bound): "
+        f"**{data['fd_floor']:.3f}**. k = {ks[0]} vs k = {ks[-1]}: "
         + (f"{', '.join(notes)} within noise (≤ 2 s.e.)." if notes else
            "every listed difference exceeds 2 s.e."),
         "",

@@ -114,7 +114,8 @@ def render(data: dict, args, rows: dict, wall: float) -> str:
         "",
         f"`python experiments/ablations/sampler.py --steps {' '.join(map(str, args.steps))} "
         f"--ddpm-extra {' '.join(map(str, args.ddpm_extra))} --num-per-kind "
-        f"{args.num_per_kind} --seeds {' '.join(map(str, args.seeds))}`. Decoder `{dec}` "
+        f"{args.num_per_kind} --seeds {' '.join(map(str, args.seeds))}"
+        f"{common.decoder_flag(args.decoder)}`. Decoder `{dec}` "
         f"({data['mode']} conditioning), guidance {args.guidance}; embeddings from the "
         f"diffusion prior `runs/demo/prior`, drawn once. {n} held-out prompts ({n // 2} "
         f"one-object, {n // 2} two-object) × {len(args.seeds)} seeds = {n * len(args.seeds)} "
@@ -125,7 +126,8 @@ def render(data: dict, args, rows: dict, wall: float) -> str:
         "",
         table,
         "",
-        f"FD_CLIP floor (renders vs other renders, same count): **{data['fd_floor']:.3f}**. "
+        f"FD_CLIP reference (renders of other held-out scenes vs the prompts' renders, "
+        f"same count; a scale, not a bound): **{data['fd_floor']:.3f}**. "
         f"Lowest FD_CLIP: {best['method']} at {best['steps']} steps. Rows whose one-object "
         f"fidelity is within 2 s.e. of that row's: {', '.join(close)}.",
         "",
