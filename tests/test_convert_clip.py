@@ -75,6 +75,18 @@ def test_infer_config_reads_shapes(small):
         convert_clip.infer_config(sd, not_a_field=1)
 
 
+def test_infer_config_heads_override_for_widths_off_the_64_rule():
+    """A text width of 48 has no OpenAI head count: it needs text_heads=..., which must
+    divide the width."""
+    cfg = dataclasses.replace(SMALL, text_width=48, text_heads=2)
+    sd = convert_clip.to_state_dict(_random_params(cfg), cfg)
+    with pytest.raises(ConversionError, match="text width 48 is not a multiple of 64"):
+        convert_clip.infer_config(sd)
+    assert convert_clip.infer_config(sd, text_heads=2).text_heads == 2
+    with pytest.raises(ConversionError, match="text_heads=5 does not divide the text width 48"):
+        convert_clip.infer_config(sd, text_heads=5)
+
+
 def test_round_trip_is_exact(small):
     params, sd = small
     assert sd["visual.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 128, 128)

@@ -161,15 +161,19 @@ def infer_config(sd: Mapping[str, np.ndarray], **overrides) -> CLIPConfig:
         raise ConversionError(f"the towers' MLP ratios differ ({ratios}); CLIPConfig has one "
                               "mlp_ratio")
     for name, width in (("vision", vision_width), ("text", text_width)):
-        if width % 64:
+        heads = overrides.get(f"{name}_heads")
+        if heads is None and width % 64:
             raise ConversionError(f"{name} width {width} is not a multiple of 64; pass "
                                   f"{name}_heads=... explicitly")
+        if heads is not None and (int(heads) < 1 or width % int(heads)):
+            raise ConversionError(f"{name}_heads={heads} does not divide the {name} width "
+                                  f"{width}")
     fields = dict(
         embed_dim=int(embed_dim), image_size=int(grid * patch), patch_size=int(patch),
         vision_width=int(vision_width), vision_layers=_depth(sd, "visual.transformer"),
-        vision_heads=int(vision_width) // 64, vocab_size=int(vocab),
+        vision_heads=max(int(vision_width) // 64, 1), vocab_size=int(vocab),
         context_length=int(context), text_width=int(text_width),
-        text_layers=_depth(sd, "transformer"), text_heads=int(text_width) // 64,
+        text_layers=_depth(sd, "transformer"), text_heads=max(int(text_width) // 64, 1),
         mlp_ratio=float(ratios["transformer"]), act="quick_gelu", eos_id=int(vocab) - 1,
         pad_id=0, dtype="float32")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(CLIPConfig)}
