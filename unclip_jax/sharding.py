@@ -179,6 +179,31 @@ def divisible_sharding(s: NamedSharding, shape: tuple[int, ...]) -> NamedShardin
     return NamedSharding(s.mesh, P(*spec[:len(shape)])) if changed else s
 
 
+def gathered_kernel_conv(compute_names: Sequence[str | None]):
+    """A ``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)`` that first
+    constrains the kernel to the logical names ``compute_names`` (the kernel's storage names
+    with the FSDP-sharded input channels replaced by None): FSDP's all-gather of the weight,
+    written out instead of left to the partitioner.
+
+    Why: XLA's SPMD partitioner (jaxlib 0.10.2, CPU; Shardy and GSPMD alike) miscompiles a
+    convolution whose batch is split over ("data", "fsdp"), whose input features and kernel
+    input channels are split over "model" and whose kernel *output* channels are split over
+    "fsdp": it permutes the batch shards to line them up with the kernel's fsdp shards and
+    never permutes the result back, so examples come out on the wrong devices. That is the
+    transpose (input gradient) of every conv whose kernel is stored [.., fsdp, model], so
+    without this the dVAE's gradients on a data × fsdp × model mesh were wrong (repro:
+    ``benchmarks/repro_spmd_conv_batch_permute.py``). Outside a mesh / rules context the
+    constraint is a no-op.
+    """
+    names = tuple(compute_names)
+
+    def conv(lhs, rhs, *args, **kwargs):
+        return jax.lax.conv_general_dilated(lhs, nn.with_logical_constraint(rhs, names),
+                                            *args, **kwargs)
+
+    return conv
+
+
 def strip_boxes(tree: Any) -> Any:
     """Remove ``LogicallyPartitioned`` boxes without applying constraints (safe outside jit)."""
     is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
