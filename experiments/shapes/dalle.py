@@ -1,7 +1,8 @@
 """DALL·E transformer on 32 px captioned shapes (CPU scale, ~6 minutes on 2 cores).
 
 Stream: 24 text tokens (BPE, vocab 512, trained in the workdir) then the 8×8 = 64 codes
-(K = 512) of the frozen shapes dVAE (``experiments/shapes/dvae.py``; ``model.dvae_workdir``).
+(K = 512) of the frozen shapes dVAE (``experiments/shapes/dvae.py`` trained into
+``runs/dalle_shapes/dvae``; ``model.dvae_workdir``).
 Full causal attention (the sparse masks are ``--set model.attention=paper`` etc.), caption
 dropout 0.1 for classifier-free guidance, loss 1/8 text + 7/8 image.
 """
@@ -16,7 +17,7 @@ def get_config() -> ExperimentConfig:
         name="shapes_dalle",
         task="dalle",
         model=DalleConfig(width=128, depth=4, num_heads=4, attention="full",
-                          caption_dropout=0.1, dvae_workdir="runs/demo/dvae",
+                          caption_dropout=0.1, dvae_workdir="runs/dalle_shapes/dvae",
                           clip_workdir="runs/demo/clip"),
         data=DataConfig(name="captioned_shapes/r32", image_size=32, context_length=24),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100, weight_decay=0.05),
