@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unclip_jax import sharding
 from unclip_jax.nn.layers import layer_norm
 from unclip_jax.nn.transformer import Transformer
 
@@ -76,9 +77,13 @@ class VisionTransformer(nn.Module):
                         kernel_init=nn.with_logical_partitioning(
                             nn.initializers.he_normal(), (None, None, None, "mlp")))(x)
             x = jax.nn.relu(layer_norm(name=f"stem_norm{i}")(x).astype(self.dtype))
+        # The kernel is stored [.., mlp→model, embed→fsdp]: gather its fsdp shards before the
+        # conv (XLA's partitioner misplaces examples otherwise; sharding.gathered_kernel_conv).
         return nn.Conv(self.width, (1, 1), use_bias=False, dtype=self.dtype, name="patch_embed",
                        kernel_init=nn.with_logical_partitioning(
-                           nn.initializers.lecun_normal(), (None, None, "mlp", "embed")))(x)
+                           nn.initializers.lecun_normal(), (None, None, "mlp", "embed")),
+                       conv_general_dilated=sharding.gathered_kernel_conv(
+                           (None, None, "mlp", None)))(x)
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
