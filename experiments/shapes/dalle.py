@@ -5,6 +5,11 @@ Stream: 24 text tokens (BPE, vocab 512, trained in the workdir) then the 8×8 = 
 ``runs/dalle_shapes/dvae``; ``model.dvae_workdir``).
 Full causal attention (the sparse masks are ``--set model.attention=paper`` etc.), caption
 dropout 0.1 for classifier-free guidance, loss 1/8 text + 7/8 image.
+
+Measured (2 shared CPU cores, 12.5 min, on the 27.2 dB dVAE): val image-token accuracy 0.65;
+judged colour+shape on 64 held-out single-object prompts, first sample 14 % (guidance 3: 19 %),
+CLIP-reranked best of 8: 25 %. The dVAE itself caps this: the same scenes encoded and decoded
+judge 47 % (small shapes come back rounded), rendered 100 %.
 """
 
 from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
