@@ -21,12 +21,11 @@ The config is read from the tensors (widths, K, groups, blocks per group); the i
 not in the weights (the nets are fully convolutional) and defaults to the released model's 256.
 
 OpenAI's published ``encoder.pkl`` / ``decoder.pkl`` are whole pickled modules, which
-``torch.load(..., weights_only=True)`` refuses (loading them would run arbitrary pickled code).
-Export their state dicts once, in an environment with ``dall_e`` installed::
-
-    torch.save(torch.load("encoder.pkl", weights_only=False).state_dict(), "encoder.pt")
-
-(or ``safetensors.torch.save_file``), then convert ``encoder.pt`` and ``decoder.pt``.
+safe loading (``weights_only=True``) refuses: unpickling them would run arbitrary code. Export
+their state dicts once, in an environment with ``dall_e`` installed and only for files you
+trust: unpickle the module with torch (``weights_only`` off), then save its ``state_dict()``
+with ``torch.save`` (or ``safetensors.torch.save_file``) as ``encoder.pt`` / ``decoder.pt``,
+and convert those.
 """
 
 from __future__ import annotations
@@ -85,8 +84,8 @@ def _load(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ConversionError(
             f"{str(path)!r} is not a plain state dict (torch refused it with weights_only=True; "
             "OpenAI's encoder.pkl/decoder.pkl are pickled modules). Export it once where "
-            "dall_e is installed: torch.save(torch.load(path, weights_only=False).state_dict(), "
-            "'encoder.pt')") from e
+            "dall_e is installed (and only if you trust the file): unpickle the module with torch, "
+            "then torch.save(module.state_dict(), 'encoder.pt')") from e
 
 
 def load_state_dicts(source: str | os.PathLike, decoder: str | os.PathLike | None = None

@@ -284,7 +284,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                               f"convert it to .npz where torch is available: np.savez(out, "
                               f"**{{k: v.numpy() for k, v in torch.load(f, "
                               f"weights_only=True).items()}})") from None
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        file = str(path)
+        sd = torch.load(file, map_location="cpu", weights_only=True)
         return {k: v.detach().cpu().numpy() for k, v in sd.items()}
     raise ValueError(f"unknown weights format {suffix!r} of {path.name}; accepted: .pth, .pt, "
                      f".bin (torch), .npz, .safetensors")
