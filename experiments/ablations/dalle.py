@@ -56,7 +56,7 @@ def budget(workdir: Path) -> dict:
 
 
 def fmt_budget(name: str, b: dict) -> str:
-    mins = "?" if b["minutes"] is None else f"{b['minutes']:.0f} min"
+    mins = "wall time not logged" if b["minutes"] is None else f"{b['minutes']:.0f} min"
     return f"{name} {b['steps']} × {b['batch']} ({mins})"
 
 
@@ -149,7 +149,8 @@ def render(data: dict, args, wall: float) -> str:
         "",
         f"`python experiments/ablations/dalle.py --candidates {args.candidates} "
         f"--num-per-kind {args.num_per_kind} --seeds {' '.join(map(str, args.seeds))}"
-        f"{common.decoder_flag(args.decoder)}`. "
+        f"{common.decoder_flag(args.decoder)}"
+        f"{'' if Path(args.dalle) == common.RUNS / 'dalle' else ' --dalle ' + args.dalle}`. "
         f"{n} held-out prompts ({n // 2} one-object, {n // 2} two-object) × "
         f"{len(args.seeds)} seeds = {n * len(args.seeds)} images per row, all at 32 px. "
         f"Training budgets (steps × batch, wall minutes on the loaded 2-core CPU): unCLIP "
@@ -176,10 +177,16 @@ def render(data: dict, args, wall: float) -> str:
                       f" % of the codes used — the known collapse, so a transformer over "
                       f"these codes could at best place blobs of background-like codes."]
     else:
-        lines += ["", "The shapes dVAE is known to collapse at this budget (see "
-                  "`experiments/shapes/dvae.py`: a handful of codes, mostly background), so "
-                  "these DALL·E rows measure a transformer over a near-degenerate code "
-                  "vocabulary, not DALL·E's ceiling."]
+        dvae_dir = json.loads((Path(args.dalle) / "config.json").read_text())["model"].get(
+            "dvae_workdir", "")
+        dvae = dvae_eval(common.ROOT / dvae_dir) if dvae_dir else None
+        if dvae:
+            lines += ["", f"The transformer's dVAE (`{dvae_dir}`, {dvae['steps']} steps × batch "
+                      f"{dvae['batch']}): validation PSNR {dvae['eval/psnr']:.1f} dB with "
+                      f"argmax codes, code perplexity {dvae['eval/code_perplexity']:.1f}, "
+                      f"{100 * dvae['eval/used_fraction']:.1f} % of the codes used; its "
+                      f"reconstructions bound what the DALL·E rows can reach (see RESULTS' "
+                      f"DALL·E section for the judged ceiling)."]
     lines += ["", common.provenance_line(data, wall)]
     return "\n".join(lines)
 
