@@ -270,6 +270,20 @@ class Reference:
     text_feats: np.ndarray       # [P, E] CLIP features of the prompts
 
 
+
+def setup(num_per_kind: int, seeds, decoder=None):
+    """What every ablation starts from: ``(chain, clip, prompts, scenes, ref)`` — the chain
+    (with ``decoder`` in place of the demo's when given), its CLIP as the metrics' feature
+    extractor, the held-out prompts and scenes, and the features of their renders repeated
+    once per seed (the FD_CLIP reference)."""
+    from unclip_jax.eval import metrics
+
+    chain = load_chain(decoder=decoder)
+    clip = metrics.ClipFeatures(chain.clip_cfg, chain.clip_params, chain.tokenizer)
+    prompts, scenes = held_out(num_per_kind)
+    ref = reference(clip, prompts, scenes, chain.size, repeats=len(seeds))
+    return chain, clip, prompts, scenes, ref
+
 def reference(clip, prompts: Sequence[str], scenes: Sequence, size: int,
               repeats: int = 1) -> Reference:
     """FD target = the prompts' own renders (repeated ``repeats`` times, one per seed, so the

@@ -65,14 +65,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     t_start = time.perf_counter()
 
-    from unclip_jax.eval import metrics
-
     decoder = Path(args.decoder)
-    chain = common.load_chain(decoder=decoder if common.trained(decoder) else None)
+    chain, clip, prompts, scenes, ref = common.setup(
+        args.num_per_kind, args.seeds, decoder if common.trained(decoder) else None)
     has_text = chain.dec_cfg.use_text
-    clip = metrics.ClipFeatures(chain.clip_cfg, chain.clip_params, chain.tokenizer)
-    prompts, scenes = common.held_out(args.num_per_kind)
-    ref = common.reference(clip, prompts, scenes, chain.size, repeats=len(args.seeds))
     fns, dprior = embed_fns(chain, Path(args.prior_ar))
     rows = {name: ("image+caption" if has_text else "image", fn) for name, fn in fns.items()}
     if has_text:

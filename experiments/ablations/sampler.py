@@ -47,12 +47,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     t_start = time.perf_counter()
 
-    from unclip_jax.eval import metrics
-
-    chain = common.load_chain(decoder=args.decoder)
-    clip = metrics.ClipFeatures(chain.clip_cfg, chain.clip_params, chain.tokenizer)
-    prompts, scenes = common.held_out(args.num_per_kind)
-    ref = common.reference(clip, prompts, scenes, chain.size, repeats=len(args.seeds))
+    chain, clip, prompts, scenes, ref = common.setup(args.num_per_kind, args.seeds,
+                                                     args.decoder)
     drawn = common.prior_batches(chain, prompts, args.seeds, BATCH)
     mode = "image+caption" if chain.dec_cfg.use_text else "image"
     rows = {}
