@@ -207,3 +207,14 @@ def test_cli_parses():
     args = p.parse_args(["text-diff", "--image", "x.png", "--from", "a red circle",
                          "--to", "a blue circle", "--out", "d.png"])
     assert args.caption_from == "a red circle" and args.frames == 6
+
+
+def test_check_tokenizer_takes_the_sentencepiece_tokenizer(model):
+    """``load_unclip`` checks the tokenizer against the CLIP; a sentencepiece tokenizer (whose
+    ``vocab_size`` is a property, as the CLIP BPE wrapper's is) must pass when it fits and be
+    named when it does not."""
+    tok = model.tokenizer
+    U.check_tokenizer(tok, dataclasses.replace(CLIP_CFG, vocab_size=tok.vocab_size))
+    with pytest.raises(ValueError, match=rf"vocabulary {tok.vocab_size}, EOS id {EOS_ID}\) "
+                                         r"does not fit the CLIP \(vocab_size 10,"):
+        U.check_tokenizer(tok, dataclasses.replace(CLIP_CFG, vocab_size=10))

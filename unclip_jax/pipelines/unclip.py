@@ -201,8 +201,8 @@ def load_unclip(clip_workdir: str | os.PathLike, tokenizer_path: str | os.PathLi
 
 class ClipBPE:
     """CLIP's byte-level BPE (:class:`unclip_jax.convert.clip_bpe.ClipBPETokenizer`) behind the
-    interface the pipelines use (``encode(texts, context_length)``, ``pad_id``, ``eos_id``,
-    ``vocab_size()``)."""
+    interface the pipelines use — that of :class:`unclip_jax.text.Tokenizer`:
+    ``encode(texts, context_length)``, ``pad_id``, ``eos_id``, ``vocab_size``."""
 
     pad_id = 0
 
@@ -213,6 +213,7 @@ class ClipBPE:
         self.path = str(vocab_path)
         self.eos_id, self.bos_id = self.bpe.eot_id, self.bpe.sot_id
 
+    @property
     def vocab_size(self) -> int:
         return self.bpe.vocab_size
 
@@ -236,7 +237,7 @@ def load_tokenizer(path: str | os.PathLike):
 
 def check_tokenizer(tok, clip: CLIPConfig) -> None:
     """ValueError unless the tokenizer's ids fit the CLIP's embedding table and EOS id."""
-    n, eos = tok.vocab_size(), getattr(tok, "eos_id", clip.eos_id)
+    n, eos = tok.vocab_size, getattr(tok, "eos_id", clip.eos_id)
     path = getattr(tok, "path", None) or "the tokenizer"
     if n > clip.vocab_size or eos != clip.eos_id:
         raise ValueError(f"{path} (vocabulary {n}, EOS id {eos}) does not fit the CLIP "
