@@ -310,7 +310,10 @@ def bench_karlo(repeats: int) -> list[dict] | str:
     x256 = rng.normal(size=(bs, 256, 256, 3)).astype(np.float32)
     low = rng.uniform(-1, 1, size=(bs, 64, 64, 3)).astype(np.float32)
     ts = t[:bs]
-    up = np.asarray(jax.image.resize(jnp.asarray(low), (bs, 256, 256, 3), method="linear"))
+    # The reference takes the enlarged image; ours enlarges inside with the converted config's
+    # method (Karlo: antialiased bicubic), so feed the reference the same enlargement.
+    up = np.asarray(jax.image.resize(jnp.asarray(low), (bs, 256, 256, 3),
+                                     method=scfg.low_res_resize))
     inp = T(np.ascontiguousarray(np.concatenate([x256, up], -1).transpose(0, 3, 1, 2)))
 
     def sr_ref():
