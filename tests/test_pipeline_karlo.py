@@ -448,7 +448,12 @@ def test_parity_full_chain_with_unclip_pipeline(tmp_path, monkeypatch):
         f"{k} {v:.2e}" for k, v in diffs.items())
         + f"; end to end (images in [0, 1]): max abs {end.max():.2e}, mean {end.mean():.2e}; "
           f"our stages vs our chain: max abs {gap.max():.2e}, mean {gap.mean():.2e}")
-    assert max(diffs.values()) <= 1e-4
+    assert diffs["prior embeddings"] <= 1e-4 and diffs["decoder images"] <= 1e-4
+    # The super-res stage starts at t = 999, where x̂₀ = ε̂/√ᾱ amplifies float32 round-off by
+    # ~2·10⁴ (docstring): across runs its max relative difference was 2e-6 … 4e-4 (thread
+    # scheduling changes the reductions' order). Its single forward is held to 1e-4 in
+    # test_convert_karlo; here the bound only has to catch wiring errors, which give ~1.
+    assert diffs["super-res on the reference's decoder images"] <= 2e-3
     # Ill-conditioned (docstring): round-off-sized inputs differences, a few visible pixels.
     # A wrong input (e.g. bicubic without antialiasing) gives max ≈ 1, mean ≈ 1e-2.
     for d in (end, gap):
