@@ -266,27 +266,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                                 f"weights yourself (pt_inception-2015-12-05-*.pth) and pass "
                                 f"their path")
     suffix = path.suffix.lower()
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    if suffix == ".safetensors":
-        try:
-            from safetensors.numpy import load_file
-        except ImportError:
-            raise ImportError("reading .safetensors needs the safetensors package "
-                              "(pip install safetensors), or convert the file to .npz") from None
-        return load_file(str(path))
-    if suffix in (".pth", ".pt", ".bin"):
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(f"{path.name} is a PyTorch file and torch is not installed; "
-                              f"convert it to .npz where torch is available: np.savez(out, "
-                              f"**{{k: v.numpy() for k, v in torch.load(f, "
-                              f"weights_only=True).items()}})") from None
-        file = str(path)
-        sd = torch.load(file, map_location="cpu", weights_only=True)
-        return {k: v.detach().cpu().numpy() for k, v in sd.items()}
+    if suffix in (".npz", ".safetensors", ".pth", ".pt", ".bin"):
+        # The one weights reader (torch imported lazily there, weights_only=True).
+        from unclip_jax.convert import read_state_dict as read_weights
+
+        return read_weights(path)
     raise ValueError(f"unknown weights format {suffix!r} of {path.name}; accepted: .pth, .pt, "
                      f".bin (torch), .npz, .safetensors")
 
