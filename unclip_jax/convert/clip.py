@@ -27,7 +27,6 @@ open_clip's LAION-trained models (names without ``-quickgelu``, e.g. ViT-H-14) u
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from unclip_jax.convert import save_workdir  # noqa: F401  (re-exported: a CLIP workdir)
 from unclip_jax.models.clip import CLIPConfig
 
 # OpenAI CLIP's preprocessing constants (also open_clip's OPENAI_DATASET_MEAN/STD).
@@ -405,45 +405,11 @@ def to_state_dict(params: Mapping, cfg: CLIPConfig) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- workdir
 
 
-def save_workdir(cfg: CLIPConfig, params: Mapping, out_dir: str | os.PathLike, *,
-                 source: str = "", step: int = 0) -> Path:
-    """Write ``<out_dir>/config.json`` and ``checkpoints/<step>`` as a CLIP training run does,
-    so :func:`unclip_jax.embeddings.load_clip` (and everything built on it) reads it."""
-    import jax
-    import jax.numpy as jnp
-
-    from unclip_jax import config as config_lib
-    from unclip_jax.train.checkpoint import Checkpointer
-
-    out = Path(out_dir)
-    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-        raise FileExistsError(f"{str(out)!r} already holds checkpoints; pick an empty --out")
-    out.mkdir(parents=True, exist_ok=True)
-    run_cfg = {"model": config_lib.to_dict(cfg), "train": {"ema_decay": 0.0},
-               "converted_from": str(source)}
-    tmp = out / f".config.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(run_cfg, indent=2, sort_keys=True))
-    os.replace(tmp, out / "config.json")
-    state = {"params": jax.tree_util.tree_map(jnp.asarray, dict(params))}
-    ckpt = Checkpointer(out, keep=1, async_save=False)
-    try:
-        ckpt.save(step, state, data={}, config=run_cfg)
-        ckpt.wait()
-    finally:
-        ckpt.close()
-    return out
-
-
-def convert_file(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> Path:
-    """Load, convert and save: the whole ``unclip-jax convert clip`` job."""
-    cfg, params = convert(load_state_dict(checkpoint), **kwargs)
-    return save_workdir(cfg, params, out_dir, source=str(checkpoint))
-
-
 def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike,
                        **options) -> Path:
-    """The ``unclip-jax convert clip`` entry point (every converter has this signature):
-    :func:`convert_file`, also reading ``.npz`` via :func:`unclip_jax.convert.read_state_dict`."""
+    """The ``unclip-jax convert clip`` entry point (every converter has this signature): read
+    (:func:`unclip_jax.convert.read_state_dict`: ``.npz``, ``.safetensors``, torch files),
+    convert, and write a workdir that :func:`unclip_jax.embeddings.load_clip` reads."""
     from unclip_jax.convert import read_state_dict
 
     cfg, params = convert(read_state_dict(source), **options)

@@ -591,7 +591,7 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike,
     when present, else 10), ``context_length`` (77), ``components`` (a subset of
     ``("prior", "decoder", "super_res_first", "super_res_last")``).
     """
-    from unclip_jax.convert.clip import save_workdir
+    from unclip_jax.convert import save_workdir
 
     source, out = Path(source), Path(out_dir)
     if not source.is_dir():
