@@ -15,7 +15,7 @@ from unclip_jax.diffusion import (
     training_loss,
     x0_eps_to_output,
 )
-from unclip_jax.diffusion.losses import normal_kl
+from unclip_jax.diffusion.losses import min_snr_weight, normal_kl, x0_to_eps
 
 S = make_schedule("cosine", 1000)
 
@@ -119,3 +119,38 @@ def test_drop_condition():
     assert 0.45 < float((d["txt"][:, 0, 0] == 0).mean()) < 0.55
     with pytest.raises(ValueError, match="cond lacks"):
         drop_condition(jax.random.key(2), cond, {"image": 0.1})
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error(kind):
+    """Whatever the output kind, weight × output-MSE = min(SNR, γ) × x₀-MSE (Hang et al. 2023)."""
+    i = jnp.array([0, 50, 300, 600, 900, 999])
+    k0, k1, k2 = jax.random.split(jax.random.key(3), 3)
+    x0 = jax.random.uniform(k0, (6, 8), minval=-1, maxval=1)
+    eps = jax.random.normal(k1, (6, 8))
+    x_t = q_sample(S, x0, i, eps)
+    x0_hat = x0 + 0.1 * jax.random.normal(k2, (6, 8))
+    eps_hat = x0_to_eps(S, x_t, i, x0_hat)
+    out_err = jnp.mean((x0_eps_to_output(S, x_t, i, x0_hat, eps_hat, kind)
+                        - x0_eps_to_output(S, x_t, i, x0, eps, kind)) ** 2, axis=1)
+    ac = np.asarray(S.alphas_cumprod, np.float64)[np.asarray(i)]
+    snr = ac / (1 - ac)
+    want = np.minimum(snr, 5.0) * np.mean((np.asarray(x0_hat) - np.asarray(x0)) ** 2, axis=1)
+    got = np.asarray(min_snr_weight(S, i, kind, 5.0) * out_err)
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+
+
+def test_min_snr_in_the_training_loss():
+    params = {"w": jnp.float32(0.3)}
+    x0 = jax.random.uniform(jax.random.key(0), (64, 4, 4, 3), minval=-1, maxval=1)
+    f = lambda p, x, t, c: p["w"] * x  # noqa: E731
+
+    def loss(kind, gamma):
+        return float(training_loss(params, x0, None, jax.random.key(1), denoiser=f, schedule=S,
+                                   model_output=kind, min_snr_gamma=gamma)[0])
+
+    # for ε the weight is min(SNR, γ)/SNR: 1 everywhere when γ is above every SNR
+    assert loss("eps", 1e30) == pytest.approx(loss("eps", 0.0), rel=1e-6)
+    assert loss("v", 5.0) < loss("v", 0.0)      # v weights are min(SNR, γ)/(SNR+1) < 1
+    with pytest.raises(ValueError, match="min_snr_gamma must be ≥ 0"):
+        loss("v", -1.0)

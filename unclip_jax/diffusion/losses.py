@@ -168,6 +168,24 @@ def vlb_term(schedule: Schedule, x0, x_t, i, model_x0, model_logvar, *, discrete
 # ----------------------------------------------------------------------------- training helpers
 
 
+def min_snr_weight(schedule: Schedule, i, model_output: str, gamma: float) -> jnp.ndarray:
+    """Per-example weight ``[B]`` of the Min-SNR-γ strategy (Hang et al. 2023) for L_simple.
+
+    Each output's MSE is a fixed multiple of the x₀ error: ε-MSE = SNR·x₀-MSE, v-MSE =
+    (SNR + 1)·x₀-MSE (SNR = ᾱ/(1 − ᾱ)). Min-SNR weights the x₀ error by min(SNR, γ), so the
+    weight on an output's MSE is min(SNR, γ) divided by that multiple: the nearly-clean steps
+    (SNR ≫ γ), whose easy gradients dominate an unweighted loss, stop crowding out the rest."""
+    check_model_output(model_output)
+    ac = jnp.take(schedule.alphas_cumprod, i)
+    snr = ac / (1.0 - ac)
+    clipped = jnp.minimum(snr, gamma)
+    if model_output == "eps":
+        return clipped / snr
+    if model_output == "v":
+        return clipped / (snr + 1.0)
+    return clipped
+
+
 def sample_timesteps(rng, batch: int, num_steps: int) -> jnp.ndarray:
     """Uniform int32 step indices in [0, num_steps), ``[batch]``."""
     return jax.random.randint(rng, (batch,), 0, num_steps, dtype=jnp.int32)
@@ -220,7 +238,8 @@ def drop_condition(rng, cond: Any, drop_prob, null: Any = None) -> Any:
 def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedule,
                   model_output: str = "eps", learned_variance: bool = False,
                   vlb_weight: float = 0.001, discrete_data: bool = True,
-                  cond_drop_prob: Any = 0.0, null_cond: Any = None):
+                  cond_drop_prob: Any = 0.0, null_cond: Any = None,
+                  min_snr_gamma: float = 0.0):
     """Diffusion training loss for one batch; pure, so any model can wrap it with ``partial``.
 
     Args:
@@ -233,6 +252,8 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
         estimate of L_vlb = Σ_t L_t; improved DDPM's λ = 0.001), stop-gradient on the mean.
       cond_drop_prob, null_cond: classifier-free-guidance dropout (see :func:`drop_condition`);
         ``null_cond`` may also be a callable ``params -> null pytree`` for a learned null.
+      min_snr_gamma: > 0 weights L_simple per example by Min-SNR-γ (:func:`min_snr_weight`;
+        the paper's γ = 5); 0 = unweighted (the DDPM/unCLIP L_simple).
     Returns:
       (scalar loss, dict of scalar metrics).
     """
@@ -262,6 +283,10 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
     mse = _mean_flat((mean_out - target) ** 2)
     metrics = {"mse": jnp.mean(mse)}
     loss = mse
+    if min_snr_gamma < 0:
+        raise ValueError(f"min_snr_gamma must be ≥ 0 (0 = unweighted), got {min_snr_gamma}")
+    if min_snr_gamma > 0:
+        loss = loss * min_snr_weight(schedule, i, model_output, min_snr_gamma)
     if learned_variance:
         frozen_x0, _ = output_to_x0_eps(schedule, x_t, i, jax.lax.stop_gradient(mean_out),
                                         model_output)

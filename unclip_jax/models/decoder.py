@@ -101,6 +101,7 @@ class DecoderConfig:
     model_output: str = "eps"
     learned_variance: bool = True
     vlb_weight: float = 0.001
+    min_snr_gamma: float = 0.0                # > 0: Min-SNR-γ weighting of L_simple (paper: 5)
     sample_steps: int = 50
     sample_method: str = "ddim"               # the text → image pipeline's default; Karlo: ddpm
     sample_spacing: str = "even"              # "even" (respace) | "unclip" (diffusers' Karlo)
@@ -133,6 +134,7 @@ class UpsamplerConfig:
     model_output: str = "eps"
     learned_variance: bool = False
     vlb_weight: float = 0.001
+    min_snr_gamma: float = 0.0                # > 0: Min-SNR-γ weighting of L_simple (paper: 5)
     sample_steps: int = 27
     sample_method: str = "ddim"               # the text → image pipeline's default; Karlo: ddpm
     sample_spacing: str = "even"              # "even" (respace) | "unclip" (diffusers' Karlo)
@@ -357,7 +359,7 @@ def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array
             cfg, rng_drop if cfg.dropout > 0 else None),
         schedule=diffusion.make_schedule(cfg.schedule, cfg.num_timesteps),
         model_output=cfg.model_output, learned_variance=cfg.learned_variance,
-        vlb_weight=cfg.vlb_weight, cond_drop_prob=probs,
+        vlb_weight=cfg.vlb_weight, min_snr_gamma=cfg.min_snr_gamma, cond_drop_prob=probs,
         null_cond=lambda p: null_cond(p, cfg))
 
 
@@ -576,7 +578,7 @@ def upsampler_loss(params, cfg: UpsamplerConfig, images: jax.Array, rng: jax.Arr
         denoiser=make_upsampler_denoiser(cfg, rd if cfg.dropout > 0 else None),
         schedule=diffusion.make_schedule(cfg.schedule, cfg.num_timesteps),
         model_output=cfg.model_output, learned_variance=cfg.learned_variance,
-        vlb_weight=cfg.vlb_weight)
+        vlb_weight=cfg.vlb_weight, min_snr_gamma=cfg.min_snr_gamma)
 
 
 @functools.lru_cache(maxsize=16)
