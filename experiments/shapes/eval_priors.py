@@ -33,28 +33,62 @@ from unclip_jax import embeddings
 COND_KEYS = ("text_emb", "text_states", "text_tokens")
 
 
+# "A left of B" shows the same scene as "B right of A": RELATIONS[i] ↔ RELATIONS[INVERSE[i]].
+INVERSE_RELATION = np.array([1, 0, 3, 2])
+
+
 def attribute_match(q: dict, r: dict) -> tuple[np.ndarray, np.ndarray]:
     """(exact, colour+shape) bool ``[N]``: do the retrieved rows ``r`` show the attributes of
     the query rows ``q`` (arrays ``colour``/``shape``/``size`` ``[N, 2]``, ``num_objects``,
-    ``relation`` ``[N]``)? A query size of -1 (not named) matches any size."""
+    ``relation`` ``[N]``)? A query size of -1 (not named) matches any size. A two-object scene
+    is the same with its objects listed in the other order and the relation inverted, so a
+    retrieved "blue circle to the right of a red square" matches "a red square to the left of a
+    blue circle"."""
     present = np.arange(2)[None, :] < q["num_objects"][:, None]
     same_n = q["num_objects"] == r["num_objects"]
-    cs = np.all(~present | ((q["colour"] == r["colour"]) & (q["shape"] == r["shape"])), axis=1)
-    size = np.all(~present | (q["size"] < 0) | (q["size"] == r["size"]), axis=1)
-    colour_shape = same_n & cs
-    exact = colour_shape & size & (q["relation"] == r["relation"])
+
+    def match(r_obj: dict, relation: np.ndarray):
+        cs = np.all(~present | ((q["colour"] == r_obj["colour"])
+                                & (q["shape"] == r_obj["shape"])), axis=1)
+        size = np.all(~present | (q["size"] < 0) | (q["size"] == r_obj["size"]), axis=1)
+        return cs & size & (q["relation"] == relation), cs
+
+    exact, cs = match(r, r["relation"])
+    two = same_n & (q["num_objects"] == 2)
+    swapped = {k: r[k][:, ::-1] for k in ("colour", "shape", "size")}
+    exact_sw, cs_sw = match(swapped, INVERSE_RELATION[np.maximum(r["relation"], 0)])
+    exact = same_n & (exact | (two & exact_sw))
+    colour_shape = same_n & (cs | (two & cs_sw))
     return exact, colour_shape
 
 
-def score(pred: np.ndarray, test: dict, n: int) -> dict:
+ATTRS = ("colour", "shape", "size", "num_objects", "relation")
+
+
+def retrieval(pred: np.ndarray, test: dict, n: int, exclude_self: bool = False):
+    """(exact, colour+shape) bool ``[n]`` for the nearest test image embedding of each row of
+    ``pred`` (``exclude_self``: the query's own image is not in the pool)."""
     pred = pred / np.linalg.norm(pred, axis=-1, keepdims=True)
-    true = test["image_emb"]
-    nearest = np.argmax(pred @ true.T, axis=1)
-    attrs = ("colour", "shape", "size", "num_objects", "relation")
-    exact, cs = attribute_match({k: test[k][:n] for k in attrs},
-                                {k: test[k][nearest] for k in attrs})
-    return {"cos": float(np.mean(np.sum(pred * true[:n], axis=-1))),
-            "retr_exact": float(exact.mean()), "retr_colour_shape": float(cs.mean())}
+    sim = pred @ test["image_emb"].T
+    if exclude_self:
+        sim[np.arange(n), np.arange(n)] = -np.inf
+    nearest = np.argmax(sim, axis=1)
+    return attribute_match({k: test[k][:n] for k in ATTRS},
+                           {k: test[k][nearest] for k in ATTRS})
+
+
+def score(pred: np.ndarray, test: dict, n: int, baseline: np.ndarray | None = None) -> dict:
+    """cos, retrieval fractions with binomial s.e.; with the baseline's per-caption exact hits,
+    the paired counts (captions only this method gets right, only the baseline gets right)."""
+    unit = pred / np.linalg.norm(pred, axis=-1, keepdims=True)
+    exact, cs = retrieval(pred, test, n)
+    out = {"cos": float(np.mean(np.sum(unit * test["image_emb"][:n], axis=-1))),
+           "retr_exact": float(exact.mean()), "retr_colour_shape": float(cs.mean()),
+           "retr_exact_se": float(np.sqrt(exact.mean() * (1 - exact.mean()) / n))}
+    if baseline is not None:
+        out["exact_only_this"] = int(np.sum(exact & ~baseline))
+        out["exact_only_baseline"] = int(np.sum(~exact & baseline))
+    return out
 
 
 def run_sampler(sampler, test: dict, n: int, batch: int, seed: int) -> np.ndarray:
@@ -77,6 +111,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--num-candidates", type=int, default=None)
+    p.add_argument("--ar-temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
@@ -92,6 +127,12 @@ def main(argv=None) -> dict:
     results = {"split": args.split, "num_captions": n, "retrieval_pool": len(test["index"]),
                "methods": {}}
     results["methods"]["text_emb_baseline"] = score(test["text_emb"][:n], test, n)
+    base_exact, _ = retrieval(test["text_emb"][:n], test, n)
+    # What a perfect sampler would score: each caption's own true image embedding, retrieved
+    # from the pool without that image (another draw of p(z_i | caption) in its place).
+    oracle_exact, oracle_cs = retrieval(test["image_emb"][:n], test, n, exclude_self=True)
+    results["true_image_emb_leave_one_out"] = {"retr_exact": float(oracle_exact.mean()),
+                                               "retr_colour_shape": float(oracle_cs.mean())}
 
     if args.prior:
         from unclip_jax.models import prior
@@ -103,7 +144,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         pred = run_sampler(sampler, test, n, args.batch, args.seed)
         results["methods"]["diffusion_prior"] = dict(
-            score(pred, test, n), seconds=time.perf_counter() - t0,
+            score(pred, test, n, base_exact), seconds=time.perf_counter() - t0,
             settings=dict(steps=sampler.steps, method=sampler.method, eta=sampler.eta,
                           guidance_scale=sampler.guidance_scale,
                           num_candidates=sampler.num_candidates))
@@ -115,11 +156,14 @@ def main(argv=None) -> dict:
         if prior_ar is None or not Path(args.prior_ar).is_dir():
             results["methods"]["ar_prior"] = "not available (module or workdir missing)"
         else:
-            sampler = prior_ar.load_sampler(args.prior_ar)
+            settings = ({} if args.ar_temperature is None
+                        else {"temperature": args.ar_temperature})
+            sampler = prior_ar.load_sampler(args.prior_ar, **settings)
             t0 = time.perf_counter()
             pred = run_sampler(sampler, test, n, args.batch, args.seed)
-            results["methods"]["ar_prior"] = dict(score(pred, test, n),
-                                                  seconds=time.perf_counter() - t0)
+            results["methods"]["ar_prior"] = dict(score(pred, test, n, base_exact),
+                                                  seconds=time.perf_counter() - t0,
+                                                  settings=settings)
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
