@@ -30,6 +30,8 @@ demo: install
 # The papers' ablations at small scale (experiments/ablations/README.md): each script writes
 # its row group into experiments/RESULTS.md. Needs `make demo` (and the extra runs listed there).
 ablations: install
+	nice -n 10 $(VENV)/bin/unclip-jax train experiments/shapes/prior_ar.py \
+		--workdir $(DEMO_DIR)/prior_ar --set model.embeddings_dir=$(DEMO_DIR)/embeddings
 	for s in prior guidance sampler prior_k dalle; do \
 		nice -n 10 $(PY) experiments/ablations/$$s.py || exit 1; done
 

@@ -4,13 +4,13 @@ unCLIP §5.1 / Fig. 8 compares, on one decoder, image embeddings from the diffus
 the AR prior, the CLIP *text* embedding fed as if it were an image embedding ("no prior"), and
 GLIDE-style decoding from the caption alone. Here:
 
-* decoder: ``runs/ablations/decoder_text`` (the demo config with ``model.text_layers=2``, same
-  steps) when it exists, so all four rows use one decoder; rows 1–3 give it the embedding *and*
-  the caption, row 4 the learned null embedding and the caption. Without that run the demo
-  decoder (embedding only) serves rows 1–3 and row 4 is reported missing.
+* decoder: the demo's (``runs/demo/decoder``, or ``--decoder``). It has the caption pathway
+  (``text_layers=2``), so all four rows use one decoder: rows 1–3 give it the embedding *and*
+  the caption, row 4 the learned null embedding and the caption. A decoder without a caption
+  pathway serves rows 1–3 and row 4 is reported missing.
 * diffusion prior: ``runs/demo/prior`` with its config's sampling (DDIM 64 steps, k = 2);
-* AR prior: ``runs/ablations/prior_ar`` (``experiments/shapes/prior_ar.py`` trained on the
-  demo CLIP's embedding cache), temperature 1, guidance 1;
+* AR prior: ``runs/demo/prior_ar`` (``experiments/shapes/prior_ar.py`` trained on the demo
+  CLIP's embedding cache), temperature 1, guidance 1;
 * decoder sampling: DDIM 50 steps, η = 0, guidance 3 (the demo's);
 
     python experiments/ablations/prior.py [--num-per-kind 32] [--seeds 0 1]
@@ -53,21 +53,20 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-per-kind", type=int, default=32)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--decoder", default=str(common.RUNS / "decoder_text"),
-                   help="decoder run; one with a caption pathway adds the caption-only row "
-                   "(default: runs/ablations/decoder_text, else the demo decoder)")
-    p.add_argument("--prior-ar", default=str(common.RUNS / "prior_ar"))
+    p.add_argument("--decoder", default=None,
+                   help="decoder run (default: the demo's); one with a caption pathway adds the "
+                   "caption-only row")
+    p.add_argument("--prior-ar", default=str(common.DEMO / "prior_ar"))
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--missing-reason", default="it did not fit in the CPU budget",
+    p.add_argument("--missing-reason", default="train one with `--set model.text_layers=2`",
                    help="why the caption-decoder run is missing (printed when it is)")
     p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
 
-    decoder = Path(args.decoder)
-    chain, clip, prompts, scenes, ref = common.setup(
-        args.num_per_kind, args.seeds, decoder if common.trained(decoder) else None)
+    chain, clip, prompts, scenes, ref = common.setup(args.num_per_kind, args.seeds,
+                                                     args.decoder)
     has_text = chain.dec_cfg.use_text
     fns, dprior = embed_fns(chain, Path(args.prior_ar))
     rows = {name: ("image+caption" if has_text else "image", fn) for name, fn in fns.items()}
@@ -115,8 +114,8 @@ def render(data: dict, args, has_text: bool, dprior, wall: float) -> str:
         [[name, r["mode"], "—" if r["emb_cos"] is None else f"{r['emb_cos']:.3f}"]
          + common.row_cells(r) for name, r in rows.items()])
     rel = data["decoder"].replace(str(common.ROOT) + "/", "")
-    dec = (f"`{rel}` (`experiments/shapes/decoder.py --set model.text_layers=2`, same steps)"
-           if has_text else f"`{rel}` (CLIP embedding only, no caption pathway)")
+    dec = (f"`{rel}` (CLIP embedding + caption pathway)" if has_text
+           else f"`{rel}` (CLIP embedding only, no caption pathway)")
     lines = [
         "### Ablation: prior (unCLIP §5.1, Fig. 8)",
         "",
@@ -128,8 +127,9 @@ def render(data: dict, args, has_text: bool, dprior, wall: float) -> str:
         f"at {32} px (decoder output, no upsampler). Decoder: {dec}; DDIM {args.steps} steps, "
         f"η 0, guidance {args.guidance}. Diffusion prior `runs/demo/prior`: DDIM "
         f"{dprior.steps} steps, guidance {dprior.guidance_scale}, k = {dprior.num_candidates}. "
-        f"AR prior `runs/ablations/prior_ar` (`experiments/shapes/prior_ar.py` on the demo "
-        f"CLIP's cache, 3000 steps × batch 64), temperature 1.",
+        f"AR prior `{Path(args.prior_ar).resolve().relative_to(common.ROOT)}` "
+        f"(`experiments/shapes/prior_ar.py` on the demo CLIP's cache, 3000 steps × batch 64), "
+        f"temperature 1.",
         "",
         table,
         "",
@@ -140,9 +140,8 @@ def render(data: dict, args, has_text: bool, dprior, wall: float) -> str:
         f"embedding's cosine with the CLIP image embedding of the prompt's own render.",
     ]
     if not has_text:
-        lines += ["", f"Caption-only decoding: **not measured** — no decoder with the caption "
-                  f"pathway (`runs/ablations/decoder_text`) was trained: {args.missing_reason}. "
-                  f"The demo decoder has `text_layers=0`, so it has no caption input."]
+        lines += ["", f"Caption-only decoding: **not measured** — decoder `{rel}` has "
+                  f"`text_layers=0` (no caption input): {args.missing_reason}."]
     lines += ["", noise_note(rows), "", common.provenance_line(data, wall)]
     return "\n".join(lines)
 
