@@ -80,12 +80,48 @@ def dense(features: int, *, dtype: Dtype = jnp.float32, name: str | None = None,
 TIME_SHIFTS = ("scale_shift", "add")
 
 
-def group_norm(channels: int, groups: int = 32, name: str | None = None) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+    """GroupNorm ``[B, ..., C] -> [B, ..., C]`` in float32, parameters ``scale`` and ``bias``
+    (the names and values of ``flax.linen.GroupNorm``, which it matches to float32 round-off).
+
+    Written for XLA:CPU speed (5-7× faster than ``nn.GroupNorm`` on U-Net activations, see
+    ``tests/test_nn_speed_equivalence.py``): one pass sums ``x`` and ``x²`` per channel (a
+    reduction over the contiguous spatial rows), a small matmul with the group-membership
+    matrix turns the per-channel sums into each channel's group mean and mean square, and the
+    normalisation is the per-channel affine ``x·a + c``, which XLA fuses into the following
+    elementwise ops. (``nn.GroupNorm`` reduces over a ``[..., G, C/G]`` view and broadcasts
+    group statistics back through it, which XLA:CPU turns into strided loops with per-element
+    index arithmetic.) Variance as ``E[x²] - E[x]²`` clamped at 0, as ``nn.GroupNorm`` does.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, c = x.shape[0], x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"{c} channels are not divisible by {self.num_groups} groups")
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                 ("norm",)), (c,), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               ("norm",)), (c,), jnp.float32)
+        x = x.astype(jnp.float32)
+        rows = x.reshape(b, -1, c)
+        sums = jnp.stack([rows.sum(1), (rows * rows).sum(1)], axis=1)           # [B, 2, C]
+        group = jnp.arange(c) // (c // self.num_groups)
+        count = rows.shape[1] * (c // self.num_groups)
+        member = (group[:, None] == group[None, :]).astype(jnp.float32) / count  # [C, C]
+        mean, mean_sq = jnp.unstack(
+            jnp.matmul(sums, member, precision=jax.lax.Precision.HIGHEST), axis=1)
+        a = scale * jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + self.epsilon)
+        shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+        return x * a.reshape(shape) + (bias - mean * a).reshape(shape)
+
+
+def group_norm(channels: int, groups: int = 32, name: str | None = None) -> GroupNorm:
     """GroupNorm in float32 with ``gcd(groups, channels)`` groups."""
-    return nn.GroupNorm(num_groups=math.gcd(groups, channels), epsilon=1e-5, dtype=jnp.float32,
-                        param_dtype=jnp.float32, name=name,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+    return GroupNorm(num_groups=math.gcd(groups, channels), epsilon=1e-5, name=name)
 
 
 def downsample_2x(x: jax.Array) -> jax.Array:
