@@ -35,3 +35,18 @@ def test_group_norm_params_match_flax():
 def test_group_norm_rejects_indivisible_channels():
     with pytest.raises(ValueError, match="not divisible"):
         GroupNorm(32).init(jax.random.key(0), jnp.ones((1, 2, 2, 48)))
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, "SAME"), (1, 1, "VALID"),
+                                                   (1, 2, "SAME"), (3, 1, "SAME")])
+def test_conv_general_dilated_matches_lax_conv(kernel, stride, padding):
+    from unclip_jax.nn.layers import conv_general_dilated
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 16)), jnp.float32)
+    make = lambda fn: nn.Conv(24, (kernel, kernel), strides=stride, padding=padding,  # noqa
+                              conv_general_dilated=fn)
+    params = make(None).init(jax.random.key(0), x)
+    ours = make(conv_general_dilated((None, None, None, None))).apply(params, x)
+    ref = make(None).apply(params, x)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5, rtol=1e-5)

@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import input_pipeline, sharding
+from unclip_jax import input_pipeline
+from unclip_jax.nn.layers import conv_general_dilated
 from unclip_jax.nn.layers import dtype as to_dtype
 
 SCHEDULES = ("cosine", "linear", "exponential")
@@ -213,7 +214,8 @@ def _conv(features: int, kernel: int, dtype, name: str, in_axis: str = "conv_in"
           out_axis: str = "conv_out", init_std: float = 0.0) -> nn.Conv:
     """A 'SAME' conv with fan-in normal init (the release's), kernel ``[k, k, in, out]``;
     ``init_std > 0`` draws the kernel from N(0, init_std²) instead. The kernel's FSDP shards
-    (``conv_in``) are gathered before the conv: see :func:`sharding.gathered_kernel_conv`."""
+    (``conv_in``) are gathered before the conv, and a 1×1 conv runs as a matmul: see
+    :func:`unclip_jax.nn.layers.conv_general_dilated`."""
     init = (nn.initializers.normal(init_std) if init_std > 0
             else nn.initializers.variance_scaling(1.0, "fan_in", "normal"))
     compute_in = None if in_axis == "conv_in" else in_axis
@@ -222,7 +224,7 @@ def _conv(features: int, kernel: int, dtype, name: str, in_axis: str = "conv_in"
         name=name,
         kernel_init=nn.with_logical_partitioning(init, (None, None, in_axis, out_axis)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
-        conv_general_dilated=sharding.gathered_kernel_conv((None, None, compute_in, out_axis)))
+        conv_general_dilated=conv_general_dilated((None, None, compute_in, out_axis)))
 
 
 class ResBlock(nn.Module):

@@ -35,8 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unclip_jax import sharding
 from unclip_jax.nn.attention import MultiHeadAttention
+from unclip_jax.nn.layers import conv_general_dilated
 
 Dtype = Any
 
@@ -58,15 +58,15 @@ def conv(features: int, kernel: int = 3, stride: int = 1, *, zero: bool = False,
          dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
     """A same-padded 2-D conv with logically named kernel (zero-initialised when ``zero``).
     The kernel's FSDP shards are gathered before the conv (an XLA partitioner bug otherwise
-    can misplace examples in the input gradient; see :func:`sharding.gathered_kernel_conv`)."""
+    can misplace examples in the input gradient; see :func:`sharding.gathered_kernel_conv`);
+    a 1×1 conv runs as a matmul (:func:`~unclip_jax.nn.layers.conv_general_dilated`)."""
     init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
                    dtype=dtype, param_dtype=jnp.float32, name=name,
                    kernel_init=nn.with_logical_partitioning(
                        init, (None, None, "conv_in", "conv_out")),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                   conv_general_dilated=sharding.gathered_kernel_conv(
-                       (None, None, None, "conv_out")))
+                   conv_general_dilated=conv_general_dilated((None, None, None, "conv_out")))
 
 
 def dense(features: int, *, dtype: Dtype = jnp.float32, name: str | None = None,
