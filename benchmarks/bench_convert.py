@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -339,6 +340,7 @@ def run(quick: bool = False) -> str:
     import torch
 
     torch.set_num_threads(THREADS)
+    load_start = os.getloadavg()[0]
     small, large = (2, 2) if quick else (REPEATS["small"], REPEATS["large"])
     rows, notes = [], []
     rows.append(bench_clip("small (ViT 256×4/16@64, text 256×4)", 8, small))
@@ -365,7 +367,10 @@ def run(quick: bool = False) -> str:
         "transformers' `CLIPModel` (the CLIP parity reference), `dall_e`'s Encoder/Decoder, "
         "diffusers' `PriorTransformer`, `UNet2DConditionModel` + `UnCLIPTextProjModel`, "
         "`UNet2DModel`. The machine's cores are shared with other jobs, so absolute times are "
-        "noisy; both sides of a row ran interleaved under the same load.",
+        "noisy; both sides of a row ran interleaved under the same load (1-minute load "
+        f"average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
+        f"{os.cpu_count()} cores). The heavier the load, the more the 2-thread reference "
+        "stalls and the more the 1-thread one sets the ratio.",
         "",
         "| model | params | inputs | reference, 2 threads (s) | reference, 1 thread (s) | "
         "ours (s) | ratio: faster reference ÷ ours | max rel diff | repeats |",
