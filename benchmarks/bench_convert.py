@@ -189,10 +189,10 @@ def bench_dvae(size: int, repeats: int, n_hid: int = 256, vocab: int = 8192,
                 return module(inp).numpy().transpose(0, 2, 3, 1)
         return fn
 
-    encode = jax.jit(lambda p, im: model.apply({"params": p}, im,
-                                               method=dvae.DVAE.encode_logits))
-    decode = jax.jit(lambda p, codes: model.apply({"params": p}, codes,
-                                                  method=dvae.DVAE.decode_stats))
+    encode = dvae.jit(lambda p, im: model.apply({"params": p}, im,
+                                                method=dvae.DVAE.encode_logits))
+    decode = dvae.jit(lambda p, codes: model.apply({"params": p}, codes,
+                                                   method=dvae.DVAE.decode_stats))
     images, zs = jnp.asarray(2 * x01 - 1), jnp.asarray(z)
     rows = []
     for part, module, ref_fn, ours_fn, inputs in (

@@ -255,3 +255,12 @@ def test_usage_weight_adds_exactly_its_term_to_the_loss(tiny):
     assert float(m2["usage_kl"]) > 0
     assert float(loss - base) == pytest.approx(0.5 * cells * float(m2["usage_kl"]) / dims,
                                                rel=1e-4)
+
+
+def test_dvae_jit_matches_plain_jit(tiny):
+    """dvae.jit (on CPU: YNNPACK conv fusions off) computes what jax.jit computes."""
+    model, params, images = tiny
+    fwd = lambda p, x: model.apply({"params": p}, x, method=dvae.DVAE.encode_logits)  # noqa
+    assert dvae._compiler_options() == dvae._CPU_OPTIONS    # this CPU's XLA knows the option
+    np.testing.assert_allclose(dvae.jit(fwd)(params, images), jax.jit(fwd)(params, images),
+                               rtol=1e-5, atol=1e-5)

@@ -428,7 +428,7 @@ def make_task(cfg, workdir: str | Path):
     attention_mask("full", 1, mcfg.grid_size, mcfg.conv_kernel)   # config errors, early
     cfg = dataclasses.replace(cfg, model=mcfg)
     model = DalleTransformer(mcfg)
-    encode = jax.jit(lambda images: dvae_lib.encode(dvae_model, dvae_params, images))
+    encode = dvae_lib.jit(lambda images: dvae_lib.encode(dvae_model, dvae_params, images))
 
     def to_codes(position, raw):
         """Text tokens and the frozen dVAE's codes of the images."""
@@ -483,7 +483,7 @@ def shapes_accuracy(cfg: DalleConfig, params, tok, dvae_model, dvae_params, *,
     prompts = heldout_prompts(num_prompts)
     text = jnp.asarray(tok.encode(prompts, cfg.text_length))
     codes = sample(cfg, params, text, jax.random.PRNGKey(seed), **settings)
-    images = np.asarray(jax.jit(lambda c: dvae_lib.decode(dvae_model, dvae_params, c))(codes))
+    images = np.asarray(dvae_lib.jit(lambda c: dvae_lib.decode(dvae_model, dvae_params, c))(codes))
     pixels = np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8)
     ok = [all(shapes.score_caption(im, p)["colour_shape_correct"])
           for im, p in zip(pixels, prompts)]
