@@ -65,7 +65,7 @@ def attribute_match(q: dict, r: dict) -> tuple[np.ndarray, np.ndarray]:
 ATTRS = ("colour", "shape", "size", "num_objects", "relation")
 
 
-def retrieval(pred: np.ndarray, test: dict, n: int, exclude_self: bool = False):
+def retrieved_attributes(pred: np.ndarray, test: dict, n: int, exclude_self: bool = False):
     """(exact, colour+shape) bool ``[n]`` for the nearest test image embedding of each row of
     ``pred`` (``exclude_self``: the query's own image is not in the pool)."""
     pred = pred / np.linalg.norm(pred, axis=-1, keepdims=True)
@@ -81,7 +81,7 @@ def score(pred: np.ndarray, test: dict, n: int, baseline: np.ndarray | None = No
     """cos, retrieval fractions with binomial s.e.; with the baseline's per-caption exact hits,
     the paired counts (captions only this method gets right, only the baseline gets right)."""
     unit = pred / np.linalg.norm(pred, axis=-1, keepdims=True)
-    exact, cs = retrieval(pred, test, n)
+    exact, cs = retrieved_attributes(pred, test, n)
     out = {"cos": float(np.mean(np.sum(unit * test["image_emb"][:n], axis=-1))),
            "retr_exact": float(exact.mean()), "retr_colour_shape": float(cs.mean()),
            "retr_exact_se": float(np.sqrt(exact.mean() * (1 - exact.mean()) / n))}
@@ -127,10 +127,11 @@ def main(argv=None) -> dict:
     results = {"split": args.split, "num_captions": n, "retrieval_pool": len(test["index"]),
                "methods": {}}
     results["methods"]["text_emb_baseline"] = score(test["text_emb"][:n], test, n)
-    base_exact, _ = retrieval(test["text_emb"][:n], test, n)
+    base_exact, _ = retrieved_attributes(test["text_emb"][:n], test, n)
     # What a perfect sampler would score: each caption's own true image embedding, retrieved
     # from the pool without that image (another draw of p(z_i | caption) in its place).
-    oracle_exact, oracle_cs = retrieval(test["image_emb"][:n], test, n, exclude_self=True)
+    oracle_exact, oracle_cs = retrieved_attributes(test["image_emb"][:n], test, n,
+                                                   exclude_self=True)
     results["true_image_emb_leave_one_out"] = {"retr_exact": float(oracle_exact.mean()),
                                                "retr_colour_shape": float(oracle_cs.mean())}
 
