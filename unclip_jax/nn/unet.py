@@ -85,13 +85,14 @@ class GroupNorm(nn.Module):
     (the names and values of ``flax.linen.GroupNorm``, which it matches to float32 round-off).
 
     Written for XLA:CPU speed (5-7× faster than ``nn.GroupNorm`` on U-Net activations; the
-    equality is tested in ``tests/test_nn_speed_equivalence.py``): one pass sums ``x`` and ``x²`` per channel (a
-    reduction over the contiguous spatial rows), a small matmul with the group-membership
-    matrix turns the per-channel sums into each channel's group mean and mean square, and the
-    normalisation is the per-channel affine ``x·a + c``, which XLA fuses into the following
-    elementwise ops. (``nn.GroupNorm`` reduces over a ``[..., G, C/G]`` view and broadcasts
-    group statistics back through it, which XLA:CPU turns into strided loops with per-element
-    index arithmetic.) Variance as ``E[x²] - E[x]²`` clamped at 0, as ``nn.GroupNorm`` does.
+    equality is tested in ``tests/test_nn_speed_equivalence.py``): one pass sums ``x`` and
+    ``x²`` per channel (a reduction over the contiguous spatial rows), a small matmul with the
+    group-membership matrix turns the per-channel sums into each channel's group mean and mean
+    square, and the normalisation is the per-channel affine ``x·a + c``, which XLA fuses into
+    the following elementwise ops. (``nn.GroupNorm`` reduces over a ``[..., G, C/G]`` view and
+    broadcasts group statistics back through it, which XLA:CPU turns into strided loops with
+    per-element index arithmetic.) Variance as ``E[x²] - E[x]²`` clamped at 0, as
+    ``nn.GroupNorm`` does.
     """
 
     num_groups: int

@@ -23,8 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unclip_jax import sharding
-from unclip_jax.nn.layers import layer_norm
+from unclip_jax.nn.layers import conv_general_dilated, layer_norm
 from unclip_jax.nn.transformer import Transformer
 
 Dtype = Any
@@ -78,12 +77,12 @@ class VisionTransformer(nn.Module):
                             nn.initializers.he_normal(), (None, None, None, "mlp")))(x)
             x = jax.nn.relu(layer_norm(name=f"stem_norm{i}")(x).astype(self.dtype))
         # The kernel is stored [.., mlp→model, embed→fsdp]: gather its fsdp shards before the
-        # conv (XLA's partitioner misplaces examples otherwise; sharding.gathered_kernel_conv).
+        # conv (XLA's partitioner misplaces examples otherwise), which as a 1×1 conv runs as a
+        # matmul (layers.conv_general_dilated).
         return nn.Conv(self.width, (1, 1), use_bias=False, dtype=self.dtype, name="patch_embed",
                        kernel_init=nn.with_logical_partitioning(
                            nn.initializers.lecun_normal(), (None, None, "mlp", "embed")),
-                       conv_general_dilated=sharding.gathered_kernel_conv(
-                           (None, None, "mlp", None)))(x)
+                       conv_general_dilated=conv_general_dilated((None, None, "mlp", None)))(x)
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
