@@ -258,6 +258,8 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
       (scalar loss, dict of scalar metrics).
     """
     check_model_output(model_output)
+    if min_snr_gamma < 0:
+        raise ValueError(f"min_snr_gamma must be ≥ 0 (0 = unweighted), got {min_snr_gamma}")
     rng_t, rng_n, rng_d = jax.random.split(rng, 3)
     batch = x0.shape[0]
     n = schedule.num_steps
@@ -283,8 +285,6 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
     mse = _mean_flat((mean_out - target) ** 2)
     metrics = {"mse": jnp.mean(mse)}
     loss = mse
-    if min_snr_gamma < 0:
-        raise ValueError(f"min_snr_gamma must be ≥ 0 (0 = unweighted), got {min_snr_gamma}")
     if min_snr_gamma > 0:
         loss = loss * min_snr_weight(schedule, i, model_output, min_snr_gamma)
     if learned_variance:
