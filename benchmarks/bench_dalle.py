@@ -1,10 +1,10 @@
 """DALL·E autoregressive sampling speed: KV cache vs full recomputation.
 
-The shapes-scale transformer (width 128, 4 layers, 24 text + 64 image tokens, random weights —
-speed does not depend on them) samples the 64 image tokens of a batch of 8 captions, either
-with :func:`unclip_jax.ar.generate` (text prefilled, one cached token per step) or with
+The shapes-scale transformer (width 128, 4 layers, 24 text + 16×16 = 256 image tokens, random
+weights — speed does not depend on them) samples the 256 image tokens of a batch of 8 captions,
+either with :func:`unclip_jax.ar.generate` (text prefilled, one cached token per step) or with
 :func:`unclip_jax.models.dalle.sample_uncached` (the whole stream recomputed every step), both
-jitted, compile excluded. Reported: image tokens per second (batch × 64 / time), median of
+jitted, compile excluded. Reported: image tokens per second (batch × 256 / time), median of
 REPEATS runs.
 """
 
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from unclip_jax.models import dalle
 
 BATCH = 8
+GRID = 16               # experiments/shapes/dalle.py's dVAE grid
 REPEATS = 5
 
 
@@ -36,7 +37,7 @@ def run() -> str:
     rows = []
     for attention in ("full", "paper"):
         cfg = dalle.DalleConfig(text_vocab_size=512, image_vocab_size=512, text_length=24,
-                                grid_size=8, width=128, depth=4, num_heads=4,
+                                grid_size=GRID, width=128, depth=4, num_heads=4,
                                 attention=attention)
         b = dalle.dummy_inputs(cfg, 1)
         params = jax.jit(dalle.DalleTransformer(cfg).init)(
@@ -52,8 +53,8 @@ def run() -> str:
     return "\n".join([
         "## DALL·E sampling: KV cache vs full recomputation",
         "",
-        f"Shapes-scale transformer (width 128, 4 layers, T = 24 + 64), batch {BATCH}, 64 image "
-        f"tokens per sample, jitted, compile excluded, median of {REPEATS} runs "
+        f"Shapes-scale transformer (width 128, 4 layers, T = 24 + {cfg.image_length}), batch "
+        f"{BATCH}, {cfg.image_length} image tokens per sample, jitted, compile excluded, median of {REPEATS} runs "
         f"({jax.devices()[0].platform}).",
         "",
         "| attention | tokens/s, KV cache | tokens/s, recomputation | speed-up |",
