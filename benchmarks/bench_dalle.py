@@ -53,9 +53,9 @@ def run() -> str:
     return "\n".join([
         "## DALL·E sampling: KV cache vs full recomputation",
         "",
-        f"Shapes-scale transformer (width 128, 4 layers, T = 24 + {cfg.image_length}), batch "
-        f"{BATCH}, {cfg.image_length} image tokens per sample, jitted, compile excluded, median of {REPEATS} runs "
-        f"({jax.devices()[0].platform}).",
+        f"Shapes-scale transformer (width 128, 4 layers, T = 24 + {GRID * GRID}), batch "
+        f"{BATCH}, {GRID * GRID} image tokens per sample, jitted, compile excluded, median of "
+        f"{REPEATS} runs ({jax.devices()[0].platform}).",
         "",
         "| attention | tokens/s, KV cache | tokens/s, recomputation | speed-up |",
         "|---|---|---|---|",
