@@ -206,3 +206,21 @@ def test_short_training_reduces_loss():
         losses.append(float(loss))
     assert abs(losses[0] - np.log(16)) < 0.05          # zero head: uniform at the start
     assert np.mean(losses[-10:]) < losses[0] - 0.4, losses[::10]
+
+
+def test_num_candidates_keeps_the_draw_nearest_the_text(params):
+    """k = 3 equals drawing the 3·B batch once and keeping, per caption, the draw with the
+    highest dot product with its text embedding; bad k is refused."""
+    pca = pa.PCAQuantizer.fit(_embeddings(500), K, NB)
+    sim = pa.SimilarityBuckets.fit(np.linspace(0, 1, 50), 4)
+    b = _batch(2, seed=3)
+    inputs = {k: b[k] for k in ("text_emb", "text_states", "text_tokens")}
+    rng = jax.random.PRNGKey(5)
+    got = np.asarray(pa.make_sampler(CFG, pca, sim, num_candidates=3)(params, inputs, rng))
+    tiled = {k: np.concatenate([v] * 3) for k, v in inputs.items()}
+    draws = np.asarray(pa.make_sampler(CFG, pca, sim)(params, tiled, rng)).reshape(3, 2, E)
+    assert not np.allclose(draws[0], draws[1])                     # the draws differ
+    best = np.argmax(np.einsum("kbe,be->kb", draws, b["text_emb"]), axis=0)
+    np.testing.assert_allclose(got, draws[best, np.arange(2)], atol=1e-6)
+    with pytest.raises(ValueError, match="num_candidates must be ≥ 1"):
+        pa.make_sampler(CFG, pca, sim, num_candidates=0)

@@ -112,6 +112,8 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--num-candidates", type=int, default=None)
     p.add_argument("--ar-temperature", type=float, default=None)
+    p.add_argument("--ar-candidates", type=int, default=None,
+                   help="AR prior: draws per caption, reranked by text dot product (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
@@ -157,8 +159,9 @@ def main(argv=None) -> dict:
         if prior_ar is None or not Path(args.prior_ar).is_dir():
             results["methods"]["ar_prior"] = "not available (module or workdir missing)"
         else:
-            settings = ({} if args.ar_temperature is None
-                        else {"temperature": args.ar_temperature})
+            settings = {k: v for k, v in dict(temperature=args.ar_temperature,
+                                              num_candidates=args.ar_candidates).items()
+                        if v is not None}
             sampler = prior_ar.load_sampler(args.prior_ar, **settings)
             t0 = time.perf_counter()
             pred = run_sampler(sampler, test, n, args.batch, args.seed)

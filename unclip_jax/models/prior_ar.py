@@ -323,18 +323,25 @@ def loss_fn(model: ARPrior, params, batch: dict, rng: jax.Array | None = None):
 
 def make_sampler(cfg: ARPriorConfig, pca: PCAQuantizer, sim: SimilarityBuckets, *,
                  guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, sim_percentile: float | None = None
-                 ) -> Callable[[Any, dict, jax.Array], jax.Array]:
+                 top_p: float = 1.0, sim_percentile: float | None = None,
+                 num_candidates: int = 1) -> Callable[[Any, dict, jax.Array], jax.Array]:
     """``sample(params, inputs, rng) -> [B, E]`` unit-norm image embeddings (jitted).
 
     ``inputs``: ``text_emb [B, E]``, ``text_states [B, L, W]``, ``text_tokens [B, L]``.
     The similarity token is the bucket of ``sim_percentile`` (default ``cfg.sim_percentile``);
     guidance runs (one batched forward) when ``guidance_scale`` ≠ 1 and the model was trained
-    with caption dropout.
+    with caption dropout. ``num_candidates`` = k > 1 draws k embeddings per caption (one
+    ``k·B`` batch) and keeps the one with the highest dot product with the text embedding —
+    the rerank unCLIP uses for its diffusion prior (:func:`unclip_jax.models.prior.rerank`);
+    the paper's AR prior draws one (k = 1, the default).
     """
+    from unclip_jax.models.prior import rerank
+
     if guidance_scale != 1.0 and cfg.caption_dropout <= 0:
         raise ValueError("guidance needs a model trained with caption_dropout > 0; this one "
                          "never saw a dropped caption")
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be ≥ 1, got {num_candidates}")
     guided = guidance_scale != 1.0
     sim_token = cfg.num_buckets + sim.at_percentile(
         cfg.sim_percentile if sim_percentile is None else sim_percentile)
@@ -348,6 +355,10 @@ def make_sampler(cfg: ARPriorConfig, pca: PCAQuantizer, sim: SimilarityBuckets, 
 
     @jax.jit
     def sample(params, inputs: dict, rng: jax.Array) -> jax.Array:
+        text_emb = inputs["text_emb"]
+        k = num_candidates
+        if k > 1:     # candidate-major: rows j·B … (j+1)·B − 1 are the j-th draw of each caption
+            inputs = jax.tree.map(lambda x: jnp.concatenate([x] * k), inputs)
         b = inputs["text_emb"].shape[0]
         cond = _cond(inputs, jnp.ones((b,), jnp.bool_))
         cond["text_states"] = cond["text_states"].astype(jnp.float32)
@@ -356,7 +367,10 @@ def make_sampler(cfg: ARPriorConfig, pca: PCAQuantizer, sim: SimilarityBuckets, 
         codes = ar.generate(model, params, prompt, rng, num_tokens=cfg.pca_dims, cond=cond,
                             uncond=uncond, guidance_scale=guidance_scale,
                             temperature=temperature, top_k=top_k, top_p=top_p)
-        return pca.decode(codes)
+        emb = pca.decode(codes)
+        if k == 1:
+            return emb
+        return rerank(emb.reshape(k, -1, emb.shape[-1]), text_emb)
 
     return sample
 
@@ -366,7 +380,8 @@ def load_sampler(workdir: str | Path, *, step: int | None = None, use_ema: bool 
     """The trained prior of ``workdir`` as ``fn(inputs, rng) -> [B, E]`` unit-norm embeddings.
 
     ``inputs`` = dict(text_emb, text_states, text_tokens); ``settings`` are those of
-    :func:`make_sampler` (guidance_scale, temperature, top_k, top_p, sim_percentile).
+    :func:`make_sampler` (guidance_scale, temperature, top_k, top_p, sim_percentile,
+    num_candidates).
     EMA params are used when the run kept them and ``use_ema``.
     """
     from unclip_jax.train.checkpoint import Checkpointer
