@@ -8,7 +8,10 @@ On the demo's held-out prompts (``demo.held_out_scenes``: 64 one-object, 64 two-
   own render (a perfect prior) and the caption, judged at 32 px, with the objects the judge
   got wrong broken down by size and by what was wrong;
 * ``prior → decoder``: the chain without its upsampler (the prior's embedding instead of the
-  true one), judged at 32 px.
+  true one), judged at 32 px;
+* ``true emb + caption → decoder, seen pairs``: the same as the true-embedding row on 64
+  one-object scenes of the *train* split (colour–shape pairs the decoder was trained on), to
+  separate drawing errors from failures to compose a held-out pair.
 
     python experiments/shapes/diagnose_chain.py --workdir runs/demo --decoder runs/decoder_long
 """
@@ -69,9 +72,9 @@ def main(argv=None) -> dict:
     prompts = [shapes.caption(s) for s in scenes]
     results = {}
 
-    def report(name, images, breakdown=False):
-        s = metrics.judge_scores(images, prompts)
-        results[name] = {k: round(s[k], 3) for k in SCORES}
+    def report(name, images, breakdown=False, scenes=scenes):
+        s = metrics.judge_scores(images, [shapes.caption(sc) for sc in scenes])
+        results[name] = {k: round(s[k], 3) for k in SCORES if s[k] is not None}
         if breakdown:
             results[name]["objects"] = object_errors(images, scenes)
         print(name, json.dumps(results[name]), flush=True)
@@ -89,14 +92,23 @@ def main(argv=None) -> dict:
     tokens = jnp.asarray(model.tokenizer.encode(prompts, model.clip.context_length))
     sched = U.decoder_schedule(dcfg, dcfg.sample_steps)
     decode = jax.jit(lambda p, z, t, r, g: U.decode(dcfg, p, z, r, g, schedule=sched, tokens=t))
-    report("true emb + caption → decoder", batched(
-        lambda i, x, t: decode(params["decoder"], embed(x), t, jax.random.PRNGKey(i), guidance),
-        x, tokens), breakdown=True)
+    def true_emb(x, tokens):
+        return batched(lambda i, x, t: decode(params["decoder"], embed(x), t,
+                                              jax.random.PRNGKey(i), guidance), x, tokens)
+
+    report("true emb + caption → decoder", true_emb(x, tokens), breakdown=True)
 
     bare = dataclasses.replace(model, upsamplers=(), params={**params, "upsamplers": ()})
     report("prior → decoder", np.concatenate([
         U.generate(bare, prompts[i:i + BATCH], seed=i, decoder_guidance=float(guidance))
         for i in range(0, len(prompts), BATCH)]), breakdown=True)
+
+    seen = [shapes.sample_scene(7, i, "train", num_objects=1) for i in range(demo.NUM_JUDGED)]
+    seen_prompts = [shapes.caption(s) for s in seen]
+    seen_x = np.stack([shapes.render(s, dcfg.image_size) for s in seen]) / 127.5 - 1
+    report("true emb + caption → decoder, seen pairs", true_emb(
+        seen_x.astype(np.float32), jnp.asarray(model.tokenizer.encode(
+            seen_prompts, model.clip.context_length))), breakdown=True, scenes=seen)
     return results
 
 

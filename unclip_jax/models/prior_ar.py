@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from unclip_jax import ar, sharding
+from unclip_jax.models.prior import rerank
 from unclip_jax.nn.attention import padding_mask
 from unclip_jax.nn.layers import dtype as to_dtype
 from unclip_jax.nn.layers import layer_norm
@@ -335,8 +336,6 @@ def make_sampler(cfg: ARPriorConfig, pca: PCAQuantizer, sim: SimilarityBuckets, 
     the rerank unCLIP uses for its diffusion prior (:func:`unclip_jax.models.prior.rerank`);
     the paper's AR prior draws one (k = 1, the default).
     """
-    from unclip_jax.models.prior import rerank
-
     if guidance_scale != 1.0 and cfg.caption_dropout <= 0:
         raise ValueError("guidance needs a model trained with caption_dropout > 0; this one "
                          "never saw a dropped caption")
