@@ -123,6 +123,20 @@ def test_guidance_dropout_uses_learned_nulls(params, monkeypatch):
     assert float(jnp.abs(null["image_emb"]).sum()) > 0           # a learned (non-zero) null
 
 
+def test_clip_noise_perturbs_only_the_embedding(params, monkeypatch):
+    """``clip_noise``: the conditioning embedding is moved off the input by a random amount
+    and re-normalised; the noised image x_t (the loss's own randomness) is unchanged."""
+    base = dataclasses.replace(CFG, clip_drop_prob=0.0, text_drop_prob=0.0)
+    keep = _spy_loss(monkeypatch, params, base)
+    noisy = _spy_loss(monkeypatch, params, dataclasses.replace(base, clip_noise=0.5))
+    z = np.asarray(noisy["cond"]["image_emb"])
+    np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, atol=1e-5)
+    cos = np.sum(z * np.asarray(EMB), -1) / np.linalg.norm(EMB, axis=-1)
+    assert np.all(cos < 1 - 1e-4) and np.all(cos > 0.5), cos
+    np.testing.assert_array_equal(keep["x_t"], noisy["x_t"])
+    np.testing.assert_allclose(keep["cond"]["image_emb"], EMB)
+
+
 def test_sampler_runs_four_ddim_steps(params):
     # sample_images → diffusion.make_sampler → diffusion.sample, guided against the nulls
     out = D.sample_images(params, CFG, EMB, TOK, jax.random.PRNGKey(1), guidance_scale=3.0,

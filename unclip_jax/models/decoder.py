@@ -92,6 +92,7 @@ class DecoderConfig:
     pad_id: int = 0                           # set from the tokenizer
     clip_drop_prob: float = 0.1
     text_drop_prob: float = 0.5
+    clip_noise: float = 0.0                   # > 0: training noise on the CLIP emb (see loss)
     clip_emb_scale: float = 0.0               # 0 = √clip_dim (unit-norm inputs); Karlo: 1
     clip_text_width: int = 0                  # > 0: CLIP text emb + states condition (Karlo)
     groups: int = 32                          # GroupNorm groups of the U-Net
@@ -348,8 +349,18 @@ def make_cond(params, cfg: DecoderConfig, image_emb: jax.Array,
 def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array,
                  tokens: jax.Array | None, rng: jax.Array):
     """The decoder's diffusion loss on images ``x0`` ``[B, S, S, 3]`` in [-1, 1] with their
-    CLIP image embeddings; conditioning dropped to the learned nulls for guidance."""
+    CLIP image embeddings; conditioning dropped to the learned nulls for guidance.
+
+    ``cfg.clip_noise`` = σ_max > 0 augments the embedding (training only): z ← (z + σ n) /
+    ‖z + σ n‖ with σ ~ U[0, σ_max] per example and n ~ N(0, I/E) (so ‖σ n‖ ≈ σ), making the
+    decoder read a neighbourhood of each training embedding rather than the point."""
     rng_drop, rng_loss = jax.random.split(rng)
+    if cfg.clip_noise > 0:
+        r_sigma, r_n = jax.random.split(jax.random.fold_in(rng, 1))
+        sigma = cfg.clip_noise * jax.random.uniform(r_sigma, (image_emb.shape[0], 1))
+        noise = jax.random.normal(r_n, image_emb.shape) * image_emb.shape[-1] ** -0.5
+        image_emb = image_emb + sigma * noise
+        image_emb = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True)
     cond = make_cond(params, cfg, image_emb, tokens)
     probs = {"image_emb": cfg.clip_drop_prob}
     if cfg.use_text:
