@@ -282,6 +282,12 @@ def loss_fn(model: DiffusionPrior, params, batch: dict, rng, *, schedule=None, d
 # ----------------------------------------------------------------------------- sampling
 
 
+def repeat_candidates(tree, k: int):
+    """Every leaf ``[B, …]`` → ``[k·B, …]``, candidate-major (rows j·B … (j+1)·B − 1 are the
+    j-th draw of each caption): the layout :func:`rerank` reads back."""
+    return jax.tree.map(lambda x: jnp.concatenate([x] * k, axis=0), tree)
+
+
 def rerank(candidates, text_emb):
     """``[k, B, E]`` candidates → ``[B, E]``: per caption the one with the highest dot product
     with ``text_emb`` ``[B, E]``."""
@@ -338,7 +344,7 @@ class PriorSampler:
                              f"empty caption's CLIP encoding as the unconditional input")
         cond = condition(self.cfg, inputs)
         b = cond["text_emb"].shape[0]
-        cond_k = jax.tree.map(lambda x: jnp.concatenate([x] * k, axis=0), cond)
+        cond_k = repeat_candidates(cond, k)
         uncond = uncondition(self.params, self.cfg, cond_k) if guided else None
         x = self.sampler(k * b, guided)(
             self.params, cond_k, uncond, rng, guidance_scale=scale if guided else 1.0,

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 from unclip_jax import ar, sharding
-from unclip_jax.models.prior import rerank
+from unclip_jax.models.prior import repeat_candidates, rerank
 from unclip_jax.nn.attention import padding_mask
 from unclip_jax.nn.layers import dtype as to_dtype
 from unclip_jax.nn.layers import layer_norm
@@ -356,8 +356,8 @@ def make_sampler(cfg: ARPriorConfig, pca: PCAQuantizer, sim: SimilarityBuckets, 
     def sample(params, inputs: dict, rng: jax.Array) -> jax.Array:
         text_emb = inputs["text_emb"]
         k = num_candidates
-        if k > 1:     # candidate-major: rows j·B … (j+1)·B − 1 are the j-th draw of each caption
-            inputs = jax.tree.map(lambda x: jnp.concatenate([x] * k), inputs)
+        if k > 1:
+            inputs = repeat_candidates(inputs, k)
         b = inputs["text_emb"].shape[0]
         cond = _cond(inputs, jnp.ones((b,), jnp.bool_))
         cond["text_states"] = cond["text_states"].astype(jnp.float32)

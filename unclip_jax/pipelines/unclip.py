@@ -384,17 +384,17 @@ def prior_embeddings(cfg: P.PriorConfig, params, text_emb, text_states, tokens, 
                              "text_tokens": tokens})
     if text_mask is not None:
         cond["text_mask"] = jnp.asarray(text_mask, jnp.bool_)
-    rep = lambda tree: jax.tree.map(lambda x: jnp.concatenate([x] * k, axis=0), tree)  # noqa
-    cond_k = rep(cond)
+    cond_k = P.repeat_candidates(cond, k)
     if uncond is None:
         if cfg.uncond != "learned":
             raise ValueError(f"this prior has no learned nulls (uncond={cfg.uncond!r}): pass "
                              f"uncond, the empty caption's CLIP encoding")
         uncond_k = P.uncondition(params, cfg, cond_k)
     else:
-        uncond_k = rep({"text_emb": jnp.asarray(uncond["text_emb"], jnp.float32),
-                        "text_states": jnp.asarray(uncond["text_states"], jnp.float32),
-                        "text_mask": jnp.asarray(uncond["text_mask"], jnp.bool_)})
+        uncond_k = P.repeat_candidates(
+            {"text_emb": jnp.asarray(uncond["text_emb"], jnp.float32),
+             "text_states": jnp.asarray(uncond["text_states"], jnp.float32),
+             "text_mask": jnp.asarray(uncond["text_mask"], jnp.bool_)}, k)
     x = diffusion.sample(
         P.make_denoiser(P.DiffusionPrior(cfg)), params,
         schedule=schedule, rng=rng,
