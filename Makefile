@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PARITY_VENV := .venv-parity
 PPY    := $(PARITY_VENV)/bin/python
 DEMO_DIR ?= runs/demo
+DEMO_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install test test-slow demo bench parity clean ablations
@@ -25,7 +26,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 demo: install
-	$(VENV)/bin/unclip-jax demo --workdir $(DEMO_DIR)
+	$(VENV)/bin/unclip-jax demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
 
 # The papers' ablations at small scale (experiments/ablations/README.md): each script writes
 # its row group into experiments/RESULTS.md. Needs `make demo` (and the extra runs listed there).

@@ -85,3 +85,18 @@ def test_sample_metrics_and_report_markdown():
     assert "| samples | 12.0 |  |" in md and "| this run | | 14.0 |" in md
     assert "Note: copied from the first run" in md
     assert "| total | ≥ 857.0 (stages marked — unknown) |" in md
+
+
+def test_overrides_are_routed_to_their_stage():
+    got = demo.split_overrides(["decoder:train.steps=2000", "train.steps=5",
+                                "upsampler:model.sample_steps=9", "clip:optim.b2=0.9"])
+    assert got == {"clip": ["train.steps=5", "optim.b2=0.9"], "prior": [],
+                   "decoder": ["train.steps=2000"], "upsampler": ["model.sample_steps=9"]}
+    with pytest.raises(ValueError, match="names stage 'dalle'.*clip, prior, decoder, upsampler"):
+        demo.split_overrides(["dalle:train.steps=1"])
+
+
+def test_a_bad_stage_override_fails_before_anything_runs(tmp_path):
+    with pytest.raises(KeyError, match="unknown config key 'train.stepz'"):
+        demo.run(tmp_path, overrides=["decoder:train.stepz=10"])
+    assert not (tmp_path / demo.TIMES_FILE).exists()

@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config-dir", default="experiments/shapes")
     q.add_argument("--until", default=demo_stages()[-1], choices=demo_stages(),
                    help="last stage to run (default: the whole chain)")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument("--set", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
+                   help="config override of one trained stage (clip, prior, decoder, "
+                        "upsampler), e.g. decoder:train.steps=2000; no prefix = clip")
     q.set_defaults(fn=_demo)
 
     for name in COMMAND_MODULES:

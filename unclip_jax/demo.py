@@ -14,7 +14,9 @@ interruption picks up where it stopped; a half-trained model resumes from its ch
               the shapes judge; ``samples.png`` (prompts in ``samples.txt``), a variations grid,
               and the prompt-fidelity / binding / variation-consistency figures in the report
 
-``stages`` picks a prefix of them (``--set`` overrides apply to the CLIP config only).
+``stages`` picks a prefix of them. ``--set`` overrides name their model: ``decoder:train.steps=
+2000`` changes the decoder's config (``clip:``, ``prior:``, ``decoder:``, ``upsampler:``); an
+override without a prefix applies to the CLIP, as before.
 
 Outputs land in ``<workdir>``: one sub-folder per model, ``report.md`` and ``report.json``.
 
@@ -86,6 +88,23 @@ def _trained(workdir: Path, steps: int) -> bool:
 
 
 STAGES = ("data", "tokenizer", "clip", "clip_eval", "prior", "decoder", "upsampler", "samples")
+TRAINED = ("clip", "prior", "decoder", "upsampler")     # the stages that train a model
+
+
+def split_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """``["decoder:train.steps=2000", "train.steps=500"]`` → ``{"decoder": [...], "clip":
+    [...], ...}`` (one list per trained stage; no prefix means the CLIP)."""
+    out: dict[str, list[str]] = {name: [] for name in TRAINED}
+    for item in overrides:
+        head, sep, rest = item.partition(":")
+        if sep and "=" not in head:
+            if head not in out:
+                raise ValueError(f"override {item!r} names stage {head!r}; the demo's trained "
+                                 f"stages are {', '.join(TRAINED)} (no prefix = clip)")
+            out[head].append(rest)
+        else:
+            out["clip"].append(item)
+    return out
 NUM_JUDGED = 64          # held-out prompts per kind (single-object, two-object) in the report
 
 
@@ -107,10 +126,22 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
     t_start = time.perf_counter()
     report: dict = {}
 
-    clip_cfg = config_lib.load_config(config_dir / "clip.py", overrides)
+    per_stage = split_overrides(overrides)
+    clip_cfg = config_lib.load_config(config_dir / "clip.py", per_stage["clip"])
     clip_cfg = dataclasses.replace(clip_cfg, data=dataclasses.replace(
         clip_cfg.data, tokenizer=str(workdir / "tokenizer.model")))
     clip_dir = workdir / "clip"
+
+    w = workdir.absolute()
+    chain = {
+        "prior": ("prior.py", [f"model.clip_workdir={w}/clip", f"model.cache_dir={w}/embeddings"]),
+        "decoder": ("decoder.py", [f"model.clip_workdir={w}/clip",
+                                   f"data.tokenizer={w}/tokenizer.model"]),
+        "upsampler": ("upsampler.py", []),
+    }
+    # every config is loaded (and its overrides checked) before the first stage trains
+    steps = {name: config_lib.load_config(config_dir / config, sets + per_stage[name]).train.steps
+             for name, (config, sets) in chain.items()}
 
     def have_data() -> bool:
         from unclip_jax import input_pipeline
@@ -144,19 +175,11 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
 
     _stage(report, workdir, "clip_eval", eval_clip, lambda: (clip_dir / "eval.json").is_file())
 
-    w = workdir.absolute()
-    chain = {
-        "prior": ("prior.py", [f"model.clip_workdir={w}/clip", f"model.cache_dir={w}/embeddings"]),
-        "decoder": ("decoder.py", [f"model.clip_workdir={w}/clip",
-                                   f"data.tokenizer={w}/tokenizer.model"]),
-        "upsampler": ("upsampler.py", []),
-    }
     for name, (config, sets) in chain.items():
         if name in stages:
-            steps = config_lib.load_config(config_dir / config, sets).train.steps
-            _stage(report, workdir, name, lambda c=config, n=name, o=sets:
+            _stage(report, workdir, name, lambda c=config, n=name, o=sets + per_stage[name]:
                    _train_stage(config_dir / c, workdir / n, o),
-                   lambda n=name, k=steps: _trained(workdir / n, k))
+                   lambda n=name: _trained(workdir / n, steps[n]))
     if "samples" in stages:
         _stage(report, workdir, "samples", lambda: _samples(workdir),
                lambda: _samples_done(workdir))
