@@ -28,6 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv-parity" / "bin" / "python"   # run_all.py runs this script with it
 THREADS = 2
 REPEATS = {"small": 7, "large": 3}
+DEVICE = "cpu"          # "cuda": both sides on the GPU (``--device cuda``), strict float32
+
+
+def _t(torch, a):
+    """A numpy array as a torch tensor on ``DEVICE``."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE)
+
+
+def _np(t):
+    return t.detach().cpu().numpy()
 
 
 def _load_test_module(name: str):
@@ -62,7 +72,9 @@ def _race(ref_fn, ours_fn, repeats: int) -> dict:
         return fn
 
     fns = {"ref": threaded(THREADS), "ref1": threaded(1),
-           "ours": lambda: jax.block_until_ready(ours_fn())}
+           "ours": lambda: np.asarray(jax.block_until_ready(ours_fn()))}
+    if DEVICE != "cpu":                 # torch's CPU threads do not matter on the GPU
+        del fns["ref1"]
     out = {name: fn() for name, fn in fns.items()}          # warm-up (and compile)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
@@ -72,6 +84,7 @@ def _race(ref_fn, ours_fn, repeats: int) -> dict:
             times[name].append(time.perf_counter() - t0)
     torch.set_num_threads(THREADS)
     res = {name: statistics.median(t) for name, t in times.items()}
+    res.setdefault("ref1", res["ref"])
     res["ref_out"], res["ours_out"] = out["ref"], np.asarray(out["ours"])
     return res
 
@@ -83,6 +96,14 @@ def _randomise(torch, module, seed: int, scale: float = 0.02):
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
     return module.eval()
+
+
+def _on_device(module):
+    """The module on ``DEVICE``; dall_e's convs run float16 on CUDA unless told not to."""
+    for m in module.modules():
+        if hasattr(m, "use_float16"):
+            m.use_float16 = False
+    return module.to(DEVICE)
 
 
 def _params(module) -> int:
@@ -131,14 +152,15 @@ def bench_clip(name: str, batch: int, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (batch, image, image, 3)).astype(np.float32)
     normalised = (((x + 1) / 2 - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD))
-    pix = torch.from_numpy(normalised.transpose(0, 3, 1, 2).astype(np.float32))
+    pix = _t(torch, normalised.transpose(0, 3, 1, 2).astype(np.float32))
     tokens = helpers._tokens(cfg, rng, batch=batch)
-    ids = torch.from_numpy(tokens.astype(np.int64))
+    ids = _t(torch, tokens.astype(np.int64))
+    _on_device(ref)
 
     def ref_fn():
         with torch.inference_mode():
             out = ref(input_ids=ids, pixel_values=pix)
-            return np.concatenate([out.image_embeds.numpy(), out.text_embeds.numpy()])
+            return np.concatenate([_np(out.image_embeds), _np(out.text_embeds)])
 
     @jax.jit
     def forward(p, images, toks):
@@ -177,16 +199,17 @@ def bench_dvae(size: int, repeats: int, n_hid: int = 256, vocab: int = 8192,
     model = dvae.DVAE(cfg)
     rng = np.random.default_rng(0)
     x01 = rng.uniform(0, 1, (1, size, size, 3)).astype(np.float32)
-    x_ref = dall_e.map_pixels(torch.from_numpy(x01.transpose(0, 3, 1, 2).copy()))
+    x_ref = dall_e.map_pixels(_t(torch, x01.transpose(0, 3, 1, 2)))
     grid = size // cfg.downsample
     codes = rng.integers(0, vocab, (1, grid, grid))
     z = np.eye(vocab, dtype=np.float32)[codes]
-    z_ref = torch.from_numpy(z.transpose(0, 3, 1, 2).copy())
+    z_ref = _t(torch, z.transpose(0, 3, 1, 2))
+    _on_device(enc), _on_device(dec)
 
     def run_ref(module, inp):
         def fn():
             with torch.inference_mode():
-                return module(inp).numpy().transpose(0, 2, 3, 1)
+                return _np(module(inp)).transpose(0, 2, 3, 1)
         return fn
 
     encode = dvae.jit(lambda p, im: model.apply({"params": p}, im,
@@ -228,7 +251,7 @@ def bench_karlo(repeats: int) -> list[dict] | str:
     from unclip_jax.models.prior import DiffusionPrior
 
     state = lambda m: {k: v.detach().numpy() for k, v in m.state_dict().items()}  # noqa
-    T = torch.from_numpy
+    T = lambda a: _t(torch, a)  # noqa: E731
     rng = np.random.default_rng(0)
     rows = []
     b, emb_dim, ctx = 4, 256, 77
@@ -239,6 +262,7 @@ def bench_karlo(repeats: int) -> list[dict] | str:
         num_embeddings=ctx, additional_embeddings=4), 0)
     pcfg, pparams = karlo.convert_prior(dict(prior.config), state(prior))
     pparams = jax.tree_util.tree_map(jnp.asarray, pparams)
+    _on_device(prior)
     x_t = rng.normal(size=(b, emb_dim)).astype(np.float32)
     t = np.array([0, 250, 500, 999][:b])
     emb = rng.normal(size=(b, emb_dim)).astype(np.float32)
@@ -252,7 +276,7 @@ def bench_karlo(repeats: int) -> list[dict] | str:
     def prior_ref():
         with torch.inference_mode():
             return prior(T(x_t), T(t), proj_embedding=T(emb), encoder_hidden_states=T(states),
-                         attention_mask=T(mask)).predicted_image_embedding.numpy()
+                         attention_mask=T(mask)).predicted_image_embedding.cpu().numpy()
 
     r = _race(prior_ref, lambda: prior_fwd(pparams, jnp.asarray(x_t), jnp.asarray(t), pcond),
               repeats)
@@ -276,6 +300,7 @@ def bench_karlo(repeats: int) -> list[dict] | str:
     dcfg, dparams = karlo.convert_decoder(dict(unet.config), state(unet), dict(tp.config),
                                           state(tp), context_length=ctx)
     dparams = jax.tree_util.tree_map(jnp.asarray, dparams)
+    _on_device(unet), _on_device(tp)
     x64 = rng.normal(size=(b, 3, 64, 64)).astype(np.float32)
     img = rng.normal(size=(b, emb_dim)).astype(np.float32)
 
@@ -285,7 +310,7 @@ def bench_karlo(repeats: int) -> list[dict] | str:
                                   text_encoder_hidden_states=T(states),
                                   do_classifier_free_guidance=False)
             return unet(T(x64), T(t), encoder_hidden_states=hidden, class_labels=additive,
-                        attention_mask=F.pad(T(mask), (4, 0), value=True)).sample.numpy()
+                        attention_mask=F.pad(T(mask), (4, 0), value=True)).sample.cpu().numpy()
 
     dmodel = Decoder(dcfg)
     dec_fwd = jax.jit(lambda p, x, tt, c: dmodel.apply({"params": p}, x, tt, c))
@@ -307,6 +332,7 @@ def bench_karlo(repeats: int) -> list[dict] | str:
         norm_num_groups=32), 3)
     scfg, sparams = karlo.convert_upsampler(dict(sr.config), state(sr))
     sparams = jax.tree_util.tree_map(jnp.asarray, sparams)
+    _on_device(sr)
     bs = 1
     x256 = rng.normal(size=(bs, 256, 256, 3)).astype(np.float32)
     low = rng.uniform(-1, 1, size=(bs, 64, 64, 3)).astype(np.float32)
@@ -315,11 +341,11 @@ def bench_karlo(repeats: int) -> list[dict] | str:
     # method (Karlo: antialiased bicubic), so feed the reference the same enlargement.
     up = np.asarray(jax.image.resize(jnp.asarray(low), (bs, 256, 256, 3),
                                      method=scfg.low_res_resize))
-    inp = T(np.ascontiguousarray(np.concatenate([x256, up], -1).transpose(0, 3, 1, 2)))
+    inp = T(np.concatenate([x256, up], -1).transpose(0, 3, 1, 2))
 
     def sr_ref():
         with torch.inference_mode():
-            return sr(inp, T(ts)).sample.numpy()
+            return sr(inp, T(ts)).sample.cpu().numpy()
 
     smodel = Upsampler(scfg)
     sr_fwd = jax.jit(lambda p, x, tt, lo: smodel.apply({"params": p}, x, tt, {"low_res": lo}))
@@ -335,25 +361,21 @@ def bench_karlo(repeats: int) -> list[dict] | str:
 # ----------------------------------------------------------------------------- report
 
 
-def run(quick: bool = False) -> str:
+def run(quick: bool = False, device: str = "cpu") -> str:
     import jax
     import torch
 
+    global DEVICE
+    DEVICE = device
+    if device != "cpu":
+        # strict float32 on both sides (no TF32 in cuBLAS/cuDNN nor in XLA's dots and convs)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        jax.config.update("jax_default_matmul_precision", "highest")
+        return _run_gpu(quick)
     torch.set_num_threads(THREADS)
     load_start = os.getloadavg()[0]
-    small, large = (2, 2) if quick else (REPEATS["small"], REPEATS["large"])
-    rows, notes = [], []
-    rows.append(bench_clip("small (ViT 256×4/16@64, text 256×4)", 8, small))
-    if not quick:
-        rows.append(bench_clip("ViT-B/32", 4, large))
-        rows += bench_dvae(256, large)
-    else:
-        rows += bench_dvae(32, small, n_hid=64, vocab=512, blocks=1, n_init=32, label="small")
-    karlo_rows = bench_karlo(large)
-    if isinstance(karlo_rows, str):
-        notes.append(f"Karlo: {karlo_rows}")
-    else:
-        rows += karlo_rows
+    rows, notes = _rows(quick)
     lines = [
         "## Converted models: forward time vs the PyTorch reference",
         "",
@@ -387,12 +409,69 @@ def run(quick: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rows(quick: bool) -> tuple[list[dict], list[str]]:
+    """Every benchmarked model's row (each logged to stderr as it is measured) and notes."""
+    small, large = (2, 2) if quick else (REPEATS["small"], REPEATS["large"])
+    rows, notes = [], []
+
+    def add(new):
+        for r in new:
+            print(f"[bench_convert] {r['model']}: reference {r['ref']:.4f} s, ours "
+                  f"{r['ours']:.4f} s", file=sys.stderr, flush=True)
+        rows.extend(new)
+
+    add([bench_clip("small (ViT 256×4/16@64, text 256×4)", 8, small)])
+    if not quick:
+        add([bench_clip("ViT-B/32", 4, large)])
+        add(bench_dvae(256, large))
+    else:
+        add(bench_dvae(32, small, n_hid=64, vocab=512, blocks=1, n_init=32, label="small"))
+    karlo_rows = bench_karlo(large)
+    if isinstance(karlo_rows, str):
+        notes.append(f"Karlo: {karlo_rows}")
+    else:
+        add(karlo_rows)
+    return rows, notes
+
+
+def _run_gpu(quick: bool) -> str:
+    """The same rows with both sides on the GPU (one device), strict float32."""
+    import jax
+    import torch
+
+    global REPEATS
+    REPEATS = {"small": 20, "large": 10}
+    rows, notes = _rows(quick)
+    lines = [
+        "## Converted models on a GPU: forward time vs the PyTorch reference",
+        "",
+        f"The rows of the CPU table above, both sides on one **{torch.cuda.get_device_name()}**"
+        f": torch {torch.__version__} (CUDA, eager, `torch.inference_mode()`) vs one "
+        f"`jax.jit` of ours (jax {jax.__version__}), same random weights and inputs, strict "
+        "float32 on both sides (TF32 off in cuBLAS/cuDNN, `jax_default_matmul_precision="
+        "highest`). Each timed call includes the copy of the output to the host on both "
+        "sides; calls alternate, one warm-up (ours: the compile) each, medians shown.",
+        "",
+        "| model | params | inputs | reference (ms) | ours (ms) | ratio: reference ÷ ours | "
+        "max rel diff | repeats |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['inputs']} | "
+                     f"{r['ref'] * 1e3:.2f} | {r['ours'] * 1e3:.2f} | "
+                     f"**{r['ref'] / r['ours']:.2f}** | {r['diff']:.1e} | {r['repeats']} |")
+    lines += [""] + notes if notes else []
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small models only (a smoke run)")
     p.add_argument("--out", default=None, help="write the markdown section here too")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: both sides on the GPU (a separate section)")
     args = p.parse_args(argv)
-    section = run(quick=args.quick)
+    section = run(quick=args.quick, device=args.device)
     print(section)
     if args.out:
         Path(args.out).write_text(section)

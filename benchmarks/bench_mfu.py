@@ -83,7 +83,11 @@ def time_step(step, state, batch) -> float:
     return statistics.median(times)
 
 
-def _step_and_state(init, loss, batch, cfg):
+def _step_and_state(init, loss, batch, cfg, hlo_flops: bool = False):
+    """(compiled step, state, FLOPs per step, compile s, #params, params). FLOPs: the compiled
+    module's cost analysis, or with ``hlo_flops`` the lowered (pre-optimisation) HLO's, which
+    counts dots and convolutions on any backend (a GPU module's cuBLAS/cuDNN custom calls
+    carry no FLOP count)."""
     import flax.linen as nn
     import jax
 
@@ -97,10 +101,12 @@ def _step_and_state(init, loss, batch, cfg):
     step = jax.jit(functools.partial(loop.train_step, loss_fn=loss, tx=tx,
                                      ema_decay=cfg.train.ema_decay), donate_argnums=0)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    return compiled, state, xla_flops(compiled), compile_s, n_params, params
+    flops = xla_flops(lowered if hlo_flops else compiled)
+    return compiled, state, flops, compile_s, n_params, params
 
 
 def clip_case():

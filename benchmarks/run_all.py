@@ -42,7 +42,15 @@ def machine() -> str:
 def _run_section(mod, path: Path) -> str | None:
     """``mod.run()`` here, or, for a module naming another interpreter in ``PYTHON`` (the
     parity venv of the benchmarks against torch references), its ``--out`` section written by
-    that interpreter; None (skipped, its old section kept) when that interpreter is absent."""
+    that interpreter; None (skipped, its old section kept) when that interpreter is absent or
+    the module measures another backend than this one (``BACKEND``, e.g. "gpu")."""
+    import jax
+
+    backend = getattr(mod, "BACKEND", None)
+    if backend is not None and jax.default_backend() != backend:
+        print(f"skipping {path.stem}: it measures a {backend} (this backend is "
+              f"{jax.default_backend()}); its last section is kept", flush=True)
+        return None
     python = getattr(mod, "PYTHON", None)
     if python is None or Path(sys.prefix).resolve() == Path(python).parent.parent.resolve():
         return mod.run().rstrip()

@@ -14,6 +14,9 @@ On the demo's held-out prompts (``demo.held_out_scenes``: 64 one-object, 64 two-
   separate drawing errors from failures to compose a held-out pair.
 
     python experiments/shapes/diagnose_chain.py --workdir runs/demo --decoder runs/decoder_long
+
+A workdir without an upsampler (the demo stopped after its decoder) skips the upsampler row.
+``--out FILE`` also writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -62,10 +66,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default="runs/demo", help="a `make demo` workdir")
     ap.add_argument("--decoder", default=None, help="decoder workdir (default: WORKDIR/decoder)")
     ap.add_argument("--guidance", type=float, default=None, help="decoder guidance (config's)")
+    ap.add_argument("--out", default=None, help="also write the rows here (JSON)")
     args = ap.parse_args(argv)
     wd = args.workdir
+    ups_dirs = [f"{wd}/upsampler"] if os.path.isdir(f"{wd}/upsampler/checkpoints") else []
     model = U.load_unclip(f"{wd}/clip", f"{wd}/tokenizer.model", f"{wd}/prior",
-                          args.decoder or f"{wd}/decoder", [f"{wd}/upsampler"])
+                          args.decoder or f"{wd}/decoder", ups_dirs)
     dcfg, ups, params = model.decoder, model.upsamplers, model.params
     guidance = jnp.float32(dcfg.guidance_scale if args.guidance is None else args.guidance)
     scenes = demo.held_out_scenes()
@@ -82,10 +88,11 @@ def main(argv=None) -> dict:
     renders = np.stack([shapes.render(s, dcfg.image_size) for s in scenes])
     x = renders.astype(np.float32) / 127.5 - 1
     report("real 32 px", renders)
-    up_sched = U.upsampler_schedules(ups, [ups[0].sample_steps])
-    upsample = jax.jit(lambda p, x, r: U.upsample_chain(ups, p, x, r, schedules=up_sched))
-    report("real 32 px → upsampler", batched(
-        lambda i, x: upsample(params["upsamplers"], x, jax.random.PRNGKey(i)), x))
+    if ups:
+        up_sched = U.upsampler_schedules(ups, [ups[0].sample_steps])
+        upsample = jax.jit(lambda p, x, r: U.upsample_chain(ups, p, x, r, schedules=up_sched))
+        report("real 32 px → upsampler", batched(
+            lambda i, x: upsample(params["upsamplers"], x, jax.random.PRNGKey(i)), x))
 
     embed = jax.jit(D.clip_image_embedder(CLIP(model.clip), params["clip"],
                                           dcfg.clip_image_size))
@@ -109,6 +116,9 @@ def main(argv=None) -> dict:
     report("true emb + caption → decoder, seen pairs", true_emb(
         seen_x.astype(np.float32), jnp.asarray(model.tokenizer.encode(
             seen_prompts, model.clip.context_length))), breakdown=True, scenes=seen)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
     return results
 
 

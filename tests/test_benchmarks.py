@@ -1,0 +1,53 @@
+"""The benchmark harness: backend-specific sections are skipped elsewhere, and the GPU MFU
+section divides the right counts."""
+
+import importlib.util
+import types
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_test_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_all_skips_a_benchmark_of_another_backend(capsys):
+    run_all = _load("run_all")
+
+    def boom():
+        raise AssertionError("a gpu benchmark must not run on the cpu backend")
+
+    gpu_only = types.SimpleNamespace(BACKEND="gpu", run=boom)
+    assert run_all._run_section(gpu_only, Path("bench_fake.py")) is None
+    assert "skipping bench_fake: it measures a gpu" in capsys.readouterr().out
+    cpu_only = types.SimpleNamespace(BACKEND="cpu", run=lambda: "## section\n")
+    assert run_all._run_section(cpu_only, Path("bench_fake.py")) == "## section"
+
+
+def test_gpu_section_mfu_uses_the_larger_flop_count():
+    g = _load("bench_gpu")
+    env = dict(kind="NVIDIA H200", nominal=4e12, measured=2e12, n=8192, jax="x")
+    row = dict(name="scanned", dtype="bfloat16", batch=8, params=1e9, flops=1e12,
+               analytic=2e12, sec=1.0, compile_s=3.0)
+    unscanned = dict(row, name="unscanned", analytic=None)
+    text = g.format_section(env, [row, unscanned], None, ["- a note"])
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "**50.0%**" in lines["| scanned"]          # analytic 2e12 / 1 s / 4e12
+    assert "**25.0%**" in lines["| unscanned"]        # the XLA count when there is no other
+    assert "measured in the same process: 2 TFLOP/s (50% of that peak)" in text
+    assert text.rstrip().endswith("- a note")
+
+
+@pytest.mark.parametrize("kind, tflops", [("NVIDIA H200", 989.5), ("NVIDIA H100 80GB HBM3",
+                                                                   989.5), ("cpu", None)])
+def test_nominal_peak_by_device_name(kind, tflops):
+    g = _load("bench_gpu")
+    peak, name = g.nominal_peak(types.SimpleNamespace(device_kind=kind))
+    assert name == kind
+    assert peak == (None if tflops is None else tflops * 1e12)
