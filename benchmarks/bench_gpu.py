@@ -7,24 +7,23 @@ other backends; ``BACKEND`` below). What is measured, on one device:
   figure for the named chip) and, measured in the same process, the best jitted
   ``[n, n] @ [n, n]`` bf16 matmul for n in 4096, 8192 (2n³ FLOPs per call, best of 10);
 * **training steps** of the paper-scale diffusion prior (``experiments/paper/prior.py``: width
-  2048 × 24 layers, 1.2 B) and the unCLIP decoder at the paper's widths
+  2048 × 24 layers, 1.2 B) and of the unCLIP decoder at the paper's widths
   (``experiments/paper/decoder.py``: 64 px, 512 channels × (1, 2, 3, 4), attention at 32/16/8,
   2048-wide caption encoder) with 1 residual block per level instead of 3 and 4 caption layers
-  instead of 24 (``DECODER_OVERRIDES``: 1.5 B instead of 3.6 B, so that it compiles in a short
-  lease; the layers, and so the per-layer efficiency, are the paper's) with their configured
-  bfloat16 compute
-  (float32 params, AdamW state and EMA), the real update of ``train.loop.train_step`` on
-  synthetic batches. FLOPs per step: XLA's cost analysis of the compiled update (forward,
-  backward, AdamW, EMA) and, for the prior, the analytic 6·N·tokens + attention count.
-  Seconds per step: median of ``STEPS`` calls after ``WARMUP``;
-* **guided sampling**: the paper decoder's DDIM sampler (the shared ``lax.scan`` loop, one
-  batched forward of cond + uncond per step, guidance 3) on a batch of 64 px images; images/s
-  for ``SAMPLE_STEPS`` steps (the paper samples with 250; time scales linearly).
+  instead of 24 (``DECODER_OVERRIDES``: 1.5 B instead of 3.6 B, so that it compiles within a
+  short lease; its layers, and so their efficiency, are the paper's). Both use their configs'
+  bfloat16 compute with float32 params, AdamW state and EMA: the real update of
+  ``train.loop.train_step`` on synthetic batches, median of ``STEPS`` calls after ``WARMUP``;
+* **guided sampling** with that decoder: the shared DDIM ``lax.scan`` loop, one batched forward
+  of cond + uncond per step, on a batch of 64 px images; images/s for ``SAMPLE_STEPS`` steps
+  (the paper samples with 250; the time scales linearly).
 
-MFU = model FLOPs per step ÷ seconds per step ÷ peak; model FLOPs from the lowered HLO's cost
-analysis (the GPU-compiled module hides its dots and convs in cuBLAS/cuDNN custom calls, which
-carry no count) and for the prior analytically (a ``scan`` body is counted once). ``--quick`` runs tiny configs on any
-backend (a smoke test of this script, not a measurement).
+MFU = model FLOPs per step ÷ seconds per step ÷ peak. Model FLOPs: the cost analysis of the
+*lowered* update (the GPU-compiled module hides its dots and convs in cuBLAS/cuDNN custom calls,
+which carry no FLOP count) and, for the prior, the analytic 6·N·tokens +
+12·depth·tokens²·width (XLA counts a ``scan`` over layers once); the larger of the two is
+used. Cases run in order of compile cost and ``--out`` is rewritten after each. ``--quick``
+runs tiny configs on any backend (a smoke test of this script, not a measurement).
 
 Usage: ``python benchmarks/run_all.py gpu`` on a GPU machine, or
 ``python benchmarks/bench_gpu.py [--quick] [--out FILE]``.
