@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv-parity" / "bin" / "python"   # run_all.py runs this script with it
 THREADS = 2
 REPEATS = {"small": 7, "large": 3}
+GPU_REPEATS = {"small": 20, "large": 10}   # GPU calls take milliseconds
 DEVICE = "cpu"          # "cuda": both sides on the GPU (``--device cuda``), strict float32
 
 
@@ -275,8 +276,9 @@ def bench_karlo(repeats: int) -> list[dict] | str:
 
     def prior_ref():
         with torch.inference_mode():
-            return prior(T(x_t), T(t), proj_embedding=T(emb), encoder_hidden_states=T(states),
-                         attention_mask=T(mask)).predicted_image_embedding.cpu().numpy()
+            out = prior(T(x_t), T(t), proj_embedding=T(emb), encoder_hidden_states=T(states),
+                        attention_mask=T(mask))
+            return _np(out.predicted_image_embedding)
 
     r = _race(prior_ref, lambda: prior_fwd(pparams, jnp.asarray(x_t), jnp.asarray(t), pcond),
               repeats)
@@ -309,8 +311,8 @@ def bench_karlo(repeats: int) -> list[dict] | str:
             hidden, additive = tp(image_embeddings=T(img), prompt_embeds=T(emb),
                                   text_encoder_hidden_states=T(states),
                                   do_classifier_free_guidance=False)
-            return unet(T(x64), T(t), encoder_hidden_states=hidden, class_labels=additive,
-                        attention_mask=F.pad(T(mask), (4, 0), value=True)).sample.cpu().numpy()
+            return _np(unet(T(x64), T(t), encoder_hidden_states=hidden, class_labels=additive,
+                            attention_mask=F.pad(T(mask), (4, 0), value=True)).sample)
 
     dmodel = Decoder(dcfg)
     dec_fwd = jax.jit(lambda p, x, tt, c: dmodel.apply({"params": p}, x, tt, c))
@@ -345,7 +347,7 @@ def bench_karlo(repeats: int) -> list[dict] | str:
 
     def sr_ref():
         with torch.inference_mode():
-            return sr(inp, T(ts)).sample.cpu().numpy()
+            return _np(sr(inp, T(ts)).sample)
 
     smodel = Upsampler(scfg)
     sr_fwd = jax.jit(lambda p, x, tt, lo: smodel.apply({"params": p}, x, tt, {"low_res": lo}))
@@ -409,9 +411,9 @@ def run(quick: bool = False, device: str = "cpu") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rows(quick: bool) -> tuple[list[dict], list[str]]:
+def _rows(quick: bool, repeats: dict = REPEATS) -> tuple[list[dict], list[str]]:
     """Every benchmarked model's row (each logged to stderr as it is measured) and notes."""
-    small, large = (2, 2) if quick else (REPEATS["small"], REPEATS["large"])
+    small, large = (2, 2) if quick else (repeats["small"], repeats["large"])
     rows, notes = [], []
 
     def add(new):
@@ -439,9 +441,7 @@ def _run_gpu(quick: bool) -> str:
     import jax
     import torch
 
-    global REPEATS
-    REPEATS = {"small": 20, "large": 10}
-    rows, notes = _rows(quick)
+    rows, notes = _rows(quick, GPU_REPEATS)
     lines = [
         "## Converted models on a GPU: forward time vs the PyTorch reference",
         "",

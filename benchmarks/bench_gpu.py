@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import statistics
 import sys
@@ -52,7 +53,9 @@ DECODER_OVERRIDES = {"num_res_blocks": 1, "text_layers": 4}
 NOMINAL_TFLOPS = {"H200": 989.5, "H100": 989.5, "A100": 312.0, "B200": 2250.0}
 
 
+@functools.lru_cache(maxsize=1)
 def _mfu_module():
+    """bench_mfu.py (its step builder and timer), loaded once."""
     spec = importlib.util.spec_from_file_location("_bench_mfu", Path(__file__).with_name(
         "bench_mfu.py"))
     module = importlib.util.module_from_spec(spec)
