@@ -81,7 +81,7 @@ def test_embedding_added_to_timestep_embedding(params, forward):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def _spy_loss(monkeypatch, params, cfg):
+def _spy_loss(monkeypatch, params, cfg, **kw):
     seen = {}
 
     def make_spy(cfg_, dropout_rng=None):
@@ -94,7 +94,8 @@ def _spy_loss(monkeypatch, params, cfg):
 
     @jax.jit
     def run(p):
-        D.decoder_loss(p, cfg, X, EMB, TOK, jax.random.PRNGKey(3))
+        D.decoder_loss(p, cfg, X, EMB, TOK if cfg.use_text else None, jax.random.PRNGKey(3),
+                       **kw)
         return dict(seen)
 
     return run(params)
@@ -121,6 +122,38 @@ def test_guidance_dropout_uses_learned_nulls(params, monkeypatch):
     np.testing.assert_array_equal(keep["x_t"], drop_emb["x_t"])
     np.testing.assert_array_equal(keep["x_t"], drop_txt["x_t"])
     assert float(jnp.abs(null["image_emb"]).sum()) > 0           # a learned (non-zero) null
+
+
+# a decoder reading a frozen CLIP's text features instead of its own caption encoder
+CT_CFG = dataclasses.replace(CFG, text_layers=0, clip_text_width=4)
+CLIP_TEXT = {"emb": jnp.asarray(RNG.normal(size=(2, 6)), jnp.float32),
+             "states": jnp.asarray(RNG.normal(size=(2, 5, 4)), jnp.float32),
+             "valid": TOK > 0}
+EMPTY = {"emb": jnp.full((6,), 0.5), "states": jnp.full((5, 4), -1.0),
+         "valid": jnp.array([True, True, False, False, False])}
+
+
+def test_clip_text_is_dropped_to_the_empty_caption(monkeypatch):
+    p = random_params(jax.eval_shape(lambda: D.init_decoder(CT_CFG, jax.random.PRNGKey(0))))
+    # the CLIP text states reach the output (through the context), and so does the text emb
+    denoiser = D.make_denoiser(CT_CFG)       # before _spy_loss patches make_denoiser
+    den = jax.jit(lambda q, c: denoiser(q, X, T, {"image_emb": EMB, "clip_text": c}))
+    base = den(p, CLIP_TEXT)
+    for key in ("emb", "states"):
+        moved = den(p, dict(CLIP_TEXT, **{key: -CLIP_TEXT[key]}))
+        assert float(jnp.max(jnp.abs(moved - base))) > 1e-4, key
+    kw = dict(clip_text=CLIP_TEXT, clip_text_null=EMPTY)
+    keep = _spy_loss(monkeypatch, p, dataclasses.replace(CT_CFG, clip_drop_prob=0.0,
+                                                         text_drop_prob=0.0), **kw)
+    drop = _spy_loss(monkeypatch, p, dataclasses.replace(CT_CFG, clip_drop_prob=0.0,
+                                                         text_drop_prob=1.0), **kw)
+    for key in ("emb", "states", "valid"):
+        np.testing.assert_array_equal(keep["cond"]["clip_text"][key], CLIP_TEXT[key])
+        np.testing.assert_array_equal(drop["cond"]["clip_text"][key],
+                                      np.broadcast_to(EMPTY[key], CLIP_TEXT[key].shape))
+    np.testing.assert_allclose(drop["cond"]["image_emb"], EMB)      # dropped independently
+    with pytest.raises(ValueError, match="needs clip_text_null"):
+        D.decoder_loss(p, CT_CFG, X, EMB, None, jax.random.PRNGKey(3), clip_text=CLIP_TEXT)
 
 
 def test_clip_noise_perturbs_only_the_embedding(params, monkeypatch):

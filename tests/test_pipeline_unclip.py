@@ -218,3 +218,38 @@ def test_check_tokenizer_takes_the_sentencepiece_tokenizer(model):
     with pytest.raises(ValueError, match=rf"vocabulary {tok.vocab_size}, EOS id {EOS_ID}\) "
                                          r"does not fit the CLIP \(vocab_size 10,"):
         U.check_tokenizer(tok, dataclasses.replace(CLIP_CFG, vocab_size=10))
+
+
+def test_clip_text_decoder_chain(model, image_path):
+    """A decoder reading the frozen CLIP's text features (``clip_text_width > 0``): training
+    (:func:`D.clip_text_encoder`) and the pipeline give it the same features; it generates from
+    prompts and, without a caption, is conditioned on the empty caption in both guidance
+    branches (manipulations)."""
+    cfg = dataclasses.replace(DEC_CFG, clip_text_width=16, context_length=L)
+    dec = _random(jax.eval_shape(lambda: D.init_decoder(cfg, jax.random.PRNGKey(2))), 4)
+    u = U.with_empty_caption(U.UnCLIP(CLIP_CFG, PRIOR_CFG, cfg, (), dict(
+        model.params, decoder=dec, upsamplers=()), model.tokenizer))
+    clip_params = model.params["clip"]
+    tokens = jnp.asarray(model.tokenizer.encode(["a red circle", "a blue square"], L))
+    got = jax.jit(D.clip_text_encoder(CLIP(CLIP_CFG), clip_params))(tokens)
+    states, raw = U.encode_text(CLIP_CFG, clip_params, tokens, normalize=False)
+    np.testing.assert_allclose(got["emb"], raw, atol=1e-6)
+    np.testing.assert_allclose(got["states"], states, atol=1e-6)
+    np.testing.assert_array_equal(got["valid"], U.text_mask(CLIP_CFG, tokens))
+    empty = D.empty_clip_text(D.clip_text_encoder(CLIP(CLIP_CFG), clip_params),
+                              model.tokenizer, L)
+    for key in ("emb", "states", "valid"):
+        np.testing.assert_allclose(empty[key], u.params["empty_caption"][key], atol=1e-6)
+
+    a = U.generate(u, ["a red circle", "a blue square"], seed=0)
+    assert a.shape == (2, 8, 8, 3)
+    np.testing.assert_array_equal(a, U.generate(u, ["a red circle", "a blue square"], seed=0))
+    cond, uncond = U.decoder_conds(cfg, dec, jnp.zeros((3, E)),
+                                   empty_caption=u.params["empty_caption"])
+    for key in ("emb", "states"):
+        np.testing.assert_array_equal(cond["clip_text"][key], uncond["clip_text"][key])
+        np.testing.assert_allclose(cond["clip_text"][key][2], empty[key], atol=1e-6)
+    with pytest.raises(ValueError, match="pass clip_text and uncond_clip_text"):
+        U.decoder_conds(cfg, dec, jnp.zeros((3, E)))
+    var = M.variations(u, image_path, n=2, eta=1.0, steps=3, fixed_point_iters=1)
+    assert var.shape == (2, 8, 8, 3)

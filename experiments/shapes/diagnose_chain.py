@@ -98,9 +98,19 @@ def main(argv=None) -> dict:
                                           dcfg.clip_image_size))
     tokens = jnp.asarray(model.tokenizer.encode(prompts, model.clip.context_length))
     sched = U.decoder_schedule(dcfg, dcfg.sample_steps)
-    decode = jax.jit(lambda p, z, t, r, g: U.decode(dcfg, p, z, r, g, schedule=sched, tokens=t))
+
+    @jax.jit
+    def decode(p, z, t, r, g):
+        text = {}
+        if dcfg.clip_text_width > 0:        # the caption's CLIP features; uncond: ""
+            states, raw = U.encode_text(model.clip, p["clip"], t, normalize=False)
+            text = {"clip_text": {"emb": raw, "states": states,
+                                  "valid": U.text_mask(model.clip, t)},
+                    "uncond_clip_text": D.batched(p["empty_caption"], t.shape[0])}
+        return U.decode(dcfg, p["decoder"], z, r, g, schedule=sched, tokens=t, **text)
+
     def true_emb(x, tokens):
-        return batched(lambda i, x, t: decode(params["decoder"], embed(x), t,
+        return batched(lambda i, x, t: decode(params, embed(x), t,
                                               jax.random.PRNGKey(i), guidance), x, tokens)
 
     report("true emb + caption → decoder", true_emb(x, tokens), breakdown=True)

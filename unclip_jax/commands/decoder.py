@@ -73,9 +73,15 @@ def _sample_decoder(args) -> None:
     emb = jax.jit(D.clip_image_embedder(clip_model, clip_params, cfg.clip_image_size))(
         jnp.asarray(batch["image"]))
     rng = jax.random.PRNGKey(args.seed)
+    text = {}
+    if cfg.clip_text_width > 0:      # reads the frozen CLIP's text features; uncond: ""
+        encode = jax.jit(D.clip_text_encoder(clip_model, clip_params))
+        text = {"clip_text": encode(jnp.asarray(batch["tokens"])),
+                "uncond_clip_text": D.batched(D.empty_clip_text(encode, tok, cfg.context_length),
+                                              len(emb))}
     out = D.sample_images(params, cfg, emb, batch.get("tokens") if cfg.use_text else None,
                           rng, guidance_scale=args.guidance, steps=args.steps,
-                          method=args.method, eta=args.eta)
+                          method=args.method, eta=args.eta, **text)
     rows_ref, rows_out = [to_uint8(batch["image"])], [to_uint8(out)]
     if args.upsampler:
         up_params, up_cfg = D.load_upsampler(args.upsampler,

@@ -347,9 +347,15 @@ def make_cond(params, cfg: DecoderConfig, image_emb: jax.Array,
 
 
 def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array,
-                 tokens: jax.Array | None, rng: jax.Array):
+                 tokens: jax.Array | None, rng: jax.Array, clip_text: dict | None = None,
+                 clip_text_null: dict | None = None):
     """The decoder's diffusion loss on images ``x0`` ``[B, S, S, 3]`` in [-1, 1] with their
     CLIP image embeddings; conditioning dropped to the learned nulls for guidance.
+
+    A decoder reading CLIP text features (``clip_text_width > 0``) takes the caption's
+    ``clip_text`` (``{"emb": [B, E] raw, "states": [B, L, W], "valid": [B, L]}``) and, as its
+    null, ``clip_text_null`` (the same structure, unbatched: the empty caption's encoding, what
+    the pipeline guides against); it is dropped with ``text_drop_prob``.
 
     ``cfg.clip_noise`` = σ_max > 0 augments the embedding (training only): z ← (z + σ n) /
     ‖z + σ n‖ with σ ~ U[0, σ_max] per example and n ~ N(0, I/E) (so ‖σ n‖ ≈ σ), making the
@@ -361,17 +367,27 @@ def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array
         noise = jax.random.normal(r_n, image_emb.shape) * image_emb.shape[-1] ** -0.5
         image_emb = image_emb + sigma * noise
         image_emb = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True)
-    cond = make_cond(params, cfg, image_emb, tokens)
+    cond = make_cond(params, cfg, image_emb, tokens, clip_text)
     probs = {"image_emb": cfg.clip_drop_prob}
     if cfg.use_text:
         probs["text"] = cfg.text_drop_prob
+    if cfg.clip_text_width > 0:
+        if clip_text_null is None:
+            raise ValueError("a decoder reading CLIP text features needs clip_text_null (the "
+                             "empty caption's CLIP encoding) to drop the caption to")
+        probs["clip_text"] = cfg.text_drop_prob
+
+    def nulls(p):
+        out = null_cond(p, cfg)
+        return out if clip_text_null is None else {**out, "clip_text": clip_text_null}
+
     return diffusion.training_loss(
         params, x0, cond, rng_loss, denoiser=make_denoiser(
             cfg, rng_drop if cfg.dropout > 0 else None),
         schedule=diffusion.make_schedule(cfg.schedule, cfg.num_timesteps),
         model_output=cfg.model_output, learned_variance=cfg.learned_variance,
         vlb_weight=cfg.vlb_weight, min_snr_gamma=cfg.min_snr_gamma, cond_drop_prob=probs,
-        null_cond=lambda p: null_cond(p, cfg))
+        null_cond=nulls)
 
 
 @functools.lru_cache(maxsize=16)
@@ -686,6 +702,33 @@ def clip_image_embedder(clip_model, clip_params, clip_image_size: int):
     return embed
 
 
+def clip_text_encoder(clip_model, clip_params):
+    """``tokens [B, L] -> {"emb": [B, E] raw, "states": [B, L, W], "valid": [B, L]}``: a frozen
+    CLIP text tower's features as a ``clip_text_width > 0`` decoder reads them (the projected
+    EOS feature before normalisation, the final-LN token states, positions up to the first
+    EOS), stop-gradient."""
+    from unclip_jax.models.clip import eos_positions
+
+    cfg = clip_model.config
+
+    def encode(tokens):
+        states, raw = clip_model.apply({"params": clip_params}, tokens,
+                                       method=lambda m, t: m.text(t))
+        last = eos_positions(tokens, cfg.eos_id, cfg.pad_id)
+        valid = jnp.arange(tokens.shape[1])[None] <= last[:, None]
+        return jax.lax.stop_gradient({"emb": raw.astype(jnp.float32),
+                                      "states": states.astype(jnp.float32), "valid": valid})
+
+    return encode
+
+
+def empty_clip_text(encode, tokenizer, context_length: int) -> dict:
+    """The empty caption's features from a :func:`clip_text_encoder`, unbatched: the null of
+    a ``clip_text_width > 0`` decoder."""
+    return jax.tree.map(lambda x: x[0], encode(jnp.asarray(
+        tokenizer.encode([""], context_length))))
+
+
 # ============================================================================ tasks
 
 
@@ -702,13 +745,24 @@ def make_task(cfg, workdir):
     mcfg = dataclasses.replace(
         mcfg, image_size=cfg.data.image_size, clip_dim=clip_cfg.embed_dim,
         clip_image_size=clip_cfg.image_size, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
-        context_length=cfg.data.context_length)
+        context_length=cfg.data.context_length,
+        clip_text_width=clip_cfg.text_width if mcfg.clip_text_width > 0 else 0)
+    if mcfg.clip_text_width > 0 and cfg.data.context_length != clip_cfg.context_length:
+        raise ValueError(f"data.context_length {cfg.data.context_length} differs from the "
+                         f"CLIP's context_length {clip_cfg.context_length}; a decoder reading "
+                         f"CLIP text features needs the CLIP's")
     cfg = dataclasses.replace(cfg, model=mcfg)
     embed = clip_image_embedder(clip_model, clip_params, mcfg.clip_image_size)
+    text_null = None
+    if mcfg.clip_text_width > 0:
+        encode_text = clip_text_encoder(clip_model, clip_params)
+        text_null = empty_clip_text(encode_text, tok, mcfg.context_length)
 
     def loss(params, batch, rng):
         tokens = batch["tokens"] if mcfg.use_text else None
-        return decoder_loss(params, mcfg, batch["image"], embed(batch["image"]), tokens, rng)
+        clip_text = encode_text(batch["tokens"]) if text_null is not None else None
+        return decoder_loss(params, mcfg, batch["image"], embed(batch["image"]), tokens, rng,
+                            clip_text, text_null)
 
     def batches(start, mesh):
         return input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
@@ -748,7 +802,8 @@ def make_upsampler_task(cfg, workdir):
 __all__ = [
     "AUGMENTATIONS", "Decoder", "DecoderConfig", "Upsampler", "UpsamplerConfig",
     "augment_low_res", "box_downsample", "bsr_degrade", "check_upsampler_config",
-    "clip_image_embedder", "decoder_loss", "encode_caption", "gaussian_blur", "init_decoder",
+    "clip_image_embedder", "clip_text_encoder", "decoder_loss", "empty_clip_text",
+    "encode_caption", "gaussian_blur", "init_decoder",
     "init_upsampler", "jpeg_like", "load_decoder", "load_frozen_clip", "load_upsampler",
     "make_cond", "make_denoiser", "make_task", "make_upsampler_denoiser",
     "make_upsampler_task", "null_cond", "random_crops", "sample_images", "upsample_images",

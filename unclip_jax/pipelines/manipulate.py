@@ -23,7 +23,7 @@ Decoding ``(z_i, x_T)`` with DDIM η = 0 on the same schedule reconstructs ``x``
 Latents are decoded without clipping x̂₀ (the inversion does not clip, so the two stay exact
 inverses), then put through the upsamplers. Every function returns uint8 ``[N, H, W, 3]`` at the
 output resolution; :func:`write_grid` saves a PNG grid. A caption-conditioned decoder gets its
-learned null caption throughout.
+learned null caption throughout; one reading CLIP text features the empty caption's encoding.
 """
 
 from __future__ import annotations
@@ -97,17 +97,20 @@ def _programs(configs: tuple, steps: int, fixed_point_iters: int, up_steps: tupl
     def embed(clip_params, x):
         return D.clip_image_embedder(CLIP(clip_cfg), clip_params, dcfg.clip_image_size)(x)
 
-    def invert(dec_params, x, z, guidance):
-        cond, uncond = U.decoder_conds(dcfg, dec_params, z)
+    def invert(params, x, z, guidance):
+        cond, uncond = U.decoder_conds(dcfg, params["decoder"], z,
+                                       empty_caption=params.get("empty_caption"))
         return diffusion.ddim_invert(
-            D.make_denoiser(dcfg), dec_params, x, schedule=schedule, cond=cond, uncond=uncond,
+            D.make_denoiser(dcfg), params["decoder"], x, schedule=schedule, cond=cond,
+            uncond=uncond,
             guidance_scale=guidance, model_output=dcfg.model_output,
             fixed_point_iters=fixed_point_iters)
 
     def decode(params, z, x_T, rng, guidance, eta):
         r_dec, r_up = jax.random.split(rng)
         x = U.decode(dcfg, params["decoder"], z, r_dec, guidance, schedule=schedule,
-                     method="ddim", eta=eta, x_T=x_T, clip_x0=None)
+                     method="ddim", eta=eta, x_T=x_T, clip_x0=None,
+                     empty_caption=params.get("empty_caption"))
         x = jnp.clip(x, -1.0, 1.0)
         return U.upsample_chain(ups, params["upsamplers"], x, r_up, schedules=up_schedules)
 
@@ -150,7 +153,7 @@ class Manipulator:
         """``(pixels [N, S, S, 3], z_i [N, E], x_T [N, S, S, 3])``: the bipartite latents."""
         x = self.pixels(images)
         z = self.embed(x)
-        return x, z, self._invert(self.unclip.params["decoder"], x, z, self.guidance)
+        return x, z, self._invert(self.unclip.params, x, z, self.guidance)
 
     def decode(self, z: jax.Array, x_T: jax.Array, seed: int = 0, eta: float = 0.0) -> np.ndarray:
         """uint8 ``[N, H, W, 3]`` from latents (DDIM with ``eta``, then the upsamplers)."""

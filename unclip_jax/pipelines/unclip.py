@@ -414,13 +414,17 @@ def fit_tokens(tokens: jax.Array, length: int, pad_id: int) -> jax.Array:
 
 def decoder_conds(cfg: D.DecoderConfig, params, image_emb: jax.Array,
                   tokens: jax.Array | None = None, clip_text: dict | None = None,
-                  uncond_clip_text: dict | None = None) -> tuple[dict, dict]:
+                  uncond_clip_text: dict | None = None,
+                  empty_caption: dict | None = None) -> tuple[dict, dict]:
     """``(cond, uncond)`` of the decoder for embeddings ``[B, E]``. Without ``tokens`` a
     caption-conditioned decoder gets its learned null caption in both branches. A decoder
     reading CLIP text features (``clip_text_width > 0``, Karlo) needs ``clip_text`` and
     ``uncond_clip_text`` (``{"emb": [B, E] raw, "states": [B, L, W], "valid": [B, L]}``; Karlo's
-    uncond is the empty caption's encoding)."""
+    uncond is the empty caption's encoding), or, with no caption (image manipulations),
+    ``empty_caption`` (``params["empty_caption"]``, unbatched) for both."""
     b = image_emb.shape[0]
+    if cfg.clip_text_width > 0 and clip_text is None and empty_caption is not None:
+        clip_text = uncond_clip_text = D.batched(empty_caption, b)
     uncond = D.batched(D.null_cond(params, cfg), b)
     cond = {"image_emb": jnp.asarray(image_emb, jnp.float32)}
     if cfg.use_text:
@@ -438,9 +442,10 @@ def decoder_conds(cfg: D.DecoderConfig, params, image_emb: jax.Array,
 def decode(cfg: D.DecoderConfig, params, image_emb, rng, guidance, *, schedule,
            method: str = "ddim", eta=0.0, tokens=None, x_T=None,
            clip_x0: tuple[float, float] | None = (-1.0, 1.0), clip_text: dict | None = None,
-           uncond_clip_text: dict | None = None) -> jax.Array:
+           uncond_clip_text: dict | None = None, empty_caption: dict | None = None) -> jax.Array:
     """Decoder images ``[B, S, S, 3]`` from embeddings ``[B, E]`` (guided, shared sampler)."""
-    cond, uncond = decoder_conds(cfg, params, image_emb, tokens, clip_text, uncond_clip_text)
+    cond, uncond = decoder_conds(cfg, params, image_emb, tokens, clip_text, uncond_clip_text,
+                                 empty_caption)
     s = cfg.image_size
     return diffusion.sample(
         D.make_denoiser(cfg), params, schedule=schedule, rng=rng,
