@@ -65,7 +65,9 @@ def _data_captions(args) -> None:
 
 
 def _demo(args) -> None:
-    from unclip_jax import demo
+    from unclip_jax import demo, sharding
+
+    sharding.split_cpu_cores()       # data-parallel over the cores of a CPU-only machine
 
     stages = demo.STAGES[: demo.STAGES.index(args.until) + 1]
     demo.run(args.workdir, config_dir=args.config_dir, overrides=args.set, stages=stages)
