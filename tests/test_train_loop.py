@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -144,3 +145,28 @@ def test_schedule_warmup_then_cosine():
     assert float(sched(110)) < 1e-6
     with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
         optim.learning_rate_schedule(config_lib.OptimConfig(schedule="linear"), 10)
+
+
+def test_params_saved_on_8_devices_restore_on_one(tmp_path):
+    """A run trained data-parallel over several devices (the demo on a 2-core CPU) must load
+    where there is one device (a notebook): ``restore_params`` ignores the saved layout."""
+    import subprocess
+    import sys
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((8,), ("data",))
+    w = np.arange(64, dtype=np.float32).reshape(16, 4)
+    state = {"params": {"w": jax.device_put(w, NamedSharding(mesh, PartitionSpec("data")))},
+             "step": jnp.int32(3)}
+    ck = Checkpointer(tmp_path, async_save=False)
+    ck.save(3, state, {"position": 0}, {"name": "x"})
+    ck.close()
+    script = ("import jax, numpy as np; from unclip_jax.train.checkpoint import Checkpointer; "
+              f"p = Checkpointer({str(tmp_path)!r}, async_save=False).restore_params(); "
+              "print(len(jax.devices()), float(np.asarray(p['w']).sum()), p['w'].shape)")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env={**env, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", str(float(w.sum())), "(16,", "4)"]

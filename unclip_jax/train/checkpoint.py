@@ -156,12 +156,20 @@ class Checkpointer:
         return out.state, dict(out.data), dict(out.config)
 
     def restore_params(self, step: int | None = None, which: str = "params") -> Any:
-        """Restore only ``state[which]`` (e.g. "params" or "ema_params") as host arrays."""
+        """Restore only ``state[which]`` (e.g. "params" or "ema_params") on this process's
+        first device, whatever the device layout the run was trained on (a demo trained
+        data-parallel on several CPU devices loads into a one-device notebook)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
+        stored = self._manager.item_metadata(step)["state"]
+        stored = getattr(stored, "tree", stored)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device)
+            if hasattr(m, "shape") and hasattr(m, "dtype") else m, stored)
         out = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return out.state[which]
 
     def read_config(self, step: int | None = None) -> dict:
