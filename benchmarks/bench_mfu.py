@@ -155,7 +155,9 @@ def clip_analytic_flops(mcfg, params, batch_size: int) -> float:
     return batch_size * (total + attn) + logits
 
 
-def decoder_case():
+def decoder_inputs():
+    """``(cfg, mcfg, init, loss, batch)`` of the demo decoder's training step on a synthetic
+    batch (CLIP embeddings fed directly)."""
     import jax.numpy as jnp
 
     from unclip_jax import config as config_lib
@@ -172,11 +174,15 @@ def decoder_case():
              "image_emb": jnp.asarray(emb / np.linalg.norm(emb, axis=1, keepdims=True),
                                       jnp.float32),
              "tokens": jnp.zeros((b, mcfg.context_length), jnp.int32)}
-    compiled, state, flops, compile_s, n_params, _ = _step_and_state(
-        lambda k: D.init_decoder(mcfg, k, 1),
-        lambda p, bt, rng: D.decoder_loss(p, mcfg, bt["image"], bt["image_emb"],
-                                          bt["tokens"] if mcfg.use_text else None, rng),
-        batch, cfg)
+    return (cfg, mcfg, lambda k: D.init_decoder(mcfg, k, 1),
+            lambda p, bt, rng: D.decoder_loss(p, mcfg, bt["image"], bt["image_emb"],
+                                              bt["tokens"] if mcfg.use_text else None, rng),
+            batch)
+
+
+def decoder_case():
+    cfg, mcfg, init, loss, batch = decoder_inputs()
+    compiled, state, flops, compile_s, n_params, _ = _step_and_state(init, loss, batch, cfg)
     return cfg, mcfg, compiled, state, batch, flops, compile_s, n_params
 
 
