@@ -103,9 +103,7 @@ def main(argv=None) -> dict:
     def decode(p, z, t, r, g):
         text = {}
         if dcfg.clip_text_width > 0:        # the caption's CLIP features; uncond: ""
-            states, raw = U.encode_text(model.clip, p["clip"], t, normalize=False)
-            text = {"clip_text": {"emb": raw, "states": states,
-                                  "valid": U.text_mask(model.clip, t)},
+            text = {"clip_text": D.clip_text_encoder(CLIP(model.clip), p["clip"])(t),
                     "uncond_clip_text": D.batched(p["empty_caption"], t.shape[0])}
         return U.decode(dcfg, p["decoder"], z, r, g, schedule=sched, tokens=t, **text)
 

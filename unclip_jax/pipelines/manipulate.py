@@ -102,8 +102,7 @@ def _programs(configs: tuple, steps: int, fixed_point_iters: int, up_steps: tupl
                                        empty_caption=params.get("empty_caption"))
         return diffusion.ddim_invert(
             D.make_denoiser(dcfg), params["decoder"], x, schedule=schedule, cond=cond,
-            uncond=uncond,
-            guidance_scale=guidance, model_output=dcfg.model_output,
+            uncond=uncond, guidance_scale=guidance, model_output=dcfg.model_output,
             fixed_point_iters=fixed_point_iters)
 
     def decode(params, z, x_T, rng, guidance, eta):

@@ -259,10 +259,8 @@ def with_empty_caption(unclip: UnCLIP) -> UnCLIP:
     unconditional input. Needs the tokenizer."""
     if unclip.tokenizer is None:
         raise ValueError("with_empty_caption needs the UnCLIP's tokenizer (to encode \"\")")
-    tokens = jnp.asarray(unclip.tokenizer.encode([""], unclip.clip.context_length))
-    states, emb = encode_text(unclip.clip, unclip.params["clip"], tokens, normalize=False)
-    valid = text_mask(unclip.clip, tokens)
-    empty = {"emb": emb[0], "states": states[0], "valid": valid[0]}
+    empty = D.empty_clip_text(D.clip_text_encoder(CLIP(unclip.clip), unclip.params["clip"]),
+                              unclip.tokenizer, unclip.clip.context_length)
     return dataclasses.replace(unclip, params={**unclip.params, "empty_caption": empty})
 
 
