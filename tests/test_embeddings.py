@@ -129,3 +129,83 @@ def test_load_clip_rebuilds_the_saved_model(clip_run):
     np.testing.assert_allclose(model.apply({"params": got}, img, method=model.encode_image),
                                CLIP(cfg).apply({"params": params}, img,
                                                method=CLIP(cfg).encode_image), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the decoder's cache
+
+
+def _decoder_task(clip_run, workdir, **model):
+    import dataclasses
+
+    import flax.linen as nn
+
+    from unclip_jax.config import ExperimentConfig, TrainConfig
+    from unclip_jax.models import decoder as D
+    from unclip_jax.sharding import MeshConfig
+    from unclip_jax.train import tasks
+
+    clip_dir, data_cfg, *_ = clip_run
+    dcfg = D.DecoderConfig(clip_workdir=str(clip_dir), base_channels=8, channel_mult=(1,),
+                           num_res_blocks=1, attention_resolutions=(16,), head_channels=8,
+                           num_timesteps=50, model_output="v", groups=4, **model)
+    data = dataclasses.replace(data_cfg, tokenizer=str(clip_dir.parent / "tok.model"))
+    exp = ExperimentConfig(name="d", task="decoder", model=dcfg, data=data,
+                           train=TrainConfig(batch_size=8, steps=2), mesh=MeshConfig(data=1))
+    cfg, task = tasks.build_task(exp, workdir)
+    params = nn.meta.unbox(task.init(jax.random.PRNGKey(0), task.example))["params"]
+    return cfg, task, params
+
+
+def test_decoder_on_cached_embeddings_equals_embedding_every_step(clip_run, tmp_path):
+    """model.embeddings_dir: the loader joins each example's cached CLIP image embedding (the
+    cache is built from the decoder's CLIP when missing) and the loss equals the loss that runs
+    the frozen image tower on the batch."""
+    cache = tmp_path / "cache"
+    _, plain, params = _decoder_task(clip_run, tmp_path / "a")
+    cfg, cached, _ = _decoder_task(clip_run, tmp_path / "b", embeddings_dir=str(cache))
+    assert embeddings.read_meta(cache)["splits"]["train"]["count"] == 32
+    a, b = next(plain.batches(5, None)), next(cached.batches(5, None))
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert "image_emb" not in a and b["image_emb"].shape == (8, 8)
+    rng = jax.random.PRNGKey(3)
+    la, ma = plain.loss(params, a, rng)
+    lb, mb = cached.loss(params, b, rng)
+    np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
+    np.testing.assert_allclose(float(mb["mse"]), float(ma["mse"]), rtol=1e-5)
+
+
+def test_decoder_cache_of_another_clip_or_augmented_images_is_an_error(clip_run, tmp_path):
+    cache = tmp_path / "cache"
+    _decoder_task(clip_run, tmp_path / "a", embeddings_dir=str(cache))
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps(dict(meta, clip_workdir="/elsewhere/clip")))
+    with pytest.raises(ValueError, match="made by the CLIP '/elsewhere/clip'.*accepted: a "
+                                         "cache of model.clip_workdir's CLIP"):
+        _decoder_task(clip_run, tmp_path / "b", embeddings_dir=str(cache))
+    import dataclasses
+
+    from unclip_jax.models import decoder as D
+
+    with pytest.raises(ValueError, match="random_crop / data.colour_drop change the images"):
+        D.cached_image_embeddings(str(cache), str(clip_run[0]),
+                                  dataclasses.replace(clip_run[1], random_crop=True))
+
+
+def test_row_features_join_by_source_row(clip_run):
+    from unclip_jax import input_pipeline
+
+    _, data_cfg, *_ = clip_run
+    rows = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
+    it = input_pipeline.make_batches(data_cfg, "train", batch_size=8, train=True,
+                                     row_features={"extra": rows})
+    plain = input_pipeline.make_batches(data_cfg, "train", batch_size=8, train=True)
+    for i in (0, 4, 9):                                  # several epochs: shuffled orders
+        b = it.local_numpy(i)
+        flat = np.arange(i * 8, (i + 1) * 8)
+        idx = [plain.permutation(int(k // 32))[k % 32] for k in flat]
+        np.testing.assert_array_equal(b["extra"], rows[idx])
+        np.testing.assert_array_equal(b["image"], plain.local_numpy(i)["image"])
+    with pytest.raises(ValueError, match="row feature 'extra' has 5 rows; the data source has "
+                                         "32 examples"):
+        input_pipeline.make_batches(data_cfg, "train", batch_size=8, train=True,
+                                    row_features={"extra": rows[:5]})

@@ -89,6 +89,19 @@ def test_generate_deterministic_shape_and_no_recompile(model):
     np.testing.assert_array_equal(U.to_uint8(base), a)
 
 
+def test_generate_split_over_devices_equals_one_device(model):
+    """The sampling batch spread over the 8 test devices draws the images of the unsplit chain
+    (the same noise; only float rounding may differ)."""
+    prompts = [shapes.caption(shapes.sample_scene(5, i)) for i in range(8)]
+    mesh = U.sampling_mesh(len(prompts))
+    assert mesh is not None and mesh.size == len(jax.local_devices()) == 8
+    assert U.sampling_mesh(6) is None
+    split = U.generate(model, prompts, seed=3)
+    whole = U.generate(model, prompts, seed=3, split=False)
+    assert np.abs(split.astype(int) - whole.astype(int)).max() <= 1
+    assert np.mean(split != whole) < 0.01
+
+
 def test_prompt_errors(model):
     with pytest.raises(ValueError, match="no prompts"):
         U.generate(model, [])

@@ -203,13 +203,41 @@ def _samples_done(workdir: Path) -> bool:
     return out.is_file() and all(k in json.loads(out.read_text()) for k in SAMPLE_METRICS)
 
 
-def held_out_scenes(seed: int = 7) -> list:
-    """``NUM_JUDGED`` single-object then ``NUM_JUDGED`` two-object scenes of the test split
-    (colour–shape pairs never seen in training)."""
+def held_out_scenes(seed: int = 7, num: int = NUM_JUDGED) -> list:
+    """``num`` single-object then ``num`` two-object scenes of the test split (colour–shape
+    pairs never seen in training); a larger ``num`` extends the same list of each kind."""
     from unclip_jax import shapes
 
     return [shapes.sample_scene(seed, i, "test", num_objects=k)
-            for k in (1, 2) for i in range(NUM_JUDGED)]
+            for k in (1, 2) for i in range(num)]
+
+
+def judge_chain(model, num: int = NUM_JUDGED, num_variations: int = 8,
+                **settings) -> tuple[dict, tuple]:
+    """The demo's judge procedure on an :class:`~unclip_jax.pipelines.unclip.UnCLIP` chain:
+    one image per held-out prompt (``num`` of each kind, batches of ``GEN_BATCH`` with seed =
+    the batch's first index; ``settings``: :func:`~unclip_jax.pipelines.unclip.generate`'s)
+    read back by the shapes judge at the output resolution, and the variation consistency of
+    ``num_variations`` held-out single-object renders (4 variations each). Returns ``(scores,
+    (prompts, uint8 images))``."""
+    import numpy as np
+
+    from unclip_jax import shapes
+    from unclip_jax.eval import metrics
+    from unclip_jax.pipelines import manipulate, unclip
+
+    scenes = held_out_scenes(num=num)
+    prompts = [shapes.caption(s) for s in scenes]
+    t0 = time.perf_counter()
+    generated = np.concatenate([unclip.generate(model, prompts[i:i + GEN_BATCH], seed=i,
+                                                **settings)
+                                for i in range(0, len(prompts), GEN_BATCH)])
+    scores = metrics.judge_scores(generated, prompts)
+    scores["judged_wall_s"] = round(time.perf_counter() - t0, 1)
+    singles = [shapes.sample_scene(7, i, "test", num_objects=1) for i in range(num_variations)]
+    renders = [shapes.render(s, model.decoder.image_size) for s in singles]
+    scores["variation_consistency"] = manipulate.variation_consistency(model, renders, n=4)
+    return scores, (prompts, generated)
 
 
 def sample_metrics(clip, images, prompts, real_images, reference_images) -> dict:
@@ -249,13 +277,8 @@ def _samples(workdir: Path) -> dict:
         return json.loads(out.read_text())
     model = unclip.load_unclip(workdir / "clip", workdir / "tokenizer.model", workdir / "prior",
                                workdir / "decoder", [workdir / "upsampler"])
+    scores, (prompts, generated) = judge_chain(model)
     scenes = held_out_scenes()
-    prompts = [shapes.caption(s) for s in scenes]
-    t0 = time.perf_counter()
-    generated = np.concatenate([unclip.generate(model, prompts[i:i + GEN_BATCH], seed=i)
-                                for i in range(0, len(prompts), GEN_BATCH)])
-    scores = metrics.judge_scores(generated, prompts)
-    scores["judged_wall_s"] = round(time.perf_counter() - t0, 1)
     size = model.resolution
     t0 = time.perf_counter()
     scores.update(sample_metrics(
@@ -272,12 +295,11 @@ def _samples(workdir: Path) -> dict:
     images = np.concatenate([images, unclip.generate(model, shown[8:], seed=2)])
     manipulate.write_grid(images, workdir / "samples.png", columns=8)
     (workdir / "samples.txt").write_text("\n".join(shown) + "\n")
-    scenes = [shapes.sample_scene(7, i, "test", num_objects=1) for i in range(8)]
+    scenes = [shapes.sample_scene(7, i, "test", num_objects=1) for i in range(4)]
     renders = [shapes.render(s, model.decoder.image_size) for s in scenes]
-    scores["variation_consistency"] = manipulate.variation_consistency(model, renders, n=4)
     rows = [np.concatenate([shapes.render(s, model.resolution)[None],
                             manipulate.variations(model, r, n=4, seed=i)])
-            for i, (s, r) in enumerate(zip(scenes[:4], renders[:4]))]
+            for i, (s, r) in enumerate(zip(scenes, renders))]
     manipulate.write_grid([np.asarray(r, np.uint8) for r in rows], workdir / "variations.png")
     out.write_text(json.dumps(scores, indent=2) + "\n")
     return scores

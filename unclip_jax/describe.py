@@ -257,17 +257,18 @@ def activation_bytes(cfg, local_batch: int, t: int) -> float:
         return (_transformer_bytes(b * s, m.width, m.num_heads, s, m.depth, m.remat, t,
                                    m.mlp_ratio) + b * s * 8 * m.vocab_size / t)
     if task == "decoder":
-        ds = tuple(m.image_size // r for r in m.attention_resolutions
-                   if r <= m.image_size and m.image_size % r == 0)
+        side = m.image_size // m.patch_size
+        ds = tuple(side // r for r in m.attention_resolutions if r <= side and side % r == 0)
         ctx = m.num_clip_tokens + (m.context_length if m.use_text else 0)
         text = (_transformer_bytes(b * m.context_length, m.text_width, m.text_heads,
                                    m.context_length, m.text_layers, "none", t)
                 if m.use_text else 0.0)
-        return text + _unet_bytes(b, m.image_size, 3, m.base_channels, m.channel_mult,
-                                  m.num_res_blocks, ds, True, m.head_channels, ctx)
+        return text + _unet_bytes(b, side, 3 * m.patch_size ** 2, m.base_channels,
+                                  m.channel_mult, m.num_res_blocks, ds, True, m.head_channels,
+                                  ctx)
     if task == "upsampler":
-        return _unet_bytes(b, m.train_crop, 6, m.base_channels, m.channel_mult,
-                           m.num_res_blocks, (), False, 64, 0)
+        return _unet_bytes(b, m.train_crop // m.patch_size, 6 * m.patch_size ** 2,
+                           m.base_channels, m.channel_mult, m.num_res_blocks, (), False, 64, 0)
     if task == "dvae":
         return _dvae_bytes(b, m)
     raise ValueError(f"describe does not know task {task!r}")

@@ -24,7 +24,9 @@ A batch is a dict of arrays:
   content is a copy of a real example), True everywhere else.
 * every numeric feature of the source passed through, integers (and bools) as int32, floats as
   float32: e.g. captioned_shapes' ``colour``, ``shape``, ``size`` ``[B, 2]``, ``num_objects``,
-  ``relation``, ``index`` ``[B]`` and ``position`` ``[B, 2, 2]``.
+  ``relation``, ``index`` ``[B]`` and ``position`` ``[B, 2, 2]``;
+* every ``row_features`` array (``{name: [N, …]}``, row ``k`` belonging to source example
+  ``k``) at the batch's source rows, e.g. the decoder's cached CLIP image embeddings.
 
 Raw caption strings never go to the device: ``Batches.captions(i)`` returns them.
 """
@@ -217,7 +219,8 @@ class Batches:
                  context_length: int = 32, seed: int = 0, train: bool = True,
                  random_crop: bool = False, mesh=None, start: int = 0,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_workers: int = 0, caption_fn=None, example_fn=None):
+                 num_workers: int = 0, caption_fn=None, example_fn=None,
+                 row_features: dict[str, np.ndarray] | None = None):
         self.source = source
         # example_fn(example, rng) -> example rewrites a stored example before anything else
         # (training only), e.g. the captioned-shapes colour drop (image and caption together);
@@ -229,6 +232,12 @@ class Batches:
         self.num_examples = len(source)
         if self.num_examples == 0:
             raise ValueError("the data source is empty")
+        self.row_features = dict(row_features or {})
+        for name, arr in self.row_features.items():
+            if len(arr) != self.num_examples:
+                raise ValueError(f"row feature {name!r} has {len(arr)} rows; the data source "
+                                 f"has {self.num_examples} examples (one row per example, in "
+                                 f"source order)")
         pc = jax.process_count() if process_count is None else process_count
         pi = jax.process_index() if process_index is None else process_index
         if batch_size <= 0:
@@ -333,6 +342,8 @@ class Batches:
                 continue
             dtype = np.float32 if kind == "f" else np.int32
             batch[key] = np.stack([np.asarray(ex[key]) for ex in examples]).astype(dtype)
+        for name, arr in self.row_features.items():
+            batch[name] = np.asarray(arr[idx])
         if captions:
             batch["caption"] = np.array(texts, dtype=object)
         return batch
@@ -421,7 +432,8 @@ def _text(value: Any) -> str:
 def make_batches(data_cfg: Any, split: str, *, batch_size: int, tokenizer=None, mesh=None,
                  train: bool, start: int = 0, process_index: int | None = None,
                  process_count: int | None = None, caption_fn=None,
-                 example_fn=None) -> Batches:
+                 example_fn=None, row_features: dict[str, np.ndarray] | None = None
+                 ) -> Batches:
     """``Batches`` over ``split`` of the dataset named by a ``DataConfig``."""
     return Batches(open_source(data_cfg, split), batch_size=batch_size,
                    image_size=data_cfg.image_size, tokenizer=tokenizer,
@@ -429,4 +441,4 @@ def make_batches(data_cfg: Any, split: str, *, batch_size: int, tokenizer=None, 
                    train=train, random_crop=data_cfg.random_crop, mesh=mesh, start=start,
                    process_index=process_index, process_count=process_count,
                    num_workers=data_cfg.num_workers, caption_fn=caption_fn,
-                   example_fn=example_fn)
+                   example_fn=example_fn, row_features=row_features)

@@ -3,12 +3,14 @@
 * :mod:`.schedule` — linear / cosine betas, ᾱ, ``q_sample``, the posterior, respacing.
 * :mod:`.losses` — ε / x₀ / v conversions, L_simple, learned variance + hybrid loss,
   timestep sampling, conditioning dropout, ``training_loss``.
-* :mod:`.sampler` — ``sample`` / ``make_sampler`` (DDPM, DDIM η, DPM-Solver++(2M), classifier-free
-  guidance in one batched forward) and ``ddim_invert``.
+* :mod:`.sampler` — ``sample`` / ``make_sampler`` (DDPM, DDIM η, DPM-Solver++(2M) and (3M),
+  classifier-free guidance in one batched forward) and ``ddim_invert``.
 """
 
 from unclip_jax.diffusion.losses import (
     MODEL_OUTPUTS,
+    TIMESTEP_SAMPLINGS,
+    check_timestep_sampling,
     condition_keep_mask,
     drop_condition,
     eps_to_x0,
@@ -37,8 +39,8 @@ from unclip_jax.diffusion.schedule import (
 )
 
 __all__ = [
-    "KINDS", "METHODS", "MODEL_OUTPUTS", "VARIANCES", "Sampler", "Schedule", "base_betas",
-    "condition_keep_mask", "ddim_invert", "drop_condition", "eps_to_x0", "from_betas",
+    "KINDS", "METHODS", "MODEL_OUTPUTS", "TIMESTEP_SAMPLINGS", "VARIANCES", "Sampler",
+    "Schedule", "base_betas", "check_timestep_sampling", "condition_keep_mask", "ddim_invert", "drop_condition", "eps_to_x0", "from_betas",
     "learned_log_variance", "make_sampler", "make_schedule", "output_to_x0_eps", "q_posterior",
     "q_sample", "respace", "sample", "sample_timesteps", "space_timesteps", "training_loss",
     "v_target", "v_to_eps", "v_to_x0", "vlb_term", "x0_eps_to_output", "x0_to_eps",

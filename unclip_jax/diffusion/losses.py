@@ -186,9 +186,45 @@ def min_snr_weight(schedule: Schedule, i, model_output: str, gamma: float) -> jn
     return clipped
 
 
-def sample_timesteps(rng, batch: int, num_steps: int) -> jnp.ndarray:
-    """Uniform int32 step indices in [0, num_steps), ``[batch]``."""
-    return jax.random.randint(rng, (batch,), 0, num_steps, dtype=jnp.int32)
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "log_sigma_normal")
+
+
+def check_timestep_sampling(kind: str, scale: float = 1.0) -> None:
+    if kind not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"unknown timestep sampling {kind!r}; accepted: "
+                         f"{', '.join(TIMESTEP_SAMPLINGS)}")
+    if kind != "uniform" and not scale > 0:
+        raise ValueError(f"timestep sampling {kind!r} needs a scale > 0, got {scale}")
+
+
+def sample_timesteps(rng, batch: int, num_steps: int, kind: str = "uniform",
+                     loc: float = 0.0, scale: float = 1.0,
+                     schedule: Schedule | None = None) -> jnp.ndarray:
+    """int32 step indices in [0, num_steps), ``[batch]``, drawn from
+
+    * ``"uniform"``: every step equally often (DDPM);
+    * ``"logit_normal"``: ``(i + ½)/N = sigmoid(loc + scale·n)``, n ~ N(0, 1) (SD3, Esser et al.
+      2024): concentrated on the middle of the schedule, ``loc > 0`` towards the noisy end;
+    * ``"log_sigma_normal"``: ``log σ ~ N(loc, scale²)`` with σ = √((1 − ᾱ)/ᾱ) the
+      variance-exploding noise level of the step (EDM's training distribution, Karras et al.
+      2022: loc = −1.2, scale = 1.2), each draw taken to the step nearest in log σ; needs the
+      ``schedule``.
+    """
+    check_timestep_sampling(kind, scale)
+    if kind == "uniform":
+        return jax.random.randint(rng, (batch,), 0, num_steps, dtype=jnp.int32)
+    n = jax.random.normal(rng, (batch,), jnp.float32)
+    if kind == "logit_normal":
+        u = jax.nn.sigmoid(loc + scale * n)
+        return jnp.clip(jnp.floor(u * num_steps), 0, num_steps - 1).astype(jnp.int32)
+    if schedule is None or schedule.num_steps != num_steps:
+        raise ValueError("log_sigma_normal timestep sampling needs the training schedule")
+    ac = schedule.alphas_cumprod
+    log_sigma = 0.5 * (jnp.log1p(-ac) - jnp.log(ac))             # increasing in the step
+    target = loc + scale * n
+    hi = jnp.clip(jnp.searchsorted(log_sigma, target), 1, num_steps - 1)
+    nearer_lo = jnp.abs(target - log_sigma[hi - 1]) <= jnp.abs(log_sigma[hi] - target)
+    return jnp.where(nearer_lo, hi - 1, hi).astype(jnp.int32)
 
 
 def condition_keep_mask(rng, batch: int, drop_prob) -> jnp.ndarray:
@@ -239,7 +275,8 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
                   model_output: str = "eps", learned_variance: bool = False,
                   vlb_weight: float = 0.001, discrete_data: bool = True,
                   cond_drop_prob: Any = 0.0, null_cond: Any = None,
-                  min_snr_gamma: float = 0.0):
+                  min_snr_gamma: float = 0.0, timestep_sampling: str = "uniform",
+                  timestep_loc: float = 0.0, timestep_scale: float = 1.0):
     """Diffusion training loss for one batch; pure, so any model can wrap it with ``partial``.
 
     Args:
@@ -254,6 +291,10 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
         ``null_cond`` may also be a callable ``params -> null pytree`` for a learned null.
       min_snr_gamma: > 0 weights L_simple per example by Min-SNR-γ (:func:`min_snr_weight`;
         the paper's γ = 5); 0 = unweighted (the DDPM/unCLIP L_simple).
+      timestep_sampling, timestep_loc, timestep_scale: the training distribution of the step
+        (:func:`sample_timesteps`; "uniform" is DDPM's). A non-uniform one reweights L_simple
+        by its density; the VLB term keeps its uniform-t scale ``T·L_t`` (it trains only the
+        variance output).
     Returns:
       (scalar loss, dict of scalar metrics).
     """
@@ -263,7 +304,8 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
     rng_t, rng_n, rng_d = jax.random.split(rng, 3)
     batch = x0.shape[0]
     n = schedule.num_steps
-    i = sample_timesteps(rng_t, batch, n)
+    i = sample_timesteps(rng_t, batch, n, timestep_sampling, timestep_loc, timestep_scale,
+                         schedule)
     noise = jax.random.normal(rng_n, x0.shape, jnp.float32)
     x0 = x0.astype(jnp.float32)
     x_t = q_sample(schedule, x0, i, noise)

@@ -96,6 +96,10 @@ class DecoderConfig:
     clip_emb_scale: float = 0.0               # 0 = √clip_dim (unit-norm inputs); Karlo: 1
     clip_text_width: int = 0                  # > 0: CLIP text emb + states condition (Karlo)
     groups: int = 32                          # GroupNorm groups of the U-Net
+    patch_size: int = 1                       # > 1: U-Net on p×p space-to-depth patches
+    # training input
+    embeddings_dir: str = ""                  # CLIP image embeddings cached by `embed` ("" =
+                                              # run the frozen image tower in every step)
     # diffusion
     schedule: str = "cosine"
     num_timesteps: int = 1000
@@ -103,9 +107,12 @@ class DecoderConfig:
     learned_variance: bool = True
     vlb_weight: float = 0.001
     min_snr_gamma: float = 0.0                # > 0: Min-SNR-γ weighting of L_simple (paper: 5)
+    timestep_sampling: str = "uniform"        # training t: uniform | logit_normal |
+    timestep_loc: float = 0.0                 #   log_sigma_normal (diffusion.sample_timesteps)
+    timestep_scale: float = 1.0
     sample_steps: int = 50
     sample_method: str = "ddim"               # the text → image pipeline's default; Karlo: ddpm
-    sample_spacing: str = "even"              # "even" (respace) | "unclip" (diffusers' Karlo)
+    sample_spacing: str = "even"              # "even" | "unclip" (diffusers' Karlo) | "logsnr"
     guidance_scale: float = 3.0
     dtype: str = "float32"
 
@@ -126,6 +133,7 @@ class UpsamplerConfig:
     dropout: float = 0.0
     resblock_updown: bool = True
     groups: int = 32                          # GroupNorm groups of the U-Net
+    patch_size: int = 1                       # > 1: U-Net on p×p space-to-depth patches
     time_shift: str = "scale_shift"           # "scale_shift" | "add" (Karlo's SR U-Nets)
     augment: str = "blur"                     # "blur" (1st stage) | "bsr" (2nd) | "none"
     blur_sigma: tuple[float, float] = (0.4, 0.6)   # σ range of the "blur" augmentation, low-res px
@@ -138,7 +146,7 @@ class UpsamplerConfig:
     min_snr_gamma: float = 0.0                # > 0: Min-SNR-γ weighting of L_simple (paper: 5)
     sample_steps: int = 27
     sample_method: str = "ddim"               # the text → image pipeline's default; Karlo: ddpm
-    sample_spacing: str = "even"              # "even" (respace) | "unclip" (diffusers' Karlo)
+    sample_spacing: str = "even"              # "even" | "unclip" (diffusers' Karlo) | "logsnr"
     low_res_resize: str = "linear"            # jax.image.resize method of the low-res input
     last_step: bool = False                   # runs only the final step of the stage before it
     dtype: str = "float32"
@@ -150,9 +158,32 @@ class UpsamplerConfig:
     @property
     def train_crop(self) -> int:
         """Target-side training crop: ``crop_fraction · image_size`` rounded down to a multiple
-        of ``factor · 2^(levels-1)`` (so both the crop and its low-res version fit the U-Net)."""
-        unit = self.factor * 2 ** (len(self.channel_mult) - 1)
+        of ``factor · patch_size · 2^(levels-1)`` (so both the crop and its low-res version fit
+        the U-Net)."""
+        unit = self.factor * self.patch_size * 2 ** (len(self.channel_mult) - 1)
         return max(unit, int(self.crop_fraction * self.image_size) // unit * unit)
+
+
+def _check_patch(what: str, patch: int, image_size: int, levels: int) -> None:
+    unit = patch * 2 ** (levels - 1)
+    if patch < 1 or image_size % unit:
+        ok = [p for p in (1, 2, 4, 8) if image_size % (p * 2 ** (levels - 1)) == 0]
+        raise ValueError(f"{what} patch_size {patch} does not fit {image_size} px images with "
+                         f"{levels} U-Net levels (the side must be a multiple of patch_size × "
+                         f"2^(levels − 1)); accepted here: {', '.join(map(str, ok))}")
+
+
+def check_decoder_config(cfg: DecoderConfig) -> None:
+    """ValueError naming the accepted values for a recipe option the decoder cannot take."""
+    _check_patch("decoder", cfg.patch_size, cfg.image_size, len(cfg.channel_mult))
+    diffusion.check_timestep_sampling(cfg.timestep_sampling, cfg.timestep_scale)
+    side = cfg.image_size // cfg.patch_size
+    bad = [r for r in cfg.attention_resolutions if r > side or side % r]
+    if bad:
+        sides = [side // 2 ** k for k in range(len(cfg.channel_mult))]
+        raise ValueError(f"attention_resolutions {bad} are not feature-map sides of this U-Net "
+                         f"({cfg.image_size} px, patch_size {cfg.patch_size}); accepted: "
+                         f"{', '.join(map(str, sides))}")
 
 
 def check_upsampler_config(cfg: UpsamplerConfig) -> None:
@@ -164,6 +195,7 @@ def check_upsampler_config(cfg: UpsamplerConfig) -> None:
                          f"{', '.join(AUGMENTATIONS)}")
     if not 0 < cfg.crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be in (0, 1], got {cfg.crop_fraction}")
+    _check_patch("upsampler", cfg.patch_size, cfg.image_size, len(cfg.channel_mult))
 
 
 # ============================================================================ decoder model
@@ -182,11 +214,11 @@ class Decoder(nn.Module):
     def setup(self):
         cfg = self.config
         dt = to_dtype(cfg.dtype)
-        ds = tuple(cfg.image_size // r for r in cfg.attention_resolutions
-                   if r <= cfg.image_size and cfg.image_size % r == 0)
+        side = cfg.image_size // cfg.patch_size          # the U-Net's first feature map
+        ds = tuple(side // r for r in cfg.attention_resolutions if r <= side and side % r == 0)
         self.unet = UNet(6 if cfg.learned_variance else 3, cfg.base_channels, cfg.channel_mult,
                          cfg.num_res_blocks, ds, True, cfg.head_channels, cfg.dropout,
-                         cfg.resblock_updown, cfg.groups, dtype=dt)
+                         cfg.resblock_updown, cfg.groups, dtype=dt, patch_size=cfg.patch_size)
         width = self.context_width
         self.clip_to_emb = dense(4 * cfg.base_channels)
         self.clip_to_tokens = dense(cfg.num_clip_tokens * width)
@@ -387,7 +419,8 @@ def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array
         schedule=diffusion.make_schedule(cfg.schedule, cfg.num_timesteps),
         model_output=cfg.model_output, learned_variance=cfg.learned_variance,
         vlb_weight=cfg.vlb_weight, min_snr_gamma=cfg.min_snr_gamma, cond_drop_prob=probs,
-        null_cond=nulls)
+        null_cond=nulls, timestep_sampling=cfg.timestep_sampling,
+        timestep_loc=cfg.timestep_loc, timestep_scale=cfg.timestep_scale)
 
 
 @functools.lru_cache(maxsize=16)
@@ -475,7 +508,7 @@ class Upsampler(nn.Module):
                     cfg.num_res_blocks, attention_ds=(), middle_attention=False,
                     dropout=cfg.dropout, resblock_updown=cfg.resblock_updown,
                     groups=cfg.groups, dtype=to_dtype(cfg.dtype), time_shift=cfg.time_shift,
-                    name="unet")
+                    patch_size=cfg.patch_size, name="unet")
         unet.check_input(x_t.shape[1], x_t.shape[2])
         up = jax.image.resize(low.astype(jnp.float32), x_t.shape[:3] + (low.shape[3],),
                               method=cfg.low_res_resize)
@@ -751,29 +784,62 @@ def make_task(cfg, workdir):
         raise ValueError(f"data.context_length {cfg.data.context_length} differs from the "
                          f"CLIP's context_length {clip_cfg.context_length}; a decoder reading "
                          f"CLIP text features needs the CLIP's")
+    check_decoder_config(mcfg)
     cfg = dataclasses.replace(cfg, model=mcfg)
     embed = clip_image_embedder(clip_model, clip_params, mcfg.clip_image_size)
     text_null = None
     if mcfg.clip_text_width > 0:
         encode_text = clip_text_encoder(clip_model, clip_params)
         text_null = empty_clip_text(encode_text, tok, mcfg.context_length)
+    rows = None
+    if mcfg.embeddings_dir:
+        rows = {"image_emb": cached_image_embeddings(mcfg.embeddings_dir, mcfg.clip_workdir,
+                                                     cfg.data)}
 
     def loss(params, batch, rng):
         tokens = batch["tokens"] if mcfg.use_text else None
         clip_text = encode_text(batch["tokens"]) if text_null is not None else None
-        return decoder_loss(params, mcfg, batch["image"], embed(batch["image"]), tokens, rng,
+        image_emb = batch["image_emb"] if rows is not None else embed(batch["image"])
+        return decoder_loss(params, mcfg, batch["image"], image_emb, tokens, rng,
                             clip_text, text_null)
 
     def batches(start, mesh):
         return input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
-                                           tokenizer=tok, mesh=mesh, train=True, start=start)
+                                           tokenizer=tok, mesh=mesh, train=True, start=start,
+                                           row_features=rows)
 
     b, s = cfg.train.batch_size, mcfg.image_size
     example = {"image": np.zeros((b, s, s, 3), np.float32),
                "tokens": np.zeros((b, mcfg.context_length), np.int32)}
+    if rows is not None:
+        example["image_emb"] = np.zeros((b, mcfg.clip_dim), np.float32)
     task = Task(init=lambda rng, batch: init_decoder(mcfg, rng, 1), loss=loss,
                 batches=batches, example=example)
     return cfg, task
+
+
+def cached_image_embeddings(embeddings_dir: str, clip_workdir: str, data_cfg) -> np.ndarray:
+    """``[N, E]`` float32 CLIP image embeddings of the training split, row ``k`` that of source
+    example ``k``, from the embedding cache (built from ``clip_workdir`` when missing, as the
+    prior does). The cache must come from the decoder's own CLIP and dataset, and the images
+    must reach the decoder unaugmented (the cached embedding is that of the stored image)."""
+    from unclip_jax.models.prior import ensure_cache
+
+    if data_cfg.random_crop or data_cfg.colour_drop:
+        raise ValueError("model.embeddings_dir holds the embeddings of the stored images, but "
+                         "data.random_crop / data.colour_drop change the images the decoder "
+                         "sees; accepted: both off, or embeddings_dir='' (embed every batch)")
+    meta = ensure_cache(embeddings_dir, clip_workdir, data_cfg, ("train",))
+    if Path(meta["clip_workdir"]).resolve() != Path(clip_workdir).resolve():
+        raise ValueError(f"the embedding cache {embeddings_dir!r} was made by the CLIP "
+                         f"{meta['clip_workdir']!r}, the decoder is conditioned on "
+                         f"{clip_workdir!r}; accepted: a cache of model.clip_workdir's CLIP")
+    if meta.get("dataset", data_cfg.name) != data_cfg.name:
+        raise ValueError(f"the embedding cache {embeddings_dir!r} holds {meta['dataset']!r}, "
+                         f"the decoder trains on {data_cfg.name!r}")
+    from unclip_jax import embeddings
+
+    return embeddings.load_split(embeddings_dir, "train")["image_emb"].astype(np.float32)
 
 
 def make_upsampler_task(cfg, workdir):
@@ -801,7 +867,8 @@ def make_upsampler_task(cfg, workdir):
 
 __all__ = [
     "AUGMENTATIONS", "Decoder", "DecoderConfig", "Upsampler", "UpsamplerConfig",
-    "augment_low_res", "box_downsample", "bsr_degrade", "check_upsampler_config",
+    "augment_low_res", "box_downsample", "bsr_degrade", "cached_image_embeddings",
+    "check_decoder_config", "check_upsampler_config",
     "clip_image_embedder", "clip_text_encoder", "decoder_loss", "empty_clip_text",
     "encode_caption", "gaussian_blur", "init_decoder",
     "init_upsampler", "jpeg_like", "load_decoder", "load_frozen_clip", "load_upsampler",

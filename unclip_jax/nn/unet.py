@@ -15,7 +15,11 @@
   keys/values are concatenated to the spatial ones (GLIDE's text / unCLIP's CLIP tokens).
   The attention output passes through a zero-initialised per-channel gate, so each attention
   residual branch starts as the identity (the role ADM's zero-initialised ``proj_out`` plays);
-* the final GroupNorm → SiLU → conv is zero-initialised (the model outputs 0 at init).
+* the final GroupNorm → SiLU → conv is zero-initialised (the model outputs 0 at init);
+* ``patch_size = p > 1`` ("simple diffusion", Hoogeboom et al. 2023): the input is folded
+  space-to-depth into ``[B, H/p, W/p, p²·Cin]`` before the first conv and the output unfolded
+  depth-to-space from ``p²·out_channels`` channels, so the first level runs at ``1/p`` of the
+  resolution (``1/p²`` of its convolution FLOPs) while input and output keep their shapes.
 
 ``time_shift="add"`` injects the timestep additively instead (``h + proj(emb)`` before the
 second GroupNorm, diffusers' ``resnet_time_scale_shift="default"``, as Karlo's super-resolution
@@ -136,6 +140,22 @@ def upsample_2x(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+    """``[B, H, W, C] -> [B, H/p, W/p, p·p·C]``; channel ``(dy·p + dx)·C + c`` of output pixel
+    ``(y, x)`` is input pixel ``(p·y + dy, p·x + dx)``'s channel ``c``."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+    """The inverse of :func:`space_to_depth`: ``[B, h, w, p·p·C] -> [B, p·h, p·w, C]``."""
+    b, h, w, cc = x.shape
+    c = cc // (p * p)
+    x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c)
+
+
 def _constrain(x):
     return nn.with_logical_constraint(x, ACT_NAMES)
 
@@ -222,6 +242,8 @@ class UNet(nn.Module):
       resblock_updown: BigGAN-style residual up/down-sampling (else strided conv / nearest+conv).
       groups: GroupNorm groups (at most; ``gcd`` with the channels).
       time_shift: how residual blocks take the timestep ("scale_shift" or "add").
+      patch_size: space-to-depth factor of the input (1 = none); ``attention_ds`` counts from
+        the patched resolution.
     """
 
     out_channels: int
@@ -236,6 +258,7 @@ class UNet(nn.Module):
     groups: int = 32
     dtype: Dtype = jnp.float32
     time_shift: str = "scale_shift"
+    patch_size: int = 1
 
     @property
     def time_embed_dim(self) -> int:
@@ -243,16 +266,21 @@ class UNet(nn.Module):
 
     @property
     def downsampling(self) -> int:
-        """The total downsampling factor: input sides must be divisible by it."""
-        return 2 ** (len(self.channel_mult) - 1)
+        """The total downsampling factor (patching included): input sides must be divisible
+        by it."""
+        return self.patch_size * 2 ** (len(self.channel_mult) - 1)
 
     def check_input(self, height: int, width: int) -> None:
+        if self.patch_size < 1:
+            raise ValueError(f"U-Net patch_size must be ≥ 1 (1 = no patching), got "
+                             f"{self.patch_size}")
         d = self.downsampling
         if height % d or width % d:
             raise ValueError(
                 f"U-Net input {height}×{width} is not divisible by its downsampling factor {d} "
-                f"(2^(len(channel_mult) - 1), channel_mult={tuple(self.channel_mult)}); "
-                f"accepted: sides that are multiples of {d}")
+                f"(patch_size {self.patch_size} × 2^(len(channel_mult) - 1), "
+                f"channel_mult={tuple(self.channel_mult)}); accepted: sides that are "
+                f"multiples of {d}")
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, *, emb: jax.Array | None = None,
@@ -291,6 +319,9 @@ class UNet(nn.Module):
             return ResBlock(ch, self.dropout, resample, self.groups, dt, self.time_shift,
                             name=name)
 
+        p = self.patch_size
+        if p > 1:
+            x = space_to_depth(x, p)
         h = _constrain(conv(self.base_channels * self.channel_mult[0], dtype=dt,
                             name="conv_in")(x.astype(dt)))
         skips = [h]
@@ -332,5 +363,7 @@ class UNet(nn.Module):
                 ds //= 2
 
         h = jax.nn.silu(group_norm(h.shape[-1], self.groups, "norm_out")(h)).astype(dt)
-        out = conv(self.out_channels, zero=True, dtype=dt, name="conv_out")(h)
+        out = conv(self.out_channels * p * p, zero=True, dtype=dt, name="conv_out")(h)
+        if p > 1:
+            out = depth_to_space(out, p)
         return out.astype(jnp.float32)

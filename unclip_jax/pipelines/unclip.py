@@ -60,7 +60,7 @@ from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
 from unclip_jax.models.clip import CLIP, CLIPConfig, eos_positions
 
-SPACINGS = ("even", "unclip")           # sample_spacing values (see stage_schedule)
+SPACINGS = ("even", "unclip", "logsnr")  # sample_spacing values (see stage_schedule)
 UNCONDS = ("learned", "empty_caption")  # PriorConfig.uncond values
 RESIZES = ("linear", "cubic")           # UpsamplerConfig.low_res_resize values
 
@@ -349,10 +349,14 @@ def text_mask(clip_cfg: CLIPConfig, tokens: jax.Array) -> jax.Array:
 
 def stage_schedule(kind: str, num_timesteps: int, steps: int, spacing: str = "even"):
     """A stage's sampling schedule: ``steps`` of the ``kind`` schedule, spaced "even" (our
-    :func:`~unclip_jax.diffusion.respace`, ``round(k·(T−1)/(n−1))``) or "unclip" (diffusers'
+    :func:`~unclip_jax.diffusion.respace`, ``round(k·(T−1)/(n−1))``), "unclip" (diffusers'
     ``UnCLIPScheduler``: the same rule in its float arithmetic, which rounds some ties — e.g.
-    499.5 at 27 steps — the other way; :func:`unclip_jax.convert.karlo.karlo_schedule`)."""
+    499.5 at 27 steps — the other way; :func:`unclip_jax.convert.karlo.karlo_schedule`) or
+    "logsnr" (evenly in log-SNR, ``respace(…, "logsnrN")``: what the multistep DPM-Solver++
+    samplers want at few steps)."""
     _check_choice("sample_spacing", spacing, SPACINGS)
+    if spacing == "logsnr":
+        return diffusion.make_schedule(kind, num_timesteps, f"logsnr{int(steps)}")
     if spacing == "unclip":
         from unclip_jax.convert.karlo import karlo_schedule
 
@@ -368,8 +372,8 @@ def prior_schedule(cfg: P.PriorConfig, steps: int) -> diffusion.Schedule:
 
 def prior_embeddings(cfg: P.PriorConfig, params, text_emb, text_states, tokens, rng, guidance,
                      *, schedule, method: str, eta: float, num_candidates: int,
-                     text_mask: jax.Array | None = None, uncond: dict | None = None
-                     ) -> jax.Array:
+                     text_mask: jax.Array | None = None, uncond: dict | None = None,
+                     batch_sharding=None) -> jax.Array:
     """Image embeddings ``[B, E]`` (unit norm with ``cfg.renormalize``): ``k`` guided draws
     per caption through the shared sampler, the best by dot product with ``text_emb`` kept.
     ``text_emb`` in the prior's convention (``cfg.unit_text_emb``); ``text_mask`` None: the
@@ -398,7 +402,8 @@ def prior_embeddings(cfg: P.PriorConfig, params, text_emb, text_states, tokens, 
         schedule=schedule, rng=rng,
         shape=(k * text_emb.shape[0], cfg.embed_dim), cond=cond_k,
         uncond=uncond_k, method=method, eta=eta,
-        guidance_scale=guidance, model_output="x0", clip_x0=P.clip_range(cfg))
+        guidance_scale=guidance, model_output="x0", clip_x0=P.clip_range(cfg),
+        batch_sharding=batch_sharding and batch_sharding(2))
     emb = P.from_model_space(cfg, x, cfg.renormalize)
     return P.rerank(emb.reshape(k, text_emb.shape[0], -1), text_emb)
 
@@ -440,8 +445,11 @@ def decoder_conds(cfg: D.DecoderConfig, params, image_emb: jax.Array,
 def decode(cfg: D.DecoderConfig, params, image_emb, rng, guidance, *, schedule,
            method: str = "ddim", eta=0.0, tokens=None, x_T=None,
            clip_x0: tuple[float, float] | None = (-1.0, 1.0), clip_text: dict | None = None,
-           uncond_clip_text: dict | None = None, empty_caption: dict | None = None) -> jax.Array:
-    """Decoder images ``[B, S, S, 3]`` from embeddings ``[B, E]`` (guided, shared sampler)."""
+           uncond_clip_text: dict | None = None, empty_caption: dict | None = None,
+           batch_sharding=None) -> jax.Array:
+    """Decoder images ``[B, S, S, 3]`` from embeddings ``[B, E]`` (guided, shared sampler).
+    ``batch_sharding``: None, or ``ndim -> Sharding`` splitting the batch axis (see
+    :func:`sampling_mesh`)."""
     cond, uncond = decoder_conds(cfg, params, image_emb, tokens, clip_text, uncond_clip_text,
                                  empty_caption)
     s = cfg.image_size
@@ -450,7 +458,8 @@ def decode(cfg: D.DecoderConfig, params, image_emb, rng, guidance, *, schedule,
         shape=None if x_T is not None else (image_emb.shape[0], s, s, 3), x_T=x_T, cond=cond,
         uncond=uncond, method=method, eta=eta, guidance_scale=guidance,
         model_output=cfg.model_output,
-        variance="learned" if cfg.learned_variance else "fixed_small", clip_x0=clip_x0)
+        variance="learned" if cfg.learned_variance else "fixed_small", clip_x0=clip_x0,
+        batch_sharding=batch_sharding and batch_sharding(4))
 
 
 def decoder_schedule(cfg: D.DecoderConfig, steps: int | str):
@@ -488,7 +497,7 @@ def _stage_denoiser(cfgs: Sequence[D.UpsamplerConfig], stage: tuple[int, ...],
 
 def upsample_chain(cfgs: Sequence[D.UpsamplerConfig], params: Sequence, x: jax.Array, rng, *,
                    schedules: Sequence[diffusion.Schedule], method: str | None = None,
-                   eta=0.0) -> jax.Array:
+                   eta=0.0, batch_sharding=None) -> jax.Array:
     """Run the upsampler stages in order on ``[B, h, h, 3]`` in [-1, 1] (``schedules`` from
     :func:`upsampler_schedules`, one per stage; ``method`` None: each stage's
     ``sample_method``); each input must have its stage's ``low_res_size`` (ValueError
@@ -506,25 +515,62 @@ def upsample_chain(cfgs: Sequence[D.UpsamplerConfig], params: Sequence, x: jax.A
             rng=jax.random.fold_in(rng, k), shape=(x.shape[0], s, s, 3), cond={"low_res": x},
             method=method or cfg.sample_method, eta=eta, model_output=cfg.model_output,
             variance="learned" if cfg.learned_variance else "fixed_small",
-            clip_x0=(-1.0, 1.0))
+            clip_x0=(-1.0, 1.0), batch_sharding=batch_sharding and batch_sharding(4))
     return x
 
 
 # ============================================================================ the chain
 
 
-def make_text_to_image(unclip: UnCLIP, settings: Settings | None = None):
+def sampling_mesh(batch: int) -> jax.sharding.Mesh | None:
+    """A one-axis ``("data",)`` mesh over this process's devices to split a sampling batch of
+    ``batch`` over (each device draws ``batch / n`` of the samples), or None when there is one
+    device or the batch does not split evenly. On a CPU split into one device per core
+    (:func:`unclip_jax.sharding.split_cpu_cores`) this keeps every core busy while sampling."""
+    devices = jax.local_devices()
+    if len(devices) < 2 or batch % len(devices):
+        return None
+    return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+def batch_shardings(mesh: jax.sharding.Mesh | None):
+    """``ndim -> NamedSharding`` splitting axis 0 over ``mesh`` (None without a mesh)."""
+    if mesh is None:
+        return None
+    P = jax.sharding.PartitionSpec
+    return lambda ndim: jax.sharding.NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
+
+
+_REPLICATED: dict = {}
+
+
+def replicated_params(unclip: UnCLIP, mesh: jax.sharding.Mesh):
+    """``unclip.params`` copied onto every device of ``mesh`` (once per model and mesh)."""
+    key = (id(unclip.params), mesh)
+    if key not in _REPLICATED:
+        _REPLICATED.clear()             # one model's copies at a time
+        _REPLICATED[key] = (unclip.params, jax.device_put(
+            unclip.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+    return _REPLICATED[key][1]
+
+
+def make_text_to_image(unclip: UnCLIP, settings: Settings | None = None,
+                       mesh: jax.sharding.Mesh | None = None):
     """The jitted pure chain ``fn(params, tokens [B, L] int32, rng, guidance) -> images
     [B, H, W, 3]`` float32 in [-1, 1] (H = :attr:`UnCLIP.resolution`).
 
     ``guidance = (prior_scale, decoder_scale)``, traced. The same configs and settings give the
     same jitted object (``fn._cache_size()`` counts its compiles, one per input shape).
+    ``mesh`` (:func:`sampling_mesh`): every stage's samples split over its ``data`` axis
+    (pass tokens sharded the same way and params replicated); the images are those of the
+    unsplit chain.
     """
-    return _text_to_image(unclip.configs, (settings or Settings()).resolved(unclip.configs))
+    return _text_to_image(unclip.configs, (settings or Settings()).resolved(unclip.configs),
+                          mesh)
 
 
 @functools.lru_cache(maxsize=16)
-def _text_to_image(configs: tuple, s: Settings):
+def _text_to_image(configs: tuple, s: Settings, mesh=None):
     clip_cfg, prior_cfg, dec_cfg, ups = configs
     check_chain(clip_cfg, prior_cfg, dec_cfg, ups)
     p_schedule = prior_schedule(prior_cfg, s.prior_steps)
@@ -532,6 +578,7 @@ def _text_to_image(configs: tuple, s: Settings):
     up_schedules = upsampler_schedules(ups, s.upsampler_steps)
 
     empty = needs_empty_caption(configs)
+    split = batch_shardings(mesh)
 
     def text_to_image(params, tokens, rng, guidance):
         prior_scale, decoder_scale = guidance
@@ -562,13 +609,14 @@ def _text_to_image(configs: tuple, s: Settings):
         emb = prior_embeddings(prior_cfg, params["prior"], text_emb, states, tokens, r_prior,
                                prior_scale, schedule=p_schedule, method=s.prior_method,
                                eta=s.prior_eta, num_candidates=s.num_candidates,
-                               text_mask=mask, uncond=p_uncond)
+                               text_mask=mask, uncond=p_uncond, batch_sharding=split)
         x = decode(dec_cfg, params["decoder"], emb, r_dec, decoder_scale,
                    schedule=dec_schedule, method=s.decoder_method, eta=s.decoder_eta,
                    tokens=tokens if dec_cfg.use_text else None, clip_text=clip_text,
-                   uncond_clip_text=uncond_clip_text)
+                   uncond_clip_text=uncond_clip_text, batch_sharding=split)
         return upsample_chain(ups, params["upsamplers"], x, r_up, schedules=up_schedules,
-                              method=s.upsampler_method, eta=s.upsampler_eta)
+                              method=s.upsampler_method, eta=s.upsampler_eta,
+                              batch_sharding=split)
 
     return jax.jit(text_to_image)
 
@@ -589,19 +637,26 @@ def check_prompts(captions: Sequence[str] | str) -> list[str]:
 
 def generate(unclip: UnCLIP, captions: Sequence[str], seed: int = 0, *,
              prior_guidance: float | None = None, decoder_guidance: float | None = None,
-             **settings) -> np.ndarray:
+             split: bool = True, **settings) -> np.ndarray:
     """uint8 images ``[B, H, W, 3]`` for ``captions`` (tokenized on the host, then the jitted
-    chain). ``settings``: the fields of :class:`Settings`; guidance defaults to the configs'."""
+    chain). ``settings``: the fields of :class:`Settings`; guidance defaults to the configs'.
+    ``split``: spread the batch over this process's devices when it divides evenly
+    (:func:`sampling_mesh`; the same images as on one device)."""
     captions = check_prompts(captions)
     if unclip.tokenizer is None:
         raise ValueError("this UnCLIP has no tokenizer; pass token ids to make_text_to_image")
-    fn = make_text_to_image(unclip, settings_from(**settings))
+    mesh = sampling_mesh(len(captions)) if split else None
+    fn = make_text_to_image(unclip, settings_from(**settings), mesh)
     tokens = unclip.tokenizer.encode(captions, unclip.clip.context_length)
+    params = unclip.params
+    if mesh is not None:
+        tokens = jax.device_put(tokens, batch_shardings(mesh)(2))
+        params = replicated_params(unclip, mesh)
     guidance = (jnp.float32(unclip.prior.guidance_scale if prior_guidance is None
                             else prior_guidance),
                 jnp.float32(unclip.decoder.guidance_scale if decoder_guidance is None
                             else decoder_guidance))
-    return to_uint8(fn(unclip.params, tokens, jax.random.PRNGKey(seed), guidance))
+    return to_uint8(fn(params, tokens, jax.random.PRNGKey(seed), guidance))
 
 
 # ============================================================================ judge scores
@@ -629,6 +684,7 @@ def score_prompts(unclip: UnCLIP, prompts: Sequence[str], seed: int = 0, *,
 __all__ = ["ClipBPE", "Settings", "UnCLIP", "check_chain", "check_prompts", "check_tokenizer",
            "decode", "decoder_conds", "decoder_schedule", "encode_text", "fit_tokens",
            "generate", "load_tokenizer", "load_unclip", "make_text_to_image",
-           "needs_empty_caption", "prior_embeddings", "prior_schedule", "score_prompts",
+           "needs_empty_caption", "prior_embeddings", "prior_schedule", "replicated_params",
+           "sampling_mesh", "score_prompts",
            "settings_from", "stage_schedule", "text_mask", "to_uint8", "unit",
            "upsample_chain", "upsampler_schedules", "upsampler_stages", "with_empty_caption"]

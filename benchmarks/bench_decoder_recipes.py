@@ -1,0 +1,141 @@
+"""Seconds per training step of decoder recipes: the x-axis of the quality-vs-compute curve.
+
+Each recipe is `experiments/shapes/decoder.py` with ``--set`` overrides, built through the real
+training task (``tasks.build_task``: the frozen CLIP of ``--clip``, the tokenizer, the cached
+embeddings where the recipe reads them) and stepped the way ``unclip-jax demo`` trains on this
+CPU: the batch split over one XLA device per core (``sharding.split_cpu_cores``), params
+replicated, the loop's own ``train_step`` (AdamW, EMA). A synthetic batch (random images and
+tokens; cached embeddings fed as the data pipeline would) is stepped ``STEPS`` times after
+``WARMUP`` calls; the median is reported. Each recipe runs in its own interpreter.
+
+The curve's cost axis is ``steps × this median`` (measured on a quiet machine), so training
+runs made while other jobs shared the cores still land at the right x.
+
+Usage: ``python benchmarks/bench_decoder_recipes.py [--clip runs/demo/clip] [--out F.json]
+[NAME ...]`` (or ``run_all.py decoder_recipes``); names pick recipes from ``RECIPES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+BACKEND = "cpu"
+STEPS, WARMUP = 12, 3
+
+# name -> overrides of experiments/shapes/decoder.py (the embedding cache path is filled in)
+RECIPES = {
+    "baseline": [],
+    "cached_emb": ["model.embeddings_dir={emb}"],
+    "patch2": ["model.embeddings_dir={emb}", "model.patch_size=2"],
+    "patch2_w64": ["model.embeddings_dir={emb}", "model.patch_size=2",
+                   "model.base_channels=64"],
+    "patch2_w64_attn16": ["model.embeddings_dir={emb}", "model.patch_size=2",
+                          "model.base_channels=64", "model.attention_resolutions=16,8"],
+    "patch2_w48_mult124": ["model.embeddings_dir={emb}", "model.patch_size=2",
+                           "model.base_channels=48", "model.channel_mult=1,2,4"],
+}
+
+
+def child(name: str, clip: str, emb: str) -> dict:
+    import functools
+
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from bench_mfu import time_step
+    from unclip_jax import config as config_lib
+    from unclip_jax import sharding
+    from unclip_jax.train import loop, tasks
+    from unclip_jax.train.optim import make_optimizer
+    from unclip_jax.train.state import TrainState
+
+    overrides = [o.format(emb=emb) for o in RECIPES[name]] + [
+        f"model.clip_workdir={clip}", f"data.tokenizer={Path(clip).parent}/tokenizer.model"]
+    cfg = config_lib.load_config(ROOT / "experiments/shapes/decoder.py", overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, task = tasks.build_task(cfg, tmp)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, model=1))
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    params = nn.meta.unbox(task.init(jax.random.key(0), task.example))["params"]
+    state = TrainState.create(params, tx, jax.random.key(1), ema=cfg.train.ema_decay > 0)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    r = np.random.default_rng(0)
+    batch = {}
+    for k, v in task.example.items():
+        if k == "tokens":
+            batch[k] = r.integers(3, cfg.model.vocab_size, v.shape).astype(np.int32)
+        elif k == "image_emb":
+            e = r.normal(size=v.shape)
+            batch[k] = (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+        else:
+            batch[k] = r.uniform(-1, 1, v.shape).astype(np.float32)
+    batch = sharding.shard_batch(batch, mesh)
+    step = jax.jit(functools.partial(loop.train_step, loss_fn=task.loss, tx=tx,
+                                     ema_decay=cfg.train.ema_decay), donate_argnums=0)
+    seconds = time_step(step, state, batch)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    return {"recipe": name, "overrides": RECIPES[name], "devices": len(jax.devices()),
+            "batch": cfg.train.batch_size, "s_per_step": round(seconds, 4),
+            "params": int(n_params)}
+
+
+def measure(name: str, clip: str, emb: str, devices: int | None = None) -> dict:
+    cores = os.cpu_count() or 1
+    n = devices or min(8, 1 << (cores.bit_length() - 1))     # one device per core, as the demo
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--clip", clip,
+                          "--emb", emb], env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(names=None, clip: str = "runs/demo/clip", emb: str = "runs/demo/embeddings") -> str:
+    load = os.getloadavg()[0]
+    rows = [measure(n, clip, emb) for n in (names or RECIPES)]
+    base = rows[0]["s_per_step"]
+    lines = [
+        "## Decoder recipes: seconds per training step (`bench_decoder_recipes.py`)", "",
+        "`experiments/shapes/decoder.py` with each recipe's overrides, built by the real "
+        "training task, stepped as `make demo` trains on this CPU (one XLA device per core, "
+        f"data-parallel); median of {STEPS} steps after {WARMUP} warm-up calls; 1-minute load "
+        f"average {load:.1f} before the runs.", "",
+        "| recipe | overrides | params | s/step | vs first row |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        sets = " ".join(f"`{o}`" for o in r["overrides"]) or "—"
+        lines.append(f"| {r['recipe']} | {sets} | {r['params'] / 1e6:.2f} M | "
+                     f"{r['s_per_step']:.3f} | {r['s_per_step'] / base:.2f}× |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--clip", default="runs/demo/clip")
+    ap.add_argument("--emb", default="runs/demo/embeddings")
+    ap.add_argument("--out", default=None, help="also write the rows as JSON")
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.clip, args.emb)))
+        return
+    names = args.names or list(RECIPES)
+    rows = []
+    for n in names:
+        rows.append(measure(n, args.clip, args.emb))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The unCLIP chain's quality against decoder training compute (issue 20's curve).
+
+Every point is one decoder trained from scratch with a recipe (``RECIPES``: overrides of
+``experiments/shapes/decoder.py``) for a number of steps, put into the chain of a fixed
+``make demo`` workdir (its CLIP, prior and upsampler) and judged with the demo's procedure
+(``demo.judge_chain``: held-out test-split prompts, half one-object, half two-object, judged at
+64 px after the upsampler; variation consistency of held-out single-object renders).
+Cost (x) = steps × the recipe's seconds per step measured on a quiet machine
+(``benchmarks/bench_decoder_recipes.py --out``), so runs made while other jobs shared the cores
+still land at the right x.
+
+    python experiments/shapes/decoder_curve.py train patch2 --steps 4000 --seed 0
+    python experiments/shapes/decoder_curve.py judge runs/curve/patch2_s0_4000
+    python experiments/shapes/decoder_curve.py report --costs runs/curve/step_costs.json
+
+``train`` writes ``runs/curve/<recipe>_s<seed>_<steps>/`` (resumable); ``judge`` appends one
+row to ``runs/curve/rows.jsonl``; ``report`` prints the markdown table and draws
+``experiments/shapes/decoder_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CURVE = Path("runs/curve")
+PNG = ROOT / "experiments/shapes/decoder_curve.png"
+METRICS = ("single_colour_shape", "two_both_colour_shape", "relation", "variation_consistency")
+
+# name -> overrides of experiments/shapes/decoder.py ({emb}: the demo's embedding cache)
+RECIPES = {
+    "baseline": [],
+    "cached_emb": ["model.embeddings_dir={emb}"],
+    "patch2": ["model.embeddings_dir={emb}", "model.patch_size=2"],
+    "patch2_w64": ["model.embeddings_dir={emb}", "model.patch_size=2",
+                   "model.base_channels=64"],
+    "patch2_w48_mult124": ["model.embeddings_dir={emb}", "model.patch_size=2",
+                           "model.base_channels=48", "model.channel_mult=1,2,4"],
+    "patch2_logitnorm": ["model.embeddings_dir={emb}", "model.patch_size=2",
+                         "model.timestep_sampling=logit_normal"],
+}
+
+
+def overrides(recipe: str, demo: Path, steps: int, seed: int) -> list[str]:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    d = demo.absolute()
+    return [o.format(emb=d / "embeddings") for o in RECIPES[recipe]] + [
+        f"model.clip_workdir={d}/clip", f"data.tokenizer={d}/tokenizer.model",
+        f"train.steps={steps}", f"train.seed={seed}", f"train.ckpt_every={max(500, steps)}"]
+
+
+def workdir(recipe: str, seed: int, steps: int) -> Path:
+    return CURVE / f"{recipe}_s{seed}_{steps}"
+
+
+def train(recipe: str, steps: int, seed: int, demo: Path, extra: list[str]) -> Path:
+    from unclip_jax import config as config_lib
+    from unclip_jax.train import loop, tasks
+
+    wd = workdir(recipe, seed, steps)
+    cfg = config_lib.load_config(ROOT / "experiments/shapes/decoder.py",
+                                 overrides(recipe, demo, steps, seed) + list(extra))
+    cfg, task = tasks.build_task(cfg, wd)
+    wd.mkdir(parents=True, exist_ok=True)
+    (wd / "recipe.json").write_text(json.dumps({"recipe": recipe, "steps": steps,
+                                                "seed": seed, "extra": list(extra)}))
+    t0 = time.perf_counter()
+    loop.train(cfg, task, wd)
+    print(f"trained {wd} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return wd
+
+
+def judge(decoder: Path, demo: Path, num: int, num_variations: int, **settings) -> dict:
+    from unclip_jax import demo as demo_lib
+    from unclip_jax.pipelines import unclip
+
+    model = unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
+                               decoder, [demo / "upsampler"])
+    scores, _ = demo_lib.judge_chain(model, num=num, num_variations=num_variations, **settings)
+    meta = json.loads((decoder / "recipe.json").read_text()) if (
+        decoder / "recipe.json").is_file() else {"recipe": decoder.name}
+    row = {**meta, "decoder": str(decoder), "num_per_kind": num,
+           "num_variations": num_variations, "settings": settings,
+           **{k: scores[k] for k in METRICS}, "exact": scores["exact"],
+           "judged_wall_s": scores["judged_wall_s"],
+           "load_average_1min": round(os.getloadavg()[0], 1)}
+    CURVE.mkdir(parents=True, exist_ok=True)
+    with open(CURVE / "rows.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def load_rows(costs: Path) -> list[dict]:
+    cost = {r["recipe"]: r["s_per_step"] for r in json.loads(costs.read_text())}
+    rows = [json.loads(line) for line in (CURVE / "rows.jsonl").read_text().splitlines()
+            if line.strip()]
+    for r in rows:
+        r["s_per_step"] = cost.get(r["recipe"])
+        r["cost_s"] = r["steps"] * r["s_per_step"] if r["s_per_step"] else None
+    return rows
+
+
+def report(costs: Path, png: Path = PNG) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in load_rows(costs) if r["cost_s"] is not None and not r.get("settings")]
+    lines = ["| recipe | seed | steps | s/step | decoder CPU s | single | two-object both | "
+             "relation | variation consistency |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["recipe"], r["cost_s"], r["seed"])):
+        lines.append(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {r['s_per_step']:.3f} | "
+                     f"{r['cost_s']:.0f} | " + " | ".join(f"{r[k]:.3f}" for k in METRICS) + " |")
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
+    for ax, key in zip(axes, METRICS):
+        for recipe in sorted({r["recipe"] for r in rows}):
+            pts = sorted((r["cost_s"] / 60, r[key]) for r in rows if r["recipe"] == recipe)
+            ax.plot(*zip(*pts), "o-", label=recipe, ms=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("decoder training, CPU minutes (quiet 2-core)")
+        ax.set_title(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("recipe")
+    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--set", action="append", default=[], help="extra override")
+    j = sub.add_parser("judge")
+    j.add_argument("decoder", type=Path)
+    j.add_argument("--num", type=int, default=128, help="held-out prompts of each kind")
+    j.add_argument("--variations", type=int, default=16, help="renders for consistency")
+    j.add_argument("--decoder-steps", type=int, default=None)
+    j.add_argument("--decoder-method", default=None)
+    j.add_argument("--upsampler-steps", type=int, default=None)
+    j.add_argument("--upsampler-method", default=None)
+    r = sub.add_parser("report")
+    r.add_argument("--costs", type=Path, default=CURVE / "step_costs.json")
+    for p in (t, j, r):
+        p.add_argument("--demo", type=Path, default=Path("runs/demo"))
+    args = ap.parse_args(argv)
+    if args.cmd == "train":
+        train(args.recipe, args.steps, args.seed, args.demo, args.set)
+    elif args.cmd == "judge":
+        settings = {k: v for k, v in (("decoder_steps", args.decoder_steps),
+                                      ("decoder_method", args.decoder_method),
+                                      ("upsampler_steps", args.upsampler_steps and
+                                       (args.upsampler_steps,)),
+                                      ("upsampler_method", args.upsampler_method))
+                    if v is not None}
+        judge(args.decoder, args.demo, args.num, args.variations, **settings)
+    else:
+        print(report(args.costs))
+
+
+if __name__ == "__main__":
+    main()

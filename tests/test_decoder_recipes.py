@@ -1,0 +1,136 @@
+"""The decoder's compute-efficiency options (issue 20): patched U-Net input, the training
+timestep distribution, the sampling spacing, and the errors for values they cannot take."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from unclip_jax import diffusion
+from unclip_jax.models import decoder as D
+from unclip_jax.nn.unet import UNet, depth_to_space, space_to_depth
+from unclip_jax.pipelines import unclip as U
+
+CFG = D.DecoderConfig(image_size=16, clip_dim=8, base_channels=8, channel_mult=(1, 2),
+                      num_res_blocks=1, attention_resolutions=(4,), head_channels=8,
+                      num_timesteps=100, sample_steps=3, model_output="v", groups=4)
+
+
+def test_space_to_depth_layout_and_inverse():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    y = space_to_depth(x, 2)
+    assert y.shape == (2, 2, 3, 12)
+    # channel (dy·p + dx)·C + c of pixel (y, x) is input pixel (2y + dy, 2x + dx), channel c
+    for dy in range(2):
+        for dx in range(2):
+            np.testing.assert_array_equal(y[:, :, :, (dy * 2 + dx) * 3:(dy * 2 + dx + 1) * 3],
+                                          x[:, dy::2, dx::2, :])
+    np.testing.assert_array_equal(depth_to_space(y, 2), x)
+
+
+def test_patched_unet_is_the_unet_on_patches():
+    """A patch-2 U-Net equals the unpatched U-Net (same params) run on space-to-depth input
+    with its output unfolded: patching changes where the first level runs, nothing else."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    t = jnp.array([3, 70])
+    patched = UNet(6, 8, (1, 2), 1, (2,), True, 8, groups=4, patch_size=2)
+    plain = UNet(24, 8, (1, 2), 1, (2,), True, 8, groups=4)
+    params = patched.init(jax.random.key(1), x, t)
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape),
+                          params)                    # nonzero output layers
+    out = patched.apply(params, x, t)
+    assert out.shape == (2, 16, 16, 6)
+    ref = depth_to_space(plain.apply(params, space_to_depth(x, 2), t), 2)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_patched_decoder_trains_and_samples():
+    cfg = dataclasses.replace(CFG, patch_size=2, timestep_sampling="logit_normal")
+    D.check_decoder_config(cfg)
+    params = D.init_decoder(cfg, jax.random.key(0))["params"]
+    params = jax.tree.map(lambda a: getattr(a, "value", a), params,
+                          is_leaf=lambda a: hasattr(a, "value"))
+    x0 = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
+    emb = jax.random.normal(jax.random.key(2), (4, 8))
+    loss, metrics = D.decoder_loss(params, cfg, x0, emb / jnp.linalg.norm(emb, axis=1,
+                                                                          keepdims=True),
+                                   None, jax.random.key(3))
+    assert np.isfinite(float(loss)) and "vlb" in metrics
+    out = D.sample_images(params, cfg, emb, steps=2)
+    assert out.shape == (4, 16, 16, 3)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"patch_size": 3}, r"decoder patch_size 3 does not fit 16 px images with 2 U-Net levels"
+                        r".*accepted here: 1, 2, 4, 8"),
+    ({"patch_size": 0}, r"patch_size 0 .*accepted here"),
+    ({"patch_size": 8, "channel_mult": (1, 2, 2)}, r"accepted here: 1, 2, 4$"),
+    ({"timestep_sampling": "cosine"}, r"unknown timestep sampling 'cosine'; accepted: uniform, "
+                                      r"logit_normal, log_sigma_normal"),
+    ({"timestep_sampling": "logit_normal", "timestep_scale": 0.0}, r"needs a scale > 0"),
+    ({"patch_size": 2, "attention_resolutions": (16,)},
+     r"attention_resolutions \[16\] are not feature-map sides .* accepted: 8, 4"),
+])
+def test_recipe_options_that_cannot_be_taken_name_the_accepted_values(change, match):
+    with pytest.raises(ValueError, match=match):
+        D.check_decoder_config(dataclasses.replace(CFG, **change))
+
+
+def test_upsampler_patch_size_checked_and_crop_fits():
+    ups = D.UpsamplerConfig(image_size=64, low_res_size=32, channel_mult=(1, 2), patch_size=2)
+    D.check_upsampler_config(ups)
+    assert ups.train_crop % (ups.factor * 2 * 2) == 0
+    with pytest.raises(ValueError, match="upsampler patch_size 3"):
+        D.check_upsampler_config(dataclasses.replace(ups, patch_size=3))
+
+
+# ---------------------------------------------------------------------------- timesteps
+
+N = 1000
+SCHED = diffusion.make_schedule("cosine", N)
+
+
+def _draw(kind, loc=0.0, scale=1.0, n=200_000):
+    return np.asarray(diffusion.sample_timesteps(jax.random.key(0), n, N, kind, loc, scale,
+                                                 SCHED))
+
+
+def test_logit_normal_timesteps_follow_their_distribution():
+    for loc, scale in ((0.0, 1.0), (0.5, 0.8)):
+        i = _draw("logit_normal", loc, scale)
+        assert i.min() >= 0 and i.max() <= N - 1 and i.dtype == np.int32
+        # (i + ½)/N is the logit-normal variable up to the floor: compare quantiles.
+        for q in (0.1, 0.5, 0.9):
+            want = N / (1 + np.exp(-(loc + scale * stats.norm.ppf(q))))
+            assert abs(np.quantile(i, q) - want) < 3, (loc, scale, q)
+
+
+def test_log_sigma_normal_timesteps_follow_their_distribution():
+    ac = np.asarray(SCHED.alphas_cumprod, np.float64)
+    log_sigma = 0.5 * (np.log1p(-ac) - np.log(ac))
+    i = _draw("log_sigma_normal", -1.2, 1.2)
+    s = log_sigma[i]
+    assert abs(np.median(s) - (-1.2)) < 0.02
+    assert abs(np.quantile(s, 0.84) - np.quantile(s, 0.16) - 2 * 1.2) < 0.05
+    # every draw went to a nearest step: never further than half the local spacing
+    target = -1.2 + 1.2 * np.asarray(jax.random.normal(jax.random.key(0), (200_000,)))
+    inside = (target > log_sigma[1]) & (target < log_sigma[-2])
+    gap = np.maximum(np.diff(log_sigma)[np.minimum(i, N - 2)], np.diff(log_sigma)[i - 1])
+    assert np.all(np.abs(s - target)[inside] <= gap[inside] / 2 + 1e-5)
+
+
+def test_uniform_timesteps_are_unchanged():
+    a = np.asarray(diffusion.sample_timesteps(jax.random.key(3), 64, N))
+    b = np.asarray(jax.random.randint(jax.random.key(3), (64,), 0, N, dtype=jnp.int32))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_logsnr_spacing_is_a_stage_spacing():
+    s = U.stage_schedule("cosine", 1000, 20, "logsnr")
+    ref = diffusion.make_schedule("cosine", 1000, "logsnr20")
+    np.testing.assert_array_equal(s.timesteps, ref.timesteps)
+    with pytest.raises(ValueError, match="accepted: 'even', 'unclip', 'logsnr'"):
+        U.stage_schedule("cosine", 1000, 20, "lognsr")
