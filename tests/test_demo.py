@@ -100,3 +100,25 @@ def test_a_bad_stage_override_fails_before_anything_runs(tmp_path):
     with pytest.raises(KeyError, match="unknown config key 'train.stepz'"):
         demo.run(tmp_path, overrides=["decoder:train.stepz=10"])
     assert not (tmp_path / demo.TIMES_FILE).exists()
+
+
+def test_report_states_the_recipe_each_stage_ran_with(tmp_path):
+    from unclip_jax import config as config_lib
+    from unclip_jax.models.decoder import DecoderConfig
+
+    cfg = ExperimentConfig(name="d", task="decoder",
+                           model=DecoderConfig(patch_size=2, timestep_sampling="logit_normal"),
+                           train=TrainConfig(steps=9000, batch_size=32))
+    (tmp_path / "decoder").mkdir()
+    (tmp_path / "decoder" / "config.json").write_text(config_lib.to_json(cfg))
+    got = demo.recipe(tmp_path)
+    assert list(got) == ["decoder"]
+    assert got["decoder"]["model.patch_size"] == 2
+    assert got["decoder"]["train.steps"] == 9000
+    assert got["decoder"]["model.timestep_sampling"] == "logit_normal"
+    report = {"wall_s": {"decoder": 100.0, "total": 100.0}, "recipe": got,
+              "backend": "cpu × 2 device(s)"}
+    md = demo._markdown(report, ExperimentConfig(name="demo", model=None))
+    assert "Ran on cpu × 2 device(s)." in md
+    assert "| decoder | `train.steps=9000`, `train.batch_size=32`, `model.patch_size=2`," in md
+    assert "`model.timestep_sampling='logit_normal'`" in md

@@ -188,6 +188,10 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
     report["total_is_partial"] = len(known) < len(report["wall_s"]) - 1   # some stage unknown
     report["this_run_s"] = round(time.perf_counter() - t_start, 1)
     report["stage_times_note"] = read_times(workdir).get("_note")
+    report["recipe"] = recipe(workdir)
+    import jax
+
+    report["backend"] = f"{jax.default_backend()} × {jax.device_count()} device(s)"
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (workdir / "report.md").write_text(_markdown(report, clip_cfg))
     print((workdir / "report.md").read_text(), flush=True)
@@ -305,6 +309,41 @@ def _samples(workdir: Path) -> dict:
     return scores
 
 
+RECIPE_KEYS = {
+    "clip": ("train.steps", "train.batch_size"),
+    "prior": ("train.steps", "train.batch_size"),
+    "decoder": ("train.steps", "train.batch_size", "model.patch_size", "model.base_channels",
+                "model.channel_mult", "model.num_res_blocks", "model.attention_resolutions",
+                "model.timestep_sampling", "model.embeddings_dir", "model.min_snr_gamma",
+                "model.clip_drop_prob", "model.text_drop_prob", "optim.learning_rate",
+                "train.ema_decay", "model.sample_method", "model.sample_spacing",
+                "model.sample_steps", "model.guidance_scale"),
+    "upsampler": ("train.steps", "train.batch_size", "model.patch_size",
+                  "model.base_channels", "model.sample_method", "model.sample_spacing",
+                  "model.sample_steps"),
+}
+
+
+def recipe(workdir: Path) -> dict:
+    """``{stage: {setting: value}}``: the recipe each trained stage ran with (its saved
+    config), for the report."""
+    out = {}
+    for stage, keys in RECIPE_KEYS.items():
+        path = Path(workdir) / stage / "config.json"
+        if not path.is_file():
+            continue
+        cfg = json.loads(path.read_text())
+        picked = {}
+        for key in keys:
+            node = cfg
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                picked[key] = node
+        out[stage] = picked
+    return out
+
+
 def _markdown(report: dict, clip_cfg) -> str:
     ev = report.get("clip_eval", {})
     lines = [
@@ -350,6 +389,12 @@ def _markdown(report: dict, clip_cfg) -> str:
         lines += ["", f"One 8-image guided generation after compile: "
                   f"{sm['generate_8_after_compile_s']} s{load}. Grid: `samples.png` (prompts in "
                   "`samples.txt`), variations: `variations.png`."]
+    if report.get("recipe"):
+        lines += ["", "## Recipe", "", f"Ran on {report.get('backend', '?')}.", "",
+                  "| stage | settings |", "|---|---|"]
+        for stage, picked in report["recipe"].items():
+            cells = ", ".join(f"`{k}={v!r}`" for k, v in picked.items())
+            lines.append(f"| {stage} | {cells} |")
     lines += ["", "## Wall time (s)", "",
               "Each stage's time is that of the run that did its work (stored in "
               f"`{TIMES_FILE}`); a run that found the stage finished only checked it "

@@ -26,6 +26,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[2]
 CURVE = Path("runs/curve")
 PNG = ROOT / "experiments/shapes/decoder_curve.png"
@@ -75,13 +77,35 @@ def train(recipe: str, steps: int, seed: int, demo: Path, extra: list[str]) -> P
     return wd
 
 
-def judge(decoder: Path, demo: Path, num: int, num_variations: int, **settings) -> dict:
+def with_samplers(model, decoder: str | None, upsampler: str | None):
+    """``model`` with its decoder / upsampler sampling set from "method:spacing:steps" (e.g.
+    "dpmpp_3m:logsnr:20"); None keeps the trained config's."""
+    import dataclasses
+
+    def parse(spec):
+        method, spacing, steps = spec.split(":")
+        return {"sample_method": method, "sample_spacing": spacing, "sample_steps": int(steps)}
+
+    if decoder:
+        model = dataclasses.replace(model, decoder=dataclasses.replace(model.decoder,
+                                                                      **parse(decoder)))
+    if upsampler:
+        model = dataclasses.replace(model, upsamplers=tuple(
+            dataclasses.replace(u, **parse(upsampler)) for u in model.upsamplers))
+    return model
+
+
+def judge(decoder: Path, demo: Path, num: int, num_variations: int,
+          decoder_sampler: str | None = None, upsampler_sampler: str | None = None) -> dict:
     from unclip_jax import demo as demo_lib
     from unclip_jax.pipelines import unclip
 
     model = unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
                                decoder, [demo / "upsampler"])
-    scores, _ = demo_lib.judge_chain(model, num=num, num_variations=num_variations, **settings)
+    model = with_samplers(model, decoder_sampler, upsampler_sampler)
+    settings = {k: v for k, v in (("decoder", decoder_sampler),
+                                  ("upsampler", upsampler_sampler)) if v}
+    scores, _ = demo_lib.judge_chain(model, num=num, num_variations=num_variations)
     meta = json.loads((decoder / "recipe.json").read_text()) if (
         decoder / "recipe.json").is_file() else {"recipe": decoder.name}
     row = {**meta, "decoder": str(decoder), "num_per_kind": num,
@@ -107,10 +131,12 @@ def load_rows(costs: Path) -> list[dict]:
 
 
 def report(costs: Path, png: Path = PNG) -> str:
-    import matplotlib
+    """The markdown table of every judged point and the plot (one panel per measure, one line
+    per recipe, x = decoder CPU minutes on a log scale)."""
+    import sys
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    sys.path.insert(0, str(ROOT / "experiments/ablations"))
+    import common
 
     rows = [r for r in load_rows(costs) if r["cost_s"] is not None and not r.get("settings")]
     lines = ["| recipe | seed | steps | s/step | decoder CPU s | single | two-object both | "
@@ -118,18 +144,17 @@ def report(costs: Path, png: Path = PNG) -> str:
     for r in sorted(rows, key=lambda r: (r["recipe"], r["cost_s"], r["seed"])):
         lines.append(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {r['s_per_step']:.3f} | "
                      f"{r['cost_s']:.0f} | " + " | ".join(f"{r[k]:.3f}" for k in METRICS) + " |")
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
-    for ax, key in zip(axes, METRICS):
+    panels = []
+    for key in METRICS:
+        series = []
         for recipe in sorted({r["recipe"] for r in rows}):
             pts = sorted((r["cost_s"] / 60, r[key]) for r in rows if r["recipe"] == recipe)
-            ax.plot(*zip(*pts), "o-", label=recipe, ms=4)
-        ax.set_xscale("log")
-        ax.set_xlabel("decoder training, CPU minutes (quiet 2-core)")
-        ax.set_title(key.replace("_", " "))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+            # several seeds at one cost: their mean
+            xs = sorted({x for x, _ in pts})
+            series.append((recipe, xs, [np.mean([y for x2, y in pts if x2 == x]) for x in xs]))
+        panels.append({"title": key.replace("_", " "), "xlabel": "decoder CPU min",
+                       "ylabel": "fraction", "series": series, "log_x": True})
+    common.plot_panels(png, panels, width=420)
     return "\n".join(lines)
 
 
@@ -145,10 +170,9 @@ def main(argv=None):
     j.add_argument("decoder", type=Path)
     j.add_argument("--num", type=int, default=128, help="held-out prompts of each kind")
     j.add_argument("--variations", type=int, default=16, help="renders for consistency")
-    j.add_argument("--decoder-steps", type=int, default=None)
-    j.add_argument("--decoder-method", default=None)
-    j.add_argument("--upsampler-steps", type=int, default=None)
-    j.add_argument("--upsampler-method", default=None)
+    j.add_argument("--decoder-sampler", default=None, help="method:spacing:steps, e.g. "
+                   "dpmpp_3m:logsnr:20 (default: the decoder config's)")
+    j.add_argument("--upsampler-sampler", default=None, help="method:spacing:steps")
     r = sub.add_parser("report")
     r.add_argument("--costs", type=Path, default=CURVE / "step_costs.json")
     for p in (t, j, r):
@@ -157,13 +181,8 @@ def main(argv=None):
     if args.cmd == "train":
         train(args.recipe, args.steps, args.seed, args.demo, args.set)
     elif args.cmd == "judge":
-        settings = {k: v for k, v in (("decoder_steps", args.decoder_steps),
-                                      ("decoder_method", args.decoder_method),
-                                      ("upsampler_steps", args.upsampler_steps and
-                                       (args.upsampler_steps,)),
-                                      ("upsampler_method", args.upsampler_method))
-                    if v is not None}
-        judge(args.decoder, args.demo, args.num, args.variations, **settings)
+        judge(args.decoder, args.demo, args.num, args.variations, args.decoder_sampler,
+              args.upsampler_sampler)
     else:
         print(report(args.costs))
 
