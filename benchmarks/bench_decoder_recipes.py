@@ -31,18 +31,20 @@ sys.path.insert(0, str(HERE))
 BACKEND = "cpu"
 STEPS, WARMUP = 12, 3
 
-# name -> overrides of experiments/shapes/decoder.py (the embedding cache path is filled in)
-RECIPES = {
-    "baseline": [],
-    "cached_emb": ["model.embeddings_dir={emb}"],
-    "patch2": ["model.embeddings_dir={emb}", "model.patch_size=2"],
-    "patch2_w64": ["model.embeddings_dir={emb}", "model.patch_size=2",
-                   "model.base_channels=64"],
-    "patch2_w64_attn16": ["model.embeddings_dir={emb}", "model.patch_size=2",
-                          "model.base_channels=64", "model.attention_resolutions=16,8"],
-    "patch2_w48_mult124": ["model.embeddings_dir={emb}", "model.patch_size=2",
-                           "model.base_channels=48", "model.channel_mult=1,2,4"],
-}
+
+
+def _recipes() -> dict:
+    """The recipes of ``experiments/shapes/decoder_curve.py`` (one list for both scripts)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "decoder_curve", ROOT / "experiments/shapes/decoder_curve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.RECIPES
+
+
+RECIPES = _recipes()
 
 
 def child(name: str, clip: str, emb: str) -> dict:

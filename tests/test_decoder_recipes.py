@@ -134,3 +134,39 @@ def test_logsnr_spacing_is_a_stage_spacing():
     np.testing.assert_array_equal(s.timesteps, ref.timesteps)
     with pytest.raises(ValueError, match="accepted: 'even', 'unclip', 'logsnr'"):
         U.stage_schedule("cosine", 1000, 20, "lognsr")
+
+
+def test_text_class_emb_feeds_the_final_caption_state_to_the_timestep_embedding():
+    """GLIDE's class embedding: with ``text_class_emb`` the caption state at the EOS position
+    (the last valid token) is projected into the timestep embedding — changing only that
+    state changes the output; states after it (padding) never matter."""
+    cfg = dataclasses.replace(CFG, text_layers=1, text_width=16, vocab_size=20,
+                              context_length=6, text_class_emb=True, attention_resolutions=())
+    model = D.Decoder(cfg)
+    tokens = jnp.array([[1, 5, 6, 2, 0, 0]])
+    variables = D.init_decoder(cfg, jax.random.key(0))
+    params = jax.tree.map(lambda a: getattr(a, "value", a), variables["params"],
+                          is_leaf=lambda a: hasattr(a, "value"))
+    params = jax.tree_util.tree_map_with_path(      # random weights, attention gates shut
+        lambda path, a: (jnp.zeros_like(a) if "gate" in jax.tree_util.keystr(path)
+                         else a + 0.05 * jax.random.normal(jax.random.key(1), a.shape)),
+        params)
+    assert params["text_to_emb"]["kernel"].shape == (16, 4 * cfg.base_channels)
+    text = model.apply({"params": params}, tokens, method=D.Decoder.encode_caption)
+    x = jax.random.normal(jax.random.key(2), (1, 16, 16, 3))
+    cond = {"image_emb": jnp.ones((1, 8)) / np.sqrt(8), "text": text}
+
+    def out(states):
+        return model.apply({"params": params}, x, jnp.array([40]),
+                           dict(cond, text=dict(text, states=states)))
+
+    base = out(text["states"])
+    # attention gates are zero: the caption reaches the output only through the class embedding
+    changed_eos = out(text["states"].at[0, 3].add(1.0))
+    changed_pad = out(text["states"].at[0, 5].add(1.0))
+    changed_mid = out(text["states"].at[0, 1].add(1.0))
+    assert float(jnp.abs(changed_eos - base).max()) > 1e-4
+    np.testing.assert_allclose(changed_pad, base, atol=1e-6)
+    np.testing.assert_allclose(changed_mid, base, atol=1e-6)
+    with pytest.raises(ValueError, match="text_class_emb .* needs a caption encoder"):
+        D.check_decoder_config(dataclasses.replace(CFG, text_class_emb=True))

@@ -44,6 +44,10 @@ RECIPES = {
                            "model.base_channels=48", "model.channel_mult=1,2,4"],
     "patch2_logitnorm": ["model.embeddings_dir={emb}", "model.patch_size=2",
                          "model.timestep_sampling=logit_normal"],
+    "patch2_cls": ["model.embeddings_dir={emb}", "model.patch_size=2",
+                   "model.text_class_emb=true"],
+    "patch2_lr2e3": ["model.embeddings_dir={emb}", "model.patch_size=2",
+                     "optim.learning_rate=2e-3"],
 }
 
 
@@ -120,6 +124,46 @@ def judge(decoder: Path, demo: Path, num: int, num_variations: int,
     return row
 
 
+def upsampler_check(demo: Path, specs: list[str], num: int, upsampler: Path | None = None):
+    """The upsampler's ceiling under each sampler spec ("method:spacing:steps"): the held-out
+    prompts' own 32 px renders → upsampler → the judge at 64 px, and the seconds per image."""
+    import dataclasses
+
+    import jax
+
+    from unclip_jax import demo as demo_lib
+    from unclip_jax import shapes
+    from unclip_jax.eval import metrics
+    from unclip_jax.models import decoder as D
+    from unclip_jax.pipelines import unclip
+
+    params, cfg = D.load_upsampler(upsampler or demo / "upsampler")
+    scenes = demo_lib.held_out_scenes(num=num)
+    prompts = [shapes.caption(s) for s in scenes]
+    x = np.stack([shapes.render(s, cfg.low_res_size) for s in scenes]) / 127.5 - 1
+    out = []
+    for spec in specs:
+        method, spacing, steps = spec.split(":")
+        c = dataclasses.replace(cfg, sample_method=method, sample_spacing=spacing,
+                                sample_steps=int(steps))
+        sched = unclip.upsampler_schedules([c], [int(steps)])
+        fn = jax.jit(lambda p, lo, r: unclip.upsample_chain([c], [p], lo, r, schedules=sched))
+        fn(params, x[:16].astype(np.float32), jax.random.PRNGKey(0)).block_until_ready()
+        t0 = time.perf_counter()
+        imgs = np.concatenate([unclip.to_uint8(fn(params, x[i:i + 16].astype(np.float32),
+                                                  jax.random.PRNGKey(i)))
+                               for i in range(0, len(x), 16)])
+        sec = (time.perf_counter() - t0) / len(x)
+        j = metrics.judge_scores(imgs, prompts)
+        row = {"upsampler_sampler": spec, "s_per_image": round(sec, 4),
+               **{k: j[k] for k in ("single_colour_shape", "two_both_colour_shape",
+                                    "relation", "exact")},
+               "load_average_1min": round(os.getloadavg()[0], 1)}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def load_rows(costs: Path) -> list[dict]:
     cost = {r["recipe"]: r["s_per_step"] for r in json.loads(costs.read_text())}
     rows = [json.loads(line) for line in (CURVE / "rows.jsonl").read_text().splitlines()
@@ -173,9 +217,13 @@ def main(argv=None):
     j.add_argument("--decoder-sampler", default=None, help="method:spacing:steps, e.g. "
                    "dpmpp_3m:logsnr:20 (default: the decoder config's)")
     j.add_argument("--upsampler-sampler", default=None, help="method:spacing:steps")
+    u = sub.add_parser("upsampler", help="judge real renders through the upsampler")
+    u.add_argument("specs", nargs="+", help="method:spacing:steps, e.g. ddim:even:27")
+    u.add_argument("--num", type=int, default=128)
+    u.add_argument("--upsampler", type=Path, default=None)
     r = sub.add_parser("report")
     r.add_argument("--costs", type=Path, default=CURVE / "step_costs.json")
-    for p in (t, j, r):
+    for p in (t, j, u, r):
         p.add_argument("--demo", type=Path, default=Path("runs/demo"))
     args = ap.parse_args(argv)
     if args.cmd == "train":
@@ -183,6 +231,8 @@ def main(argv=None):
     elif args.cmd == "judge":
         judge(args.decoder, args.demo, args.num, args.variations, args.decoder_sampler,
               args.upsampler_sampler)
+    elif args.cmd == "upsampler":
+        upsampler_check(args.demo, args.specs, args.num, args.upsampler)
     else:
         print(report(args.costs))
 

@@ -9,6 +9,11 @@ Decoder conditioning (Ramesh et al. 2022, §2.1), ``cond`` of the denoiser::
 * the embedding (×√E, so its entries are ~unit variance) is projected and **added to the
   timestep embedding**, and projected into ``num_clip_tokens`` (4) **context tokens**
   concatenated before the caption-encoder states; every attention block attends to them;
+* the caption pathway (``text_layers > 0``, GLIDE's): a transformer over the caption tokens
+  whose final-LN states join the context tokens; with ``text_class_emb`` its state at the last
+  caption token (EOS) is also projected and added to the timestep embedding, GLIDE's "final
+  token embedding … in place of a class embedding", so the caption reaches every residual
+  block and not only the attention layers;
 * classifier-free guidance: during training the embedding is replaced by a learned null
   embedding with probability ``clip_drop_prob`` (10%) and, independently, the caption states by
   learned null states with probability ``text_drop_prob`` (50%) — only the conditioning is
@@ -87,6 +92,7 @@ class DecoderConfig:
     text_layers: int = 0                      # 0 = no caption encoder (CLIP embedding only)
     text_width: int = 64
     text_heads: int = 4
+    text_class_emb: bool = False              # GLIDE: final caption token → timestep embedding
     vocab_size: int = 512                     # set from the tokenizer
     context_length: int = 32                  # set from data.context_length
     pad_id: int = 0                           # set from the tokenizer
@@ -177,6 +183,10 @@ def check_decoder_config(cfg: DecoderConfig) -> None:
     """ValueError naming the accepted values for a recipe option the decoder cannot take."""
     _check_patch("decoder", cfg.patch_size, cfg.image_size, len(cfg.channel_mult))
     diffusion.check_timestep_sampling(cfg.timestep_sampling, cfg.timestep_scale)
+    if cfg.text_class_emb and not cfg.use_text:
+        raise ValueError("text_class_emb adds the caption encoder's final state to the "
+                         "timestep embedding and needs a caption encoder; accepted: "
+                         "text_layers > 0, or text_class_emb=False")
     side = cfg.image_size // cfg.patch_size
     bad = [r for r in cfg.attention_resolutions if r > side or side % r]
     if bad:
@@ -241,6 +251,8 @@ class Decoder(nn.Module):
             self.text_encoder = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads,
                                             act="gelu", dtype=dt)
             self.text_ln = layer_norm()
+            if cfg.text_class_emb:
+                self.text_to_emb = dense(4 * cfg.base_channels)
             self.null_text = self.param(
                 "null_text", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                           ("length", "embed")),
@@ -303,8 +315,13 @@ class Decoder(nn.Module):
             if text is None:
                 raise ValueError("this decoder has a caption encoder: cond needs 'text' "
                                  "(encode_caption(tokens), or the null)")
-            context = jnp.concatenate([context, text["states"].astype(jnp.float32)], axis=1)
+            states = text["states"].astype(jnp.float32)
+            context = jnp.concatenate([context, states], axis=1)
             mask = jnp.concatenate([mask, text["valid"].astype(jnp.bool_)], axis=1)
+            if cfg.text_class_emb:       # GLIDE: the final token's state as a class embedding
+                last = jnp.sum(text["valid"].astype(jnp.int32), axis=1) - 1
+                final = jnp.take_along_axis(states, last[:, None, None], axis=1)[:, 0]
+                time_emb = time_emb + self.text_to_emb(final)
         return self.unet(x_t, t, emb=time_emb, context=context,
                          context_mask=mask, deterministic=deterministic)
 
