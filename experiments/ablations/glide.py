@@ -67,7 +67,9 @@ def main(argv=None) -> dict:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 6.0, 8.0])
     p.add_argument("--num-per-kind", type=int, default=32)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", default="50",
+                   help="decoder steps (spaced by its config) or a respace spec, e.g. logsnr20")
+    p.add_argument("--method", default="ddim", help="sampler, e.g. ddim, dpmpp_3m")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -89,7 +91,8 @@ def main(argv=None) -> dict:
             for r, c in enumerate(chains):
                 for seed, b, sl, inp, emb in drawn:
                     images = common.decode(c, emb, inp["text_tokens"], 1000 * seed + b,
-                                           scale=scale, steps=args.steps, mode=mode)
+                                           scale=scale, steps=args.steps, method=args.method,
+                                           mode=mode)
                     acc.update(images, prompts[sl], ref.text_feats[sl], (r, seed))
             rows[family, scale] = dict(acc.result(ref.stats), seconds=time.perf_counter() - t0)
             print(family, scale, {k: v for k, v in rows[family, scale].items()
@@ -128,12 +131,13 @@ def render(data: dict, args, rows: dict, wall: float) -> str:
         "§7)", "",
         f"`python experiments/ablations/glide.py --unclip {' '.join(args.unclip)} --glide "
         f"{' '.join(args.glide)} --scales {' '.join(f'{s:g}' for s in args.scales)} "
-        f"--num-per-kind {args.num_per_kind} --seeds {' '.join(map(str, args.seeds))}`. "
+        f"--num-per-kind {args.num_per_kind} --seeds {' '.join(map(str, args.seeds))} "
+        f"--method {args.method} --steps {args.steps}`. "
         f"{n} held-out prompts ({n // 2} one-object, {n // 2} two-object) × {k} sampling "
-        f"seeds × each training run, judged at 32 px (no upsampler); DDIM {args.steps} steps, "
-        f"η 0. unCLIP rows decode the diffusion prior's embedding (`runs/demo/prior`) with the "
-        f"caption; GLIDE rows the learned null embedding with the caption. Plot: "
-        f"`experiments/ablations/glide.png`.", "",
+        f"seeds × each training run, judged at 32 px (no upsampler); {args.method} "
+        f"{args.steps} steps, η 0. unCLIP rows decode the diffusion prior's embedding "
+        f"(`runs/demo/prior`) with the caption; GLIDE rows the learned null embedding with "
+        f"the caption. Plot: `experiments/ablations/glide.png`.", "",
         "Runs: " + "; ".join(run_description(w) for f in ("unCLIP", "GLIDE")
                              for w in data["runs"][f]) + ".", "",
         table, "",

@@ -33,29 +33,63 @@ CURVE = Path("runs/curve")
 PNG = ROOT / "experiments/shapes/decoder_curve.png"
 METRICS = ("single_colour_shape", "two_both_colour_shape", "relation", "variation_consistency")
 
+# the decoder recipe before this study (session 8's `make demo`): experiments/shapes/decoder.py
+# has since adopted the chosen recipe, so every curve run starts from these overrides and its
+# recipe's are applied on top (the "baseline" stays today's-recipe-as-it-was)
+BASE = ["model.patch_size=1", "model.timestep_sampling=uniform", "model.timestep_loc=0.0",
+        "model.timestep_scale=1.0", "model.text_class_emb=false", "model.embeddings_dir=",
+        "model.sample_method=ddim", "model.sample_spacing=even", "model.sample_steps=50",
+        "model.guidance_scale=3.0"]
 # name -> overrides of experiments/shapes/decoder.py ({emb}: the demo's embedding cache)
+_P2 = ["model.embeddings_dir={emb}", "model.patch_size=2"]
+_LN = _P2 + ["model.timestep_sampling=logit_normal"]
 RECIPES = {
     "baseline": [],
     "cached_emb": ["model.embeddings_dir={emb}"],
-    "patch2": ["model.embeddings_dir={emb}", "model.patch_size=2"],
-    "patch2_w64": ["model.embeddings_dir={emb}", "model.patch_size=2",
-                   "model.base_channels=64"],
-    "patch2_w48_mult124": ["model.embeddings_dir={emb}", "model.patch_size=2",
-                           "model.base_channels=48", "model.channel_mult=1,2,4"],
-    "patch2_logitnorm": ["model.embeddings_dir={emb}", "model.patch_size=2",
-                         "model.timestep_sampling=logit_normal"],
-    "patch2_cls": ["model.embeddings_dir={emb}", "model.patch_size=2",
-                   "model.text_class_emb=true"],
-    "patch2_lr2e3": ["model.embeddings_dir={emb}", "model.patch_size=2",
-                     "optim.learning_rate=2e-3"],
+    "patch2": _P2,
+    "patch2_w64": _P2 + ["model.base_channels=64"],
+    "patch2_w48_mult124": _P2 + ["model.base_channels=48", "model.channel_mult=1,2,4"],
+    "patch2_logitnorm": _LN,
+    "patch2_cls": _P2 + ["model.text_class_emb=true"],
+    "patch2_lr2e3": _P2 + ["optim.learning_rate=2e-3"],
+    "patch2_attn16": _P2 + ["model.attention_resolutions=16,8"],
+    "patch2_edm": _P2 + ["model.timestep_sampling=log_sigma_normal", "model.timestep_loc=-1.2",
+                         "model.timestep_scale=1.2"],
+    "p2ln_cls": _LN + ["model.text_class_emb=true"],
+    "p2ln_lr2e3": _LN + ["optim.learning_rate=2e-3"],
+    "p2ln_attn16": _LN + ["model.attention_resolutions=16,8"],
+    "p2ln_tdrop02": _LN + ["model.text_drop_prob=0.2"],
+    "p2ln_loc05": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=0.5"],
+    "p2ln_nosnr": _LN + ["model.min_snr_gamma=0"],
+    "p2ln_loc10": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0"],
+    "p2ln_b64": _LN + ["train.batch_size=64"],
+    "p2ln_b128": _LN + ["train.batch_size=128"],
+    "patch2_b64": _P2 + ["train.batch_size=64"],
+    "patch2_b128": _P2 + ["train.batch_size=128"],
+    "p2ln05_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=0.5",
+                         "model.text_class_emb=true"],
+    "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
+                         "model.text_class_emb=true"],
+    # GLIDE-style caption-only decoder, same network and recipe as p2ln_cls (glide.py)
+    "glide_p2ln_cls": _LN + ["model.text_class_emb=true", "model.clip_drop_prob=1",
+                             "model.text_drop_prob=0.2"],
 }
+# recipes whose training step is the same computation as another's (only the timestep
+# distribution, drop rates or learning rate differ): their cost is that recipe's
+SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm": "patch2",
+             "p2ln_lr2e3": "patch2", "p2ln_tdrop02": "patch2", "p2ln_loc05": "patch2",
+             "p2ln_loc10": "patch2",
+             "p2ln_nosnr": "patch2", "p2ln_b64": "patch2_b64", "p2ln_b128": "patch2_b128",
+             "p2ln_cls": "patch2_cls", "p2ln_attn16": "patch2_attn16",
+             "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
+             "p2ln10_cls": "patch2_cls"}
 
 
 def overrides(recipe: str, demo: Path, steps: int, seed: int) -> list[str]:
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     d = demo.absolute()
-    return [o.format(emb=d / "embeddings") for o in RECIPES[recipe]] + [
+    return BASE + [o.format(emb=d / "embeddings") for o in RECIPES[recipe]] + [
         f"model.clip_workdir={d}/clip", f"data.tokenizer={d}/tokenizer.model",
         f"train.steps={steps}", f"train.seed={seed}", f"train.ckpt_every={max(500, steps)}"]
 
@@ -81,11 +115,15 @@ def train(recipe: str, steps: int, seed: int, demo: Path, extra: list[str]) -> P
     return wd
 
 
-def with_samplers(model, decoder: str | None, upsampler: str | None):
+def with_samplers(model, decoder: str | None, upsampler: str | None,
+                  guidance: float | None = None):
     """``model`` with its decoder / upsampler sampling set from "method:spacing:steps" (e.g.
-    "dpmpp_3m:logsnr:20"); None keeps the trained config's."""
+    "dpmpp_3m:logsnr:20") and the decoder's guidance scale; None keeps the trained config's."""
     import dataclasses
 
+    if guidance is not None:
+        model = dataclasses.replace(model, decoder=dataclasses.replace(
+            model.decoder, guidance_scale=float(guidance)))
     def parse(spec):
         method, spacing, steps = spec.split(":")
         return {"sample_method": method, "sample_spacing": spacing, "sample_steps": int(steps)}
@@ -100,15 +138,17 @@ def with_samplers(model, decoder: str | None, upsampler: str | None):
 
 
 def judge(decoder: Path, demo: Path, num: int, num_variations: int,
-          decoder_sampler: str | None = None, upsampler_sampler: str | None = None) -> dict:
+          decoder_sampler: str | None = None, upsampler_sampler: str | None = None,
+          guidance: float | None = None) -> dict:
     from unclip_jax import demo as demo_lib
     from unclip_jax.pipelines import unclip
 
     model = unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
                                decoder, [demo / "upsampler"])
-    model = with_samplers(model, decoder_sampler, upsampler_sampler)
+    model = with_samplers(model, decoder_sampler, upsampler_sampler, guidance)
     settings = {k: v for k, v in (("decoder", decoder_sampler),
-                                  ("upsampler", upsampler_sampler)) if v}
+                                  ("upsampler", upsampler_sampler), ("guidance", guidance))
+                if v is not None}
     scores, _ = demo_lib.judge_chain(model, num=num, num_variations=num_variations)
     meta = json.loads((decoder / "recipe.json").read_text()) if (
         decoder / "recipe.json").is_file() else {"recipe": decoder.name}
@@ -166,6 +206,7 @@ def upsampler_check(demo: Path, specs: list[str], num: int, upsampler: Path | No
 
 def load_rows(costs: Path) -> list[dict]:
     cost = {r["recipe"]: r["s_per_step"] for r in json.loads(costs.read_text())}
+    cost.update({k: cost[v] for k, v in SAME_COST.items() if v in cost and k not in cost})
     rows = [json.loads(line) for line in (CURVE / "rows.jsonl").read_text().splitlines()
             if line.strip()]
     for r in rows:
@@ -217,6 +258,7 @@ def main(argv=None):
     j.add_argument("--decoder-sampler", default=None, help="method:spacing:steps, e.g. "
                    "dpmpp_3m:logsnr:20 (default: the decoder config's)")
     j.add_argument("--upsampler-sampler", default=None, help="method:spacing:steps")
+    j.add_argument("--guidance", type=float, default=None, help="decoder guidance scale")
     u = sub.add_parser("upsampler", help="judge real renders through the upsampler")
     u.add_argument("specs", nargs="+", help="method:spacing:steps, e.g. ddim:even:27")
     u.add_argument("--num", type=int, default=128)
@@ -230,7 +272,7 @@ def main(argv=None):
         train(args.recipe, args.steps, args.seed, args.demo, args.set)
     elif args.cmd == "judge":
         judge(args.decoder, args.demo, args.num, args.variations, args.decoder_sampler,
-              args.upsampler_sampler)
+              args.upsampler_sampler, args.guidance)
     elif args.cmd == "upsampler":
         upsampler_check(args.demo, args.specs, args.num, args.upsampler)
     else:
