@@ -33,18 +33,20 @@ STEPS, WARMUP = 12, 3
 
 
 
-def _recipes() -> dict:
-    """The recipes of ``experiments/shapes/decoder_curve.py`` (one list for both scripts)."""
+def _curve():
+    """``experiments/shapes/decoder_curve.py`` (its recipes and their common base: one list for
+    both scripts)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
         "decoder_curve", ROOT / "experiments/shapes/decoder_curve.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.RECIPES
+    return mod
 
 
-RECIPES = _recipes()
+CURVE = _curve()
+RECIPES = CURVE.RECIPES
 
 
 def child(name: str, clip: str, emb: str) -> dict:
@@ -61,7 +63,7 @@ def child(name: str, clip: str, emb: str) -> dict:
     from unclip_jax.train.optim import make_optimizer
     from unclip_jax.train.state import TrainState
 
-    overrides = [o.format(emb=emb) for o in RECIPES[name]] + [
+    overrides = CURVE.BASE + [o.format(emb=emb) for o in RECIPES[name]] + [
         f"model.clip_workdir={clip}", f"data.tokenizer={Path(clip).parent}/tokenizer.model"]
     cfg = config_lib.load_config(ROOT / "experiments/shapes/decoder.py", overrides)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +109,8 @@ def run(names=None, clip: str = "runs/demo/clip", emb: str = "runs/demo/embeddin
     base = rows[0]["s_per_step"]
     lines = [
         "## Decoder recipes: seconds per training step (`bench_decoder_recipes.py`)", "",
-        "`experiments/shapes/decoder.py` with each recipe's overrides, built by the real "
+        "`experiments/shapes/decoder.py` set back to the recipe before the study "
+        "(`decoder_curve.BASE`) with each recipe's overrides, built by the real "
         "training task, stepped as `make demo` trains on this CPU (one XLA device per core, "
         f"data-parallel); median of {STEPS} steps after {WARMUP} warm-up calls; 1-minute load "
         f"average {load:.1f} before the runs.", "",

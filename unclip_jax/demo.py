@@ -135,8 +135,11 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
     w = workdir.absolute()
     chain = {
         "prior": ("prior.py", [f"model.clip_workdir={w}/clip", f"model.cache_dir={w}/embeddings"]),
+        # the decoder reads the prior stage's CLIP image embeddings instead of running the
+        # frozen image tower in every step (the same embeddings: tests/test_embeddings.py)
         "decoder": ("decoder.py", [f"model.clip_workdir={w}/clip",
-                                   f"data.tokenizer={w}/tokenizer.model"]),
+                                   f"data.tokenizer={w}/tokenizer.model",
+                                   f"model.embeddings_dir={w}/embeddings"]),
         "upsampler": ("upsampler.py", []),
     }
     # every config is loaded (and its overrides checked) before the first stage trains
@@ -314,7 +317,8 @@ RECIPE_KEYS = {
     "prior": ("train.steps", "train.batch_size"),
     "decoder": ("train.steps", "train.batch_size", "model.patch_size", "model.base_channels",
                 "model.channel_mult", "model.num_res_blocks", "model.attention_resolutions",
-                "model.timestep_sampling", "model.embeddings_dir", "model.min_snr_gamma",
+                "model.timestep_sampling", "model.timestep_loc", "model.text_class_emb",
+                "model.embeddings_dir", "model.min_snr_gamma",
                 "model.clip_drop_prob", "model.text_drop_prob", "optim.learning_rate",
                 "train.ema_decay", "model.sample_method", "model.sample_spacing",
                 "model.sample_steps", "model.guidance_scale"),

@@ -70,9 +70,13 @@ RECIPES = {
                          "model.text_class_emb=true"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
-    # GLIDE-style caption-only decoder, same network and recipe as p2ln_cls (glide.py)
+    # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
+    # (experiments/ablations/glide.py): the embedding always the learned null, caption drop 20 %
     "glide_p2ln_cls": _LN + ["model.text_class_emb=true", "model.clip_drop_prob=1",
                              "model.text_drop_prob=0.2"],
+    "glide_p2ln05_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=0.5",
+                               "model.text_class_emb=true", "model.clip_drop_prob=1",
+                               "model.text_drop_prob=0.2"],
 }
 # recipes whose training step is the same computation as another's (only the timestep
 # distribution, drop rates or learning rate differ): their cost is that recipe's
@@ -82,7 +86,7 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_nosnr": "patch2", "p2ln_b64": "patch2_b64", "p2ln_b128": "patch2_b128",
              "p2ln_cls": "patch2_cls", "p2ln_attn16": "patch2_attn16",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
-             "p2ln10_cls": "patch2_cls"}
+             "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
 
 
 def overrides(recipe: str, demo: Path, steps: int, seed: int) -> list[str]:
@@ -215,15 +219,24 @@ def load_rows(costs: Path) -> list[dict]:
     return rows
 
 
-def report(costs: Path, png: Path = PNG) -> str:
-    """The markdown table of every judged point and the plot (one panel per measure, one line
-    per recipe, x = decoder CPU minutes on a log scale)."""
+# the sampling every curve point is judged with (the demo's): decoder and upsampler
+# DPM-Solver++(3M) on log-SNR-even steps, decoder guidance 3 (the configs')
+CURVE_SETTINGS = {"decoder": "dpmpp_3m:logsnr:20", "upsampler": "dpmpp_3m:logsnr:10"}
+
+
+def report(costs: Path, png: Path = PNG, settings: dict | None = None) -> str:
+    """The markdown table of every point judged with ``settings`` (default
+    :data:`CURVE_SETTINGS`; a decoder judged twice so: its last row) and the plot (one panel per
+    measure, one line per recipe, x = decoder CPU minutes on a log scale)."""
     import sys
 
     sys.path.insert(0, str(ROOT / "experiments/ablations"))
     import common
 
-    rows = [r for r in load_rows(costs) if r["cost_s"] is not None and not r.get("settings")]
+    settings = CURVE_SETTINGS if settings is None else settings
+    last = {r["decoder"]: r for r in load_rows(costs)
+            if r["cost_s"] is not None and r.get("settings") == settings}
+    rows = list(last.values())
     lines = ["| recipe | seed | steps | s/step | decoder CPU s | single | two-object both | "
              "relation | variation consistency |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["recipe"], r["cost_s"], r["seed"])):
