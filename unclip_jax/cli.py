@@ -17,6 +17,7 @@ def _train(args) -> None:
     sharding.maybe_initialize_distributed()   # multi-host launches; before any computation
     cfg = config_lib.load_config(args.config, args.set)
     loop.prepare_workdir(args.workdir)
+    loop.check_same_run(cfg, args.workdir)    # several processes: same code, config, workdir
     cfg, task = tasks.build_task(cfg, args.workdir)
     loop.train(cfg, task, args.workdir)
 
@@ -88,6 +89,7 @@ COMMAND_MODULES = (
     "unclip_jax.commands.unclip",
     "unclip_jax.commands.describe",
     "unclip_jax.commands.convert",
+    "unclip_jax.commands.launch",
 )
 
 
@@ -166,9 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     from unclip_jax.train.loop import NonFiniteError
 
     try:
+        if args.command != "launch":     # the launcher starts processes; it never joins them
+            from unclip_jax import sharding
+
+            sharding.maybe_initialize_distributed()   # a multi-host launch; before computing
         args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError, PermissionError, CheckpointWriteError,
-            NonFiniteError) as e:
+    except (KeyError, ValueError, FileNotFoundError, PermissionError, ConnectionError,
+            CheckpointWriteError, NonFiniteError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"unclip-jax {args.command}: error: {msg}", file=sys.stderr)
         return 2
