@@ -30,8 +30,24 @@ def _evaluate(args) -> None:
     cfg, task = tasks.build_task(cfg, args.workdir)
     metrics = loop.evaluate_checkpoint(cfg, task, args.workdir, args.step)
     print(json.dumps(metrics, indent=2))
-    if args.out:
+    if args.out and _writer():
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _writer() -> bool:
+    """Whether this process writes a command's output files (several processes: process 0)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _on_process_0(name: str, fn) -> None:
+    """Run ``fn`` on process 0 only; every process waits until it is done."""
+    from unclip_jax import sharding
+
+    if _writer():
+        fn()
+    sharding.barrier(name)
 
 
 def _tokenizer_train(args) -> None:
@@ -42,9 +58,13 @@ def _tokenizer_train(args) -> None:
 
     data_cfg = DataConfig(name=args.data, data_dir=args.data_dir)
     ensure_dataset(data_cfg)
-    tok = train_tokenizer_from_dataset(input_pipeline.open_source(data_cfg, "train"), args.out,
-                                       args.vocab_size)
-    print(f"wrote {args.out} ({tok.vocab_size} tokens)")
+
+    def train():
+        tok = train_tokenizer_from_dataset(input_pipeline.open_source(data_cfg, "train"),
+                                           args.out, args.vocab_size)
+        print(f"wrote {args.out} ({tok.vocab_size} tokens)")
+
+    _on_process_0(f"tokenizer {args.out}", train)
 
 
 def _data_shapes(args) -> None:
@@ -52,17 +72,21 @@ def _data_shapes(args) -> None:
 
     sizes = dict(num_train=args.num_train, num_validation=args.num_validation,
                  num_test=args.num_test, seed=args.seed)
-    build_captioned_shapes(args.data_dir, resolution=args.resolution, **sizes)
+    _on_process_0("data shapes", lambda: build_captioned_shapes(
+        args.data_dir, resolution=args.resolution, **sizes))
     print(f"built {dataset_name(args.resolution, **sizes)} in {args.data_dir}")
 
 
 def _data_captions(args) -> None:
     from unclip_jax.datasets.image_captions import build_image_captions
 
-    _, summary = build_image_captions(args.source, args.data_dir, args.name,
-                                      resolution=args.resolution,
-                                      val_fraction=args.val_fraction, seed=args.seed)
-    print(summary)
+    def build():
+        _, summary = build_image_captions(args.source, args.data_dir, args.name,
+                                          resolution=args.resolution,
+                                          val_fraction=args.val_fraction, seed=args.seed)
+        print(summary)
+
+    _on_process_0("data captions", build)
 
 
 def _demo(args) -> None:

@@ -26,27 +26,35 @@ def ensure_dataset(data_cfg: DataConfig) -> None:
     """Build ``captioned_shapes/r<N>`` on first use (it is procedural); other datasets must
     already be prepared (``open_source`` says how when they are not). Several processes:
     process 0 builds it (into the shared ``data_dir``) while the others wait."""
-    family, _, _ = data_cfg.name.partition("/")
-    if family != "captioned_shapes":
+    if data_cfg.name.partition("/")[0] != "captioned_shapes":
         return
-    if sharding.is_main_process():
-        _build_shapes(data_cfg)
+    resolution = _shapes_to_build(data_cfg)      # every process: the same error, if any
+    if resolution is not None and sharding.is_main_process():
+        _build_shapes(data_cfg, resolution)
     sharding.barrier(f"dataset {data_cfg.name}")
 
 
-def _build_shapes(data_cfg: DataConfig) -> None:
-    _, _, config = data_cfg.name.partition("/")
+def _shapes_to_build(data_cfg: DataConfig) -> int | None:
+    """The resolution of a ``captioned_shapes/r<N>`` that is not built yet (None: nothing to
+    build, or not captioned_shapes); FileNotFoundError for a missing one of another name."""
+    family, _, config = data_cfg.name.partition("/")
+    if family != "captioned_shapes":
+        return None
     try:
         input_pipeline.dataset_dir(data_cfg.name, data_cfg.data_dir)
-        return
+        return None
     except FileNotFoundError:
         match = re.fullmatch(r"r(\d+)", config)
         if not match:
             raise
+    return int(match.group(1))
+
+
+def _build_shapes(data_cfg: DataConfig, resolution: int) -> None:
     from unclip_jax.datasets.captioned_shapes import build_captioned_shapes
 
     print(f"building {data_cfg.name} into {data_cfg.data_dir} ...", flush=True)
-    build_captioned_shapes(data_cfg.data_dir, resolution=int(match.group(1)))
+    build_captioned_shapes(data_cfg.data_dir, resolution=resolution)
 
 
 def tokenizer_path(data_cfg: DataConfig, workdir: str | Path) -> Path:
@@ -62,8 +70,10 @@ def ensure_tokenizer(data_cfg: DataConfig, workdir: str | Path) -> Tokenizer:
         raise FileNotFoundError(f"tokenizer {str(path)!r} (data.tokenizer) does not exist; "
                                 "train one with `unclip-jax tokenizer train` or leave "
                                 "data.tokenizer empty to train it in the workdir")
-    ensure_dataset(data_cfg)
     if sharding.is_main_process() and not path.is_file():
+        resolution = _shapes_to_build(data_cfg)
+        if resolution is not None:
+            _build_shapes(data_cfg, resolution)
         _train_tokenizer(data_cfg, path)
     sharding.barrier(f"tokenizer {path}")
     if not path.is_file():
