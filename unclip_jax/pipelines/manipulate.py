@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from unclip_jax import diffusion, images as images_lib
+from unclip_jax import diffusion, images as images_lib, sharding
 from unclip_jax.commands.decoder import save_grid, to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.pipelines import unclip as U
@@ -166,7 +166,7 @@ class Manipulator:
             z, x_T = U.place_batch(z, mesh), U.place_batch(x_T, mesh)
         out = self._decode(params, z, x_T, jax.random.PRNGKey(seed), self.guidance,
                            jnp.float32(eta))
-        return to_uint8(U.fetch(out))
+        return to_uint8(sharding.fetch(out))
 
     def noise(self, n: int, seed: int) -> jax.Array:
         return jax.random.normal(jax.random.PRNGKey(seed), (n, self.size, self.size, 3))

@@ -549,13 +549,8 @@ def place_batch(x, mesh: jax.sharding.Mesh):
     """Host (or this process's) array ``x`` split over ``mesh``'s ``data`` axis (every process
     passes the same ``x`` when the mesh spans processes)."""
     if spans_processes(mesh):
-        return sharding.from_host(fetch(x), batch_shardings(mesh))
+        return sharding.from_host(sharding.fetch(x), batch_shardings(mesh))
     return jax.device_put(x, batch_shardings(mesh)(np.ndim(x)))
-
-
-def fetch(x) -> np.ndarray:
-    """The whole of a sampled array on this host (gathered when it spans processes)."""
-    return sharding.fetch(x)
 
 
 def batch_shardings(mesh: jax.sharding.Mesh | None):
@@ -685,7 +680,7 @@ def generate(unclip: UnCLIP, captions: Sequence[str], seed: int = 0, *,
                             else prior_guidance),
                 jnp.float32(unclip.decoder.guidance_scale if decoder_guidance is None
                             else decoder_guidance))
-    return to_uint8(fetch(fn(params, tokens, jax.random.PRNGKey(seed), guidance)))
+    return to_uint8(sharding.fetch(fn(params, tokens, jax.random.PRNGKey(seed), guidance)))
 
 
 # ============================================================================ judge scores
