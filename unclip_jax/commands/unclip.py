@@ -166,7 +166,10 @@ def _sample(args) -> None:
     report = {"prompts": batch, "exact": [bool(s["exact"]) for s in scores],
               "colour_shape_correct": [list(map(bool, s["colour_shape_correct"]))
                                        for s in scores]}
-    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2))
+    import jax
+
+    if jax.process_index() == 0:           # several processes: one writer
+        Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2))
 
 
 def _variations(args) -> None:

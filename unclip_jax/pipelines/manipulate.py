@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from unclip_jax import diffusion, images as images_lib
+from unclip_jax import diffusion, images as images_lib, sharding
 from unclip_jax.commands.decoder import save_grid, to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.pipelines import unclip as U
@@ -158,10 +158,15 @@ class Manipulator:
         """uint8 ``[N, H, W, 3]`` from latents (DDIM with ``eta``, then the upsamplers)."""
         if eta < 0:
             raise ValueError(f"eta must be ≥ 0, got {eta}")
-        out = self._decode(self.unclip.params, jnp.asarray(z, jnp.float32),
-                           jnp.asarray(x_T, jnp.float32), jax.random.PRNGKey(seed),
-                           self.guidance, jnp.float32(eta))
-        return to_uint8(out)
+        params, z, x_T = self.unclip.params, jnp.asarray(z, jnp.float32), jnp.asarray(x_T,
+                                                                                   jnp.float32)
+        mesh = U.sampling_mesh(z.shape[0]) if jax.process_count() > 1 else None
+        if U.spans_processes(mesh):      # several hosts: the batch split over all of them
+            params = U.replicated_params(self.unclip, mesh)
+            z, x_T = U.place_batch(z, mesh), U.place_batch(x_T, mesh)
+        out = self._decode(params, z, x_T, jax.random.PRNGKey(seed), self.guidance,
+                           jnp.float32(eta))
+        return to_uint8(sharding.fetch(out))
 
     def noise(self, n: int, seed: int) -> jax.Array:
         return jax.random.normal(jax.random.PRNGKey(seed), (n, self.size, self.size, 3))
@@ -259,7 +264,8 @@ def text_diff(unclip: U.UnCLIP, image: ImageLike, caption_from: str, caption_to:
 def write_grid(images: np.ndarray | Sequence[np.ndarray], path: str | os.PathLike,
                columns: int | None = None) -> Path:
     """Save uint8 images ``[N, H, W, 3]`` (or a list of such rows) as one PNG grid of
-    ``columns`` per row (default: all in one row). Returns the path."""
+    ``columns`` per row (default: all in one row). Returns the path. Several processes: only
+    process 0 writes (every process holds the same images)."""
     if isinstance(images, np.ndarray):
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"write_grid takes uint8 [N, H, W, 3], got {images.dtype} "
@@ -270,7 +276,8 @@ def write_grid(images: np.ndarray | Sequence[np.ndarray], path: str | os.PathLik
         rows = [np.asarray(r) for r in images]
     if not rows or not any(len(r) for r in rows):
         raise ValueError("write_grid got no images")
-    save_grid(rows, path)
+    if jax.process_index() == 0:
+        save_grid(rows, path)
     return Path(path)
 
 

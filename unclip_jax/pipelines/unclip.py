@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import diffusion
+from unclip_jax import diffusion, sharding
 from unclip_jax.commands.decoder import to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
@@ -523,14 +523,34 @@ def upsample_chain(cfgs: Sequence[D.UpsamplerConfig], params: Sequence, x: jax.A
 
 
 def sampling_mesh(batch: int) -> jax.sharding.Mesh | None:
-    """A one-axis ``("data",)`` mesh over this process's devices to split a sampling batch of
-    ``batch`` over (each device draws ``batch / n`` of the samples), or None when there is one
-    device or the batch does not split evenly. On a CPU split into one device per core
+    """A one-axis ``("data",)`` mesh to split a sampling batch of ``batch`` over (each device
+    draws ``batch / n`` of the samples), or None when there is one device or the batch does
+    not split evenly. Several processes (a pod slice): every process's devices when the batch
+    splits over all of them (every process must then make the same call, with the same
+    prompts: the samples are computed once, split over the hosts, and gathered), else this
+    process's own. On a CPU split into one device per core
     (:func:`unclip_jax.sharding.split_cpu_cores`) this keeps every core busy while sampling."""
+    if jax.process_count() > 1 and batch % jax.device_count() == 0:
+        return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     devices = jax.local_devices()
     if len(devices) < 2 or batch % len(devices):
         return None
     return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+def spans_processes(mesh: jax.sharding.Mesh | None) -> bool:
+    """Whether ``mesh`` holds other processes' devices (its arrays are placed with
+    :func:`unclip_jax.sharding.from_host` and read with :func:`unclip_jax.sharding.fetch`)."""
+    return mesh is not None and any(d.process_index != jax.process_index()
+                                    for d in mesh.devices.flat)
+
+
+def place_batch(x, mesh: jax.sharding.Mesh):
+    """Host (or this process's) array ``x`` split over ``mesh``'s ``data`` axis (every process
+    passes the same ``x`` when the mesh spans processes)."""
+    if spans_processes(mesh):
+        return sharding.from_host(sharding.fetch(x), batch_shardings(mesh))
+    return jax.device_put(x, batch_shardings(mesh)(np.ndim(x)))
 
 
 def batch_shardings(mesh: jax.sharding.Mesh | None):
@@ -545,12 +565,15 @@ _REPLICATED: dict = {}
 
 
 def replicated_params(unclip: UnCLIP, mesh: jax.sharding.Mesh):
-    """``unclip.params`` copied onto every device of ``mesh`` (once per model and mesh)."""
+    """``unclip.params`` copied onto every device of ``mesh`` (once per model and mesh; from
+    each host's own copy when the mesh spans processes)."""
     key = (id(unclip.params), mesh)
     if key not in _REPLICATED:
         _REPLICATED.clear()             # one model's copies at a time
-        _REPLICATED[key] = (unclip.params, jax.device_put(
-            unclip.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+        everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        _REPLICATED[key] = (unclip.params, sharding.from_host(unclip.params, everywhere)
+                            if spans_processes(mesh)
+                            else jax.device_put(unclip.params, everywhere))
     return _REPLICATED[key][1]
 
 
@@ -640,8 +663,9 @@ def generate(unclip: UnCLIP, captions: Sequence[str], seed: int = 0, *,
              split: bool = True, **settings) -> np.ndarray:
     """uint8 images ``[B, H, W, 3]`` for ``captions`` (tokenized on the host, then the jitted
     chain). ``settings``: the fields of :class:`Settings`; guidance defaults to the configs'.
-    ``split``: spread the batch over this process's devices when it divides evenly
-    (:func:`sampling_mesh`; the same images as on one device)."""
+    ``split``: spread the batch over the devices when it divides evenly (:func:`sampling_mesh`:
+    with several processes, over every process's devices — each process must then make the
+    same call; the same images as on one device)."""
     captions = check_prompts(captions)
     if unclip.tokenizer is None:
         raise ValueError("this UnCLIP has no tokenizer; pass token ids to make_text_to_image")
@@ -650,13 +674,13 @@ def generate(unclip: UnCLIP, captions: Sequence[str], seed: int = 0, *,
     tokens = unclip.tokenizer.encode(captions, unclip.clip.context_length)
     params = unclip.params
     if mesh is not None:
-        tokens = jax.device_put(tokens, batch_shardings(mesh)(2))
+        tokens = place_batch(tokens, mesh)
         params = replicated_params(unclip, mesh)
     guidance = (jnp.float32(unclip.prior.guidance_scale if prior_guidance is None
                             else prior_guidance),
                 jnp.float32(unclip.decoder.guidance_scale if decoder_guidance is None
                             else decoder_guidance))
-    return to_uint8(fn(params, tokens, jax.random.PRNGKey(seed), guidance))
+    return to_uint8(sharding.fetch(fn(params, tokens, jax.random.PRNGKey(seed), guidance)))
 
 
 # ============================================================================ judge scores
@@ -685,6 +709,6 @@ __all__ = ["ClipBPE", "Settings", "UnCLIP", "check_chain", "check_prompts", "che
            "decode", "decoder_conds", "decoder_schedule", "encode_text", "fit_tokens",
            "generate", "load_tokenizer", "load_unclip", "make_text_to_image",
            "needs_empty_caption", "prior_embeddings", "prior_schedule", "replicated_params",
-           "sampling_mesh", "score_prompts",
+           "place_batch", "sampling_mesh", "spans_processes", "score_prompts",
            "settings_from", "stage_schedule", "text_mask", "to_uint8", "unit",
            "upsample_chain", "upsampler_schedules", "upsampler_stages", "with_empty_caption"]
