@@ -60,7 +60,7 @@ from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
 from unclip_jax.models.clip import CLIP, CLIPConfig, eos_positions
 
-SPACINGS = ("even", "unclip", "logsnr")  # sample_spacing values (see stage_schedule)
+SPACINGS = ("even", "unclip", "logsnr", "dpm")  # sample_spacing values (see stage_schedule)
 UNCONDS = ("learned", "empty_caption")  # PriorConfig.uncond values
 RESIZES = ("linear", "cubic")           # UpsamplerConfig.low_res_resize values
 
@@ -352,11 +352,12 @@ def stage_schedule(kind: str, num_timesteps: int, steps: int, spacing: str = "ev
     :func:`~unclip_jax.diffusion.respace`, ``round(k·(T−1)/(n−1))``), "unclip" (diffusers'
     ``UnCLIPScheduler``: the same rule in its float arithmetic, which rounds some ties — e.g.
     499.5 at 27 steps — the other way; :func:`unclip_jax.convert.karlo.karlo_schedule`) or
-    "logsnr" (evenly in log-SNR, ``respace(…, "logsnrN")``: what the multistep DPM-Solver++
-    samplers want at few steps)."""
+    "logsnr" (evenly in log-SNR, ``respace(…, "logsnrN")``) or "dpm" (diffusers'
+    ``DPMSolverMultistepScheduler`` grid, ``respace(…, "dpmN")``): the grids the multistep
+    DPM-Solver++ samplers want at few steps (docs/solvers.md)."""
     _check_choice("sample_spacing", spacing, SPACINGS)
-    if spacing == "logsnr":
-        return diffusion.make_schedule(kind, num_timesteps, f"logsnr{int(steps)}")
+    if spacing in ("logsnr", "dpm"):
+        return diffusion.make_schedule(kind, num_timesteps, f"{spacing}{int(steps)}")
     if spacing == "unclip":
         from unclip_jax.convert.karlo import karlo_schedule
 
