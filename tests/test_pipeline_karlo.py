@@ -265,6 +265,230 @@ def test_cli_sample_tokenizer_errors(stack, tmp_path, capsys):
         capsys.readouterr().err)
 
 
+# ---------------------------------------------------------------------------- manipulations
+
+MANIP = dict(steps=4, fixed_point_iters=1, decoder_steps=3, upsampler_steps=(3,))
+
+
+@pytest.fixture(scope="module")
+def photo():
+    """A 40×36 RGB image (an odd size: resized and centre-cropped on the way in)."""
+    from unclip_jax import shapes
+
+    return shapes.render(shapes.sample_scene(0, 3), 40)[:, 2:38]
+
+
+def _psnr(a, b):
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
+
+
+def test_karlo_image_embedding_is_the_raw_clip_feature(stack, photo):
+    """Karlo's decoder reads the raw projected CLIP image feature (``image_embeds``), taken
+    from the image at the CLIP's own resolution, not from the decoder-sized pixels."""
+    from unclip_jax.pipelines import manipulate as M
+
+    _, model = stack
+    m = M.Manipulator(model, **MANIP)
+    px = m.pixels([photo], CLIP_CFG.image_size)
+    z = np.asarray(m.embed(px))
+    feat = CLIP(CLIP_CFG).apply({"params": model.params["clip"]}, px,
+                                method=lambda mod, x: mod.visual(x)[1])
+    np.testing.assert_allclose(z, feat, rtol=1e-5, atol=1e-6)
+    assert abs(float(np.linalg.norm(z)) - 1.0) > 1e-2            # raw, not unit norm
+    np.testing.assert_allclose(m.encode([photo])[1], z, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="the CLIP takes 8×8 pixels"):
+        m.embed(m.pixels([photo], 16))
+
+
+def test_karlo_inversion_regenerates_the_image(stack, photo):
+    """DDIM inversion of the converted decoder (guided, empty caption, raw z_i) decoded with
+    η = 0 gives the image back (at the decoder's resolution); the same z_i from other noise
+    does not."""
+    from unclip_jax.pipelines import manipulate as M
+
+    _, model = stack
+    bare = dataclasses.replace(model, upsamplers=(), params=dict(model.params, upsamplers=()))
+    m = M.Manipulator(bare, steps=10, fixed_point_iters=2)
+    x, z, x_T = m.encode([photo])
+    target = U.to_uint8(x)
+    rec = m.decode(z, x_T, eta=0.0)
+    assert _psnr(rec, target) >= 30.0, _psnr(rec, target)
+    assert _psnr(m.decode(z, m.noise(1, 0), eta=0.0), target) < 15.0
+
+
+def test_karlo_manipulations_through_the_super_resolution(stack, photo):
+    from unclip_jax.pipelines import manipulate as M
+
+    _, model = stack
+    m = M.Manipulator(model, **MANIP)
+    _, z, x_T = m.encode([photo])
+    rec = M.reconstruct(model, photo, **MANIP)
+    assert rec.shape == (1, SR_SIZE, SR_SIZE, 3)
+    np.testing.assert_array_equal(rec, m.decode(z, x_T))
+
+    var = M.variations(model, photo, n=2, eta=1.0, seed=0, **MANIP)
+    assert var.shape == (2, SR_SIZE, SR_SIZE, 3) and np.abs(var[0].astype(int) - var[1]).max()
+    fresh = M.variations(model, photo, n=2, seed=3, from_inversion=False, **MANIP)
+    np.testing.assert_array_equal(fresh, U.to_uint8(m.sample(jnp.repeat(z, 2, 0), seed=3)))
+    assert np.abs(fresh[0].astype(int) - fresh[1]).max() > 0
+
+    # θ = 0 is image a's own latent. Not bit-equal to the reconstruction: the
+    # super-resolution's first step (t = 999, x̂₀ = (x − σε)/α, σ/α ≈ 2·10⁴) amplifies the
+    # round-off of another batch size into a few pixels' last bits. (Later rows draw other
+    # super-resolution noise than row 0 of a one-image batch, so only row 0 compares.)
+    other = np.ascontiguousarray(photo[::-1, ::-1])
+    inter = M.interpolate(model, photo, other, frames=3, **MANIP)
+    assert inter.shape == (3, SR_SIZE, SR_SIZE, 3)
+    assert _psnr(inter[0], rec[0]) > 35.0
+    assert _psnr(inter[1], inter[0]) < 30.0 and _psnr(inter[2], inter[1]) < 30.0
+
+    diff = M.text_diff(model, photo, "hello", "the hello", frames=3, **MANIP)
+    assert _psnr(diff[0], rec[0]) > 35.0
+    assert _psnr(diff[-1], rec[0]) < 30.0
+
+
+def test_raw_embeddings_interpolate_direction_and_norm():
+    from unclip_jax.pipelines import manipulate as M
+
+    rng = np.random.default_rng(0)
+    a, b = 3.0 * rng.normal(size=E), 5.0 * rng.normal(size=E)
+    out = np.asarray(M.slerp_embeddings(a, b, jnp.linspace(0, 1, 5)))
+    np.testing.assert_allclose(out[0], a, rtol=1e-5)
+    np.testing.assert_allclose(out[-1], b, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=-1),
+                               np.linspace(np.linalg.norm(a), np.linalg.norm(b), 5), rtol=1e-5)
+    ua, ub = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    np.testing.assert_allclose(M.slerp_embeddings(ua, ub, jnp.array([0.3])),
+                               M.slerp(ua, ub, jnp.array([0.3])), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_karlo_without_a_clip_image_tower_says_what_to_convert(stack, tmp_path, capsys):
+    from unclip_jax.pipelines import manipulate as M
+
+    paths, model = stack
+    want = "convert open_clip's ViT-L-14 'openai' weights with `unclip-jax convert clip"
+    with pytest.raises(FileNotFoundError, match="no CLIP at .*" + want):
+        U.load_unclip(tmp_path / "nothing", paths["vocab"], paths["prior"], paths["decoder"])
+    rc = cli.main([str(a) for a in [
+        "variations", "--prior", paths["prior"], "--decoder", paths["decoder"],
+        "--bpe-vocab", paths["vocab"], "--image", "x.png", "--out", tmp_path / "v.png"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no CLIP at 'runs/demo/clip'" in err and "ViT-L/14" in err
+    text_only = dataclasses.replace(model, params=dict(model.params, clip={
+        k: v for k, v in model.params["clip"].items() if k != "visual"}))
+    with pytest.raises(ValueError, match="has no image tower .*Karlo: OpenAI's CLIP ViT-L/14"):
+        M.Manipulator(text_only, **MANIP)
+    no_null = dataclasses.replace(model, params={k: v for k, v in model.params.items()
+                                                 if k != "empty_caption"})
+    with pytest.raises(ValueError, match="params\\['empty_caption'\\] is missing"):
+        M.Manipulator(no_null, **MANIP)
+
+
+def test_image_tower_of_another_width_is_refused(stack):
+    from unclip_jax.pipelines import manipulate as M
+
+    _, model = stack
+    wide = dataclasses.replace(model, clip=dataclasses.replace(CLIP_CFG, embed_dim=2 * E))
+    with pytest.raises(ValueError, match=f"CLIP embed_dim {2 * E}, prior embed_dim {E}, "
+                                         f"decoder clip_dim {E}.*Karlo decoder needs OpenAI's "
+                                         f"CLIP ViT-L/14"):
+        M.Manipulator(wide, **MANIP)
+
+
+def test_image_modes_and_sizes(tmp_path, monkeypatch):
+    """Grey, RGBA and CMYK inputs are converted to RGB; tiny and huge ones are refused."""
+    from unclip_jax.images import ImageLoadError
+    from unclip_jax.pipelines import manipulate as M
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    grey = M.load_pixels(Image.fromarray(rgb[..., 0]), 8)
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 1])
+    np.testing.assert_array_equal(grey, M.load_pixels(rgb[..., 0], 8))       # [H, W] array
+    np.testing.assert_array_equal(grey, M.load_pixels(rgb[..., :1], 8))      # [H, W, 1]
+    clear = np.concatenate([rgb, np.zeros((20, 24, 1), np.uint8)], -1)       # alpha 0
+    np.testing.assert_allclose(M.load_pixels(Image.fromarray(clear, "RGBA"), 8), 1.0)
+    np.testing.assert_allclose(M.load_pixels(clear, 8), 1.0)                 # on white
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    path = tmp_path / "cmyk.jpg"
+    cmyk.save(path, quality=95)
+    np.testing.assert_array_equal(M.load_pixels(cmyk, 8),
+                                  M.load_pixels(cmyk.convert("RGB"), 8))
+    assert M.load_pixels(path, 8).shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="the image is 5×7 pixels; manipulations need at "
+                                         "least 8 px on the shorter side"):
+        M.load_pixels(rgb[:7, :5], 224)
+    with pytest.raises(ValueError, match="must be uint8 \\[H, W\\] \\(grey\\) or "
+                                         "\\[H, W, 1\\|3\\|4\\]"):
+        M.load_pixels(rgb.astype(np.float32), 8)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ValueError, match="the image is 24×20 = 480 pixels, over the limit of "
+                                         "100"):
+        M.load_pixels(rgb, 8)
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    with pytest.raises(ImageLoadError, match="cannot load image .*big.png': too large"):
+        M.load_pixels(tmp_path / "big.png", 8)
+
+
+def test_karlo_manipulation_errors(stack, photo, tmp_path, capsys):
+    from unclip_jax.pipelines import manipulate as M
+
+    paths, model = stack
+    for a, b in (("hello the", "hello the"), ("hello the", "  Hello  the ")):
+        with pytest.raises(ValueError, match="the two captions are the same"):
+            M.text_diff(model, photo, a, b, **MANIP)
+    for frames in (1, 0):
+        with pytest.raises(ValueError, match="an interpolation needs frames ≥ 2"):
+            M.interpolate(model, photo, photo, frames=frames, **MANIP)
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    base = [str(a) for a in _manipulation_args(paths, tmp_path / "o.png")]
+    rc = cli.main(["text-diff"] + base + ["--image", str(tmp_path / "p.png"), "--from", "the",
+                                         "--to", "the"])
+    assert rc == 2 and "the two captions are the same" in capsys.readouterr().err
+    rc = cli.main(["interpolate"] + base + ["--image", str(tmp_path / "p.png"), "--image",
+                                           str(tmp_path / "p.png"), "--frames", "1"])
+    assert rc == 2 and "needs frames ≥ 2" in capsys.readouterr().err
+    Image.fromarray(photo[:4, :4]).save(tmp_path / "tiny.png")
+    rc = cli.main(["variations"] + base + ["--image", str(tmp_path / "tiny.png")])
+    assert rc == 2 and "the image is 4×4 pixels" in capsys.readouterr().err
+
+
+def _manipulation_args(paths, out):
+    return ["--clip", paths["clip"], "--bpe-vocab", paths["vocab"], "--prior", paths["prior"],
+            "--decoder", paths["decoder"], "--upsampler", paths["upsamplers"][0],
+            "--upsampler", paths["upsamplers"][1], "--steps", "4", "--fixed-point-iters", "1",
+            "--decoder-steps", "3", "--upsampler-steps", "3", "--out", out]
+
+
+def test_cli_karlo_manipulations_write_the_images(stack, photo, tmp_path, capsys):
+    from unclip_jax.pipelines import manipulate as M
+
+    paths, model = stack
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    img = str(tmp_path / "p.png")
+    cases = {
+        "variations": (["--image", img, "--num", "2", "--fresh-noise", "--seed", "3"],
+                       lambda: M.variations(model, img, 2, seed=3, from_inversion=False,
+                                            **MANIP)),
+        "interpolate": (["--image", img, "--image", img, "--frames", "2"],
+                        lambda: M.interpolate(model, img, img, 2, **MANIP)),
+        "text-diff": (["--image", img, "--from", "the", "--to", "hello", "--frames", "2"],
+                      lambda: M.text_diff(model, img, "the", "hello", 2, **MANIP)),
+    }
+    for command, (extra, fn) in cases.items():
+        out = tmp_path / f"{command}.png"
+        rc = cli.main([command] + [str(a) for a in _manipulation_args(paths, out)] + extra)
+        assert rc == 0, capsys.readouterr().err
+        assert f"(2 images, {SR_SIZE}×{SR_SIZE})" in capsys.readouterr().out
+        grid, want = np.asarray(Image.open(out)), fn()
+        np.testing.assert_array_equal(grid[:SR_SIZE, :SR_SIZE], want[0])
+        np.testing.assert_array_equal(grid[:SR_SIZE, SR_SIZE + 2:2 * SR_SIZE + 2], want[1])
+
+
 # ---------------------------------------------------------------------------- parity
 
 
