@@ -508,8 +508,9 @@ class _Tokenizer:
 
 
 def _hf_clip(torch, transformers):
-    """A tiny random Hugging Face CLIP (text tower used by the pipeline) and our conversion
-    of the same weights (through the OpenAI layout, as ``unclip-jax convert clip`` reads)."""
+    """A tiny random Hugging Face CLIP's text tower with projection, our conversion of the
+    same weights (through the OpenAI layout, as ``unclip-jax convert clip`` reads), and its
+    image tower with projection (``CLIPVisionModelWithProjection``)."""
     from test_convert_clip import _hf_to_openai
 
     common = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -536,9 +537,16 @@ def _hf_clip(torch, transformers):
           if k.startswith(("text_model.", "text_projection."))}
     missing, unexpected = text.load_state_dict(sd, strict=False)
     assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    vision_cfg = hf_cfg.vision_config
+    vision_cfg.projection_dim = c.embed_dim
+    vision = transformers.CLIPVisionModelWithProjection(vision_cfg).eval()
+    sd = {k: v for k, v in full.state_dict().items()
+          if k.startswith(("vision_model.", "visual_projection."))}
+    missing, unexpected = vision.load_state_dict(sd, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
     cfg, params = convert_clip.convert(_hf_to_openai(full.state_dict(), c.vision_layers,
                                                      c.text_layers), CLIP_CFG)
-    return text, params
+    return text, params, vision
 
 
 @pytest.mark.parity
@@ -579,7 +587,7 @@ def test_parity_full_chain_with_unclip_pipeline(tmp_path, monkeypatch):
     clip_range = 2.0
     karlo.convert_checkpoint(src, tmp_path / "out", context_length=L,
                              prior_clip_sample_range=clip_range)
-    text_encoder, clip_params = _hf_clip(torch, transformers)
+    text_encoder, clip_params, _ = _hf_clip(torch, transformers)
     convert_clip.save_workdir(CLIP_CFG, clip_params, tmp_path / "clip")
     vocab = tmp_path / "vocab.txt.gz"
     vocab.write_bytes(gzip.compress(("#version: 0.2\n" + "\n".join(MERGES) + "\n").encode()))
@@ -680,5 +688,135 @@ def test_parity_full_chain_with_unclip_pipeline(tmp_path, monkeypatch):
     assert diffs["super-res on the reference's decoder images"] <= 2e-3
     # Ill-conditioned (docstring): round-off-sized inputs differences, a few visible pixels.
     # A wrong input (e.g. bicubic without antialiasing) gives max ≈ 1, mean ≈ 1e-2.
+    for d in (end, gap):
+        assert d.max() <= 0.1 and d.mean() <= 1e-3
+
+
+@pytest.mark.parity
+def test_parity_image_variation_with_unclip_image_variation_pipeline(tmp_path, monkeypatch):
+    """Variations from fresh noise (``variations(from_inversion=False)``: CLIP image tower →
+    decoder, guided 8 against the learned null image embedding, the empty caption in both
+    branches → one super-resolution stage with its last-step network) against diffusers'
+    ``UnCLIPImageVariationPipeline`` on the same converted weights, the same images and the
+    same noise (handed over as in the text → image parity test). Stage by stage to 1e-4: the
+    image embeddings entering ``text_proj`` (the reference's ``image_embeds`` from
+    ``CLIPVisionModelWithProjection``), the decoder's images entering the bicubic upscale; the
+    super-resolution on the reference's decoder images to 2e-3 and end to end as the text →
+    image test (its docstring: the first super-resolution step amplifies float32 round-off)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("diffusers")
+    from diffusers import UnCLIPImageVariationPipeline, UnCLIPScheduler, UNet2DConditionModel
+    from diffusers import UNet2DModel
+    from diffusers.pipelines.deprecated.unclip import pipeline_unclip_image_variation as pipe_mod
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from diffusers.schedulers import scheduling_unclip
+    from test_convert_karlo import _float64, _NoiseQueue, _randomise, rel
+
+    from unclip_jax.convert.clip import OPENAI_MEAN, OPENAI_STD
+    from unclip_jax.pipelines import manipulate as M
+
+    src = tmp_path / "karlo"
+    decoder = _randomise(torch, UNet2DConditionModel(**dict(DECODER_CFG, sample_size=DEC_SIZE)),
+                         1)
+    text_proj = _randomise(torch, UnCLIPTextProjModel(**TEXT_PROJ_CFG), 2)
+    srs = [_randomise(torch, UNet2DModel(**dict(SR_CFG, sample_size=SR_SIZE)), 3 + i)
+           for i in range(2)]
+    for name, m in (("decoder", decoder), ("text_proj", text_proj),
+                    ("super_res_first", srs[0]), ("super_res_last", srs[1])):
+        m.save_pretrained(src / name)
+    write_karlo_folder(tmp_path / "synthetic")       # a prior for the chain (unused here)
+    karlo.convert_checkpoint(src, tmp_path / "out", context_length=L,
+                             components=["decoder", "super_res_first", "super_res_last"])
+    karlo.convert_checkpoint(tmp_path / "synthetic", tmp_path / "prior_out",
+                             context_length=L, components=["prior"])
+    text_encoder, clip_params, image_encoder = _hf_clip(torch, transformers)
+    convert_clip.save_workdir(CLIP_CFG, clip_params, tmp_path / "clip")
+    vocab = tmp_path / "vocab.txt.gz"
+    vocab.write_bytes(gzip.compress(("#version: 0.2\n" + "\n".join(MERGES) + "\n").encode()))
+    out = tmp_path / "out"
+    model = U.load_unclip(tmp_path / "clip", vocab, tmp_path / "prior_out" / "prior",
+                          out / "decoder", [out / "super_res_first", out / "super_res_last"])
+
+    from unclip_jax import shapes
+
+    photos = [shapes.render(shapes.sample_scene(0, i), 40)[:, 2:38] for i in (3, 4)]
+    b, steps, scale, seed = len(photos), (3, 3), 8.0, 5
+    m = M.Manipulator(model, decoder_steps=steps[0], upsampler_steps=(steps[1],),
+                      guidance_scale=scale)
+    px = m.pixels(photos, CLIP_CFG.image_size)                  # [-1, 1], CLIP resolution
+    z = m.embed(px)
+    ours = np.asarray(m.sample(z, seed=seed))
+    np.testing.assert_array_equal(M.variations(model, photos[0], 1, seed=seed,
+                                               from_inversion=False, decoder_steps=steps[0],
+                                               upsampler_steps=(steps[1],),
+                                               guidance_scale=scale)[0],
+                                  U.to_uint8(ours[:1])[0])
+
+    # Our draws, as Manipulator.sample makes them.
+    r_dec, r_up = jax.random.split(jax.random.PRNGKey(seed))
+    nchw = lambda x: np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))  # noqa: E731
+    latents, noises = [], []
+    for rng, shape, n in ((r_dec, (b, DEC_SIZE, DEC_SIZE, 3), steps[0]),
+                          (jax.random.fold_in(r_up, 0), (b, SR_SIZE, SR_SIZE, 3), steps[1])):
+        r_init, r_steps = jax.random.split(rng)
+        latents.append(torch.from_numpy(nchw(jax.random.normal(r_init, shape))))
+        noises += [nchw(jax.random.normal(jax.random.fold_in(r_steps, i), shape))
+                   for i in range(n - 1, 0, -1)]
+    queue = _NoiseQueue(torch, noises)
+    monkeypatch.setattr(scheduling_unclip, "randn_tensor", queue)
+
+    pipe = UnCLIPImageVariationPipeline(
+        decoder=decoder, text_encoder=text_encoder,
+        tokenizer=_Tokenizer(torch, model.tokenizer), text_proj=text_proj,
+        feature_extractor=transformers.CLIPImageProcessor(), image_encoder=image_encoder,
+        super_res_first=srs[0], super_res_last=srs[1],
+        decoder_scheduler=_float64(UnCLIPScheduler(variance_type="learned_range",
+                                                   prediction_type="epsilon")),
+        super_res_scheduler=_float64(UnCLIPScheduler(variance_type="fixed_small_log",
+                                                     prediction_type="epsilon")))
+    pipe.set_progress_bar_config(disable=True)
+    caught = {}
+
+    def catch_embeddings(module, args, kwargs):
+        caught["emb"] = kwargs["image_embeddings"].numpy().copy()
+
+    text_proj.register_forward_pre_hook(catch_embeddings, with_kwargs=True)
+
+    @functools.wraps(torch.nn.functional.interpolate)   # its signature offers antialias
+    def interpolate(x, **kw):
+        caught["small"] = x.numpy().copy()
+        return torch.nn.functional.interpolate(x, **kw)
+
+    monkeypatch.setattr(pipe_mod, "F", SimpleNamespace(
+        interpolate=interpolate, pad=torch.nn.functional.pad))
+    mean = np.asarray(OPENAI_MEAN, np.float32)
+    std = np.asarray(OPENAI_STD, np.float32)
+    pixel_values = torch.from_numpy(nchw(((np.asarray(px) + 1) / 2 - mean) / std))
+    want = pipe(pixel_values, decoder_num_inference_steps=steps[0],
+                super_res_num_inference_steps=steps[1], decoder_latents=latents[0],
+                super_res_latents=latents[1], decoder_guidance_scale=scale,
+                output_type="np").images
+    assert not queue.noises                        # every draw consumed, in order
+
+    small = U.decode(model.decoder, model.params["decoder"], z, r_dec, scale,
+                     schedule=U.decoder_schedule(model.decoder, steps[0]), method="ddpm",
+                     empty_caption=model.params["empty_caption"])
+    sr = lambda x: U.upsample_chain(  # noqa: E731
+        model.upsamplers, model.params["upsamplers"], jnp.asarray(x), r_up,
+        schedules=U.upsampler_schedules(model.upsamplers, (steps[1],)))
+    gap = np.abs(np.asarray(sr(jnp.clip(small, -1, 1))) - ours)   # eager vs the jitted program
+    ref_small = caught["small"].transpose(0, 2, 3, 1)
+    to01 = lambda x: np.clip(np.asarray(x) * 0.5 + 0.5, 0.0, 1.0)  # noqa: E731
+    diffs = {"image embeddings": rel(z, caught["emb"]),
+             "decoder images": rel(small, ref_small),
+             "super-res on the reference's decoder images": rel(to01(sr(ref_small)), want)}
+    end = np.abs(to01(ours) - want)
+    print("Karlo image-variation parity, max rel diff: " + ", ".join(
+        f"{k} {v:.2e}" for k, v in diffs.items())
+        + f"; end to end (images in [0, 1]): max abs {end.max():.2e}, mean {end.mean():.2e}; "
+          f"our stages vs our program: max abs {gap.max():.2e}, mean {gap.mean():.2e}")
+    assert diffs["image embeddings"] <= 1e-4 and diffs["decoder images"] <= 1e-4
+    assert diffs["super-res on the reference's decoder images"] <= 2e-3
     for d in (end, gap):
         assert d.max() <= 0.1 and d.mean() <= 1e-3
