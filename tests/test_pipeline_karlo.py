@@ -337,15 +337,15 @@ def test_karlo_manipulations_through_the_super_resolution(stack, photo):
     # super-resolution's first step (t = 999, x̂₀ = (x − σε)/α, σ/α ≈ 2·10⁴) amplifies the
     # round-off of another batch size into a few pixels' last bits. (Later rows draw other
     # super-resolution noise than row 0 of a one-image batch, so only row 0 compares.)
+    # (Batches of 2 throughout: each batch size is one more compile.)
     other = np.ascontiguousarray(photo[::-1, ::-1])
-    inter = M.interpolate(model, photo, other, frames=3, **MANIP)
-    assert inter.shape == (3, SR_SIZE, SR_SIZE, 3)
-    assert _psnr(inter[0], rec[0]) > 35.0
-    assert _psnr(inter[1], inter[0]) < 30.0 and _psnr(inter[2], inter[1]) < 30.0
+    inter = M.interpolate(model, photo, other, frames=2, **MANIP)
+    assert inter.shape == (2, SR_SIZE, SR_SIZE, 3)
+    assert _psnr(inter[0], rec[0]) > 35.0 and _psnr(inter[1], inter[0]) < 30.0
 
-    diff = M.text_diff(model, photo, "hello", "the hello", frames=3, **MANIP)
+    diff = M.text_diff(model, photo, "hello", "the hello", frames=2, **MANIP)
     assert _psnr(diff[0], rec[0]) > 35.0
-    assert _psnr(diff[-1], rec[0]) < 30.0
+    assert _psnr(diff[1], rec[0]) < 30.0
 
 
 def test_raw_embeddings_interpolate_direction_and_norm():
