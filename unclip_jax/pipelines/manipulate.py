@@ -15,8 +15,8 @@ array; see :func:`load_pixels`) is encoded as
 Decoding ``(z_i, x_T)`` with DDIM η = 0 on the same schedule reconstructs ``x``
 (:func:`reconstruct`). The manipulations:
 
-* :func:`variations` — fixed ``z_i``: DDIM with η > 0 from the inverted ``x_T``, or (``
-  from_inversion=False``) the decoder's own sampler from fresh noise — its config's method,
+* :func:`variations` — fixed ``z_i``: DDIM with η > 0 from the inverted ``x_T``, or, with
+  ``from_inversion=False``, the decoder's own sampler from fresh noise — its config's method,
   spacing and steps with x̂₀ clipped, exactly the text → image chain's decoder stage on ``z_i``
   (for Karlo: diffusers' ``UnCLIPImageVariationPipeline``);
 * :func:`interpolate` — ``z_θ = slerp(z_a, z_b, θ)``, θ ∈ [0, 1], with ``x_T`` slerped between
