@@ -60,7 +60,7 @@ from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
 from unclip_jax.models.clip import CLIP, CLIPConfig, eos_positions
 
-SPACINGS = ("even", "unclip", "logsnr")  # sample_spacing values (see stage_schedule)
+SPACINGS = ("even", "unclip", "logsnr", "dpm")  # sample_spacing values (see stage_schedule)
 UNCONDS = ("learned", "empty_caption")  # PriorConfig.uncond values
 RESIZES = ("linear", "cubic")           # UpsamplerConfig.low_res_resize values
 
@@ -141,9 +141,11 @@ def check_chain(clip: CLIPConfig, prior: P.PriorConfig, decoder: D.DecoderConfig
                          f"{decoder.clip_text_width}, the CLIP's text tower has width "
                          f"{clip.text_width}")
     if not clip.embed_dim == prior.embed_dim == decoder.clip_dim:
+        karlo = (f" (a converted Karlo decoder needs {KARLO_CLIP})"
+                 if decoder.clip_emb_scale > 0 else "")
         raise ValueError(f"embedding sizes disagree: CLIP embed_dim {clip.embed_dim}, prior "
                          f"embed_dim {prior.embed_dim}, decoder clip_dim {decoder.clip_dim}; "
-                         f"the prior and decoder must be trained on this CLIP")
+                         f"the prior and decoder must be trained on this CLIP{karlo}")
     if prior.text_width != clip.text_width:
         raise ValueError(f"the prior reads CLIP text states of width {prior.text_width}, the "
                          f"CLIP's text tower has width {clip.text_width}")
@@ -178,7 +180,11 @@ def load_unclip(clip_workdir: str | os.PathLike, tokenizer_path: str | os.PathLi
 
     if isinstance(upsampler_workdirs, (str, os.PathLike)):
         upsampler_workdirs = [upsampler_workdirs]
-    _, clip_params, clip_cfg = load_clip(clip_workdir)
+    try:
+        _, clip_params, clip_cfg = load_clip(clip_workdir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no CLIP at {str(clip_workdir)!r} ({e}). "
+                                f"{clip_hint(decoder_workdir)}") from None
     if tokenizer_path is None:
         try:
             tokenizer_path = clip_tokenizer_path(clip_workdir)
@@ -197,6 +203,28 @@ def load_unclip(clip_workdir: str | os.PathLike, tokenizer_path: str | os.PathLi
     model = UnCLIP(clip_cfg, prior.cfg, dec_cfg, tuple(c for _, c in ups),
                    jax.tree.map(jnp.asarray, params), tok)
     return with_empty_caption(model) if needs_empty_caption(model.configs) else model
+
+
+KARLO_CLIP = ("OpenAI's CLIP ViT-L/14 (768-d): convert open_clip's ViT-L-14 'openai' "
+              "weights with `unclip-jax convert clip open_clip_model.safetensors --out "
+              "runs/vitl14`, then pass --clip runs/vitl14 --bpe-vocab "
+              "bpe_simple_vocab_16e6.txt.gz")
+
+
+def clip_hint(decoder_workdir: str | os.PathLike) -> str:
+    """What CLIP a decoder needs, for error messages (Karlo's: which weights to convert)."""
+    from unclip_jax.embeddings import read_run_config
+
+    try:
+        model = read_run_config(decoder_workdir).get("model", {})
+    except (FileNotFoundError, ValueError):
+        return "The chain needs the CLIP the decoder was trained on."
+    dim = model.get("clip_dim", "?")
+    if model.get("clip_emb_scale", 0) > 0 or model.get("clip_text_width", 0) > 0:
+        return (f"The decoder (a converted Karlo decoder) is conditioned on {dim}-d embeddings "
+                f"of {KARLO_CLIP}.")
+    return (f"The decoder is conditioned on {dim}-d embeddings of the CLIP it was trained on "
+            f"(its model.clip_workdir: {model.get('clip_workdir') or 'not recorded'}).")
 
 
 class ClipBPE:
@@ -352,11 +380,12 @@ def stage_schedule(kind: str, num_timesteps: int, steps: int, spacing: str = "ev
     :func:`~unclip_jax.diffusion.respace`, ``round(k·(T−1)/(n−1))``), "unclip" (diffusers'
     ``UnCLIPScheduler``: the same rule in its float arithmetic, which rounds some ties — e.g.
     499.5 at 27 steps — the other way; :func:`unclip_jax.convert.karlo.karlo_schedule`) or
-    "logsnr" (evenly in log-SNR, ``respace(…, "logsnrN")``: what the multistep DPM-Solver++
-    samplers want at few steps)."""
+    "logsnr" (evenly in log-SNR, ``respace(…, "logsnrN")``) or "dpm" (diffusers'
+    ``DPMSolverMultistepScheduler`` grid, ``respace(…, "dpmN")``): the grids the multistep
+    DPM-Solver++ samplers want at few steps (docs/solvers.md)."""
     _check_choice("sample_spacing", spacing, SPACINGS)
-    if spacing == "logsnr":
-        return diffusion.make_schedule(kind, num_timesteps, f"logsnr{int(steps)}")
+    if spacing in ("logsnr", "dpm"):
+        return diffusion.make_schedule(kind, num_timesteps, f"{spacing}{int(steps)}")
     if spacing == "unclip":
         from unclip_jax.convert.karlo import karlo_schedule
 
