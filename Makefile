@@ -8,15 +8,31 @@ DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-slow demo bench parity clean ablations
+# Which JAX build `make install` puts in the venv: auto (default: detected by
+# scripts/detect_accelerator.sh — an NVIDIA GPU answering nvidia-smi, a TPU VM, else the CPU),
+# or one of cpu, cuda12, cuda13, tpu. E.g. `make install JAX_ACCELERATOR=cuda12`.
+JAX_ACCELERATOR ?= auto
+ACCELERATORS := cpu cuda12 cuda13 tpu
+ACCEL := $(if $(filter auto,$(JAX_ACCELERATOR)),$(shell sh scripts/detect_accelerator.sh),$(JAX_ACCELERATOR))
+ifeq ($(filter $(ACCEL),$(ACCELERATORS)),)
+$(error JAX_ACCELERATOR=$(JAX_ACCELERATOR) is not supported; accepted: auto, $(ACCELERATORS))
+endif
+# the extra installed next to requirements.txt (same jax version range): jax[cuda12] etc.
+JAX_EXTRA := $(if $(filter cpu,$(ACCEL)),,"jax[$(ACCEL)]$(shell sed -n 's/^jax\([<>=!~][^ ]*\).*/\1/p' requirements.txt)")
+# one stamp per build, so switching JAX_ACCELERATOR reinstalls (the CPU stamp is unchanged)
+STAMP := $(VENV)/.installed$(if $(filter cpu,$(ACCEL)),,.$(ACCEL))
 
-install: $(VENV)/.installed
+.PHONY: install test test-slow test-multiprocess demo bench parity clean ablations
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt setup.cfg pyproject.toml
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
+	@echo "installing the JAX build for: $(ACCEL) (JAX_ACCELERATOR=$(JAX_ACCELERATOR))"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt $(JAX_EXTRA)
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -c "import jax; print('JAX', jax.__version__, 'backend:', jax.default_backend(), jax.devices())"
 	touch $@
 
 test: install
@@ -24,6 +40,11 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# Several JAX processes on this machine (2 × 2 CPU devices) against one (1 × 4): every command
+# a pod slice runs (docs/multihost.md, "Try it on one machine").
+test-multiprocess: install
+	$(PY) -m pytest -q -m multiprocess
 
 demo: install
 	$(VENV)/bin/unclip-jax demo --workdir $(DEMO_DIR) $(DEMO_ARGS)

@@ -265,6 +265,230 @@ def test_cli_sample_tokenizer_errors(stack, tmp_path, capsys):
         capsys.readouterr().err)
 
 
+# ---------------------------------------------------------------------------- manipulations
+
+MANIP = dict(steps=4, fixed_point_iters=1, decoder_steps=3, upsampler_steps=(3,))
+
+
+@pytest.fixture(scope="module")
+def photo():
+    """A 40×36 RGB image (an odd size: resized and centre-cropped on the way in)."""
+    from unclip_jax import shapes
+
+    return shapes.render(shapes.sample_scene(0, 3), 40)[:, 2:38]
+
+
+def _psnr(a, b):
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
+
+
+def test_karlo_image_embedding_is_the_raw_clip_feature(stack, photo):
+    """Karlo's decoder reads the raw projected CLIP image feature (``image_embeds``), taken
+    from the image at the CLIP's own resolution, not from the decoder-sized pixels."""
+    from unclip_jax.pipelines import manipulate as M
+
+    _, model = stack
+    m = M.Manipulator(model, **MANIP)
+    px = m.pixels([photo], CLIP_CFG.image_size)
+    z = np.asarray(m.embed(px))
+    feat = CLIP(CLIP_CFG).apply({"params": model.params["clip"]}, px,
+                                method=lambda mod, x: mod.visual(x)[1])
+    np.testing.assert_allclose(z, feat, rtol=1e-5, atol=1e-6)
+    assert abs(float(np.linalg.norm(z)) - 1.0) > 1e-2            # raw, not unit norm
+    np.testing.assert_allclose(m.encode([photo])[1], z, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="the CLIP takes 8×8 pixels"):
+        m.embed(m.pixels([photo], 16))
+
+
+def test_karlo_inversion_regenerates_the_image(stack, photo):
+    """DDIM inversion of the converted decoder (guided, empty caption, raw z_i) decoded with
+    η = 0 gives the image back (at the decoder's resolution); the same z_i from other noise
+    does not."""
+    from unclip_jax.pipelines import manipulate as M
+
+    _, model = stack
+    bare = dataclasses.replace(model, upsamplers=(), params=dict(model.params, upsamplers=()))
+    m = M.Manipulator(bare, steps=10, fixed_point_iters=2)
+    x, z, x_T = m.encode([photo])
+    target = U.to_uint8(x)
+    rec = m.decode(z, x_T, eta=0.0)
+    assert _psnr(rec, target) >= 30.0, _psnr(rec, target)
+    assert _psnr(m.decode(z, m.noise(1, 0), eta=0.0), target) < 15.0
+
+
+def test_karlo_manipulations_through_the_super_resolution(stack, photo):
+    from unclip_jax.pipelines import manipulate as M
+
+    _, model = stack
+    m = M.Manipulator(model, **MANIP)
+    _, z, x_T = m.encode([photo])
+    rec = M.reconstruct(model, photo, **MANIP)
+    assert rec.shape == (1, SR_SIZE, SR_SIZE, 3)
+    np.testing.assert_array_equal(rec, m.decode(z, x_T))
+
+    var = M.variations(model, photo, n=2, eta=1.0, seed=0, **MANIP)
+    assert var.shape == (2, SR_SIZE, SR_SIZE, 3) and np.abs(var[0].astype(int) - var[1]).max()
+    fresh = M.variations(model, photo, n=2, seed=3, from_inversion=False, **MANIP)
+    np.testing.assert_array_equal(fresh, U.to_uint8(m.sample(jnp.repeat(z, 2, 0), seed=3)))
+    assert np.abs(fresh[0].astype(int) - fresh[1]).max() > 0
+
+    # θ = 0 is image a's own latent. Not bit-equal to the reconstruction: the
+    # super-resolution's first step (t = 999, x̂₀ = (x − σε)/α, σ/α ≈ 2·10⁴) amplifies the
+    # round-off of another batch size into a few pixels' last bits. (Later rows draw other
+    # super-resolution noise than row 0 of a one-image batch, so only row 0 compares.)
+    # (Batches of 2 throughout: each batch size is one more compile.)
+    other = np.ascontiguousarray(photo[::-1, ::-1])
+    inter = M.interpolate(model, photo, other, frames=2, **MANIP)
+    assert inter.shape == (2, SR_SIZE, SR_SIZE, 3)
+    assert _psnr(inter[0], rec[0]) > 35.0 and _psnr(inter[1], inter[0]) < 30.0
+
+    diff = M.text_diff(model, photo, "hello", "the hello", frames=2, **MANIP)
+    assert _psnr(diff[0], rec[0]) > 35.0
+    assert _psnr(diff[1], rec[0]) < 30.0
+
+
+def test_raw_embeddings_interpolate_direction_and_norm():
+    from unclip_jax.pipelines import manipulate as M
+
+    rng = np.random.default_rng(0)
+    a, b = 3.0 * rng.normal(size=E), 5.0 * rng.normal(size=E)
+    out = np.asarray(M.slerp_embeddings(a, b, jnp.linspace(0, 1, 5)))
+    np.testing.assert_allclose(out[0], a, rtol=1e-5)
+    np.testing.assert_allclose(out[-1], b, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=-1),
+                               np.linspace(np.linalg.norm(a), np.linalg.norm(b), 5), rtol=1e-5)
+    ua, ub = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    np.testing.assert_allclose(M.slerp_embeddings(ua, ub, jnp.array([0.3])),
+                               M.slerp(ua, ub, jnp.array([0.3])), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_karlo_without_a_clip_image_tower_says_what_to_convert(stack, tmp_path, capsys):
+    from unclip_jax.pipelines import manipulate as M
+
+    paths, model = stack
+    want = "convert open_clip's ViT-L-14 'openai' weights with `unclip-jax convert clip"
+    with pytest.raises(FileNotFoundError, match="no CLIP at .*" + want):
+        U.load_unclip(tmp_path / "nothing", paths["vocab"], paths["prior"], paths["decoder"])
+    rc = cli.main([str(a) for a in [
+        "variations", "--prior", paths["prior"], "--decoder", paths["decoder"],
+        "--bpe-vocab", paths["vocab"], "--image", "x.png", "--out", tmp_path / "v.png"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no CLIP at 'runs/demo/clip'" in err and "ViT-L/14" in err
+    text_only = dataclasses.replace(model, params=dict(model.params, clip={
+        k: v for k, v in model.params["clip"].items() if k != "visual"}))
+    with pytest.raises(ValueError, match="has no image tower .*Karlo: OpenAI's CLIP ViT-L/14"):
+        M.Manipulator(text_only, **MANIP)
+    no_null = dataclasses.replace(model, params={k: v for k, v in model.params.items()
+                                                 if k != "empty_caption"})
+    with pytest.raises(ValueError, match="params\\['empty_caption'\\] is missing"):
+        M.Manipulator(no_null, **MANIP)
+
+
+def test_image_tower_of_another_width_is_refused(stack):
+    from unclip_jax.pipelines import manipulate as M
+
+    _, model = stack
+    wide = dataclasses.replace(model, clip=dataclasses.replace(CLIP_CFG, embed_dim=2 * E))
+    with pytest.raises(ValueError, match=f"CLIP embed_dim {2 * E}, prior embed_dim {E}, "
+                                         f"decoder clip_dim {E}.*Karlo decoder needs OpenAI's "
+                                         f"CLIP ViT-L/14"):
+        M.Manipulator(wide, **MANIP)
+
+
+def test_image_modes_and_sizes(tmp_path, monkeypatch):
+    """Grey, RGBA and CMYK inputs are converted to RGB; tiny and huge ones are refused."""
+    from unclip_jax.images import ImageLoadError
+    from unclip_jax.pipelines import manipulate as M
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    grey = M.load_pixels(Image.fromarray(rgb[..., 0]), 8)
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 1])
+    np.testing.assert_array_equal(grey, M.load_pixels(rgb[..., 0], 8))       # [H, W] array
+    np.testing.assert_array_equal(grey, M.load_pixels(rgb[..., :1], 8))      # [H, W, 1]
+    clear = np.concatenate([rgb, np.zeros((20, 24, 1), np.uint8)], -1)       # alpha 0
+    np.testing.assert_allclose(M.load_pixels(Image.fromarray(clear, "RGBA"), 8), 1.0)
+    np.testing.assert_allclose(M.load_pixels(clear, 8), 1.0)                 # on white
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    path = tmp_path / "cmyk.jpg"
+    cmyk.save(path, quality=95)
+    np.testing.assert_array_equal(M.load_pixels(cmyk, 8),
+                                  M.load_pixels(cmyk.convert("RGB"), 8))
+    assert M.load_pixels(path, 8).shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="the image is 5×7 pixels; manipulations need at "
+                                         "least 8 px on the shorter side"):
+        M.load_pixels(rgb[:7, :5], 224)
+    with pytest.raises(ValueError, match="must be uint8 \\[H, W\\] \\(grey\\) or "
+                                         "\\[H, W, 1\\|3\\|4\\]"):
+        M.load_pixels(rgb.astype(np.float32), 8)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ValueError, match="the image is 24×20 = 480 pixels, over the limit of "
+                                         "100"):
+        M.load_pixels(rgb, 8)
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    with pytest.raises(ImageLoadError, match="cannot load image .*big.png': too large"):
+        M.load_pixels(tmp_path / "big.png", 8)
+
+
+def test_karlo_manipulation_errors(stack, photo, tmp_path, capsys):
+    from unclip_jax.pipelines import manipulate as M
+
+    paths, model = stack
+    for a, b in (("hello the", "hello the"), ("hello the", "  Hello  the ")):
+        with pytest.raises(ValueError, match="the two captions are the same"):
+            M.text_diff(model, photo, a, b, **MANIP)
+    for frames in (1, 0):
+        with pytest.raises(ValueError, match="an interpolation needs frames ≥ 2"):
+            M.interpolate(model, photo, photo, frames=frames, **MANIP)
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    base = [str(a) for a in _manipulation_args(paths, tmp_path / "o.png")]
+    rc = cli.main(["text-diff"] + base + ["--image", str(tmp_path / "p.png"), "--from", "the",
+                                         "--to", "the"])
+    assert rc == 2 and "the two captions are the same" in capsys.readouterr().err
+    rc = cli.main(["interpolate"] + base + ["--image", str(tmp_path / "p.png"), "--image",
+                                           str(tmp_path / "p.png"), "--frames", "1"])
+    assert rc == 2 and "needs frames ≥ 2" in capsys.readouterr().err
+    Image.fromarray(photo[:4, :4]).save(tmp_path / "tiny.png")
+    rc = cli.main(["variations"] + base + ["--image", str(tmp_path / "tiny.png")])
+    assert rc == 2 and "the image is 4×4 pixels" in capsys.readouterr().err
+
+
+def _manipulation_args(paths, out):
+    return ["--clip", paths["clip"], "--bpe-vocab", paths["vocab"], "--prior", paths["prior"],
+            "--decoder", paths["decoder"], "--upsampler", paths["upsamplers"][0],
+            "--upsampler", paths["upsamplers"][1], "--steps", "4", "--fixed-point-iters", "1",
+            "--decoder-steps", "3", "--upsampler-steps", "3", "--out", out]
+
+
+def test_cli_karlo_manipulations_write_the_images(stack, photo, tmp_path, capsys):
+    from unclip_jax.pipelines import manipulate as M
+
+    paths, model = stack
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    img = str(tmp_path / "p.png")
+    cases = {
+        "variations": (["--image", img, "--num", "2", "--fresh-noise", "--seed", "3"],
+                       lambda: M.variations(model, img, 2, seed=3, from_inversion=False,
+                                            **MANIP)),
+        "interpolate": (["--image", img, "--image", img, "--frames", "2"],
+                        lambda: M.interpolate(model, img, img, 2, **MANIP)),
+        "text-diff": (["--image", img, "--from", "the", "--to", "hello", "--frames", "2"],
+                      lambda: M.text_diff(model, img, "the", "hello", 2, **MANIP)),
+    }
+    for command, (extra, fn) in cases.items():
+        out = tmp_path / f"{command}.png"
+        rc = cli.main([command] + [str(a) for a in _manipulation_args(paths, out)] + extra)
+        assert rc == 0, capsys.readouterr().err
+        assert f"(2 images, {SR_SIZE}×{SR_SIZE})" in capsys.readouterr().out
+        grid, want = np.asarray(Image.open(out)), fn()
+        np.testing.assert_array_equal(grid[:SR_SIZE, :SR_SIZE], want[0])
+        np.testing.assert_array_equal(grid[:SR_SIZE, SR_SIZE + 2:2 * SR_SIZE + 2], want[1])
+
+
 # ---------------------------------------------------------------------------- parity
 
 
@@ -284,8 +508,9 @@ class _Tokenizer:
 
 
 def _hf_clip(torch, transformers):
-    """A tiny random Hugging Face CLIP (text tower used by the pipeline) and our conversion
-    of the same weights (through the OpenAI layout, as ``unclip-jax convert clip`` reads)."""
+    """A tiny random Hugging Face CLIP's text tower with projection, our conversion of the
+    same weights (through the OpenAI layout, as ``unclip-jax convert clip`` reads), and its
+    image tower with projection (``CLIPVisionModelWithProjection``)."""
     from test_convert_clip import _hf_to_openai
 
     common = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -312,9 +537,16 @@ def _hf_clip(torch, transformers):
           if k.startswith(("text_model.", "text_projection."))}
     missing, unexpected = text.load_state_dict(sd, strict=False)
     assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    vision_cfg = hf_cfg.vision_config
+    vision_cfg.projection_dim = c.embed_dim
+    vision = transformers.CLIPVisionModelWithProjection(vision_cfg).eval()
+    sd = {k: v for k, v in full.state_dict().items()
+          if k.startswith(("vision_model.", "visual_projection."))}
+    missing, unexpected = vision.load_state_dict(sd, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
     cfg, params = convert_clip.convert(_hf_to_openai(full.state_dict(), c.vision_layers,
                                                      c.text_layers), CLIP_CFG)
-    return text, params
+    return text, params, vision
 
 
 @pytest.mark.parity
@@ -355,7 +587,7 @@ def test_parity_full_chain_with_unclip_pipeline(tmp_path, monkeypatch):
     clip_range = 2.0
     karlo.convert_checkpoint(src, tmp_path / "out", context_length=L,
                              prior_clip_sample_range=clip_range)
-    text_encoder, clip_params = _hf_clip(torch, transformers)
+    text_encoder, clip_params, _ = _hf_clip(torch, transformers)
     convert_clip.save_workdir(CLIP_CFG, clip_params, tmp_path / "clip")
     vocab = tmp_path / "vocab.txt.gz"
     vocab.write_bytes(gzip.compress(("#version: 0.2\n" + "\n".join(MERGES) + "\n").encode()))
@@ -456,5 +688,135 @@ def test_parity_full_chain_with_unclip_pipeline(tmp_path, monkeypatch):
     assert diffs["super-res on the reference's decoder images"] <= 2e-3
     # Ill-conditioned (docstring): round-off-sized inputs differences, a few visible pixels.
     # A wrong input (e.g. bicubic without antialiasing) gives max ≈ 1, mean ≈ 1e-2.
+    for d in (end, gap):
+        assert d.max() <= 0.1 and d.mean() <= 1e-3
+
+
+@pytest.mark.parity
+def test_parity_image_variation_with_unclip_image_variation_pipeline(tmp_path, monkeypatch):
+    """Variations from fresh noise (``variations(from_inversion=False)``: CLIP image tower →
+    decoder, guided 8 against the learned null image embedding, the empty caption in both
+    branches → one super-resolution stage with its last-step network) against diffusers'
+    ``UnCLIPImageVariationPipeline`` on the same converted weights, the same images and the
+    same noise (handed over as in the text → image parity test). Stage by stage to 1e-4: the
+    image embeddings entering ``text_proj`` (the reference's ``image_embeds`` from
+    ``CLIPVisionModelWithProjection``), the decoder's images entering the bicubic upscale; the
+    super-resolution on the reference's decoder images to 2e-3 and end to end as the text →
+    image test (its docstring: the first super-resolution step amplifies float32 round-off)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("diffusers")
+    from diffusers import UnCLIPImageVariationPipeline, UnCLIPScheduler, UNet2DConditionModel
+    from diffusers import UNet2DModel
+    from diffusers.pipelines.deprecated.unclip import pipeline_unclip_image_variation as pipe_mod
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from diffusers.schedulers import scheduling_unclip
+    from test_convert_karlo import _float64, _NoiseQueue, _randomise, rel
+
+    from unclip_jax.convert.clip import OPENAI_MEAN, OPENAI_STD
+    from unclip_jax.pipelines import manipulate as M
+
+    src = tmp_path / "karlo"
+    decoder = _randomise(torch, UNet2DConditionModel(**dict(DECODER_CFG, sample_size=DEC_SIZE)),
+                         1)
+    text_proj = _randomise(torch, UnCLIPTextProjModel(**TEXT_PROJ_CFG), 2)
+    srs = [_randomise(torch, UNet2DModel(**dict(SR_CFG, sample_size=SR_SIZE)), 3 + i)
+           for i in range(2)]
+    for name, m in (("decoder", decoder), ("text_proj", text_proj),
+                    ("super_res_first", srs[0]), ("super_res_last", srs[1])):
+        m.save_pretrained(src / name)
+    write_karlo_folder(tmp_path / "synthetic")       # a prior for the chain (unused here)
+    karlo.convert_checkpoint(src, tmp_path / "out", context_length=L,
+                             components=["decoder", "super_res_first", "super_res_last"])
+    karlo.convert_checkpoint(tmp_path / "synthetic", tmp_path / "prior_out",
+                             context_length=L, components=["prior"])
+    text_encoder, clip_params, image_encoder = _hf_clip(torch, transformers)
+    convert_clip.save_workdir(CLIP_CFG, clip_params, tmp_path / "clip")
+    vocab = tmp_path / "vocab.txt.gz"
+    vocab.write_bytes(gzip.compress(("#version: 0.2\n" + "\n".join(MERGES) + "\n").encode()))
+    out = tmp_path / "out"
+    model = U.load_unclip(tmp_path / "clip", vocab, tmp_path / "prior_out" / "prior",
+                          out / "decoder", [out / "super_res_first", out / "super_res_last"])
+
+    from unclip_jax import shapes
+
+    photos = [shapes.render(shapes.sample_scene(0, i), 40)[:, 2:38] for i in (3, 4)]
+    b, steps, scale, seed = len(photos), (3, 3), 8.0, 5
+    m = M.Manipulator(model, decoder_steps=steps[0], upsampler_steps=(steps[1],),
+                      guidance_scale=scale)
+    px = m.pixels(photos, CLIP_CFG.image_size)                  # [-1, 1], CLIP resolution
+    z = m.embed(px)
+    ours = np.asarray(m.sample(z, seed=seed))
+    np.testing.assert_array_equal(M.variations(model, photos[0], 1, seed=seed,
+                                               from_inversion=False, decoder_steps=steps[0],
+                                               upsampler_steps=(steps[1],),
+                                               guidance_scale=scale)[0],
+                                  U.to_uint8(ours[:1])[0])
+
+    # Our draws, as Manipulator.sample makes them.
+    r_dec, r_up = jax.random.split(jax.random.PRNGKey(seed))
+    nchw = lambda x: np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))  # noqa: E731
+    latents, noises = [], []
+    for rng, shape, n in ((r_dec, (b, DEC_SIZE, DEC_SIZE, 3), steps[0]),
+                          (jax.random.fold_in(r_up, 0), (b, SR_SIZE, SR_SIZE, 3), steps[1])):
+        r_init, r_steps = jax.random.split(rng)
+        latents.append(torch.from_numpy(nchw(jax.random.normal(r_init, shape))))
+        noises += [nchw(jax.random.normal(jax.random.fold_in(r_steps, i), shape))
+                   for i in range(n - 1, 0, -1)]
+    queue = _NoiseQueue(torch, noises)
+    monkeypatch.setattr(scheduling_unclip, "randn_tensor", queue)
+
+    pipe = UnCLIPImageVariationPipeline(
+        decoder=decoder, text_encoder=text_encoder,
+        tokenizer=_Tokenizer(torch, model.tokenizer), text_proj=text_proj,
+        feature_extractor=transformers.CLIPImageProcessor(), image_encoder=image_encoder,
+        super_res_first=srs[0], super_res_last=srs[1],
+        decoder_scheduler=_float64(UnCLIPScheduler(variance_type="learned_range",
+                                                   prediction_type="epsilon")),
+        super_res_scheduler=_float64(UnCLIPScheduler(variance_type="fixed_small_log",
+                                                     prediction_type="epsilon")))
+    pipe.set_progress_bar_config(disable=True)
+    caught = {}
+
+    def catch_embeddings(module, args, kwargs):
+        caught["emb"] = kwargs["image_embeddings"].numpy().copy()
+
+    text_proj.register_forward_pre_hook(catch_embeddings, with_kwargs=True)
+
+    @functools.wraps(torch.nn.functional.interpolate)   # its signature offers antialias
+    def interpolate(x, **kw):
+        caught["small"] = x.numpy().copy()
+        return torch.nn.functional.interpolate(x, **kw)
+
+    monkeypatch.setattr(pipe_mod, "F", SimpleNamespace(
+        interpolate=interpolate, pad=torch.nn.functional.pad))
+    mean = np.asarray(OPENAI_MEAN, np.float32)
+    std = np.asarray(OPENAI_STD, np.float32)
+    pixel_values = torch.from_numpy(nchw(((np.asarray(px) + 1) / 2 - mean) / std))
+    want = pipe(pixel_values, decoder_num_inference_steps=steps[0],
+                super_res_num_inference_steps=steps[1], decoder_latents=latents[0],
+                super_res_latents=latents[1], decoder_guidance_scale=scale,
+                output_type="np").images
+    assert not queue.noises                        # every draw consumed, in order
+
+    small = U.decode(model.decoder, model.params["decoder"], z, r_dec, scale,
+                     schedule=U.decoder_schedule(model.decoder, steps[0]), method="ddpm",
+                     empty_caption=model.params["empty_caption"])
+    sr = lambda x: U.upsample_chain(  # noqa: E731
+        model.upsamplers, model.params["upsamplers"], jnp.asarray(x), r_up,
+        schedules=U.upsampler_schedules(model.upsamplers, (steps[1],)))
+    gap = np.abs(np.asarray(sr(jnp.clip(small, -1, 1))) - ours)   # eager vs the jitted program
+    ref_small = caught["small"].transpose(0, 2, 3, 1)
+    to01 = lambda x: np.clip(np.asarray(x) * 0.5 + 0.5, 0.0, 1.0)  # noqa: E731
+    diffs = {"image embeddings": rel(z, caught["emb"]),
+             "decoder images": rel(small, ref_small),
+             "super-res on the reference's decoder images": rel(to01(sr(ref_small)), want)}
+    end = np.abs(to01(ours) - want)
+    print("Karlo image-variation parity, max rel diff: " + ", ".join(
+        f"{k} {v:.2e}" for k, v in diffs.items())
+        + f"; end to end (images in [0, 1]): max abs {end.max():.2e}, mean {end.mean():.2e}; "
+          f"our stages vs our program: max abs {gap.max():.2e}, mean {gap.mean():.2e}")
+    assert diffs["image embeddings"] <= 1e-4 and diffs["decoder images"] <= 1e-4
+    assert diffs["super-res on the reference's decoder images"] <= 2e-3
     for d in (end, gap):
         assert d.max() <= 0.1 and d.mean() <= 1e-3

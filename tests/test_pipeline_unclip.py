@@ -198,8 +198,11 @@ def test_slerp_endpoints_and_norm():
 def test_manipulation_errors(model, image_path, tmp_path):
     with pytest.raises(ValueError, match="frames ≥ 2"):
         M.interpolate(model, image_path, image_path, frames=1)
-    with pytest.raises(ValueError, match="same CLIP text embedding"):
+    with pytest.raises(ValueError, match="the two captions are the same"):
         M.text_diff(model, image_path, "a red circle", "a red circle")
+    long = "a red circle above a blue square " * 4          # differ after the context cut
+    with pytest.raises(ValueError, match="same CLIP text embedding"):
+        M.text_diff(model, image_path, long + "left", long + "right")
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(ImageLoadError, match="broken.png"):

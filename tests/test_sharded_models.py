@@ -404,8 +404,12 @@ def test_distributed_initialisation_from_the_environment(monkeypatch, env, expec
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    waits = []     # processes other than 0 first check that the coordinator answers
+    monkeypatch.setattr(sharding, "wait_for_coordinator", lambda *a: waits.append(a))
     assert sharding.maybe_initialize_distributed() == (expected is not None)
-    assert calls == ([] if expected is None else [expected])
+    bounded = {"initialization_timeout": 300, "heartbeat_timeout_seconds": 100}
+    assert calls == ([] if expected is None else [{**bounded, **expected}])
+    assert waits == ([("a:1", 300)] if env.get("JAX_PROCESS_ID") == "1" else [])
 
 
 def test_distributed_environment_errors(monkeypatch):

@@ -17,6 +17,7 @@ def _train(args) -> None:
     sharding.maybe_initialize_distributed()   # multi-host launches; before any computation
     cfg = config_lib.load_config(args.config, args.set)
     loop.prepare_workdir(args.workdir)
+    loop.check_same_run(cfg, args.workdir)    # several processes: same code, config, workdir
     cfg, task = tasks.build_task(cfg, args.workdir)
     loop.train(cfg, task, args.workdir)
 
@@ -29,8 +30,24 @@ def _evaluate(args) -> None:
     cfg, task = tasks.build_task(cfg, args.workdir)
     metrics = loop.evaluate_checkpoint(cfg, task, args.workdir, args.step)
     print(json.dumps(metrics, indent=2))
-    if args.out:
+    if args.out and _writer():
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _writer() -> bool:
+    """Whether this process writes a command's output files (several processes: process 0)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _on_process_0(name: str, fn) -> None:
+    """Run ``fn`` on process 0 only; every process waits until it is done."""
+    from unclip_jax import sharding
+
+    if _writer():
+        fn()
+    sharding.barrier(name)
 
 
 def _tokenizer_train(args) -> None:
@@ -41,9 +58,13 @@ def _tokenizer_train(args) -> None:
 
     data_cfg = DataConfig(name=args.data, data_dir=args.data_dir)
     ensure_dataset(data_cfg)
-    tok = train_tokenizer_from_dataset(input_pipeline.open_source(data_cfg, "train"), args.out,
-                                       args.vocab_size)
-    print(f"wrote {args.out} ({tok.vocab_size} tokens)")
+
+    def train():
+        tok = train_tokenizer_from_dataset(input_pipeline.open_source(data_cfg, "train"),
+                                           args.out, args.vocab_size)
+        print(f"wrote {args.out} ({tok.vocab_size} tokens)")
+
+    _on_process_0(f"tokenizer {args.out}", train)
 
 
 def _data_shapes(args) -> None:
@@ -51,17 +72,21 @@ def _data_shapes(args) -> None:
 
     sizes = dict(num_train=args.num_train, num_validation=args.num_validation,
                  num_test=args.num_test, seed=args.seed)
-    build_captioned_shapes(args.data_dir, resolution=args.resolution, **sizes)
+    _on_process_0("data shapes", lambda: build_captioned_shapes(
+        args.data_dir, resolution=args.resolution, **sizes))
     print(f"built {dataset_name(args.resolution, **sizes)} in {args.data_dir}")
 
 
 def _data_captions(args) -> None:
     from unclip_jax.datasets.image_captions import build_image_captions
 
-    _, summary = build_image_captions(args.source, args.data_dir, args.name,
-                                      resolution=args.resolution,
-                                      val_fraction=args.val_fraction, seed=args.seed)
-    print(summary)
+    def build():
+        _, summary = build_image_captions(args.source, args.data_dir, args.name,
+                                          resolution=args.resolution,
+                                          val_fraction=args.val_fraction, seed=args.seed)
+        print(summary)
+
+    _on_process_0("data captions", build)
 
 
 def _demo(args) -> None:
@@ -88,6 +113,7 @@ COMMAND_MODULES = (
     "unclip_jax.commands.unclip",
     "unclip_jax.commands.describe",
     "unclip_jax.commands.convert",
+    "unclip_jax.commands.launch",
 )
 
 
@@ -166,9 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     from unclip_jax.train.loop import NonFiniteError
 
     try:
+        if args.command != "launch":     # the launcher starts processes; it never joins them
+            from unclip_jax import sharding
+
+            sharding.maybe_initialize_distributed()   # a multi-host launch; before computing
         args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError, PermissionError, CheckpointWriteError,
-            NonFiniteError) as e:
+    except (KeyError, ValueError, FileNotFoundError, PermissionError, ConnectionError,
+            CheckpointWriteError, NonFiniteError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"unclip-jax {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -46,7 +46,16 @@ def read_times(workdir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _writer() -> bool:
+    """Whether this process writes the demo's files (several processes: process 0 only)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _write_times(workdir: Path, times: dict) -> None:
+    if not _writer():
+        return
     path = Path(workdir) / TIMES_FILE
     tmp = path.with_name(f".{TIMES_FILE}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(times, indent=2) + "\n")
@@ -173,7 +182,8 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
             return json.loads(out.read_text())
         cfg, task = tasks.build_task(clip_cfg, clip_dir)
         metrics = loop.evaluate_checkpoint(cfg, task, clip_dir)
-        out.write_text(json.dumps(metrics, indent=2) + "\n")
+        if _writer():
+            out.write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
 
     _stage(report, workdir, "clip_eval", eval_clip, lambda: (clip_dir / "eval.json").is_file())
@@ -192,12 +202,14 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
     report["this_run_s"] = round(time.perf_counter() - t_start, 1)
     report["stage_times_note"] = read_times(workdir).get("_note")
     report["recipe"] = recipe(workdir)
-    import jax
+    from unclip_jax import sharding
 
-    report["backend"] = f"{jax.default_backend()} × {jax.device_count()} device(s)"
-    (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (workdir / "report.md").write_text(_markdown(report, clip_cfg))
-    print((workdir / "report.md").read_text(), flush=True)
+    report["backend"] = sharding.describe_backend()
+    markdown = _markdown(report, clip_cfg)
+    if _writer():
+        (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (workdir / "report.md").write_text(markdown)
+    print(markdown, flush=True)
     return report
 
 
@@ -301,14 +313,16 @@ def _samples(workdir: Path) -> dict:
     scores["generate_8_after_compile_s"] = round(time.perf_counter() - t0, 2)
     images = np.concatenate([images, unclip.generate(model, shown[8:], seed=2)])
     manipulate.write_grid(images, workdir / "samples.png", columns=8)
-    (workdir / "samples.txt").write_text("\n".join(shown) + "\n")
+    if _writer():
+        (workdir / "samples.txt").write_text("\n".join(shown) + "\n")
     scenes = [shapes.sample_scene(7, i, "test", num_objects=1) for i in range(4)]
     renders = [shapes.render(s, model.decoder.image_size) for s in scenes]
     rows = [np.concatenate([shapes.render(s, model.resolution)[None],
                             manipulate.variations(model, r, n=4, seed=i)])
             for i, (s, r) in enumerate(zip(scenes, renders))]
     manipulate.write_grid([np.asarray(r, np.uint8) for r in rows], workdir / "variations.png")
-    out.write_text(json.dumps(scores, indent=2) + "\n")
+    if _writer():
+        out.write_text(json.dumps(scores, indent=2) + "\n")
     return scores
 
 

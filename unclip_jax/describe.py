@@ -315,6 +315,8 @@ def describe(cfg, mesh_shape: tuple[int, int, int] | None = None,
         "grads_bytes": 4 * local,
         "activation_bytes": int(activation_bytes(cfg, local_batch, t)),
     }
+    # what this machine runs (the layout above is the one asked for, not necessarily this)
+    out["backend"] = sharding.describe_backend()
     out["state_bytes"] = out["params_bytes"] + out["opt_bytes"] + out["ema_bytes"]
     out["total_bytes"] = out["state_bytes"] + out["grads_bytes"] + out["activation_bytes"]
     return out
@@ -338,6 +340,8 @@ def format_table(d: dict) -> str:
         ("activations / device (est.)", _gib(d["activation_bytes"])),
         ("total / device (est.)", _gib(d["total_bytes"])),
     ]
+    if "backend" in d:
+        rows.append(("this machine runs", d["backend"]))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 

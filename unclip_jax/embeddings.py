@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -152,6 +153,33 @@ class ClipEncoder:
         states, emb = self._text(self.params, np.asarray(tokens, np.int32))
         return np.asarray(states), np.asarray(emb)
 
+    def on_mesh(self, mesh) -> "ClipEncoder":
+        """Encode global batches split over ``mesh`` (every process's devices): the params are
+        copied onto every device once; then :meth:`encode_batch` takes batches placed with
+        :func:`unclip_jax.sharding.shard_batch` (each process its own rows)."""
+        from unclip_jax import sharding
+
+        self.mesh = mesh
+        self._mesh_params = sharding.from_host(self.params, sharding.replicated(mesh))
+        model = self.model
+
+        def encode(p, images, tokens):
+            states, temb = model.apply({"params": p}, tokens, method=model.encode_text_tokens)
+            return states, temb, model.apply({"params": p}, images, method=model.encode_image)
+
+        out = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 2)
+        self._encode = jax.jit(encode, out_shardings=(sharding.batch_sharding(mesh, 3), *out))
+        return self
+
+    def encode_batch(self, images: jax.Array, tokens: jax.Array) -> dict[str, np.ndarray]:
+        """Global ``images [B, S, S, 3]`` and ``tokens [B, L]`` on the :meth:`on_mesh` mesh →
+        ``text_states [B, L, W]``, ``text_emb``, ``image_emb [B, E]`` (float32), gathered whole
+        on every process."""
+        from unclip_jax import sharding
+
+        states, temb, iemb = self._encode(self._mesh_params, images, tokens)
+        return sharding.fetch({"text_states": states, "text_emb": temb, "image_emb": iemb})
+
     def captions(self, captions: list[str]) -> dict[str, np.ndarray]:
         """The prior's conditioning for raw captions: ``text_emb [B, E]``, ``text_states
         [B, L, W]`` (float32), ``text_tokens [B, L]`` int32."""
@@ -170,7 +198,8 @@ def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def _update_meta(out_dir: Path, meta: dict, split: str, split_info: dict) -> None:
+def _update_meta(out_dir: Path, meta: dict, split: str, split_info: dict,
+                 write: bool = True) -> None:
     path = out_dir / "meta.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     for key in ("clip_workdir", "clip_step", "embed_dim", "context_length", "text_width",
@@ -179,6 +208,8 @@ def _update_meta(out_dir: Path, meta: dict, split: str, split_info: dict) -> Non
             raise ValueError(f"the cache {str(out_dir)!r} was written with {key}={old[key]!r}, "
                              f"this run has {key}={meta[key]!r}; use another --out folder or "
                              f"delete the old cache")
+    if not write:
+        return
     new = dict(old, **meta)
     new["splits"] = dict(old.get("splits", {}), **{split: split_info})
     tmp = path.with_name(f".meta.json.tmp-{os.getpid()}")
@@ -195,57 +226,81 @@ def cache_embeddings(clip_workdir: str | os.PathLike, data_cfg: DataConfig | Non
     ``data_cfg``: the dataset (None = the CLIP run's own); its image size and context length
     are forced to the CLIP's. ``shard_size`` must be a multiple of ``batch_size``. Complete
     shards already on disk are skipped (resume). Returns ``<out>/<split>``.
+
+    Every batch is split over all devices (a ``data`` mesh over every process's devices):
+    process ``p`` of ``P`` reads and embeds only rows ``[p·B/P, (p+1)·B/P)`` of each batch
+    (as training input does), the results are gathered, and process 0 writes the shards — so
+    the cache is the same whatever the number of processes. All processes must call it.
     """
-    from unclip_jax import input_pipeline
+    from unclip_jax import input_pipeline, sharding
 
     if shard_size <= 0 or batch_size <= 0 or shard_size % batch_size:
         raise ValueError(f"shard_size ({shard_size}) must be a positive multiple of batch_size "
                          f"({batch_size})")
-    enc = ClipEncoder(clip_workdir, tokenizer_path)
+    # one process: as many devices as split the batch evenly; several: every device
+    split_over = math.gcd(batch_size, jax.device_count()) if jax.process_count() == 1 else -1
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=split_over))
+    sharding.check_batch_size(batch_size, mesh)
+    enc = ClipEncoder(clip_workdir, tokenizer_path).on_mesh(mesh)
     if data_cfg is None:
         data_cfg = _dataclass_from_dict(DataConfig, enc.run_cfg.get("data", {}))
     data_cfg = dataclasses.replace(data_cfg, image_size=enc.cfg.image_size,
                                    context_length=enc.cfg.context_length, num_workers=0)
     batches = input_pipeline.make_batches(data_cfg, split, batch_size=batch_size,
-                                          tokenizer=enc.tokenizer, train=False,
-                                          process_index=0, process_count=1)
+                                          tokenizer=enc.tokenizer, train=False)
     n_total = batches.num_examples
     num_shards = -(-n_total // shard_size)
     out_dir = Path(out_dir)
     split_dir = out_dir / split
-    split_dir.mkdir(parents=True, exist_ok=True)
+    main = sharding.is_main_process()
+    if main:
+        split_dir.mkdir(parents=True, exist_ok=True)
     meta = {"clip_workdir": str(Path(clip_workdir).absolute()), "clip_step": enc.step,
             "embed_dim": enc.cfg.embed_dim, "context_length": enc.cfg.context_length,
             "text_width": enc.cfg.text_width, "pad_id": enc.cfg.pad_id,
             "shard_size": shard_size,
             "dataset": data_cfg.name}
     split_info = {"count": n_total, "num_shards": num_shards}
-    _update_meta(out_dir, meta, split, split_info)   # fails early on a mismatching cache
+    # every process checks an existing cache (and fails early when it mismatches); one writes
+    _update_meta(out_dir, meta, split, split_info, write=main)
+    sharding.barrier(f"embed {split} meta")
     per_shard = shard_size // batch_size
+    # Which shards exist is decided by process 0's view for everyone: all processes must run
+    # the same batches (each one is a collective).
+    have = np.array([(split_dir / shard_name(k)).is_file() for k in range(num_shards)])
+    have = sharding.gather_process_rows(have[None])[0]
     for k in range(num_shards):
         path = split_dir / shard_name(k)
-        if path.is_file():
+        if have[k]:
             continue
         parts: list[dict] = []
         for i in range(k * per_shard, min((k + 1) * per_shard, batches.num_batches)):
-            b = batches.local_numpy(i, captions=True)
-            keep = np.asarray(b["mask"], bool)
-            states, temb = enc.tokens(b["tokens"])
-            part = {"text_emb": temb.astype(np.float32),
-                    "image_emb": enc.images(b["image"]).astype(np.float32),
+            b = batches.local_numpy(i, captions=True)          # this process's rows only
+            first = i * batch_size + batches.process_index * batches.local_batch_size
+            host = {"mask": np.asarray(b["mask"], bool),
                     "text_tokens": b["tokens"].astype(np.int32),
-                    "text_states": states.astype(np.float16),
                     "index": (b["index"].astype(np.int64) if "index" in b else
-                              np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int64)),
+                              np.arange(first, first + len(b["mask"]), dtype=np.int64)),
                     "caption": np.array([str(c) for c in b["caption"]], dtype=np.str_)}
             for key in ATTRIBUTES:
                 if key in b:
-                    part[key] = b[key].astype(np.int32)
+                    host[key] = b[key].astype(np.int32)
+            placed = sharding.shard_batch({"image": b["image"], "tokens": b["tokens"]}, mesh)
+            out = enc.encode_batch(placed["image"], placed["tokens"])
+            host = sharding.gather_process_rows(host)           # every process's rows, in order
+            keep = host.pop("mask")
+            part = {"text_emb": out["text_emb"].astype(np.float32),
+                    "image_emb": out["image_emb"].astype(np.float32),
+                    "text_tokens": host.pop("text_tokens"),
+                    "text_states": out["text_states"].astype(np.float16), **host}
             parts.append({key: v[keep] for key, v in part.items()})
         arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-        _write_atomic(path, arrays)
-        if progress:
-            print(f"embed {split}: wrote {path} ({len(arrays['index'])} examples)", flush=True)
+        if main:
+            _write_atomic(path, arrays)
+            if progress:
+                print(f"embed {split}: wrote {path} ({len(arrays['index'])} examples)",
+                      flush=True)
+    sharding.barrier(f"embed {split} written")     # every process sees the finished shards
     return split_dir
 
 

@@ -123,6 +123,12 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def local_mesh(cfg: MeshConfig | None = None) -> Mesh:
+    """A mesh over this process's devices only: for process-local work inside a multi-process
+    run (e.g. a frozen model encoding this process's rows), whose arrays never span hosts."""
+    return make_mesh(cfg or MeshConfig(data=-1), jax.local_devices())
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Sharding for a global batch array of rank ``ndim``: leading axis over (data, fsdp)."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
@@ -138,7 +144,14 @@ def batch_divisor(mesh: Mesh) -> int:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """Fail with a clear message unless ``batch_size`` splits evenly over data×fsdp."""
+    """Fail with a clear message unless ``batch_size`` splits evenly over the processes (each
+    loads ``batch_size / process_count`` rows) and over data×fsdp."""
+    pc = jax.process_count()
+    if batch_size % pc:
+        raise ValueError(
+            f"global batch size {batch_size} is not divisible by the process count {pc}: "
+            f"each process loads batch_size / {pc} rows of every global batch; choose a "
+            f"multiple of {pc}")
     div = batch_divisor(mesh)
     if batch_size % div:
         raise ValueError(
@@ -236,7 +249,131 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     return jax.tree.map(put, batch)
 
 
+def fetch(tree: Any) -> Any:
+    """Host numpy copies of a pytree of arrays, the *whole* array on every process.
+
+    The one way to read a computed array on the host: ``np.asarray`` of a global array whose
+    shards live on other processes' devices raises ("spans non-addressable devices"), so a
+    batch-sharded result is gathered with ``process_allgather`` (a collective: every process
+    must call ``fetch`` on the same arrays in the same order — what an SPMD program does).
+    Fully addressable and replicated arrays are copied without communication.
+    """
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.sharding.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)
+
+
+def from_host(tree: Any, sharding: jax.sharding.Sharding | Any) -> Any:
+    """Global arrays from host values that are the same on every process (params read from a
+    checkpoint, the prompts of a sampling call): each process fills only its own devices'
+    shards from its copy. ``sharding`` is one Sharding for every leaf, or a function
+    ``ndim -> Sharding`` (e.g. a batch split whose spec depends on the rank)."""
+    def put(x):
+        x = np.asarray(x)
+        s = sharding(x.ndim) if callable(sharding) else sharding
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+def gather_process_rows(tree: Any) -> Any:
+    """Concatenate each process's rows of a pytree of host arrays, in process order (every
+    process gets the whole). Leaves are numpy arrays with a leading row axis whose other axes
+    agree across processes; string arrays (numpy ``U``/``O`` of str) are supported. One
+    process: returned unchanged."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    def gather(x):
+        x = np.asarray(x)
+        if x.dtype.kind not in "UO":
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        raw = [str(v).encode("utf-8") for v in x.reshape(-1)]
+        width = int(np.max(multihost_utils.process_allgather(
+            np.array([max(map(len, raw), default=0)], np.int32), tiled=True)))
+        buf = np.zeros((len(raw), max(width, 1)), np.uint8)
+        for i, r in enumerate(raw):
+            buf[i, :len(r)] = np.frombuffer(r, np.uint8)
+        every = np.asarray(multihost_utils.process_allgather(buf, tiled=True))
+        text = [bytes(row).rstrip(b"\0").decode("utf-8") for row in every]
+        out = np.array(text) if x.dtype.kind == "U" else np.array(text, dtype=object)
+        return out.reshape((-1,) + x.shape[1:])
+
+    return jax.tree.map(gather, tree)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files (logs, configs, images, reports): process 0."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier ``name`` (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def check_processes_agree(items: dict[str, str], hint: str = "") -> None:
+    """Raise ValueError unless every process passes the same ``items`` (``{name: text}``).
+
+    Compares a hash of each item across processes (one small collective), so processes started
+    with different configs, code or workdirs fail at start, naming what differs and on which
+    processes, instead of training different models or deadlocking later. One process: no-op.
+    """
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    names = sorted(items)
+    mine = np.array([int.from_bytes(hashlib.sha256(items[k].encode()).digest()[:4], "little")
+                     for k in names], np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+    bad = [(k, every[:, j]) for j, k in enumerate(names) if np.any(every[:, j] != every[0, j])]
+    if not bad:
+        return
+    lines = []
+    for name, hashes in bad:
+        groups: dict[int, list[int]] = {}
+        for p, h in enumerate(hashes):
+            groups.setdefault(int(h), []).append(p)
+        parts = "; ".join(f"process(es) {', '.join(map(str, ps))}: {h:08x}"
+                          for h, ps in groups.items())
+        shown = f" (this is process {jax.process_index()}: {items[name]})" \
+            if len(items[name]) < 200 else ""
+        lines.append(f"  {name} differs — {parts}{shown}")
+    raise ValueError(
+        f"the {jax.process_count()} processes were not started with the same run:\n"
+        + "\n".join(lines) + "\nEvery process (host) must run the same command with the same "
+        "code, config, overrides and --workdir" + (f"; {hint}" if hint else ""))
+
+
+def describe_backend() -> str:
+    """What runs the computations, e.g. ``"gpu (NVIDIA H100 80GB HBM3): 8 devices, 1
+    process"`` or ``"cpu: 4 devices, 2 processes × 2"``."""
+    devices = jax.devices()
+    kind = devices[0].device_kind if devices else "none"
+    backend = jax.default_backend()
+    name = backend if kind.lower() == backend else f"{backend} ({kind})"
+    pc = jax.process_count()
+    procs = (f"{pc} processes × {jax.local_device_count()}" if pc > 1 else "1 process")
+    return f"{name}: {len(devices)} device{'s' if len(devices) != 1 else ''}, {procs}"
+
+
 DISTRIBUTED_ENV = "UNCLIP_JAX_DISTRIBUTED"
+INIT_TIMEOUT_ENV = "UNCLIP_JAX_INIT_TIMEOUT"
+HEARTBEAT_ENV = "UNCLIP_JAX_HEARTBEAT_TIMEOUT"
 
 
 def maybe_initialize_distributed() -> bool:
@@ -266,9 +403,56 @@ def maybe_initialize_distributed() -> bool:
         or "MEGASCALE_COORDINATOR_ADDRESS" in env
     )
     if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize(**_explicit_process_args(env))
+        args = _explicit_process_args(env)
+        init_timeout = _positive_seconds(env, INIT_TIMEOUT_ENV, 300)
+        heartbeat = _positive_seconds(env, HEARTBEAT_ENV, 100)
+        address = env.get("JAX_COORDINATOR_ADDRESS")
+        if address and args.get("process_id", 0) != 0:
+            wait_for_coordinator(address, init_timeout)
+        if address:
+            print(f"joining {args.get('num_processes', '?')} JAX processes at {address} as "
+                  f"process {args.get('process_id', '?')} (waiting up to {init_timeout} s for "
+                  f"the others)", flush=True)
+        jax.distributed.initialize(initialization_timeout=init_timeout,
+                                   heartbeat_timeout_seconds=heartbeat, **args)
         return True
     return False
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Retry a TCP connection to the coordinator ``host:port`` for up to ``timeout`` seconds;
+    raise ConnectionError naming the address when it never answers (JAX itself would abort
+    the process with a gRPC deadline message instead)."""
+    import socket
+    import time
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"JAX_COORDINATOR_ADDRESS={address!r}; accepted: HOST:PORT, e.g. "
+                         f"10.0.0.2:1234")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    f"cannot reach the JAX coordinator at {address} (JAX_COORDINATOR_ADDRESS) "
+                    f"after {timeout:g} s: {e.strerror or e}. Process 0 serves it: start "
+                    f"process 0 with the same address, check the host name and port and that "
+                    f"no firewall blocks it; {INIT_TIMEOUT_ENV} sets the wait") from None
+        time.sleep(0.5)
+
+
+def _positive_seconds(env, var: str, default: float) -> int:
+    value = env.get(var, "").strip()
+    if not value:
+        return int(default)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{var}={value!r}; accepted: a positive number of seconds")
+    return int(value)
 
 
 CPU_DEVICES_ENV = "UNCLIP_JAX_CPU_DEVICES"

@@ -26,8 +26,9 @@ def _sample_dalle(args) -> None:
     shown = images[:, :args.show] if args.show else images
     grid = np.concatenate([np.concatenate(list(row), axis=1) for row in shown], axis=0)
     grid = np.clip(np.round((grid + 1) * 127.5), 0, 255).astype(np.uint8)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(args.out)
+    if jax.process_index() == 0:            # several processes: one writer
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(args.out)
     for p, s, o in zip(prompts, scores, np.asarray(out.order)):
         print(f"{p!r}: CLIP scores best→worst {np.round(s, 2).tolist()} "
               f"(drawing order {o.tolist()})")

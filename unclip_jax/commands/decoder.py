@@ -40,8 +40,13 @@ def to_uint8(images) -> np.ndarray:
 
 
 def save_grid(rows: list[np.ndarray], path: str | Path) -> None:
-    """Save rows of uint8 images ``[N, H, W, 3]`` (same H, W) as one PNG with 2 px gaps."""
+    """Save rows of uint8 images ``[N, H, W, 3]`` (same H, W) as one PNG with 2 px gaps.
+    Several processes: process 0 writes (every process holds the same images)."""
+    import jax
     from PIL import Image
+
+    if jax.process_index() != 0:
+        return
 
     n = max(len(r) for r in rows)
     h, w = rows[0].shape[1:3]
@@ -103,5 +108,6 @@ def _sample_decoder(args) -> None:
             report[key] = float(np.mean([s[key] for s in scores]))
         report["colour_shape_correct"] = float(np.mean(
             [np.mean(s["colour_shape_correct"]) for s in scores]))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2))
+    if jax.process_index() == 0:
+        Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report))

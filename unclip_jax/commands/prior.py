@@ -49,8 +49,9 @@ def _sample_prior(args) -> None:
         raise ValueError("the prior's config names no CLIP workdir; pass --clip")
     inputs = embeddings.ClipEncoder(clip).captions(captions)
     emb = np.asarray(sampler(inputs, jax.random.PRNGKey(args.seed)))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, emb)
+    if jax.process_index() == 0:            # several processes: one writer
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.out, emb)
     cos = np.sum(emb * inputs["text_emb"], axis=-1)
     print(f"wrote {args.out}: {emb.shape[0]} image embeddings of dim {emb.shape[1]} "
           f"(mean cosine to the text embedding {cos.mean():.3f})")

@@ -17,6 +17,14 @@ two super-resolution networks are given in order (the second runs only the last 
         --prior karlo/prior --decoder karlo/decoder \
         --upsampler karlo/super_res_first --upsampler karlo/super_res_last \
         --prompt "a high-resolution photograph of a big red frog" --out frog.png
+
+The manipulations take the same model flags (Karlo's decoder embeds images with the converted
+ViT-L/14 image tower of `--clip`):
+
+    unclip-jax variations --clip vitl14 --bpe-vocab bpe_simple_vocab_16e6.txt.gz \
+        --prior karlo/prior --decoder karlo/decoder \
+        --upsampler karlo/super_res_first --upsampler karlo/super_res_last \
+        --image photo.jpg --num 4 --fresh-noise --out var.png
 """
 
 from __future__ import annotations
@@ -61,6 +69,9 @@ def _add_manipulation_args(q) -> None:
     q.add_argument("--steps", type=int, default=50,
                    help="strided DDIM steps of inversion and decoding")
     q.add_argument("--fixed-point-iters", type=int, default=2)
+    q.add_argument("--decoder-steps", type=int, default=None,
+                   help="steps of the decoder's own sampler for variations from fresh noise "
+                        "(config default; Karlo: 25)")
 
 
 def add_commands(subparsers) -> None:
@@ -82,7 +93,8 @@ def add_commands(subparsers) -> None:
     q.add_argument("--num", type=int, default=8)
     q.add_argument("--eta", type=float, default=1.0)
     q.add_argument("--fresh-noise", action="store_true",
-                   help="start from fresh noise instead of the inverted x_T")
+                   help="the decoder's own sampler from fresh noise (Karlo: diffusers' "
+                        "UnCLIPImageVariationPipeline) instead of DDIM from the inverted x_T")
     q.set_defaults(fn=_variations)
 
     q = subparsers.add_parser("interpolate", help="slerp between two images' latents")
@@ -122,7 +134,8 @@ def _load(args):
 
 def _manipulation_options(args) -> dict:
     return dict(steps=args.steps, fixed_point_iters=args.fixed_point_iters,
-                guidance_scale=args.decoder_guidance, upsampler_steps=args.upsampler_steps)
+                guidance_scale=args.decoder_guidance, upsampler_steps=args.upsampler_steps,
+                decoder_steps=args.decoder_steps)
 
 
 def _done(path, images) -> None:
@@ -166,7 +179,10 @@ def _sample(args) -> None:
     report = {"prompts": batch, "exact": [bool(s["exact"]) for s in scores],
               "colour_shape_correct": [list(map(bool, s["colour_shape_correct"]))
                                        for s in scores]}
-    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2))
+    import jax
+
+    if jax.process_index() == 0:           # several processes: one writer
+        Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2))
 
 
 def _variations(args) -> None:

@@ -127,6 +127,23 @@ def _process_x0(x0, clip_x0, dynamic_threshold):
     return x0
 
 
+# Multistep order control: a step more than LONG_STEP times the previous one in λ is taken at
+# first order, one more than GROWING_STEP times at ≤ second order. On improved DDPM's evenly
+# spaced grid (``respace(…, "25")``, which ends at t = 0) the step into t = 0 is ~4× the one
+# before it (cosine, 25 steps: h ≈ 2.5 after 0.6), and a second-order step there overshot the
+# data variance by +14 %; at first order it is +0.1 %. On grids whose steps change gradually
+# (the reference's "dpmN", "logsnrN") 2M never meets the first threshold, so it takes the
+# reference's steps; 3M's third-order term on the growing steps near clean data (h ≈ 0.3 → 0.6,
+# where x₀(λ) varies like e^{−2λ}) is what the second threshold avoids (see docs/solvers.md).
+LONG_STEP = 2.0
+GROWING_STEP = 1.3
+
+
+def _order_cap(h, h_prev):
+    """The highest order a multistep step of length ``h`` after one of ``h_prev`` may take."""
+    return jnp.where(h > LONG_STEP * h_prev, 1, jnp.where(h > GROWING_STEP * h_prev, 2, 3))
+
+
 def _lambda(alpha_bar):
     """Half log-SNR λ = log(α/σ) of ᾱ (∞ at ᾱ = 1)."""
     return 0.5 * (jnp.log(alpha_bar) - jnp.log1p(-alpha_bar))
@@ -156,8 +173,11 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
       uncond: the unconditional conditioning (same structure as cond) or a builder
         ``cond -> uncond``; when given, guidance runs as one batched forward per step.
       method: "ddpm" (ancestral), "ddim" (η-DDIM), "dpmpp_2m" (DPM-Solver++(2M), 10–25 steps),
-        "dpmpp_3m" (third-order multistep DPM-Solver++; best with ``respace(…, "logsnr20")``:
-        within 1% of the exact ODE's variance at 20 steps on Gaussian data, ≈ 0 at 50).
+        "dpmpp_3m" (third-order multistep DPM-Solver++). The multistep solvers want a grid
+        that does not visit t = 0: ``respace(…, "dpm25")`` (the reference's; 2M takes exactly
+        diffusers' ``DPMSolverMultistepScheduler`` steps there) or ``"logsnr20"`` (3M: within
+        1% of the data's variance at 20 steps on Gaussian data, ≈ 0 at 50). docs/solvers.md
+        compares them with the reference.
       eta: DDIM noise scale ≥ 0 (0 deterministic; 1 on the full schedule = DDPM posterior).
       guidance_scale: s in ``uncond + s·(cond − uncond)``; needs ``uncond`` unless it is 1.
       model_output: "eps" | "x0" | "v". Prefer "v" (or "x0") with the cosine schedule: its last
@@ -239,18 +259,19 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
         #   h_i = λ_{t_i} − λ_{t_{i−1}},  r_i = h_{i−1}/h_i,
         #   D_i = (1 + 1/(2 r_i)) x₀(t_{i−1}) − 1/(2 r_i) x₀(t_{i−2})   (D = x₀ on the first step),
         #   x_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) x_{t_{i−1}} − α_{t_i} (e^{−h_i} − 1) D_i.
-        # The final step lands on clean data (ᾱ = 1, σ = 0), where the update reduces to x = x₀;
-        # taking it at first order is the "lower order final" rule for few-step sampling.
+        # The final step lands on clean data (ᾱ = 1, σ = 0), where the update reduces to x = x₀
+        # (first order, the reference's "lower order final"). A step more than LONG_STEP times
+        # the previous one in λ is also taken at first order (see ``_order_cap``).
         x, x0_prev, unused_x0, h_prev, unused_h, count = carry
-        first = count == 0
         x = constrain(x)
         x0, _, _ = predict(x, i)
         a_s, a_t = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
         final = a_t >= 1.0
         a_t = jnp.where(final, 0.5, a_t)            # keeps the unused branch finite
         h = _lambda(a_t) - _lambda(a_s)
+        second = (count > 0) & (_order_cap(h, h_prev) >= 2)
         r = h_prev / h
-        d = jnp.where(first, x0, (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev)
+        d = jnp.where(second, (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev, x0)
         x_next = (jnp.sqrt((1 - a_t) / (1 - a_s)) * x
                   - jnp.sqrt(a_t) * jnp.expm1(-h) * d)
         x_next = jnp.where(final, x0, x_next)
@@ -264,10 +285,9 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
         # (the φ-function integrals ∫₀ʰ e^{u−h} uᵏ/k! du of DPM-Solver, 2206.00927), x₀', x₀''
         # those of the quadratic through the last three predictions at λ_s, λ_s − h₀,
         # λ_s − h₀ − h₁. Warm-up: first order on the first step, second order on the second.
-        # Lower order final: step i is taken at order ≤ i (the step into t_0 at first order, the
-        # one before at ≤ second), and the last step (onto clean data) is x = x₀. Without it a
-        # long final λ step (e.g. t = 53 → 0, h ≈ 2.7 after h ≈ 0.6 at 20 evenly spaced
-        # steps) extrapolates the history far past where it was measured.
+        # The last step (onto clean data) is x = x₀, and a step much longer in λ than the one
+        # before is taken at a lower order (``_order_cap``): a polynomial through the history
+        # extrapolated far past where it was measured is worse than a lower-order one there.
         x, x0_1, x0_2, h_0, h_1, count = carry
         x = constrain(x)
         x0, _, _ = predict(x, i)
@@ -275,7 +295,7 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
         final = a_t >= 1.0
         a_t = jnp.where(final, 0.5, a_t)            # keeps the unused branch finite
         h = _lambda(a_t) - _lambda(a_s)
-        order = jnp.minimum(jnp.minimum(count + 1, 3), jnp.maximum(i, 1))
+        order = jnp.minimum(jnp.minimum(count + 1, 3), _order_cap(h, h_0))
         d1 = (x0 - x0_1) / h_0
         dd = (d1 - (x0_1 - x0_2) / h_1) / (h_0 + h_1)
         der1 = jnp.where(order >= 3, d1 + h_0 * dd, d1)

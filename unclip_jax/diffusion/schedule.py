@@ -140,6 +140,12 @@ def space_timesteps(num_timesteps: int, spec: str | int,
       * ``"ddim64"`` — DDIM's strided ("leading") spacing: ``0, k, 2k, …`` with ``k = T // 64``,
         exactly 64 steps (identical to improved DDPM's ``ddimN`` whenever that one exists, and to
         diffusers' DDIM ``timestep_spacing="leading"``);
+      * ``"dpm25"`` — the multistep solvers' grid, diffusers' ``DPMSolverMultistepScheduler``
+        default (``timestep_spacing="linspace"``): the N + 1 points ``round(k (T−1)/N)``,
+        k = 0 … N, without t = 0, so the last step goes from t ≈ T/N straight to clean data
+        (σ = 0). The evenly spaced "25" also visits t = 0, where a model evaluation is nearly
+        the identity: the solver gets one useful step fewer and a long λ step into t = 0
+        (see ``sampler._order_cap``). Needs N < T.
       * ``"logsnr20"`` — for DPM-Solver++: t = T-1 (the pure-noise start), then 19 steps evenly
         spaced in λ = log(α/σ) from λ(t=0) down to ``max(LOGSNR_MIN, λ(T-1))``, each at the
         nearest timestep (nudged apart where two coincide). Needs ``alphas_cumprod`` (``[T]``,
@@ -151,9 +157,20 @@ def space_timesteps(num_timesteps: int, spec: str | int,
     if isinstance(spec, (int, np.integer)):
         spec = str(int(spec))
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"respacing must be a step count, 'ddimN' or a section string like "
-                         f"'10,10,7'; got {spec!r}")
+        raise ValueError(f"respacing must be a step count, 'ddimN', 'dpmN', 'logsnrN' or a "
+                         f"section string like '10,10,7'; got {spec!r}")
     spec = spec.strip()
+    if spec.startswith("dpm"):
+        try:
+            n = int(spec[len("dpm"):])
+        except ValueError:
+            raise ValueError(f"respacing {spec!r}: expected 'dpm' followed by a step count, "
+                             f"e.g. 'dpm25'") from None
+        _check_count(n, T, spec)
+        if n > T - 1:
+            raise ValueError(f"respacing {spec!r}: the 'dpmN' grid leaves out t = 0, so it has "
+                             f"at most T − 1 = {T - 1} steps")
+        return np.round(np.linspace(0, T - 1, n + 1))[1:].astype(np.int64)
     if spec.startswith("logsnr"):
         try:
             n = int(spec[len("logsnr"):])

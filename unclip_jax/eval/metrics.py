@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax import sharding
+
 # ============================================================================ streaming moments
 
 
@@ -214,7 +216,7 @@ def batched_apply(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
         keep = chunk.shape[0]
         if keep < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - keep, axis=0)])
-        out.append(np.asarray(fn(chunk))[:keep])
+        out.append(sharding.fetch(fn(chunk))[:keep])
     return np.concatenate(out)
 
 

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax import sharding
+
 Template = str | Callable[[str], str]
 
 
@@ -23,7 +25,8 @@ def _prompt(template: Template, classname: str) -> str:
 
 def _batched(fn: Callable[[jax.Array], jax.Array], x: np.ndarray, batch_size: int) -> np.ndarray:
     """Apply a jitted ``fn`` over the leading axis in fixed-size batches (last one padded, so
-    there is a single compilation)."""
+    there is a single compilation). ``x`` is the same on every process; the result, which the
+    model's logical constraints may split over every process's devices, is gathered whole."""
     n = x.shape[0]
     out = []
     for start in range(0, n, batch_size):
@@ -31,7 +34,7 @@ def _batched(fn: Callable[[jax.Array], jax.Array], x: np.ndarray, batch_size: in
         pad = batch_size - chunk.shape[0]
         if pad and n > batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        out.append(np.asarray(fn(chunk))[: min(batch_size, n - start)])
+        out.append(sharding.fetch(fn(chunk))[: min(batch_size, n - start)])
     return np.concatenate(out)
 
 

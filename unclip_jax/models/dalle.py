@@ -428,11 +428,17 @@ def make_task(cfg, workdir: str | Path):
     attention_mask("full", 1, mcfg.grid_size, mcfg.conv_kernel)   # config errors, early
     cfg = dataclasses.replace(cfg, model=mcfg)
     model = DalleTransformer(mcfg)
-    encode = dvae_lib.jit(lambda images: dvae_lib.encode(dvae_model, dvae_params, images))
+    # The frozen dVAE encodes each process's own rows on that process's devices: a
+    # process-local program (under the run's mesh its logical constraints would make it a
+    # global one, fed different rows by every process).
+    local = sharding.local_mesh()
+    local_params = sharding.from_host(dvae_params, sharding.replicated(local))
+    encode = dvae_lib.jit(lambda p, images: dvae_lib.encode(dvae_model, p, images))
 
     def to_codes(position, raw):
         """Text tokens and the frozen dVAE's codes of the images."""
-        codes = np.asarray(encode(raw["image"]))
+        with jax.set_mesh(local):
+            codes = np.asarray(encode(local_params, raw["image"]))
         return {"text": np.asarray(raw["tokens"], np.int32),
                 "image_tokens": codes.reshape(len(codes), -1).astype(np.int32)}
 
@@ -443,11 +449,12 @@ def make_task(cfg, workdir: str | Path):
 
     def evaluate(state, step) -> dict:
         params = state.ema_params if cfg.train.ema_decay > 0 else state.params
+        # every process reads the whole batch (one replicated input); results gathered whole
         val = input_pipeline.MappedBatches(input_pipeline.make_batches(
             cfg.data, "validation", batch_size=cfg.train.batch_size, tokenizer=tok,
-            train=False), to_codes)
+            train=False, process_index=0, process_count=1), to_codes)
         loss = jax.jit(lambda p, b: loss_fn(model, p, b)[1])
-        parts = [jax.device_get(loss(params, b)) for _, b in zip(range(4), val)]
+        parts = [sharding.fetch(loss(params, b)) for _, b in zip(range(4), val)]
         out = {f"val_{k}": float(np.mean([p[k] for p in parts]))
                for k in ("text_loss", "image_loss", "image_accuracy")}
         if cfg.data.name.startswith("captioned_shapes"):
@@ -482,8 +489,9 @@ def shapes_accuracy(cfg: DalleConfig, params, tok, dvae_model, dvae_params, *,
 
     prompts = heldout_prompts(num_prompts)
     text = jnp.asarray(tok.encode(prompts, cfg.text_length))
-    codes = sample(cfg, params, text, jax.random.PRNGKey(seed), **settings)
-    images = np.asarray(dvae_lib.jit(lambda c: dvae_lib.decode(dvae_model, dvae_params, c))(codes))
+    codes = sharding.fetch(sample(cfg, params, text, jax.random.PRNGKey(seed), **settings))
+    images = sharding.fetch(dvae_lib.jit(lambda c: dvae_lib.decode(dvae_model, dvae_params, c))(
+        codes))
     pixels = np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8)
     ok = [all(shapes.score_caption(im, p)["colour_shape_correct"])
           for im, p in zip(pixels, prompts)]

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import input_pipeline
+from unclip_jax import input_pipeline, sharding
 from unclip_jax.nn.layers import conv_general_dilated
 from unclip_jax.nn.layers import dtype as to_dtype
 
@@ -488,14 +488,16 @@ def make_task(cfg, workdir):
 
     def evaluate(state, step) -> dict:
         params = state.ema_params if cfg.train.ema_decay > 0 else state.params
+        # every process reads the whole batch (one replicated input); results gathered whole
         val = input_pipeline.make_batches(cfg.data, "validation",
-                                          batch_size=cfg.train.batch_size, train=False)
+                                          batch_size=cfg.train.batch_size, train=False,
+                                          process_index=0, process_count=1)
         sq_err, n_values = 0.0, 0
         counts = np.zeros(model_cfg.vocab_size, np.int64)
         first = None
         for _, b in zip(range(8), val):
             keep = np.asarray(b["mask"])
-            tokens, recon = (np.asarray(a) for a in reconstruct(params, b["image"]))
+            tokens, recon = sharding.fetch(reconstruct(params, b["image"]))
             orig01, recon01 = (b["image"][keep] + 1) / 2, (recon[keep] + 1) / 2
             sq_err += float(np.sum(np.square(recon01 - orig01, dtype=np.float64)))
             n_values += orig01.size

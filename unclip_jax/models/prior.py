@@ -478,7 +478,7 @@ def make_task(cfg, workdir):
         params = state.ema_params if cfg.train.ema_decay > 0 else state.params
         sampler = PriorSampler(model, params)
         inputs = {k: val[k][:n_eval] for k in ("text_emb", "text_states", "text_tokens")}
-        emb = np.asarray(sampler(inputs, jax.random.PRNGKey(step)))
+        emb = sharding.fetch(sampler(inputs, jax.random.PRNGKey(step)))   # whole, every host
         true = val["image_emb"][:n_eval]
         return {"val_cos": float(np.mean(np.sum(emb * true, -1))),
                 "val_cos_text_baseline": float(np.mean(np.sum(inputs["text_emb"] * true, -1)))}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,11 @@ class SimilarityBuckets:
 
 def save_quantizers(path: str | Path, pca: PCAQuantizer, sim: SimilarityBuckets) -> None:
     arrays = {f"pca_{f.name}": getattr(pca, f.name) for f in dataclasses.fields(pca)}
-    np.savez(path, **arrays, sim_edges=sim.edges)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:                  # written whole, then renamed
+        np.savez(f, **arrays, sim_edges=sim.edges)
+    os.replace(tmp, path)
 
 
 def load_quantizers(path: str | Path) -> tuple[PCAQuantizer, SimilarityBuckets]:
@@ -460,18 +465,21 @@ def make_task(cfg, workdir: str | Path):
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / QUANTIZER_FILE
-    if path.is_file():   # resume: keep the codes the checkpoint was trained on
-        pca, sim = load_quantizers(path)
-        if pca.dims != mcfg.pca_dims or pca.num_buckets != mcfg.num_buckets \
-                or sim.num_buckets != mcfg.sim_buckets:
-            raise ValueError(f"{path} was fitted with pca_dims={pca.dims}, num_buckets="
-                             f"{pca.num_buckets}, sim_buckets={sim.num_buckets}; the config "
-                             "differs — use another workdir")
-    else:
+    # Fitted once, by process 0, and read back by every process: hosts whose linear algebra
+    # rounds differently must still quantize with the very same codes. On resume the file
+    # keeps the codes the checkpoint was trained on.
+    if sharding.is_main_process() and not path.is_file():
         pca = PCAQuantizer.fit(train["image_emb"], mcfg.pca_dims, mcfg.num_buckets,
                                mcfg.quantization)
         sim = SimilarityBuckets.fit(similarities(train), mcfg.sim_buckets)
         save_quantizers(path, pca, sim)
+    sharding.barrier("prior_ar quantizers")
+    pca, sim = load_quantizers(path)
+    if pca.dims != mcfg.pca_dims or pca.num_buckets != mcfg.num_buckets \
+            or sim.num_buckets != mcfg.sim_buckets:
+        raise ValueError(f"{path} was fitted with pca_dims={pca.dims}, num_buckets="
+                         f"{pca.num_buckets}, sim_buckets={sim.num_buckets}; the config "
+                         "differs — use another workdir")
     arrays = _model_arrays(train, pca, sim)
     model = ARPrior(mcfg)
     try:
@@ -486,12 +494,12 @@ def make_task(cfg, workdir: str | Path):
         m = min(len(val["index"]), 256)
         part = {k: v[:m] for k, v in val.items()}
         va = _model_arrays(part, pca, sim)
-        loss, metrics = jax.jit(functools.partial(loss_fn, model))(params, va)
+        loss, metrics = sharding.fetch(jax.jit(functools.partial(loss_fn, model))(params, va))
         out = {"val_loss": float(loss), "val_code_accuracy": float(metrics["code_accuracy"])}
         sample = make_sampler(mcfg, pca, sim)
-        emb = np.asarray(sample(params, {k: va[k] for k in ("text_emb", "text_states",
-                                                             "text_tokens")},
-                                jax.random.PRNGKey(step)))
+        emb = sharding.fetch(sample(params, {k: va[k] for k in ("text_emb", "text_states",
+                                                                 "text_tokens")},
+                                    jax.random.PRNGKey(step)))
         out["sample_cos_image"] = float(np.mean(np.sum(emb * part["image_emb"], -1)))
         out["sample_cos_text"] = float(np.mean(np.sum(emb * part["text_emb"], -1)))
         out["real_cos_text"] = float(np.mean(similarities(part)))

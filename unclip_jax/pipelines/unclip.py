@@ -54,13 +54,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import diffusion
+from unclip_jax import diffusion, sharding
 from unclip_jax.commands.decoder import to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
 from unclip_jax.models.clip import CLIP, CLIPConfig, eos_positions
 
-SPACINGS = ("even", "unclip", "logsnr")  # sample_spacing values (see stage_schedule)
+SPACINGS = ("even", "unclip", "logsnr", "dpm")  # sample_spacing values (see stage_schedule)
 UNCONDS = ("learned", "empty_caption")  # PriorConfig.uncond values
 RESIZES = ("linear", "cubic")           # UpsamplerConfig.low_res_resize values
 
@@ -141,9 +141,11 @@ def check_chain(clip: CLIPConfig, prior: P.PriorConfig, decoder: D.DecoderConfig
                          f"{decoder.clip_text_width}, the CLIP's text tower has width "
                          f"{clip.text_width}")
     if not clip.embed_dim == prior.embed_dim == decoder.clip_dim:
+        karlo = (f" (a converted Karlo decoder needs {KARLO_CLIP})"
+                 if decoder.clip_emb_scale > 0 else "")
         raise ValueError(f"embedding sizes disagree: CLIP embed_dim {clip.embed_dim}, prior "
                          f"embed_dim {prior.embed_dim}, decoder clip_dim {decoder.clip_dim}; "
-                         f"the prior and decoder must be trained on this CLIP")
+                         f"the prior and decoder must be trained on this CLIP{karlo}")
     if prior.text_width != clip.text_width:
         raise ValueError(f"the prior reads CLIP text states of width {prior.text_width}, the "
                          f"CLIP's text tower has width {clip.text_width}")
@@ -178,7 +180,11 @@ def load_unclip(clip_workdir: str | os.PathLike, tokenizer_path: str | os.PathLi
 
     if isinstance(upsampler_workdirs, (str, os.PathLike)):
         upsampler_workdirs = [upsampler_workdirs]
-    _, clip_params, clip_cfg = load_clip(clip_workdir)
+    try:
+        _, clip_params, clip_cfg = load_clip(clip_workdir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no CLIP at {str(clip_workdir)!r} ({e}). "
+                                f"{clip_hint(decoder_workdir)}") from None
     if tokenizer_path is None:
         try:
             tokenizer_path = clip_tokenizer_path(clip_workdir)
@@ -197,6 +203,28 @@ def load_unclip(clip_workdir: str | os.PathLike, tokenizer_path: str | os.PathLi
     model = UnCLIP(clip_cfg, prior.cfg, dec_cfg, tuple(c for _, c in ups),
                    jax.tree.map(jnp.asarray, params), tok)
     return with_empty_caption(model) if needs_empty_caption(model.configs) else model
+
+
+KARLO_CLIP = ("OpenAI's CLIP ViT-L/14 (768-d): convert open_clip's ViT-L-14 'openai' "
+              "weights with `unclip-jax convert clip open_clip_model.safetensors --out "
+              "runs/vitl14`, then pass --clip runs/vitl14 --bpe-vocab "
+              "bpe_simple_vocab_16e6.txt.gz")
+
+
+def clip_hint(decoder_workdir: str | os.PathLike) -> str:
+    """What CLIP a decoder needs, for error messages (Karlo's: which weights to convert)."""
+    from unclip_jax.embeddings import read_run_config
+
+    try:
+        model = read_run_config(decoder_workdir).get("model", {})
+    except (FileNotFoundError, ValueError):
+        return "The chain needs the CLIP the decoder was trained on."
+    dim = model.get("clip_dim", "?")
+    if model.get("clip_emb_scale", 0) > 0 or model.get("clip_text_width", 0) > 0:
+        return (f"The decoder (a converted Karlo decoder) is conditioned on {dim}-d embeddings "
+                f"of {KARLO_CLIP}.")
+    return (f"The decoder is conditioned on {dim}-d embeddings of the CLIP it was trained on "
+            f"(its model.clip_workdir: {model.get('clip_workdir') or 'not recorded'}).")
 
 
 class ClipBPE:
@@ -352,11 +380,12 @@ def stage_schedule(kind: str, num_timesteps: int, steps: int, spacing: str = "ev
     :func:`~unclip_jax.diffusion.respace`, ``round(k·(T−1)/(n−1))``), "unclip" (diffusers'
     ``UnCLIPScheduler``: the same rule in its float arithmetic, which rounds some ties — e.g.
     499.5 at 27 steps — the other way; :func:`unclip_jax.convert.karlo.karlo_schedule`) or
-    "logsnr" (evenly in log-SNR, ``respace(…, "logsnrN")``: what the multistep DPM-Solver++
-    samplers want at few steps)."""
+    "logsnr" (evenly in log-SNR, ``respace(…, "logsnrN")``) or "dpm" (diffusers'
+    ``DPMSolverMultistepScheduler`` grid, ``respace(…, "dpmN")``): the grids the multistep
+    DPM-Solver++ samplers want at few steps (docs/solvers.md)."""
     _check_choice("sample_spacing", spacing, SPACINGS)
-    if spacing == "logsnr":
-        return diffusion.make_schedule(kind, num_timesteps, f"logsnr{int(steps)}")
+    if spacing in ("logsnr", "dpm"):
+        return diffusion.make_schedule(kind, num_timesteps, f"{spacing}{int(steps)}")
     if spacing == "unclip":
         from unclip_jax.convert.karlo import karlo_schedule
 
@@ -523,14 +552,34 @@ def upsample_chain(cfgs: Sequence[D.UpsamplerConfig], params: Sequence, x: jax.A
 
 
 def sampling_mesh(batch: int) -> jax.sharding.Mesh | None:
-    """A one-axis ``("data",)`` mesh over this process's devices to split a sampling batch of
-    ``batch`` over (each device draws ``batch / n`` of the samples), or None when there is one
-    device or the batch does not split evenly. On a CPU split into one device per core
+    """A one-axis ``("data",)`` mesh to split a sampling batch of ``batch`` over (each device
+    draws ``batch / n`` of the samples), or None when there is one device or the batch does
+    not split evenly. Several processes (a pod slice): every process's devices when the batch
+    splits over all of them (every process must then make the same call, with the same
+    prompts: the samples are computed once, split over the hosts, and gathered), else this
+    process's own. On a CPU split into one device per core
     (:func:`unclip_jax.sharding.split_cpu_cores`) this keeps every core busy while sampling."""
+    if jax.process_count() > 1 and batch % jax.device_count() == 0:
+        return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     devices = jax.local_devices()
     if len(devices) < 2 or batch % len(devices):
         return None
     return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+def spans_processes(mesh: jax.sharding.Mesh | None) -> bool:
+    """Whether ``mesh`` holds other processes' devices (its arrays are placed with
+    :func:`unclip_jax.sharding.from_host` and read with :func:`unclip_jax.sharding.fetch`)."""
+    return mesh is not None and any(d.process_index != jax.process_index()
+                                    for d in mesh.devices.flat)
+
+
+def place_batch(x, mesh: jax.sharding.Mesh):
+    """Host (or this process's) array ``x`` split over ``mesh``'s ``data`` axis (every process
+    passes the same ``x`` when the mesh spans processes)."""
+    if spans_processes(mesh):
+        return sharding.from_host(sharding.fetch(x), batch_shardings(mesh))
+    return jax.device_put(x, batch_shardings(mesh)(np.ndim(x)))
 
 
 def batch_shardings(mesh: jax.sharding.Mesh | None):
@@ -545,12 +594,15 @@ _REPLICATED: dict = {}
 
 
 def replicated_params(unclip: UnCLIP, mesh: jax.sharding.Mesh):
-    """``unclip.params`` copied onto every device of ``mesh`` (once per model and mesh)."""
+    """``unclip.params`` copied onto every device of ``mesh`` (once per model and mesh; from
+    each host's own copy when the mesh spans processes)."""
     key = (id(unclip.params), mesh)
     if key not in _REPLICATED:
         _REPLICATED.clear()             # one model's copies at a time
-        _REPLICATED[key] = (unclip.params, jax.device_put(
-            unclip.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+        everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        _REPLICATED[key] = (unclip.params, sharding.from_host(unclip.params, everywhere)
+                            if spans_processes(mesh)
+                            else jax.device_put(unclip.params, everywhere))
     return _REPLICATED[key][1]
 
 
@@ -640,8 +692,9 @@ def generate(unclip: UnCLIP, captions: Sequence[str], seed: int = 0, *,
              split: bool = True, **settings) -> np.ndarray:
     """uint8 images ``[B, H, W, 3]`` for ``captions`` (tokenized on the host, then the jitted
     chain). ``settings``: the fields of :class:`Settings`; guidance defaults to the configs'.
-    ``split``: spread the batch over this process's devices when it divides evenly
-    (:func:`sampling_mesh`; the same images as on one device)."""
+    ``split``: spread the batch over the devices when it divides evenly (:func:`sampling_mesh`:
+    with several processes, over every process's devices — each process must then make the
+    same call; the same images as on one device)."""
     captions = check_prompts(captions)
     if unclip.tokenizer is None:
         raise ValueError("this UnCLIP has no tokenizer; pass token ids to make_text_to_image")
@@ -650,13 +703,13 @@ def generate(unclip: UnCLIP, captions: Sequence[str], seed: int = 0, *,
     tokens = unclip.tokenizer.encode(captions, unclip.clip.context_length)
     params = unclip.params
     if mesh is not None:
-        tokens = jax.device_put(tokens, batch_shardings(mesh)(2))
+        tokens = place_batch(tokens, mesh)
         params = replicated_params(unclip, mesh)
     guidance = (jnp.float32(unclip.prior.guidance_scale if prior_guidance is None
                             else prior_guidance),
                 jnp.float32(unclip.decoder.guidance_scale if decoder_guidance is None
                             else decoder_guidance))
-    return to_uint8(fn(params, tokens, jax.random.PRNGKey(seed), guidance))
+    return to_uint8(sharding.fetch(fn(params, tokens, jax.random.PRNGKey(seed), guidance)))
 
 
 # ============================================================================ judge scores
@@ -685,6 +738,6 @@ __all__ = ["ClipBPE", "Settings", "UnCLIP", "check_chain", "check_prompts", "che
            "decode", "decoder_conds", "decoder_schedule", "encode_text", "fit_tokens",
            "generate", "load_tokenizer", "load_unclip", "make_text_to_image",
            "needs_empty_caption", "prior_embeddings", "prior_schedule", "replicated_params",
-           "sampling_mesh", "score_prompts",
+           "place_batch", "sampling_mesh", "spans_processes", "score_prompts",
            "settings_from", "stage_schedule", "text_mask", "to_uint8", "unit",
            "upsample_chain", "upsampler_schedules", "upsampler_stages", "with_empty_caption"]

@@ -171,6 +171,30 @@ def _state_layout(cfg, task: Task, tx, mesh, rules):
     return make_state, rng, abstract, state_sh
 
 
+def code_fingerprint() -> str:
+    """A hash of the package's source files (every ``.py`` under ``unclip_jax``): processes of
+    one run must run the same code."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def check_same_run(cfg: config_lib.ExperimentConfig, workdir: str | Path) -> None:
+    """Fail on every process unless all processes run the same code, config (each section
+    compared) and workdir; no-op with one process. Call it before anything else collective."""
+    config_dict = config_lib.to_dict(cfg)
+    items = {f"config.{key}": json.dumps(value, sort_keys=True)
+             for key, value in config_dict.items()}
+    items["code (unclip_jax sources)"] = code_fingerprint()
+    items["--workdir"] = str(Path(workdir).absolute())
+    sharding.check_processes_agree(
+        items, hint="the workdir must be one folder on a file system every host sees")
+
+
 def prepare_workdir(workdir: str | Path) -> Path:
     """Create ``workdir`` (and its parents) and make sure files can be written in it.
 
@@ -255,6 +279,7 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
         raise ValueError(f"train.on_nonfinite must be one of {NONFINITE_POLICIES}, "
                          f"got {tcfg.on_nonfinite!r}")
     workdir = prepare_workdir(workdir)
+    check_same_run(cfg, workdir)       # several processes: the same code, config and workdir
 
     # --- mesh
     mesh = sharding.make_mesh(cfg.mesh)

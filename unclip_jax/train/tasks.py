@@ -13,9 +13,10 @@ import importlib
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from unclip_jax import input_pipeline
+from unclip_jax import input_pipeline, sharding
 from unclip_jax.config import DataConfig, ExperimentConfig
 from unclip_jax.text import Tokenizer, train_tokenizer_from_dataset
 from unclip_jax.train.loop import Task
@@ -23,21 +24,37 @@ from unclip_jax.train.loop import Task
 
 def ensure_dataset(data_cfg: DataConfig) -> None:
     """Build ``captioned_shapes/r<N>`` on first use (it is procedural); other datasets must
-    already be prepared (``open_source`` says how when they are not)."""
+    already be prepared (``open_source`` says how when they are not). Several processes:
+    process 0 builds it (into the shared ``data_dir``) while the others wait."""
+    if data_cfg.name.partition("/")[0] != "captioned_shapes":
+        return
+    resolution = _shapes_to_build(data_cfg)      # every process: the same error, if any
+    if resolution is not None and sharding.is_main_process():
+        _build_shapes(data_cfg, resolution)
+    sharding.barrier(f"dataset {data_cfg.name}")
+
+
+def _shapes_to_build(data_cfg: DataConfig) -> int | None:
+    """The resolution of a ``captioned_shapes/r<N>`` that is not built yet (None: nothing to
+    build, or not captioned_shapes); FileNotFoundError for a missing one of another name."""
     family, _, config = data_cfg.name.partition("/")
     if family != "captioned_shapes":
-        return
+        return None
     try:
         input_pipeline.dataset_dir(data_cfg.name, data_cfg.data_dir)
-        return
+        return None
     except FileNotFoundError:
         match = re.fullmatch(r"r(\d+)", config)
         if not match:
             raise
+    return int(match.group(1))
+
+
+def _build_shapes(data_cfg: DataConfig, resolution: int) -> None:
     from unclip_jax.datasets.captioned_shapes import build_captioned_shapes
 
     print(f"building {data_cfg.name} into {data_cfg.data_dir} ...", flush=True)
-    build_captioned_shapes(data_cfg.data_dir, resolution=int(match.group(1)))
+    build_captioned_shapes(data_cfg.data_dir, resolution=resolution)
 
 
 def tokenizer_path(data_cfg: DataConfig, workdir: str | Path) -> Path:
@@ -45,15 +62,29 @@ def tokenizer_path(data_cfg: DataConfig, workdir: str | Path) -> Path:
 
 
 def ensure_tokenizer(data_cfg: DataConfig, workdir: str | Path) -> Tokenizer:
-    """Load the configured tokenizer, training it on the train split's captions if missing."""
+    """Load the configured tokenizer, training it on the train split's captions if missing.
+
+    Several processes: process 0 trains it (into the shared workdir), the others wait."""
     path = tokenizer_path(data_cfg, workdir)
-    if path.is_file():
-        return Tokenizer.load(path)
-    if data_cfg.tokenizer:
+    if data_cfg.tokenizer and not path.is_file():
         raise FileNotFoundError(f"tokenizer {str(path)!r} (data.tokenizer) does not exist; "
                                 "train one with `unclip-jax tokenizer train` or leave "
                                 "data.tokenizer empty to train it in the workdir")
-    ensure_dataset(data_cfg)
+    if sharding.is_main_process() and not path.is_file():
+        resolution = _shapes_to_build(data_cfg)
+        if resolution is not None:
+            _build_shapes(data_cfg, resolution)
+        _train_tokenizer(data_cfg, path)
+    sharding.barrier(f"tokenizer {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"process {jax.process_index()} cannot see the tokenizer "
+                                f"{str(path)!r} that process 0 wrote: every process needs the "
+                                f"same --workdir on a file system all hosts share (or "
+                                f"data.tokenizer on one)")
+    return Tokenizer.load(path)
+
+
+def _train_tokenizer(data_cfg: DataConfig, path: Path) -> Tokenizer:
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"training a {data_cfg.vocab_size}-token BPE tokenizer on {data_cfg.name} → {path}",
           flush=True)
@@ -104,9 +135,11 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
         params = state.ema_params if cfg.train.ema_decay > 0 else state.params
         out = {}
         # Retrieval on validation: image→text top-1 within batches of the training size.
+        # every process reads the whole evaluation batch (the same numpy on each, so jit sees
+        # one replicated input); the embeddings, split over the mesh, are gathered by fetch
         val = input_pipeline.make_batches(cfg.data, "validation",
                                           batch_size=cfg.train.batch_size, tokenizer=tok,
-                                          train=False)
+                                          train=False, process_index=0, process_count=1)
         hits, n = 0.0, 0
         for i, b in zip(range(4), val):
             img = zero_shot.encode_images(model, params, b["image"])
