@@ -69,7 +69,7 @@ def demo_sets(data_dir, workdir) -> list[str]:
     # the decoder reads the CLIP image embeddings from the cache `embed` wrote (row features)
     decoder = d16 + ["data.vocab_size=64", f"model.embeddings_dir={workdir}/embeddings",
                      "model.base_channels=16", "model.channel_mult=1",
-                     "model.attention_resolutions=16", "model.head_channels=16",
+                     "model.attention_resolutions=8", "model.head_channels=16",
                      "model.context_dim=32", "model.text_layers=1", "model.sample_steps=4",
                      *TRAIN]
     upsampler = [f"data.data_dir={data_dir}", f"data.name={data_name(32)}",
