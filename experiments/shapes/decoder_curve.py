@@ -151,8 +151,8 @@ def judge(decoder: Path, demo: Path, num: int, num_variations: int,
                                decoder, [demo / "upsampler"])
     model = with_samplers(model, decoder_sampler, upsampler_sampler, guidance)
     settings = {k: v for k, v in (("decoder", decoder_sampler),
-                                  ("upsampler", upsampler_sampler), ("guidance", guidance))
-                if v is not None}
+                                  ("upsampler", upsampler_sampler)) if v is not None}
+    settings["guidance"] = float(model.decoder.guidance_scale)
     scores, _ = demo_lib.judge_chain(model, num=num, num_variations=num_variations)
     meta = json.loads((decoder / "recipe.json").read_text()) if (
         decoder / "recipe.json").is_file() else {"recipe": decoder.name}
@@ -221,7 +221,14 @@ def load_rows(costs: Path) -> list[dict]:
 
 # the sampling every curve point is judged with (the demo's): decoder and upsampler
 # DPM-Solver++(3M) on log-SNR-even steps, decoder guidance 3 (the configs')
-CURVE_SETTINGS = {"decoder": "dpmpp_3m:logsnr:20", "upsampler": "dpmpp_3m:logsnr:10"}
+CURVE_SETTINGS = {"decoder": "dpmpp_3m:logsnr:20", "upsampler": "dpmpp_3m:logsnr:10",
+                  "guidance": 3.0}
+
+
+def _settings(row: dict) -> dict:
+    """A row's sampling settings; rows judged before the guidance was recorded used the curve
+    runs' configured 3."""
+    return {"guidance": 3.0, **row.get("settings", {})}
 
 
 def report(costs: Path, png: Path = PNG, settings: dict | None = None) -> str:
@@ -235,7 +242,7 @@ def report(costs: Path, png: Path = PNG, settings: dict | None = None) -> str:
 
     settings = CURVE_SETTINGS if settings is None else settings
     last = {r["decoder"]: r for r in load_rows(costs)
-            if r["cost_s"] is not None and r.get("settings") == settings}
+            if r["cost_s"] is not None and _settings(r) == settings}
     rows = list(last.values())
     lines = ["| recipe | seed | steps | s/step | decoder CPU s | single | two-object both | "
              "relation | variation consistency |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
