@@ -1,7 +1,8 @@
 """The unCLIP chain's quality against decoder training compute (issue 20's curve).
 
 Every point is one decoder trained from scratch with a recipe (``RECIPES``: overrides of
-``experiments/shapes/decoder.py``) for a number of steps, put into the chain of a fixed
+``experiments/shapes/decoder.py`` on top of ``BASE``, the recipe before the study — the
+config has since adopted the chosen one) for a number of steps, put into the chain of a fixed
 ``make demo`` workdir (its CLIP, prior and upsampler) and judged with the demo's procedure
 (``demo.judge_chain``: held-out test-split prompts, half one-object, half two-object, judged at
 64 px after the upsampler; variation consistency of held-out single-object renders).
@@ -10,12 +11,13 @@ Cost (x) = steps × the recipe's seconds per step measured on a quiet machine
 still land at the right x.
 
     python experiments/shapes/decoder_curve.py train patch2 --steps 4000 --seed 0
-    python experiments/shapes/decoder_curve.py judge runs/curve/patch2_s0_4000
+    python experiments/shapes/decoder_curve.py judge runs/curve/patch2_s0_4000 \
+        --decoder-sampler dpmpp_3m:logsnr:20 --upsampler-sampler dpmpp_3m:logsnr:10
     python experiments/shapes/decoder_curve.py report --costs runs/curve/step_costs.json
 
 ``train`` writes ``runs/curve/<recipe>_s<seed>_<steps>/`` (resumable); ``judge`` appends one
-row to ``runs/curve/rows.jsonl``; ``report`` prints the markdown table and draws
-``experiments/shapes/decoder_curve.png``.
+row to ``runs/curve/rows.jsonl``; ``report`` prints the markdown table of the rows judged with
+``CURVE_SETTINGS`` and draws ``experiments/shapes/decoder_curve.png``.
 """
 
 from __future__ import annotations
@@ -208,8 +210,12 @@ def upsampler_check(demo: Path, specs: list[str], num: int, upsampler: Path | No
     return out
 
 
-def load_rows(costs: Path) -> list[dict]:
-    cost = {r["recipe"]: r["s_per_step"] for r in json.loads(costs.read_text())}
+def load_rows(costs: Path | list[Path]) -> list[dict]:
+    """The judged rows with their recipe's quiet seconds per step (``costs``: bench JSON files,
+    later files winning) and decoder CPU seconds."""
+    cost = {r["recipe"]: r["s_per_step"]
+            for f in ([costs] if isinstance(costs, Path) else costs)
+            for r in json.loads(Path(f).read_text())}
     cost.update({k: cost[v] for k, v in SAME_COST.items() if v in cost and k not in cost})
     rows = [json.loads(line) for line in (CURVE / "rows.jsonl").read_text().splitlines()
             if line.strip()]
@@ -231,7 +237,15 @@ def _settings(row: dict) -> dict:
     return {"guidance": 3.0, **row.get("settings", {})}
 
 
-def report(costs: Path, png: Path = PNG, settings: dict | None = None) -> str:
+# the run the issue measures against, made before this study (session 7, RESULTS.md "The demo
+# decoder trained 4× longer"): the pre-study recipe at 8000 steps, judged by the demo with DDIM
+# 50 / 27 steps on that session's CLIP and prior (not re-judged: its workdir is gone)
+REFERENCE = {"recipe": "baseline", "seed": "0 (session 7)", "steps": 8000,
+             "recipe_cost": "baseline", "single_colour_shape": 0.891,
+             "two_both_colour_shape": 0.141, "relation": 0.203, "variation_consistency": 0.656}
+
+
+def report(costs: Path | list[Path], png: Path = PNG, settings: dict | None = None) -> str:
     """The markdown table of every point judged with ``settings`` (default
     :data:`CURVE_SETTINGS`; a decoder judged twice so: its last row) and the plot (one panel per
     measure, one line per recipe, x = decoder CPU minutes on a log scale)."""
@@ -244,9 +258,13 @@ def report(costs: Path, png: Path = PNG, settings: dict | None = None) -> str:
     last = {r["decoder"]: r for r in load_rows(costs)
             if r["cost_s"] is not None and _settings(r) == settings}
     rows = list(last.values())
+    cost = {r["recipe"]: r["s_per_step"] for r in rows}
+    if REFERENCE["recipe_cost"] in cost:
+        step = cost[REFERENCE["recipe_cost"]]
+        rows.append({**REFERENCE, "s_per_step": step, "cost_s": REFERENCE["steps"] * step})
     lines = ["| recipe | seed | steps | s/step | decoder CPU s | single | two-object both | "
              "relation | variation consistency |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["recipe"], r["cost_s"], r["seed"])):
+    for r in sorted(rows, key=lambda r: (r["recipe"], r["cost_s"], str(r["seed"]))):
         lines.append(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {r['s_per_step']:.3f} | "
                      f"{r['cost_s']:.0f} | " + " | ".join(f"{r[k]:.3f}" for k in METRICS) + " |")
     panels = []
@@ -284,7 +302,8 @@ def main(argv=None):
     u.add_argument("--num", type=int, default=128)
     u.add_argument("--upsampler", type=Path, default=None)
     r = sub.add_parser("report")
-    r.add_argument("--costs", type=Path, default=CURVE / "step_costs.json")
+    r.add_argument("--costs", type=Path, nargs="+", default=[CURVE / "step_costs.json"],
+                   help="bench_decoder_recipes.py outputs measured on a quiet machine")
     for p in (t, j, u, r):
         p.add_argument("--demo", type=Path, default=Path("runs/demo"))
     args = ap.parse_args(argv)
