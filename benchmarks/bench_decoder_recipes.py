@@ -103,9 +103,17 @@ def measure(name: str, clip: str, emb: str, devices: int | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# the recipes whose training step differs (the others change only what is sampled or weighted)
+DISTINCT = [n for n in RECIPES if n not in CURVE.SAME_COST]
+# the rows of the last run, read by decoder_curve.py's report as the curve's costs
+ROWS_JSON = ROOT / "benchmarks/results/bench_decoder_recipes.json"
+
+
 def run(names=None, clip: str = "runs/demo/clip", emb: str = "runs/demo/embeddings") -> str:
     load = os.getloadavg()[0]
-    rows = [measure(n, clip, emb) for n in (names or RECIPES)]
+    rows = [measure(n, clip, emb) for n in (names or DISTINCT)]
+    ROWS_JSON.parent.mkdir(exist_ok=True)
+    ROWS_JSON.write_text(json.dumps(rows, indent=1) + "\n")
     base = rows[0]["s_per_step"]
     lines = [
         "## Decoder recipes: seconds per training step (`bench_decoder_recipes.py`)", "",
@@ -133,7 +141,7 @@ def main(argv=None):
     if args.child:
         print(json.dumps(child(args.child, args.clip, args.emb)))
         return
-    names = args.names or list(RECIPES)
+    names = args.names or DISTINCT
     rows = []
     for n in names:
         rows.append(measure(n, args.clip, args.emb))

@@ -302,8 +302,9 @@ def main(argv=None):
     u.add_argument("--num", type=int, default=128)
     u.add_argument("--upsampler", type=Path, default=None)
     r = sub.add_parser("report")
-    r.add_argument("--costs", type=Path, nargs="+", default=[CURVE / "step_costs.json"],
-                   help="bench_decoder_recipes.py outputs measured on a quiet machine")
+    r.add_argument("--costs", type=Path, nargs="+",
+                   default=[ROOT / "benchmarks/results/bench_decoder_recipes.json"],
+                   help="bench_decoder_recipes.py rows measured on a quiet machine")
     for p in (t, j, u, r):
         p.add_argument("--demo", type=Path, default=Path("runs/demo"))
     args = ap.parse_args(argv)
