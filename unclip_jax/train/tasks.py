@@ -25,8 +25,9 @@ from unclip_jax.train.loop import Task
 def ensure_dataset(data_cfg: DataConfig) -> None:
     """Build ``captioned_shapes/r<N>`` on first use (it is procedural); other datasets must
     already be prepared (``open_source`` says how when they are not). Several processes:
-    process 0 builds it (into the shared ``data_dir``) while the others wait."""
-    if data_cfg.name.partition("/")[0] != "captioned_shapes":
+    process 0 builds it (into the shared ``data_dir``) while the others wait. Webdataset
+    shards (``data.shards``) are read as they are: nothing to build."""
+    if data_cfg.shards or data_cfg.name.partition("/")[0] != "captioned_shapes":
         return
     resolution = _shapes_to_build(data_cfg)      # every process: the same error, if any
     if resolution is not None and sharding.is_main_process():
@@ -38,7 +39,7 @@ def _shapes_to_build(data_cfg: DataConfig) -> int | None:
     """The resolution of a ``captioned_shapes/r<N>`` that is not built yet (None: nothing to
     build, or not captioned_shapes); FileNotFoundError for a missing one of another name."""
     family, _, config = data_cfg.name.partition("/")
-    if family != "captioned_shapes":
+    if family != "captioned_shapes" or data_cfg.shards:
         return None
     try:
         input_pipeline.dataset_dir(data_cfg.name, data_cfg.data_dir)
@@ -84,12 +85,23 @@ def ensure_tokenizer(data_cfg: DataConfig, workdir: str | Path) -> Tokenizer:
     return Tokenizer.load(path)
 
 
+TOKENIZER_CAPTIONS = 200_000    # captions a tokenizer is trained on (at most)
+
+
 def _train_tokenizer(data_cfg: DataConfig, path: Path) -> Tokenizer:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if data_cfg.shards:           # the first captions of the shards, in order (no index)
+        from unclip_jax.datasets import shards
+
+        print(f"training a {data_cfg.vocab_size}-token BPE tokenizer on the captions of "
+              f"{data_cfg.shards} → {path}", flush=True)
+        urls = input_pipeline.shard_urls(data_cfg, "train")
+        return Tokenizer.train(shards.iter_captions(urls, TOKENIZER_CAPTIONS), path,
+                               data_cfg.vocab_size)
     print(f"training a {data_cfg.vocab_size}-token BPE tokenizer on {data_cfg.name} → {path}",
           flush=True)
     return train_tokenizer_from_dataset(input_pipeline.open_source(data_cfg, "train"), path,
-                                        data_cfg.vocab_size)
+                                        data_cfg.vocab_size, max_captions=TOKENIZER_CAPTIONS)
 
 
 def _shapes_caption(example: dict, rng, p: float) -> str:
@@ -102,6 +114,12 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
     from unclip_jax.eval import shapes_eval, zero_shot
     from unclip_jax.models import clip
 
+    if cfg.data.shards and not cfg.data.eval_shards and (cfg.train.eval_every
+                                                         or cfg.train.eval_at_end):
+        raise ValueError("the CLIP evaluation (retrieval on the validation split) reads "
+                         "data.eval_shards when data.shards is set, and it is empty; set "
+                         "data.eval_shards to held-out shards, or train.eval_every=0 "
+                         "train.eval_at_end=false")
     ensure_dataset(cfg.data)
     tok = ensure_tokenizer(cfg.data, workdir)
     model_cfg = dataclasses.replace(
@@ -149,7 +167,7 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
             hits += float(np.sum(pred == np.arange(keep.sum())))
             n += int(keep.sum())
         out["val_i2t_top1"] = hits / max(n, 1)
-        if cfg.data.name.startswith("captioned_shapes"):
+        if cfg.data.name.startswith("captioned_shapes") and not cfg.data.shards:
             out.update(shapes_eval.zero_shot_accuracy(model, params, tokenize,
                                                       image_size=cfg.data.image_size))
         return out
