@@ -451,10 +451,11 @@ def test_shard_stream_is_split_over_processes_by_shard(tmp_path, launched):
             assert out[p]["rows"][i] == pairs[p::2], (p, i)
             # the global batch on the mesh: process 0's rows, then process 1's
             assert out[p]["gathered"][i] == [r[0] for r in out[0]["rows"][i] + out[1]["rows"][i]]
-    read = [{tuple(r) for batch in o["rows"] for r in batch} for o in out]
-    assert not {s for s, _ in read[0]} & {s for s, _ in read[1]}
-    # batches 0-2 are one epoch (each reader: 2 shards × 6 samples = 12 rows): every sample once
-    epoch = [tuple(r) for o in out for batch in o["rows"][:3] for r in batch]
-    assert sorted(epoch) == sorted((s, i) for s in range(4) for i in range(6))
+    # batches 0-2 and 3-5 are epochs 0 and 1 (each reader: 2 shards × 6 samples = 12 rows);
+    # in each, the processes read disjoint shards (dealt afresh each epoch) and every sample once
+    for epoch in (slice(0, 3), slice(3, 6)):
+        read = [[tuple(r) for batch in o["rows"][epoch] for r in batch] for o in out]
+        assert not {s for s, _ in read[0]} & {s for s, _ in read[1]}
+        assert sorted(read[0] + read[1]) == sorted((s, i) for s in range(4) for i in range(6))
     assert out[0]["state"] == out[1]["state"] and out[0]["state"]["readers"] == [2, 1]
     assert out[0]["skipped"] == out[1]["skipped"] == dict.fromkeys(shards.SKIP_REASONS, 0)

@@ -368,7 +368,7 @@ def test_loop_resumes_a_shard_stream_exactly_and_logs_skips(bad, tmp_path):
     cfg = config_lib.ExperimentConfig(
         name="toy", model=None, data=data,
         train=config_lib.TrainConfig(batch_size=4, steps=9, log_every=1, eval_every=0,
-                                     ckpt_every=3, keep_checkpoints=5, writers=()),
+                                     ckpt_every=3, keep_checkpoints=5),
         optim=config_lib.OptimConfig(learning_rate=1e-2, warmup_steps=1, grad_clip=0.0),
         mesh=MeshConfig(data=1, fsdp=1, model=1))
     full = loop.train(cfg, make_task(), tmp_path / "a", progress=False)
@@ -385,6 +385,13 @@ def test_loop_resumes_a_shard_stream_exactly_and_logs_skips(bad, tmp_path):
 
     assert log(tmp_path / "a") == log(tmp_path / "b")
     last = log(tmp_path / "a")[-1]
+    # the TensorBoard event file beside metrics.jsonl holds the same scalars
+    from test_writers import read_events, scalars
+
+    events = scalars(read_events(tmp_path / "a" / "tensorboard"))
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert events == pytest.approx({(r["step"], k): v for r in rows for k, v in r.items()
+                                    if k != "step"}, rel=1e-6)
     # 9 steps × 4 rows = 36 samples > one epoch (11 usable): every bad one was met
     assert last["data/skipped_no_image"] >= 1 and last["data/skipped_no_caption"] >= 1
     assert last["data/skipped_undecodable"] >= 1 and last["data/skipped_bad_shard"] >= 2
