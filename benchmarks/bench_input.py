@@ -128,6 +128,7 @@ def input_rows(root: Path) -> list[dict]:
             for name, ts in times.items():
                 rows.append({"path": name, "size": size, "workers": workers,
                              "images_per_s": statistics.median(ts)})
+                print(rows[-1], flush=True)
     return rows
 
 

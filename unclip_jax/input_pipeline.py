@@ -675,7 +675,6 @@ class StreamBatches:
                                  self.tokenizer, self.context_length)
         batch["shard"] = np.array([r[2] for r in rows], np.int32)
         batch["offset"] = np.array([r[3] for r in rows], np.int32)
-        self._captions = [r[1] for r in rows]
         self.position += 1
         return batch
 
@@ -685,10 +684,6 @@ class StreamBatches:
     def __next__(self) -> dict:
         batch = self.local_numpy()
         return sharding.shard_batch(batch, self.mesh) if self.mesh is not None else batch
-
-    def captions(self) -> list[str]:
-        """This process's captions of the last batch produced."""
-        return list(self._captions)
 
     # -- position
 

@@ -61,6 +61,7 @@ class MetricWriters:
         self._wandb = None
         if not main:
             return
+        self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "metrics.jsonl"
         truncate_log(path, start_step)
         self._jsonl = open(path, "a")
