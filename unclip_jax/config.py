@@ -87,6 +87,9 @@ class TrainConfig:
     ema_decay: float = 0.0               # 0 = no EMA params
     on_nonfinite: str = "error"          # "error" stops; "skip" drops the update and counts it
     async_checkpoint: bool = True
+    sample_every: int = 0                # > 0: a sample grid every N steps (and at the end),
+                                         # PNG in <workdir>/samples and to the writers
+    sample_count: int = 8                # samples in the grid (fixed inputs and seed)
     writers: tuple[str, ...] = ("tensorboard",)   # besides metrics.jsonl: tensorboard, wandb
     wandb_project: str = ""              # W&B project ("" = unclip_jax), with writers=…,wandb
 

@@ -52,6 +52,10 @@ class Task:
               ``skipped_samples() -> {reason: count}`` is logged as ``data/skipped_<reason>``.
     example:  one global batch (numpy or arrays) fixing shapes for ``init`` and the shardings.
     evaluate: optional ``(state, step) -> {name: float}`` run on the host every ``eval_every``.
+    samples:  optional ``(state, step) -> {name: uint8 [H, W, 3] grid}`` run every
+              ``train.sample_every`` steps and at the end (every process: it samples under jit
+              over the mesh); process 0 writes ``<workdir>/samples/<name>_<step>.png`` and
+              sends the grids to the metric writers.
     """
 
     init: Callable[[jax.Array, dict], Any]
@@ -59,6 +63,7 @@ class Task:
     batches: Callable[[int, Any], Iterator[dict]]
     example: dict
     evaluate: Callable[[TrainState, int], dict] | None = None
+    samples: Callable[[TrainState, int], dict] | None = None
 
 
 def micro_batches(batch: dict, k: int) -> dict:
@@ -233,6 +238,20 @@ def prepare_workdir(workdir: str | Path) -> Path:
     return workdir
 
 
+def write_samples(workdir: Path, step: int, grids: dict, writers: MetricWriters) -> None:
+    """Sample grids (``{name: uint8 [H, W, 3]}``) as ``<workdir>/samples/<name>_<step>.png``
+    and to the metric writers; process 0 only."""
+    if jax.process_index() != 0:
+        return
+    from PIL import Image
+
+    out = Path(workdir) / "samples"
+    out.mkdir(exist_ok=True)
+    for name, grid in grids.items():
+        Image.fromarray(np.asarray(grid, np.uint8)).save(out / f"{name}_{step:07d}.png")
+    writers.images(step, grids)
+
+
 def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path,
                         step: int | None = None) -> dict:
     """Restore the latest (or given) checkpoint of ``workdir`` and run ``task.evaluate``."""
@@ -368,7 +387,9 @@ def _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at, *, sto
                     (is_last and tcfg.eval_at_end)
                     or (tcfg.eval_every and step % tcfg.eval_every == 0))
                 do_ckpt = is_last or (tcfg.ckpt_every and step % tcfg.ckpt_every == 0)
-                if do_log or do_eval or do_ckpt:
+                do_samples = task.samples is not None and tcfg.sample_every > 0 and (
+                    is_last or step % tcfg.sample_every == 0)
+                if do_log or do_eval or do_ckpt or do_samples:
                     check(step, m)
                     pending = []
                 if do_log:
@@ -394,6 +415,8 @@ def _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at, *, sto
                     writers.scalars(step, {f"eval/{k}": v for k, v in ev.items()})
                     tqdm.write(f"eval @ {step}: " + " ".join(f"{k}={v:.4g}"
                                                              for k, v in ev.items()))
+                if do_samples:
+                    write_samples(workdir, step, task.samples(state, step), writers)
                 if stop_after is not None and step >= stop_after:
                     break
         finally:
