@@ -9,7 +9,8 @@
    at three scales plus grain). Both sides alternate in the same process
    (so both see the same machine load); median of ``REPEATS`` timed passes of ``BATCHES``
    batches of 64 after one warm-up batch.
-2. The TensorBoard writer's overhead on the shapes decoder's training step
+2. The TensorBoard writer's overhead, and one sample grid's cost, on the shapes decoder's
+   training step
    (``experiments/shapes/decoder.py``, synthetic batch as in ``bench_mfu``): seconds per step
    with the metrics row written to ``metrics.jsonl`` + TensorBoard after *every* step vs to
    ``metrics.jsonl`` only (the worst case, ``train.log_every=1``; the default logs every 50
@@ -180,9 +181,32 @@ def writer_overhead(root: Path, steps: int = 8, rounds: int = 3) -> dict:
         j.scalars(i, row)
     call_jsonl = (time.perf_counter() - t0) / 2000
     j.close()
+    # one sample grid (train.sample_count images through the shared sampler, as
+    # tasks.decoder_sample_grid does), compiled first
+    from unclip_jax.models import decoder as D
+    from unclip_jax.train.tasks import image_grid
+
+    _, mcfg, *_ = _bench_mfu().decoder_inputs()
+    n = cfg.train.sample_count
+    emb, tokens = batch["image_emb"][:n], batch["tokens"][:n]
+    images = np.asarray(batch["image"][:n])
+
+    def grid():
+        out = D.sample_images(state.params, mcfg, emb, tokens if mcfg.use_text else None,
+                              rng=jax.random.PRNGKey(0))
+        return image_grid([images, np.asarray(out)])
+
+    grid()
+    grid_s = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        grid()
+        grid_s.append(time.perf_counter() - t0)
     return {"batch": cfg.train.batch_size, "log_every": cfg.train.log_every,
             "s_per_step": {k: statistics.median(v) for k, v in per_step.items()},
-            "tb_call_s": call - call_jsonl, "values": len(row)}
+            "tb_call_s": call - call_jsonl, "values": len(row),
+            "grid_s": statistics.median(grid_s), "grid_n": n,
+            "sample_steps": mcfg.sample_steps}
 
 
 def run() -> str:
@@ -216,7 +240,14 @@ def run() -> str:
         f"({100 * (tb / base - 1):+.1f} %, within the noise of a loaded machine). One "
         f"TensorBoard row costs {1e6 * wo['tb_call_s']:.0f} µs more than the JSONL row alone: "
         f"at the config's log_every={wo['log_every']} that is {100 * per_log:.4f} % of the "
-        f"step time (goal ≤ 3 %)."]
+        f"step time (goal ≤ 3 %).",
+        "",
+        f"Sample grid (`train.sample_every`, `tasks.decoder_sample_grid`): {wo['grid_n']} "
+        f"samples of the same decoder ({wo['sample_steps']} sampler steps, guidance batched) "
+        f"take {wo['grid_s']:.2f} s (median of 3, compiled) = {wo['grid_s'] / base:.1f} "
+        f"training steps, so a grid every N steps costs {100 * wo['grid_s'] / base:.0f}/N %: "
+        f"≤ 3 % from `train.sample_every={int(np.ceil(100 * wo['grid_s'] / base / 3))}` on "
+        f"(the default, 0, draws none)."]
     return "\n".join(lines)
 
 
