@@ -230,6 +230,11 @@ def run() -> str:
     for r in rows:
         lines.append(f"| {r['size']} | {r['workers']} | {r['path']} | "
                      f"{r['images_per_s']:.0f} |")
+    lines += ["", "Reading: with 2 cores shared with other jobs, loader threads compete with "
+              "those jobs for the same cores; the 2-worker rows vary by up to 2× from run to "
+              "run and say little about a many-core host, where the readers decode side by "
+              "side. Per image, decoding a 320×288 JPEG and resizing it costs about what "
+              "decoding a stored 256 px PNG does, and 1.5–2.5× more than a stored 64 px PNG (two runs)."]
     base, tb = wo["s_per_step"]["jsonl"], wo["s_per_step"]["jsonl + tensorboard"]
     per_log = wo["tb_call_s"] / (wo["log_every"] * base)
     lines += [
@@ -237,10 +242,12 @@ def run() -> str:
         f"TensorBoard writer on the shapes decoder's step (batch {wo['batch']}, synthetic "
         f"batch): {base:.3f} s/step with `metrics.jsonl` only, {tb:.3f} s/step with "
         f"TensorBoard as well, both writing a {wo['values']}-value row after *every* step "
-        f"({100 * (tb / base - 1):+.1f} %, within the noise of a loaded machine). One "
-        f"TensorBoard row costs {1e6 * wo['tb_call_s']:.0f} µs more than the JSONL row alone: "
-        f"at the config's log_every={wo['log_every']} that is {100 * per_log:.4f} % of the "
-        f"step time (goal ≤ 3 %).",
+        f"({100 * (tb / base - 1):+.1f} %: the two medians differ by the machine's load, "
+        f"not the writer). Timed alone, one TensorBoard row costs "
+        f"{1e6 * wo['tb_call_s']:.0f} µs more than the JSONL row "
+        f"({100 * wo['tb_call_s'] / base:.3f} % of a step): at the config's "
+        f"log_every={wo['log_every']} that is {100 * per_log:.4f} % of the step time "
+        f"(goal ≤ 3 %).",
         "",
         f"Sample grid (`train.sample_every`, `tasks.decoder_sample_grid`): {wo['grid_n']} "
         f"samples of the same decoder ({wo['sample_steps']} sampler steps, guidance batched) "
