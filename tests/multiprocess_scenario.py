@@ -9,7 +9,10 @@
   on), then text → image and the manipulations through ``pipelines/`` (written to
   ``pipelines.npz`` by process 0);
 * ``clip``: ``train`` of the tiny CLIP alone (the checkpoint tests), extra overrides from
-  ``$MP_EXTRA_SETS`` (space separated).
+  ``$MP_EXTRA_SETS`` (space separated);
+* ``shards``: read ``SHARD_BATCHES`` batches of the webdataset shards in DATA_DIR (placed on
+  the mesh of every process's devices), writing each process's rows and the gathered data
+  state to ``shards_<process>.json``.
 
 Every process records the source rows it read of every batch (``rows_<process>.json``), so the
 test counts that each process read only its own rows.
@@ -170,9 +173,36 @@ def chain(workdir: Path, data_dir: str) -> None:
     pipelines(workdir)
 
 
+SHARD_BATCHES = 6
+SHARD_STREAM = dict(batch_size=8, image_size=8, shuffle_buffer=4, seed=3)
+
+
+def read_shards(workdir: Path, shard_dir: str) -> None:
+    import jax
+
+    from unclip_jax import input_pipeline, sharding
+    from unclip_jax.datasets import shards
+
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
+    it = input_pipeline.StreamBatches(shards.expand_shards(f"{shard_dir}/*.tar"), mesh=mesh,
+                                      **SHARD_STREAM)
+    rows, gathered = [], []
+    for _ in range(SHARD_BATCHES):
+        local = it.local_numpy()
+        rows.append([[int(a), int(b)] for a, b in zip(local["shard"], local["offset"])])
+        placed = sharding.shard_batch(local, mesh)         # the global batch, as training has
+        gathered.append(np.asarray(sharding.fetch(placed["shard"])).tolist())
+    (workdir / f"shards_{jax.process_index()}.json").write_text(json.dumps(
+        {"rows": rows, "gathered": gathered, "state": it.state(),
+         "skipped": it.skipped_samples()}))
+
+
 def main() -> None:
     action, workdir, data_dir = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     workdir.mkdir(parents=True, exist_ok=True)
+    if action == "shards":
+        return read_shards(workdir, data_dir)
     record_rows(workdir)
     if action == "chain":
         chain(workdir, data_dir)
@@ -181,7 +211,7 @@ def main() -> None:
         run(["train", str(SHAPES / "clip.py"), "--workdir", str(workdir),
              *sum((["--set", s] for s in clip_sets(data_dir) + extra), [])])
     else:
-        raise SystemExit(f"unknown action {action!r}; accepted: chain, clip")
+        raise SystemExit(f"unknown action {action!r}; accepted: chain, clip, shards")
 
 
 if __name__ == "__main__":

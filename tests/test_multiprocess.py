@@ -416,3 +416,46 @@ def test_unreachable_coordinator_fails_in_bounded_time_naming_it(tmp_path):
     assert f"cannot reach the JAX coordinator at 127.0.0.1:{port}" in proc.stderr
     assert "after 3 s" in proc.stderr
     assert time.monotonic() - t0 < 60
+
+
+# ----------------------------------------------------------------------------- webdataset shards
+
+
+def test_shard_stream_is_split_over_processes_by_shard(tmp_path, launched):
+    """2 processes × 2 devices read webdataset shards: each process reads only its own shards
+    (disjoint), process p's rows are reader p's rows of the one-process run with two loader
+    workers, the union over one epoch is every sample once, and every process saves the same
+    data state (gathered from both)."""
+    import test_webdataset as wds
+    from unclip_jax.datasets import shards
+    from unclip_jax.input_pipeline import StreamBatches
+
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    for s in range(4):
+        files = {}
+        for i in range(6):
+            files.update(wds.members(s, i, ("png", "jpg")[i % 2]))
+        wds.write_tar(shard_dir / f"{s:05d}.tar", files)
+    workdir = tmp_path / "run"
+    launched(["python", SCENARIO, "shards", str(workdir), str(shard_dir)], "2x2", timeout=300)
+    out = [json.loads((workdir / f"shards_{p}.json").read_text()) for p in range(2)]
+
+    one = StreamBatches(shards.expand_shards(f"{shard_dir}/*.tar"), num_workers=2,
+                        process_index=0, process_count=1, **scenario.SHARD_STREAM)
+    single = [one.local_numpy() for _ in range(scenario.SHARD_BATCHES)]
+    one.close()
+    for p in range(2):
+        for i, b in enumerate(single):
+            pairs = [[int(a), int(c)] for a, c in zip(b["shard"], b["offset"])]
+            assert out[p]["rows"][i] == pairs[p::2], (p, i)
+            # the global batch on the mesh: process 0's rows, then process 1's
+            assert out[p]["gathered"][i] == [r[0] for r in out[0]["rows"][i] + out[1]["rows"][i]]
+    # batches 0-2 and 3-5 are epochs 0 and 1 (each reader: 2 shards × 6 samples = 12 rows);
+    # in each, the processes read disjoint shards (dealt afresh each epoch) and every sample once
+    for epoch in (slice(0, 3), slice(3, 6)):
+        read = [[tuple(r) for batch in o["rows"][epoch] for r in batch] for o in out]
+        assert not {s for s, _ in read[0]} & {s for s, _ in read[1]}
+        assert sorted(read[0] + read[1]) == sorted((s, i) for s in range(4) for i in range(6))
+    assert out[0]["state"] == out[1]["state"] and out[0]["state"]["readers"] == [2, 1]
+    assert out[0]["skipped"] == out[1]["skipped"] == dict.fromkeys(shards.SKIP_REASONS, 0)

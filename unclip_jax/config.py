@@ -23,7 +23,13 @@ class DataConfig:
     """Which dataset to read and how to turn examples into model inputs."""
 
     name: str = "captioned_shapes/r32"   # tfds name[/config] or "image_captions/<name>"
+                                         # (with shards: only a label for the run)
     data_dir: str = "data/prepared"      # where prepared datasets live (git-ignored)
+    shards: str = ""                     # webdataset/img2dataset .tar shards of the train
+                                         # split (glob/brace pattern, local or fsspec URL);
+                                         # set: streamed instead of the dataset `name`
+    eval_shards: str = ""                # shards of the validation split (with `shards`)
+    shuffle_buffer: int = 1000           # shards: samples per seeded shuffle window
     image_size: int = 32                 # model input resolution (square)
     random_crop: bool = False            # random crop (train) instead of centre crop
     tokenizer: str = ""                  # path to a sentencepiece model ("" = <workdir>/tokenizer.model)
@@ -37,6 +43,9 @@ class DataConfig:
                                          # without colour words), training only
 
     def __post_init__(self):
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer is a number of samples ≥ 1, got "
+                             f"{self.shuffle_buffer}")
         if not 0.0 <= self.colour_drop <= 1.0:
             raise ValueError(f"data.colour_drop is a probability in [0, 1], got "
                              f"{self.colour_drop}")
@@ -78,6 +87,11 @@ class TrainConfig:
     ema_decay: float = 0.0               # 0 = no EMA params
     on_nonfinite: str = "error"          # "error" stops; "skip" drops the update and counts it
     async_checkpoint: bool = True
+    sample_every: int = 0                # > 0: a sample grid every N steps (and at the end),
+                                         # PNG in <workdir>/samples and to the writers
+    sample_count: int = 8                # samples in the grid (fixed inputs and seed)
+    writers: tuple[str, ...] = ("tensorboard",)   # besides metrics.jsonl: tensorboard, wandb
+    wandb_project: str = ""              # W&B project ("" = unclip_jax), with writers=…,wandb
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,12 +47,13 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from unclip_jax import sharding
+from unclip_jax.datasets import shards
 from unclip_jax.images import resize_center_crop
 
 log = logging.getLogger(__name__)
 
 RANDOM_CROP_MIN = 0.8     # smallest random-crop side, as a fraction of the shorter image side
-_SKIP_KEYS = ("image", "caption")
+_SKIP_KEYS = ("image", "caption", "ok")
 
 
 # ----------------------------------------------------------------------------- the source
@@ -88,10 +89,14 @@ def open_source(data_cfg: Any, split: str):
     prepared TFDS dataset.
 
     ``data_cfg.name`` is ``family[/config][/version]`` under ``data_cfg.data_dir``. The builder
-    code is not needed (the dataset is read from its files). Datasets whose features are all
+    code is not needed (the dataset is read from its files). With ``data_cfg.shards`` set, a
+    :class:`~unclip_jax.datasets.shards.ShardIndex` of the split's webdataset shards (random
+    access: evaluation sets, embedding caches). Datasets whose features are all
     images, texts and numeric tensors are decoded by ``FastExamples`` (about 5× faster than
     TFDS's generic decoder); others by ``tfds``'s own data source.
     """
+    if getattr(data_cfg, "shards", ""):
+        return shards.ShardIndex(shard_urls(data_cfg, split))
     path = dataset_dir(data_cfg.name, data_cfg.data_dir)
     builder = tfds.builder_from_directory(str(path))
     splits = sorted(builder.info.splits.keys())
@@ -202,6 +207,18 @@ def center(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return img
     return np.asarray(resize_center_crop(Image.fromarray(img), size))
+
+
+def image_text_batch(images: list[np.ndarray], texts: list[str], valid: np.ndarray,
+                     tokenizer=None, context_length: int = 32) -> dict[str, np.ndarray]:
+    """``{"image": [B, S, S, 3] float32 in [-1, 1], "mask": [B] bool, "tokens": [B, L] int32}``
+    of ``B`` uint8 ``[S, S, 3]`` images and their captions (``tokens`` when a tokenizer is
+    given): the model inputs every stream produces."""
+    batch = {"image": np.stack(images).astype(np.float32) * np.float32(2 / 255) - 1.0,
+             "mask": np.asarray(valid, bool)}
+    if tokenizer is not None:
+        batch["tokens"] = tokenizer.encode(texts, context_length)
+    return batch
 
 
 # ----------------------------------------------------------------------------- batches
@@ -327,15 +344,14 @@ class Batches:
                     for im, k in zip(imgs, flat)]
         else:
             imgs = [center(im, s) for im in imgs]
-        batch = {"image": np.stack(imgs).astype(np.float32) * np.float32(2 / 255) - 1.0,
-                 "mask": valid}
+        if "ok" in examples[0]:        # shard samples whose image did not decode: masked out
+            valid = valid & np.array([bool(ex["ok"]) for ex in examples])
         if self.caption_fn is not None:
             texts = [self.caption_fn(ex, np.random.default_rng((self.seed, int(k), 1)))
                      for ex, k in zip(examples, flat)]
         else:
             texts = [_text(ex.get("caption", b"")) for ex in examples]
-        if self.tokenizer is not None:
-            batch["tokens"] = self.tokenizer.encode(texts, self.context_length)
+        batch = image_text_batch(imgs, texts, valid, self.tokenizer, self.context_length)
         for key, value in examples[0].items():
             kind = np.asarray(value).dtype.kind
             if key in _SKIP_KEYS or kind not in "iubf":
@@ -422,6 +438,301 @@ class MappedBatches:
         batch = self.fn(position, next(self.stream))
         return sharding.shard_batch(batch, self.mesh) if self.mesh is not None else batch
 
+    def __getattr__(self, name: str):
+        # the wrapped stream's state()/restore()/skipped_samples()/close(), where it has them
+        if name in ("state", "restore", "skipped_samples", "close"):
+            return getattr(self.stream, name)
+        raise AttributeError(name)
+
+
+# ----------------------------------------------------------------------------- shard streams
+
+# The state of one reader, saved in checkpoints as one row of ints (``ShardStream.state``):
+STREAM_FIELDS = ("epoch", "shard", "offset", "window", "index") + tuple(
+    f"skipped_{r}" for r in shards.SKIP_REASONS)
+
+
+class ShardStream:
+    """The deterministic sample sequence of reader ``stream`` of ``num_streams`` over shards.
+
+    Position model. Epoch ``e`` visits the shards in the order ``perm_e =
+    default_rng((seed, e)).permutation(num_shards)``; reader ``r`` reads ``perm_e[r::R]``
+    (so every shard is read by exactly one reader per epoch, and readers go through epochs at
+    their own pace). Its usable samples, in shard then tar order, fill a shuffle buffer of
+    ``buffer`` samples (raw bytes), which is emitted in the seeded order
+    ``default_rng((seed, r, window)).permutation(buffer)`` before it is refilled — a windowed
+    shuffle, whose position is a handful of integers: where the current window started
+    (epoch, shard of the epoch's list, sample group in the shard), the window number and the
+    index in it (``state``). A reader resumed from that state re-reads the window (at most
+    ``buffer`` samples plus the part of one shard before it) and emits what the uninterrupted
+    reader would have. (webdataset's own reservoir shuffle cannot be restored without
+    replaying the whole stream, so the order is ours and the library reads the tar format.)
+
+    ``next()`` returns ``(image [H, W, 3] uint8, caption str, shard, offset, n)`` with ``n`` the
+    sample's number in this reader's sequence (its augmentation key); unusable samples are
+    skipped and counted by reason in ``skipped``.
+    """
+
+    def __init__(self, urls: list[str], stream: int, num_streams: int, *, seed: int = 0,
+                 buffer: int = 1000, decode_size: int | None = None, state=None):
+        self.urls, self.stream, self.num_streams = urls, stream, num_streams
+        self.seed, self.buffer, self.decode_size = seed, max(1, int(buffer)), decode_size
+        state = [0] * len(STREAM_FIELDS) if state is None else [int(v) for v in state]
+        self._cursor = tuple(state[:3])            # (epoch, shard of the list, group) of window
+        self.window, self.index = state[3], state[4]
+        self.skipped = dict(zip(shards.SKIP_REASONS, state[5:]))
+        self._reader = self._read_from(*self._cursor)
+        self._items: list = []
+        # a restored state's counts already include the skips of reading its window
+        self._fill(count=self.window == 0 and self.index == 0)
+
+    def shard_order(self, epoch: int) -> list[int]:
+        perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.urls))
+        return perm[self.stream::self.num_streams].tolist()
+
+    def _read_from(self, epoch: int, pos: int, offset: int):
+        """Raw samples from the cursor on: ``(next cursor, sample | reason str)``."""
+        while True:
+            order = self.shard_order(epoch)
+            usable_in_epoch = 0
+            for j in range(pos, len(order)):
+                shard = order[j]
+                for k, sample in shards.read_shard(self.urls[shard], skip=offset):
+                    if sample is None:
+                        yield (epoch, j + 1, 0), "bad_shard"
+                        break
+                    why = shards.problem(sample)
+                    usable_in_epoch += why is None
+                    yield (epoch, j, k + 1), why or (shard, k, sample)
+                offset = 0
+            if pos == 0 and usable_in_epoch == 0:
+                names = ", ".join(self.urls[i] for i in order[:3])
+                raise ValueError(f"reader {self.stream} of {self.num_streams} found no usable "
+                                 f"sample in a whole epoch of its {len(order)} shard(s) ({names}"
+                                 f"{' …' if len(order) > 3 else ''}): every sample lacks an "
+                                 f"image (jpg/png/webp) or a caption (txt), or the shards are "
+                                 f"not tar files")
+            epoch, pos = epoch + 1, 0
+
+    def _fill(self, count: bool = True) -> None:
+        """Read the next window (``buffer`` usable samples) from the cursor, in emit order."""
+        items = []
+        cursor = self._cursor
+        while len(items) < self.buffer:
+            cursor, got = next(self._reader)
+            if isinstance(got, str):
+                if count:
+                    self.skipped[got] += 1
+                continue
+            items.append(got)
+        order = np.random.default_rng((self.seed, self.stream, self.window)).permutation(
+            len(items))
+        self._items = [items[i] for i in order]
+        self._next_cursor = cursor
+
+    def state(self) -> list[int]:
+        """This reader's position (``STREAM_FIELDS``): restore it with ``state=``."""
+        return [*self._cursor, self.window, self.index, *self.skipped.values()]
+
+    def next(self) -> tuple[np.ndarray, str, int, int, int]:
+        while True:
+            if self.index == len(self._items):
+                self._cursor, self.window, self.index = self._next_cursor, self.window + 1, 0
+                self._fill()
+            shard, k, sample = self._items[self.index]
+            n = self.window * self.buffer + self.index
+            self.index += 1
+            img = shards.decode_image(shards.image_bytes(sample), self.decode_size)
+            if img is None:
+                self.skipped["undecodable"] += 1
+                continue
+            return img, shards.caption(sample), shard, k, n
+
+
+class StreamBatches:
+    """Training batches streamed from webdataset shards, split over processes and readers.
+
+    Process ``p`` of ``P`` runs ``W = max(1, num_workers)`` readers (:class:`ShardStream`
+    ``p·W + w`` of ``P·W``; each a thread when ``num_workers > 0``, decoding, converting to RGB
+    and resizing in parallel); row ``j`` of its ``B/P`` rows of batch ``i`` comes from reader
+    ``(i·B/P + j) mod W``. Each process reads only its own shards. A batch is
+    ``{"image", "mask", "tokens"?, "shard", "offset"}`` (``shard``/``offset``: which sample —
+    index in the sorted shard list, sample group in the tar). Augmentation (``random_crop``)
+    for reader sample ``n`` uses ``default_rng((seed, reader, n))``.
+
+    ``state()`` (a collective: every process calls it at the same step) is the JSON data
+    position of every reader of every process, saved in the checkpoint; ``restore(state)``
+    before the first batch resumes exactly there. ``skipped_samples()`` (also a collective)
+    sums the skipped-sample counts of all readers.
+    """
+
+    def __init__(self, urls: list[str], *, batch_size: int, image_size: int, tokenizer=None,
+                 context_length: int = 32, seed: int = 0, random_crop: bool = False,
+                 mesh=None, start: int = 0, process_index: int | None = None,
+                 process_count: int | None = None, num_workers: int = 0,
+                 shuffle_buffer: int = 1000):
+        pc = jax.process_count() if process_count is None else process_count
+        pi = jax.process_index() if process_index is None else process_index
+        if batch_size <= 0 or batch_size % pc:
+            raise ValueError(f"global batch size {batch_size} is not a positive multiple of "
+                             f"the process count {pc}")
+        if mesh is not None:
+            sharding.check_batch_size(batch_size, mesh)
+        self.num_workers = num_workers
+        w = max(1, num_workers)
+        if len(urls) < pc * w:
+            raise ValueError(
+                f"{len(urls)} shard(s) for {pc} process(es) × {w} loader worker(s) = {pc * w} "
+                f"readers: every reader needs at least one shard of its own; accepted: at "
+                f"least {pc * w} shards, or fewer data.num_workers (readers per process)")
+        self.urls = urls
+        self.batch_size, self.local_batch_size = batch_size, batch_size // pc
+        self.process_index, self.process_count, self.readers = pi, pc, w
+        self.image_size, self.tokenizer, self.context_length = image_size, tokenizer, \
+            context_length
+        self.seed, self.random_crop, self.mesh = seed, random_crop, mesh
+        self.shuffle_buffer = shuffle_buffer
+        self.position = int(start)
+        self.num_batches = None
+        self.train = True
+        self._states: list[list[int]] | None = None if start else \
+            [[0] * len(STREAM_FIELDS) for _ in range(w)]
+        self._streams: list[ShardStream] | None = None
+        self._queues: list | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    # -- readers
+
+    def _open(self) -> None:
+        if self._states is None:
+            raise ValueError(f"a shard stream started at batch {self.position} needs the "
+                             f"readers' positions: call restore() with the checkpoint's data "
+                             f"state")
+        first = self.process_index * self.readers
+        total = self.readers * self.process_count
+        self._streams = [ShardStream(self.urls, first + w, total, seed=self.seed,
+                                     buffer=self.shuffle_buffer, decode_size=self.image_size,
+                                     state=self._states[w]) for w in range(self.readers)]
+        if self.num_workers > 0:
+            import queue
+
+            depth = 2 * -(-self.local_batch_size // self.readers) + 1
+            self._queues = [queue.Queue(depth) for _ in self._streams]
+            self._threads = [threading.Thread(target=self._work, args=(w,), daemon=True,
+                                              name=f"shard-reader-{first + w}")
+                             for w in range(self.readers)]
+            for t in self._threads:
+                t.start()
+
+    def _item(self, w: int):
+        """Reader ``w``'s next sample, preprocessed, with its state after it."""
+        stream = self._streams[w]
+        img, text, shard, k, n = stream.next()
+        img = _as_rgb_array(img)
+        if self.random_crop:
+            img = random_crop(img, self.image_size,
+                              np.random.default_rng((self.seed, stream.stream, n)))
+        else:
+            img = center(img, self.image_size)
+        return img, text, shard, k, stream.state()
+
+    def _work(self, w: int) -> None:
+        q = self._queues[w]
+        while not self._stop.is_set():
+            try:
+                item = self._item(w)
+            except BaseException as e:   # noqa: BLE001 — handed to the consumer, which raises
+                item = e
+            while not self._stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except Exception:   # noqa: BLE001 — queue.Full: check for stop, retry
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def _take(self, w: int):
+        if self._queues is None:
+            return self._item(w)
+        item = self._queues[w].get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    # -- batches
+
+    def local_numpy(self) -> dict[str, np.ndarray]:
+        """This process's rows of the next global batch (advances the stream)."""
+        if self._streams is None:
+            self._open()
+        b, first = self.local_batch_size, self.position * self.local_batch_size
+        rows = [self._take((first + j) % self.readers) for j in range(b)]
+        for j, row in enumerate(rows):
+            self._states[(first + j) % self.readers] = row[4]
+        batch = image_text_batch([r[0] for r in rows], [r[1] for r in rows], np.ones(b, bool),
+                                 self.tokenizer, self.context_length)
+        batch["shard"] = np.array([r[2] for r in rows], np.int32)
+        batch["offset"] = np.array([r[3] for r in rows], np.int32)
+        self.position += 1
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self.local_numpy()
+        return sharding.shard_batch(batch, self.mesh) if self.mesh is not None else batch
+
+    # -- position
+
+    def state(self) -> dict:
+        """``{"position", "readers": [P, W], "num_shards", "streams": [[…] × P·W]}`` (every
+        process's readers, in order; the same on every process). A collective."""
+        if self._states is None:
+            raise ValueError("the stream has no reader state yet (restore() was not called)")
+        every = sharding.gather_process_rows(np.array(self._states, np.int64))
+        return {"position": int(self.position), "num_shards": len(self.urls),
+                "readers": [self.process_count, self.readers],
+                "fields": list(STREAM_FIELDS), "streams": np.asarray(every).tolist()}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint's data state (before the first batch)."""
+        if self._streams is not None:
+            raise ValueError("restore() must be called before the first batch")
+        if "streams" not in state:
+            raise ValueError("the checkpoint's data position is a batch number of a "
+                             "random-access dataset (ArrayRecord), not shard readers' "
+                             "positions: it was trained on data.name, not data.shards; "
+                             "resume it with the same data settings")
+        saved = tuple(state["readers"])
+        if saved != (self.process_count, self.readers) or state["num_shards"] != len(self.urls):
+            raise ValueError(
+                f"the checkpoint's shard readers were {saved[0]} process(es) × {saved[1]} "
+                f"loader worker(s) over {state['num_shards']} shards; this run has "
+                f"{self.process_count} × {self.readers} over {len(self.urls)}: a shard stream "
+                f"resumes exactly only with the same shards, process count and "
+                f"data.num_workers")
+        first = self.process_index * self.readers
+        self._states = [list(map(int, row))
+                        for row in state["streams"][first:first + self.readers]]
+        self.position = int(state["position"])
+
+    def skipped_samples(self) -> dict[str, int]:
+        """Samples skipped so far by reason, summed over every reader of every process, as of
+        the last batch produced (a collective)."""
+        states = self._states or [[0] * len(STREAM_FIELDS)] * self.readers
+        local = np.array([row[5:] for row in states], np.int64).sum(0)[None]
+        total = np.asarray(sharding.gather_process_rows(local)).sum(0)
+        return dict(zip(shards.SKIP_REASONS, map(int, total)))
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads = []
+
 
 def _text(value: Any) -> str:
     if isinstance(value, (bytes, np.bytes_)):
@@ -429,12 +740,46 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def shard_urls(data_cfg: Any, split: str) -> list[str]:
+    """The shards of ``split`` when the data comes from webdataset shards (``data.shards`` for
+    "train", ``data.eval_shards`` for any other split)."""
+    if split == "train":
+        return shards.expand_shards(data_cfg.shards)
+    if not data_cfg.eval_shards:
+        raise ValueError(f"the {split!r} split of webdataset data is read from data.eval_shards, "
+                         f"which is empty; set data.eval_shards to shards held out from "
+                         f"data.shards, or turn the evaluation off (train.eval_every=0 "
+                         f"train.eval_at_end=false)")
+    return shards.expand_shards(data_cfg.eval_shards)
+
+
 def make_batches(data_cfg: Any, split: str, *, batch_size: int, tokenizer=None, mesh=None,
                  train: bool, start: int = 0, process_index: int | None = None,
                  process_count: int | None = None, caption_fn=None,
                  example_fn=None, row_features: dict[str, np.ndarray] | None = None
-                 ) -> Batches:
-    """``Batches`` over ``split`` of the dataset named by a ``DataConfig``."""
+                 ) -> Batches | StreamBatches:
+    """The batches of ``split`` of the data a ``DataConfig`` names.
+
+    ``data.shards`` set: training streams the shards (:class:`StreamBatches`; resume with
+    ``restore(checkpoint data state)``), evaluation reads ``split``'s shards by random access
+    (:class:`Batches` over a :class:`~unclip_jax.datasets.shards.ShardIndex`). Otherwise the
+    prepared TFDS dataset ``data.name`` (:class:`Batches`).
+    """
+    if data_cfg.shards and train:
+        if split != "train":
+            raise ValueError(f"a training stream reads the train split, not {split!r}")
+        if caption_fn is not None or example_fn is not None or row_features:
+            raise ValueError("caption/example rewrites and row features (cached embeddings "
+                             "joined by source row) need a random-access dataset; with "
+                             "data.shards turn them off (data.caption_augment=0, "
+                             "data.colour_drop=0, model.embeddings_dir='')")
+        return StreamBatches(shard_urls(data_cfg, split), batch_size=batch_size,
+                             image_size=data_cfg.image_size, tokenizer=tokenizer,
+                             context_length=data_cfg.context_length,
+                             seed=data_cfg.shuffle_seed, random_crop=data_cfg.random_crop,
+                             mesh=mesh, start=start, process_index=process_index,
+                             process_count=process_count, num_workers=data_cfg.num_workers,
+                             shuffle_buffer=data_cfg.shuffle_buffer)
     return Batches(open_source(data_cfg, split), batch_size=batch_size,
                    image_size=data_cfg.image_size, tokenizer=tokenizer,
                    context_length=data_cfg.context_length, seed=data_cfg.shuffle_seed,

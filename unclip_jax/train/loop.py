@@ -2,7 +2,8 @@
 
 Sections, in order: mesh → input → ``jax.eval_shape(init)`` → shardings → ``jit(init,
 out_shardings)`` or restore → update step (``jit`` with in/out shardings and donation) → loop
-(progress bar, JSONL metrics, periodic eval, checkpoints, non-finite guard).
+(progress bar, metric writers — JSONL, TensorBoard, W&B —, periodic eval, checkpoints,
+non-finite guard).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from unclip_jax import sharding
 from unclip_jax.train.checkpoint import Checkpointer
 from unclip_jax.train.optim import learning_rate_schedule, make_optimizer
 from unclip_jax.train.state import TrainState, ema_update
+from unclip_jax.train.writers import MetricWriters, check_writers
 
 NONFINITE_POLICIES = ("error", "skip")
 
@@ -45,8 +47,15 @@ class Task:
     loss:     ``(params, batch, rng) -> (loss, metrics)``, pure, scalar float32 loss.
     batches:  ``(start_position, mesh) -> iterator`` of global batches placed on ``mesh``;
               the iterator's ``position`` attribute (batches produced so far) is checkpointed.
+              A stream whose position is more than a number (webdataset shards) has
+              ``state() -> dict`` (saved instead) and ``restore(dict)`` (called on resume);
+              ``skipped_samples() -> {reason: count}`` is logged as ``data/skipped_<reason>``.
     example:  one global batch (numpy or arrays) fixing shapes for ``init`` and the shardings.
     evaluate: optional ``(state, step) -> {name: float}`` run on the host every ``eval_every``.
+    samples:  optional ``(state, step) -> {name: uint8 [H, W, 3] grid}`` run every
+              ``train.sample_every`` steps and at the end (every process: it samples under jit
+              over the mesh); process 0 writes ``<workdir>/samples/<name>_<step>.png`` and
+              sends the grids to the metric writers.
     """
 
     init: Callable[[jax.Array, dict], Any]
@@ -54,6 +63,7 @@ class Task:
     batches: Callable[[int, Any], Iterator[dict]]
     example: dict
     evaluate: Callable[[TrainState, int], dict] | None = None
+    samples: Callable[[TrainState, int], dict] | None = None
 
 
 def micro_batches(batch: dict, k: int) -> dict:
@@ -228,23 +238,18 @@ def prepare_workdir(workdir: str | Path) -> Path:
     return workdir
 
 
-def truncate_log(path: Path, last_step: int) -> None:
-    """Keep only the rows of the JSONL log at ``path`` up to ``last_step`` (the step a run
-    resumes from), dropping rows a killed run wrote after its last checkpoint and a torn last
-    line, so a resumed run's log reads like the uninterrupted run's. Atomic (write + rename)."""
-    if not path.is_file():
+def write_samples(workdir: Path, step: int, grids: dict, writers: MetricWriters) -> None:
+    """Sample grids (``{name: uint8 [H, W, 3]}``) as ``<workdir>/samples/<name>_<step>.png``
+    and to the metric writers; process 0 only."""
+    if jax.process_index() != 0:
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
-            keep.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    from PIL import Image
+
+    out = Path(workdir) / "samples"
+    out.mkdir(exist_ok=True)
+    for name, grid in grids.items():
+        Image.fromarray(np.asarray(grid, np.uint8)).save(out / f"{name}_{step:07d}.png")
+    writers.images(step, grids)
 
 
 def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path,
@@ -278,6 +283,7 @@ def train(cfg: config_lib.ExperimentConfig, task: Task, workdir: str | Path, *,
     if tcfg.on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"train.on_nonfinite must be one of {NONFINITE_POLICIES}, "
                          f"got {tcfg.on_nonfinite!r}")
+    check_writers(tcfg.writers)
     workdir = prepare_workdir(workdir)
     check_same_run(cfg, workdir)       # several processes: the same code, config and workdir
 
@@ -323,6 +329,10 @@ def _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at, *, sto
             print(f"resumed from {ckpt.directory / str(start)} (step {start}, data position "
                   f"{position})", flush=True)
         batches = task.batches(position, mesh)
+        if start and hasattr(batches, "restore"):
+            batches.restore(data)
+        data_state = getattr(batches, "state", None) or (
+            lambda: {"position": int(batches.position)})
         leaf_names = _leaf_names(abstract.params)
 
         # --- update step
@@ -349,17 +359,17 @@ def _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at, *, sto
                 f"{'(step ' + str(last) + ')' if last is not None else '(none yet)'} is untouched. "
                 f"Set train.on_nonfinite=skip to skip such steps instead.")
 
-        # --- loop (process 0 writes the log; every process saves its checkpoint shards)
+        # --- loop (process 0 writes the logs; every process saves its checkpoint shards)
         main = jax.process_index() == 0
-        log_path = workdir / "metrics.jsonl" if main else Path(os.devnull)
-        if main:
-            truncate_log(log_path, start)
+        writers = MetricWriters(workdir, tcfg.writers, start_step=start, main=main,
+                                run_name=cfg.name, config=config_dict,
+                                wandb_project=tcfg.wandb_project)
         bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {cfg.name}",
                    disable=not (progress and main), dynamic_ncols=True)
         pending: list[tuple[int, dict]] = []
         t_last, steps_since = time.perf_counter(), 0
         step = start
-        with open(log_path, "a") as log_file:
+        try:
             while step < tcfg.steps:
                 batch = next(batches)
                 batch = {k: batch[k] for k in task.example}   # the model's inputs only
@@ -377,7 +387,9 @@ def _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at, *, sto
                     (is_last and tcfg.eval_at_end)
                     or (tcfg.eval_every and step % tcfg.eval_every == 0))
                 do_ckpt = is_last or (tcfg.ckpt_every and step % tcfg.ckpt_every == 0)
-                if do_log or do_eval or do_ckpt:
+                do_samples = task.samples is not None and tcfg.sample_every > 0 and (
+                    is_last or step % tcfg.sample_every == 0)
+                if do_log or do_eval or do_ckpt or do_samples:
                     check(step, m)
                     pending = []
                 if do_log:
@@ -387,23 +399,30 @@ def _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at, *, sto
                            "skipped": int(state.skipped)}
                     row.update({k: float(v) for k, v in m.items()
                                 if k not in ("finite", "leaf_finite")})
+                    if hasattr(batches, "skipped_samples"):     # a collective
+                        row.update({f"data/skipped_{k}": v
+                                    for k, v in batches.skipped_samples().items()})
                     t_last, steps_since = now, 0
-                    log_file.write(json.dumps(row) + "\n")
-                    log_file.flush()
+                    writers.scalars(step, {k: v for k, v in row.items() if k != "step"})
                     bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
                     tqdm.write(f"step {step}: " + " ".join(
                         f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
                 if do_ckpt:
-                    ckpt.save(step, state, {"position": int(batches.position)}, config_dict)
+                    ckpt.save(step, state, data_state(), config_dict)
+                    writers.flush()
                 if do_eval:
                     ev = task.evaluate(state, step)
-                    log_file.write(json.dumps({"step": step, **{f"eval/{k}": v
-                                                              for k, v in ev.items()}}) + "\n")
-                    log_file.flush()
+                    writers.scalars(step, {f"eval/{k}": v for k, v in ev.items()})
                     tqdm.write(f"eval @ {step}: " + " ".join(f"{k}={v:.4g}"
                                                              for k, v in ev.items()))
+                if do_samples:
+                    write_samples(workdir, step, task.samples(state, step), writers)
                 if stop_after is not None and step >= stop_after:
                     break
+        finally:
+            writers.close()
+            if hasattr(batches, "close"):
+                batches.close()
         bar.close()
         if pending:
             check(*pending[-1])

@@ -25,8 +25,9 @@ from unclip_jax.train.loop import Task
 def ensure_dataset(data_cfg: DataConfig) -> None:
     """Build ``captioned_shapes/r<N>`` on first use (it is procedural); other datasets must
     already be prepared (``open_source`` says how when they are not). Several processes:
-    process 0 builds it (into the shared ``data_dir``) while the others wait."""
-    if data_cfg.name.partition("/")[0] != "captioned_shapes":
+    process 0 builds it (into the shared ``data_dir``) while the others wait. Webdataset
+    shards (``data.shards``) are read as they are: nothing to build."""
+    if data_cfg.shards or data_cfg.name.partition("/")[0] != "captioned_shapes":
         return
     resolution = _shapes_to_build(data_cfg)      # every process: the same error, if any
     if resolution is not None and sharding.is_main_process():
@@ -38,7 +39,7 @@ def _shapes_to_build(data_cfg: DataConfig) -> int | None:
     """The resolution of a ``captioned_shapes/r<N>`` that is not built yet (None: nothing to
     build, or not captioned_shapes); FileNotFoundError for a missing one of another name."""
     family, _, config = data_cfg.name.partition("/")
-    if family != "captioned_shapes":
+    if family != "captioned_shapes" or data_cfg.shards:
         return None
     try:
         input_pipeline.dataset_dir(data_cfg.name, data_cfg.data_dir)
@@ -84,12 +85,23 @@ def ensure_tokenizer(data_cfg: DataConfig, workdir: str | Path) -> Tokenizer:
     return Tokenizer.load(path)
 
 
+TOKENIZER_CAPTIONS = 200_000    # captions a tokenizer is trained on (at most)
+
+
 def _train_tokenizer(data_cfg: DataConfig, path: Path) -> Tokenizer:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if data_cfg.shards:           # the first captions of the shards, in order (no index)
+        from unclip_jax.datasets import shards
+
+        print(f"training a {data_cfg.vocab_size}-token BPE tokenizer on the captions of "
+              f"{data_cfg.shards} → {path}", flush=True)
+        urls = input_pipeline.shard_urls(data_cfg, "train")
+        return Tokenizer.train(shards.iter_captions(urls, TOKENIZER_CAPTIONS), path,
+                               data_cfg.vocab_size)
     print(f"training a {data_cfg.vocab_size}-token BPE tokenizer on {data_cfg.name} → {path}",
           flush=True)
     return train_tokenizer_from_dataset(input_pipeline.open_source(data_cfg, "train"), path,
-                                        data_cfg.vocab_size)
+                                        data_cfg.vocab_size, max_captions=TOKENIZER_CAPTIONS)
 
 
 def _shapes_caption(example: dict, rng, p: float) -> str:
@@ -102,6 +114,12 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
     from unclip_jax.eval import shapes_eval, zero_shot
     from unclip_jax.models import clip
 
+    if cfg.data.shards and not cfg.data.eval_shards and (cfg.train.eval_every
+                                                         or cfg.train.eval_at_end):
+        raise ValueError("the CLIP evaluation (retrieval on the validation split) reads "
+                         "data.eval_shards when data.shards is set, and it is empty; set "
+                         "data.eval_shards to held-out shards, or train.eval_every=0 "
+                         "train.eval_at_end=false")
     ensure_dataset(cfg.data)
     tok = ensure_tokenizer(cfg.data, workdir)
     model_cfg = dataclasses.replace(
@@ -149,7 +167,7 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
             hits += float(np.sum(pred == np.arange(keep.sum())))
             n += int(keep.sum())
         out["val_i2t_top1"] = hits / max(n, 1)
-        if cfg.data.name.startswith("captioned_shapes"):
+        if cfg.data.name.startswith("captioned_shapes") and not cfg.data.shards:
             out.update(shapes_eval.zero_shot_accuracy(model, params, tokenize,
                                                       image_size=cfg.data.image_size))
         return out
@@ -177,8 +195,76 @@ TASKS = {
 }
 
 
+def image_grid(rows: list[np.ndarray]) -> np.ndarray:
+    """``uint8 [R·S, N·S, 3]`` of ``R`` rows of ``N`` images ``[N, S, S, 3]`` in [-1, 1]."""
+    out = [np.concatenate(list(np.asarray(r, np.float32)), axis=1) for r in rows]
+    return np.clip(np.rint((np.concatenate(out, axis=0) + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def decoder_sample_grid(cfg: ExperimentConfig, workdir: str | Path):
+    """``(state, step) -> {"decoder": grid}``: the decoder's samples from the CLIP image
+    embeddings (and captions) of the first ``train.sample_count`` validation images, with a
+    fixed seed (``train.seed``) and the model's own sampling settings (``sample_steps``,
+    guidance), through ``models.decoder.sample_images`` (the shared jitted sampler the
+    pipelines use) with the batch sharded as the training batch is. Grid rows: the validation
+    images, then the samples (EMA params when the run keeps them)."""
+    from unclip_jax.models import decoder as D
+
+    mcfg, n = cfg.model, cfg.train.sample_count
+    clip_model, clip_params, _ = D.load_frozen_clip(mcfg.clip_workdir)
+    tok = Tokenizer.load(tokenizer_path(cfg.data, workdir))
+    val = input_pipeline.make_batches(cfg.data, "validation", batch_size=n, tokenizer=tok,
+                                      train=False, process_index=0, process_count=1)
+    batch = val.local_numpy(0)                        # the same rows on every process
+    images, tokens = batch["image"], batch["tokens"]
+    emb = np.asarray(jax.jit(D.clip_image_embedder(clip_model, clip_params,
+                                                   mcfg.clip_image_size))(images))
+    clip_text = uncond_text = None
+    if mcfg.clip_text_width > 0:
+        encode = D.clip_text_encoder(clip_model, clip_params)
+        clip_text = jax.tree.map(np.asarray, encode(tokens))
+        uncond_text = jax.tree.map(np.asarray, D.batched(
+            D.empty_clip_text(encode, tok, mcfg.context_length), n))
+    mesh = sharding.make_mesh(cfg.mesh)
+    split = n % sharding.batch_divisor(mesh) == 0
+
+    def place(tree):
+        if not split:
+            return tree
+        return sharding.from_host(tree, lambda ndim: sharding.batch_sharding(mesh, ndim))
+
+    def samples(state, step) -> dict:
+        params = state.ema_params if cfg.train.ema_decay > 0 else state.params
+        out = D.sample_images(params, mcfg, place(emb),
+                              place(tokens) if mcfg.use_text else None,
+                              rng=jax.random.PRNGKey(cfg.train.seed),
+                              clip_text=place(clip_text) if clip_text is not None else None,
+                              uncond_clip_text=(place(uncond_text) if uncond_text is not None
+                                                else None))
+        return {"decoder": image_grid([images, sharding.fetch(out)])}
+
+    return samples
+
+
+# Task name -> "module:function" building its sample grids, ``(cfg, workdir) -> samples`` (the
+# Task's ``samples`` field), for the tasks that have them.
+SAMPLE_GRIDS = {"decoder": "unclip_jax.train.tasks:decoder_sample_grid"}
+
+
 def build_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentConfig, Task]:
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; accepted: {', '.join(sorted(TASKS))}")
+    if cfg.train.sample_every and cfg.task not in SAMPLE_GRIDS:
+        raise ValueError(f"train.sample_every: sample grids during training exist for "
+                         f"{', '.join(sorted(SAMPLE_GRIDS))}, not {cfg.task!r}; set "
+                         f"train.sample_every=0")
+    if cfg.train.sample_every < 0 or cfg.train.sample_count < 1:
+        raise ValueError(f"train.sample_every ≥ 0 and train.sample_count ≥ 1 are accepted, "
+                         f"got {cfg.train.sample_every} and {cfg.train.sample_count}")
     module, _, fn = TASKS[cfg.task].partition(":")
-    return getattr(importlib.import_module(module), fn)(cfg, workdir)
+    cfg, task = getattr(importlib.import_module(module), fn)(cfg, workdir)
+    if cfg.train.sample_every and task.samples is None:
+        module, _, fn = SAMPLE_GRIDS[cfg.task].partition(":")
+        task = dataclasses.replace(
+            task, samples=getattr(importlib.import_module(module), fn)(cfg, workdir))
+    return cfg, task
