@@ -366,10 +366,12 @@ def test_raw_embeddings_interpolate_direction_and_norm():
 # ---------------------------------------------------------------------------- bad input
 
 
-def test_karlo_without_a_clip_image_tower_says_what_to_convert(stack, tmp_path, capsys):
+def test_karlo_without_a_clip_image_tower_says_what_to_convert(stack, tmp_path, capsys,
+                                                               monkeypatch):
     from unclip_jax.pipelines import manipulate as M
 
     paths, model = stack
+    monkeypatch.chdir(tmp_path)     # the CLI's default CLIP (runs/demo/clip) must not exist
     want = "convert open_clip's ViT-L-14 'openai' weights with `unclip-jax convert clip"
     with pytest.raises(FileNotFoundError, match="no CLIP at .*" + want):
         U.load_unclip(tmp_path / "nothing", paths["vocab"], paths["prior"], paths["decoder"])
