@@ -17,13 +17,13 @@ steps on v gives clean shapes on black (the reason is tested in tests/test_sampl
 
 Compute recipe (issue 20, experiments/shapes/decoder_curve.py, the quality-vs-CPU curve in
 experiments/RESULTS.md): the U-Net reads its input patched 2×2 (space-to-depth, "simple
-diffusion": the first level runs at 16 px, 2.9× cheaper per step); training timesteps drawn
+diffusion": the first level runs at 16 px, 2.6× cheaper per step); training timesteps drawn
 logit-normal (SD3: t/T = sigmoid(n), n ~ N(0, 1), concentrated mid-schedule where shape and
 colour are decided; the low-noise EDM-style focus lost, a shift to the noisier side,
 ``timestep_loc=0.5``, lost with the class embedding); the caption's final-token state added to
-the timestep embedding as GLIDE does (``text_class_emb``). A step costs 0.139 s on the 2-core
-CPU against 0.362 s before (2 devices, batch 32), so the 8000 steps here cost about as much as
-3100 steps of the recipe before it (which held 2000 steps in the demo). Sampling:
+the timestep embedding as GLIDE does (``text_class_emb``). A step costs 0.120 s on the 2-core
+CPU against 0.326 s before (2 devices, batch 32; BENCHMARKS.md "Decoder recipes"), so the 8000
+steps here cost about as much as 2950 steps of the recipe before it (the demo held 2000). Sampling:
 DPM-Solver++(3M), 20 steps evenly spaced in log-SNR (the judge scores of 50 DDIM steps at 40 %
 of the cost), guidance 5 (against 3, two decoders of this recipe: two-object binding 0.117 vs
 0.086, relation 0.28 vs 0.23, single-object fidelity 0.645 vs 0.660). The demo passes the
