@@ -749,11 +749,12 @@ def test_parity_image_variation_with_unclip_image_variation_pipeline(tmp_path, m
     px = m.pixels(photos, CLIP_CFG.image_size)                  # [-1, 1], CLIP resolution
     z = m.embed(px)
     ours = np.asarray(m.sample(z, seed=seed))
-    np.testing.assert_array_equal(M.variations(model, photos[0], 1, seed=seed,
-                                               from_inversion=False, decoder_steps=steps[0],
-                                               upsampler_steps=(steps[1],),
-                                               guidance_scale=scale)[0],
-                                  U.to_uint8(ours[:1])[0])
+    # the command's one-image batch against row 0 of the two-image batch: XLA may reduce in
+    # another order at another batch size, so a pixel may round to the next grey level
+    one = M.variations(model, photos[0], 1, seed=seed, from_inversion=False,
+                       decoder_steps=steps[0], upsampler_steps=(steps[1],),
+                       guidance_scale=scale)[0]
+    np.testing.assert_allclose(one.astype(int), U.to_uint8(ours[:1])[0].astype(int), atol=1)
 
     # Our draws, as Manipulator.sample makes them.
     r_dec, r_up = jax.random.split(jax.random.PRNGKey(seed))
