@@ -86,7 +86,7 @@ def prepare(root: Path) -> dict[str, tuple[str, dict]]:
         "model.text_layers": 1, "model.vision_width": 32, "model.text_width": 32,
         "model.embed_dim": 16})
     prior = dict(COMMON, **{
-        "model.cache_dir": root / "cache", "model.clip_workdir": "", "model.width": 32,
+        "model.embeddings_dir": root / "cache", "model.clip_workdir": "", "model.width": 32,
         "model.depth": 1, "model.num_heads": 2, "train.batch_size": 32})
     return {"clip": (str(ROOT / "experiments/shapes/clip.py"), clip),
             "prior": (str(ROOT / "experiments/shapes/prior.py"), prior)}

@@ -104,9 +104,7 @@ def record_rows(workdir: Path) -> None:
     input_pipeline.Batches.local_numpy = local_numpy
 
     # the priors' batches of cached embeddings: rows named by a hash of their caption tokens
-    from unclip_jax.models import prior, prior_ar
-
-    for cls in (prior.EmbeddingBatches, prior_ar.EmbeddingBatches):
+    for cls in (input_pipeline.EmbeddingBatches,):
         def batch(self, i, _original=cls.batch):
             out = _original(self, i)
             names = [int(hashlib.sha256(row.tobytes()).hexdigest()[:12], 16)

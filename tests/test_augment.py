@@ -126,14 +126,14 @@ def test_colour_drop_through_the_pipeline_is_deterministic_and_train_only():
 def test_clip_task_rejects_bad_colour_drop(tmp_path):
     from unclip_jax.models.clip import CLIPConfig
     from unclip_jax.text import Tokenizer
-    from unclip_jax.train import tasks
+    from unclip_jax.train.tasks import clip as clip_tasks
 
     tok = tmp_path / "tok.model"
     Tokenizer.train([S.caption(S.sample_scene(0, i)) for i in range(200)], tok, 64)
     base = ExperimentConfig(name="t", task="clip", model=CLIPConfig(),
                             data=DataConfig(name="image_captions/x", tokenizer=str(tok)))
     with pytest.raises(ValueError, match="colour_drop applies to captioned_shapes only"):
-        tasks.clip_task(dataclasses.replace(
+        clip_tasks.clip_task(dataclasses.replace(
             base, data=dataclasses.replace(base.data, colour_drop=0.5)), tmp_path)
 
 

@@ -53,7 +53,7 @@ def _main(argv, capsys):
 
 
 def test_clip_through_the_cli_loads_with_load_clip(tmp_path, clip_sd, capsys):
-    from unclip_jax.embeddings import load_clip
+    from unclip_jax.runs import load_clip
 
     np.savez(tmp_path / "clip.npz", **clip_sd)
     rc, out, err = _main(["convert", "clip", tmp_path / "clip.npz", "--out", tmp_path / "run"],
@@ -61,7 +61,8 @@ def test_clip_through_the_cli_loads_with_load_clip(tmp_path, clip_sd, capsys):
     assert rc == 0, err
     assert "wrote" in out
     cfg, params = convert_clip.convert(clip_sd)             # the in-memory conversion
-    model, restored, loaded_cfg = load_clip(tmp_path / "run")
+    loaded = load_clip(tmp_path / "run")
+    restored, loaded_cfg = loaded.params, loaded.config
     assert loaded_cfg == cfg == CLIP_CFG
     rng = np.random.default_rng(2)
     images = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
@@ -74,14 +75,15 @@ def test_clip_through_the_cli_loads_with_load_clip(tmp_path, clip_sd, capsys):
     rc, _, err = _main(["convert", "clip", tmp_path / "clip.npz", "--out", tmp_path / "gelu",
                         "--act", "gelu", "--no-fold-normalization"], capsys)
     assert rc == 0, err
-    _, unfolded, gelu_cfg = load_clip(tmp_path / "gelu")
+    gelu = load_clip(tmp_path / "gelu")
+    unfolded, gelu_cfg = gelu.params, gelu.config
     assert gelu_cfg.act == "gelu"
     np.testing.assert_array_equal(np.asarray(unfolded["visual"]["patch_embed"]["kernel"]),
                                   clip_sd["visual.conv1.weight"].transpose(2, 3, 1, 0))
 
 
 def test_dvae_through_the_cli_loads_with_load_dvae(tmp_path, dvae_sds, capsys):
-    from unclip_jax.models.dalle import load_dvae
+    from unclip_jax.runs import load_dvae
 
     enc, dec = dvae_sds
     np.savez(tmp_path / "enc.npz", **enc)

@@ -1,7 +1,7 @@
 """CLIP weight conversion and the CLIP BPE tokenizer.
 
 Plain tests (no torch): the OpenAI-layout round trip, the folded image normalisation, the
-error lists, the workdir that ``load_clip`` reads, and the tokenizer's mechanics on a tiny
+error lists, the workdir that ``runs.load_clip`` reads, and the tokenizer's mechanics on a tiny
 vocabulary. Parity tests (``make parity``): a randomly initialised Hugging Face
 ``transformers`` CLIP (torch) against our converted model, and our tokenizer against
 open_clip's ``SimpleTokenizer`` on open_clip's own vocabulary file.
@@ -154,12 +154,13 @@ def test_resnet_checkpoints_are_refused():
 
 
 def test_workdir_loads_with_load_clip(tmp_path, small):
-    from unclip_jax.embeddings import load_clip
+    from unclip_jax.runs import load_clip
 
     params, sd = small
     cfg, converted = convert_clip.convert(sd, image_mean=None)
     out = convert_clip.save_workdir(cfg, converted, tmp_path / "run", source="test")
-    model, restored, loaded_cfg = load_clip(out)
+    loaded = load_clip(out)
+    restored, loaded_cfg = loaded.params, loaded.config
     assert loaded_cfg == SMALL
     rng = np.random.default_rng(2)
     x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)

@@ -165,7 +165,7 @@ def test_load_state_dict_reads_safetensors(tmp_path, small):
 
 
 def test_workdir_loads_with_load_dvae(tmp_path, small):
-    from unclip_jax.models.dalle import load_dvae
+    from unclip_jax.runs import load_dvae
 
     params, (enc, dec) = small
     np.savez(tmp_path / "encoder.npz", **enc)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unclip_jax import runs
 from unclip_jax.convert import karlo
 from unclip_jax.convert.clip import ConversionError
 
@@ -329,9 +330,6 @@ def test_convert_checkpoint_from_saved_pipeline_folder(tmp_path):
     pytest.importorskip("diffusers")
     from diffusers import PriorTransformer, UNet2DModel
 
-    from unclip_jax.models import decoder as D
-    from unclip_jax.models import prior as P
-
     src = tmp_path / "karlo"
     _randomise(torch, PriorTransformer(**PRIOR_CFG), 0).save_pretrained(src / "prior")
     unet, tp = _decoder_ref(torch)
@@ -343,14 +341,14 @@ def test_convert_checkpoint_from_saved_pipeline_folder(tmp_path):
     (src / "prior_scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"clip_sample": True, "clip_sample_range": 5.0}))
     out = karlo.convert_checkpoint(src, tmp_path / "out", context_length=5)
-    sampler = P.load_sampler(out / "prior")
+    sampler = runs.load_prior(out / "prior")
     assert sampler.cfg.clip_sample_range == 5.0 and sampler.cfg.context_length == 7
-    params, cfg = D.load_decoder(out / "decoder")
+    params, cfg = runs.load_decoder(out / "decoder")
     assert cfg.clip_text_width == 12
     np.testing.assert_array_equal(params["null_image_emb"],
                                   tp.learned_classifier_free_guidance_embeddings.detach().numpy())
     for name in ("super_res_first", "super_res_last"):
-        _, ucfg = D.load_upsampler(out / name)
+        _, ucfg = runs.load_upsampler(out / name)
         assert ucfg.time_shift == "add" and ucfg.low_res_resize == "cubic"
         assert ucfg.last_step == (name == "super_res_last")
 

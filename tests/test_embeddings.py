@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unclip_jax import config as config_lib
-from unclip_jax import embeddings
+from unclip_jax import embeddings, runs
 from unclip_jax.config import DataConfig
 from unclip_jax.models.clip import CLIP, CLIPConfig, dummy_inputs
 from unclip_jax.text import Tokenizer
@@ -114,7 +114,7 @@ def test_mismatching_cache_and_bad_sizes_are_errors(clip_run, tmp_path):
 
 def test_missing_clip_workdir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        embeddings.load_clip(tmp_path / "nope")
+        runs.load_clip(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="config.json"):
         embeddings.cache_embeddings(tmp_path, None, "train", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="no embedding cache"):
@@ -123,7 +123,8 @@ def test_missing_clip_workdir_is_a_clear_error(tmp_path):
 
 def test_load_clip_rebuilds_the_saved_model(clip_run):
     workdir, data_cfg, cfg, params, tok = clip_run
-    model, got, got_cfg = embeddings.load_clip(workdir)
+    clip = runs.load_clip(workdir)
+    model, got, got_cfg = clip.module, clip.params, clip.config
     assert got_cfg == cfg
     img = np.zeros((1, RES, RES, 3), np.float32)
     np.testing.assert_allclose(model.apply({"params": got}, img, method=model.encode_image),
@@ -184,11 +185,11 @@ def test_decoder_cache_of_another_clip_or_augmented_images_is_an_error(clip_run,
         _decoder_task(clip_run, tmp_path / "b", embeddings_dir=str(cache))
     import dataclasses
 
-    from unclip_jax.models import decoder as D
+    from unclip_jax.train.tasks import decoder as decoder_task
 
     with pytest.raises(ValueError, match="random_crop / data.colour_drop change the images"):
-        D.cached_image_embeddings(str(cache), str(clip_run[0]),
-                                  dataclasses.replace(clip_run[1], random_crop=True))
+        decoder_task.cached_image_embeddings(str(cache), str(clip_run[0]),
+                                              dataclasses.replace(clip_run[1], random_crop=True))
 
 
 def test_row_features_join_by_source_row(clip_run):

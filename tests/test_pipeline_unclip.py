@@ -14,7 +14,7 @@ from unclip_jax import diffusion, sharding, shapes
 from unclip_jax.images import ImageLoadError
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
-from unclip_jax.models.clip import CLIP, CLIPConfig
+from unclip_jax.models.clip import CLIP, CLIPConfig, FrozenCLIP
 from unclip_jax.pipelines import manipulate as M
 from unclip_jax.pipelines import unclip as U
 from unclip_jax.text import EOS_ID, PAD_ID, Tokenizer
@@ -238,7 +238,7 @@ def test_check_tokenizer_takes_the_sentencepiece_tokenizer(model):
 
 def test_clip_text_decoder_chain(model, image_path):
     """A decoder reading the frozen CLIP's text features (``clip_text_width > 0``): training
-    (:func:`D.clip_text_encoder`) and the pipeline give it the same features; it generates from
+    (:meth:`FrozenCLIP.encode_text` through :func:`D.decoder_text_features`) and the pipeline give it the same features; it generates from
     prompts and, without a caption, is conditioned on the empty caption in both guidance
     branches (manipulations)."""
     cfg = dataclasses.replace(DEC_CFG, clip_text_width=16, context_length=L)
@@ -247,13 +247,13 @@ def test_clip_text_decoder_chain(model, image_path):
         model.params, decoder=dec, upsamplers=()), model.tokenizer))
     clip_params = model.params["clip"]
     tokens = jnp.asarray(model.tokenizer.encode(["a red circle", "a blue square"], L))
-    got = jax.jit(D.clip_text_encoder(CLIP(CLIP_CFG), clip_params))(tokens)
+    frozen = FrozenCLIP(CLIP_CFG, clip_params)
+    got = D.decoder_text_features(jax.jit(FrozenCLIP.encode_text)(frozen, tokens))
     states, raw = U.encode_text(CLIP_CFG, clip_params, tokens, normalize=False)
     np.testing.assert_allclose(got["emb"], raw, atol=1e-6)
     np.testing.assert_allclose(got["states"], states, atol=1e-6)
     np.testing.assert_array_equal(got["valid"], U.text_mask(CLIP_CFG, tokens))
-    empty = D.empty_clip_text(D.clip_text_encoder(CLIP(CLIP_CFG), clip_params),
-                              model.tokenizer, L)
+    empty = D.empty_caption_features(frozen, model.tokenizer, L)
     for key in ("emb", "states", "valid"):
         np.testing.assert_allclose(empty[key], u.params["empty_caption"][key], atol=1e-6)
 

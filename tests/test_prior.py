@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import diffusion
+from unclip_jax import diffusion, runs
 from unclip_jax.models import prior as P
+from unclip_jax.train.tasks import prior as prior_tasks
 
 E, W, L, B = 8, 12, 6, 4
 CFG = P.PriorConfig(embed_dim=E, text_width=W, context_length=L, width=16, depth=2,
@@ -171,7 +172,7 @@ def test_sampler_shapes_unit_norm_and_candidates(setup):
 @pytest.mark.slow
 def test_load_sampler_from_a_trained_run(tmp_path):
     """A short real training run on synthetic embeddings: the loss falls, and the workdir's
-    ``load_sampler`` returns ``[B, E]`` embeddings."""
+    ``runs.load_prior`` returns ``[B, E]`` embeddings."""
     from unclip_jax import embeddings
     from unclip_jax.config import ExperimentConfig, OptimConfig, TrainConfig
     from unclip_jax.sharding import MeshConfig
@@ -200,12 +201,12 @@ def test_load_sampler_from_a_trained_run(tmp_path):
 
     cfg = ExperimentConfig(
         name="t", task="prior",
-        model=dataclasses.replace(CFG, width=32, cache_dir=str(cache)),
+        model=dataclasses.replace(CFG, width=32, embeddings_dir=str(cache)),
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=5, weight_decay=0.0),
         train=TrainConfig(batch_size=32, steps=40, log_every=10, eval_every=0,
                           ckpt_every=40, async_checkpoint=False),
         mesh=MeshConfig(data=1, fsdp=1, model=1))
-    cfg, task = P.make_task(cfg, tmp_path / "run")
+    cfg, task = prior_tasks.prior_task(cfg, tmp_path / "run")
     assert cfg.model.embed_scale == pytest.approx(0.54 * np.sqrt(E))
     assert int(next(task.batches(3, None))["text_emb"].shape[0]) == 32
     np.testing.assert_array_equal(task.batches(3, None).batch(3)["text_emb"],
@@ -215,7 +216,7 @@ def test_load_sampler_from_a_trained_run(tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.6 * losses[0], losses
 
-    sampler = P.load_sampler(tmp_path / "run", sample_steps=4)
+    sampler = runs.load_prior(tmp_path / "run", sample_steps=4)
     out = sampler({k: arrays[k][:5] for k in ("text_emb", "text_states", "text_tokens")},
                   jax.random.PRNGKey(0))
     assert out.shape == (5, E)

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from unclip_jax import ar
+from unclip_jax import ar, input_pipeline
 from unclip_jax.models import prior_ar as pa
 
 E, L, W, K, NB = 16, 5, 8, 6, 32
@@ -185,9 +185,9 @@ def test_short_training_reduces_loss():
     sim = pa.SimilarityBuckets.fit(pa.similarities(data), 4)
     arrays = pa._model_arrays(data, pca, sim)
     model = pa.ARPrior(cfg)
-    batches = pa.EmbeddingBatches(arrays, 64, seed=0)
+    batches = input_pipeline.EmbeddingBatches(arrays, 64, seed=0)
     np.testing.assert_array_equal(batches.batch(5)["tokens"],
-                                  pa.EmbeddingBatches(arrays, 64, seed=0).batch(5)["tokens"])
+                                  input_pipeline.EmbeddingBatches(arrays, 64, seed=0).batch(5)["tokens"])
     params = jax.jit(model.init)(jax.random.PRNGKey(0), arrays["tokens"][:2],
                         pa._cond({k: v[:2] for k, v in arrays.items()}))["params"]
     tx = optax.adam(3e-3)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from unclip_jax import config as config_lib
+from unclip_jax import input_pipeline, runs
 from unclip_jax.config import DataConfig
 from unclip_jax.models.clip import CLIP, CLIPConfig, dummy_inputs
 from unclip_jax.sharding import MeshConfig
@@ -86,11 +87,10 @@ def test_decoder_grids_are_the_samplers_output(setup, tmp_path):
     assert grid.shape == (2 * RES, 4 * RES, 3)
     # row 0: the first 4 evaluation images; row 1: the sampler's output for the final params
     # (what models.decoder.sample_images gives for the same embeddings, captions and seed)
-    val = tasks.input_pipeline.make_batches(cfg.data, "validation", batch_size=4,
-                                            tokenizer=Tokenizer.load(data.tokenizer),
-                                            train=False).local_numpy(0)
-    clip_model, clip_params, _ = D.load_frozen_clip(clip_dir)
-    emb = D.clip_image_embedder(clip_model, clip_params, RES)(val["image"])
+    val = input_pipeline.make_batches(cfg.data, "validation", batch_size=4,
+                                      tokenizer=Tokenizer.load(data.tokenizer),
+                                      train=False).local_numpy(0)
+    emb = runs.load_clip(clip_dir).embed_images(val["image"])
     want = D.sample_images(jax.device_get(state.params), cfg.model, emb,
                            val["tokens"] if cfg.model.use_text else None,
                            rng=jax.random.PRNGKey(cfg.train.seed))

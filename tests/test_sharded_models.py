@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from unclip_jax import config as config_lib
-from unclip_jax import sharding
+from unclip_jax import input_pipeline, sharding
 from unclip_jax.models import dalle, dvae, prior, prior_ar
 from unclip_jax.models import decoder as D
 from unclip_jax.sharding import MeshConfig
@@ -443,13 +443,13 @@ def test_indivisible_dimension_is_replicated_not_an_error():
 
 def test_ar_prior_batches_split_over_processes(monkeypatch):
     arrays = {"x": np.arange(40)}
-    full = prior_ar.EmbeddingBatches(arrays, 8, seed=3).batch(2)["x"]
+    full = input_pipeline.EmbeddingBatches(arrays, 8, seed=3).batch(2)["x"]
     parts = []
     for p in range(2):
         monkeypatch.setattr(jax, "process_count", lambda: 2)
         monkeypatch.setattr(jax, "process_index", lambda p=p: p)
-        parts.append(prior_ar.EmbeddingBatches(arrays, 8, seed=3).batch(2)["x"])
+        parts.append(input_pipeline.EmbeddingBatches(arrays, 8, seed=3).batch(2)["x"])
     np.testing.assert_array_equal(np.concatenate(parts), full)
     monkeypatch.setattr(jax, "process_count", lambda: 3)
     with pytest.raises(ValueError, match="batch size 8 does not split over 3 processes"):
-        prior_ar.EmbeddingBatches(arrays, 8).batch(0)
+        input_pipeline.EmbeddingBatches(arrays, 8).batch(0)

@@ -12,6 +12,8 @@ import importlib.util
 import json
 import types
 import typing
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +102,7 @@ class ExperimentConfig:
 
     name: str
     model: Any
-    task: str = "clip"                   # which model's task the loop trains (train/tasks.py)
+    task: str = "clip"                   # which model's task the loop trains (train/tasks/)
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
@@ -138,6 +140,11 @@ def _set(node: Any, path: list[str], raw: str, full_key: str) -> Any:
         raise ValueError(f"cannot set {full_key!r}: {type(node).__name__} has no sub-keys")
     fields = {f.name: f for f in dataclasses.fields(node)}
     name = path[0]
+    renamed = getattr(type(node), "RENAMED", {})
+    if name not in fields and name in renamed:
+        warnings.warn(f"config key {full_key!r} is deprecated and will be removed after the "
+                      f"next release; use {renamed[name]!r}", DeprecationWarning, stacklevel=4)
+        name = renamed[name]
     if name not in fields:
         raise KeyError(f"unknown config key {full_key!r}: {type(node).__name__} has no field "
                        f"{name!r}; valid keys here: {', '.join(sorted(fields))}")
@@ -205,6 +212,39 @@ def to_dict(cfg: Any) -> dict:
     if isinstance(cfg, (tuple, list)):
         return [to_dict(v) for v in cfg]
     return cfg
+
+
+def from_dict(d: Any, types: Mapping[str, type] | None = None, default: type | None = None
+              ) -> Any:
+    """The inverse of :func:`to_dict`: dicts carrying ``__type__`` become the named
+    dataclasses (the core ones of this module, plus ``types`` — name → class — for model
+    configs, which live in higher layers), lists become tuples. ``default``: the class of a
+    top-level dict written without ``__type__`` (early runs). Fields a class no longer has are
+    dropped (configs written by an older version still load); fields a class renamed
+    (``RENAMED = {"old": "new"}`` on the class) are read under their new name."""
+    known = {c.__name__: c for c in (ExperimentConfig, DataConfig, OptimConfig, TrainConfig,
+                                     MeshConfig)}
+    known.update(types or {})
+    if isinstance(d, list):
+        return tuple(from_dict(v, known) for v in d)
+    if not isinstance(d, dict):
+        return d
+    name = d.get("__type__")
+    if name is None and default is None:
+        return {k: from_dict(v, known) for k, v in d.items()}
+    cls = default if name is None else known.get(name)
+    if cls is None:
+        raise ValueError(f"unknown config type {name!r}; known: {', '.join(sorted(known))}")
+    renamed = getattr(cls, "RENAMED", {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in d.items():
+        k = renamed.get(k, k)
+        if k in fields:      # a group written without __type__ (converted runs) is its field's
+            sub = hints.get(k)
+            kwargs[k] = from_dict(v, known, sub if dataclasses.is_dataclass(sub) else None)
+    return cls(**kwargs)
 
 
 def to_json(cfg: Any) -> str:

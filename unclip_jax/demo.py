@@ -143,7 +143,7 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
 
     w = workdir.absolute()
     chain = {
-        "prior": ("prior.py", [f"model.clip_workdir={w}/clip", f"model.cache_dir={w}/embeddings"]),
+        "prior": ("prior.py", [f"model.clip_workdir={w}/clip", f"model.embeddings_dir={w}/embeddings"]),
         # the decoder reads the prior stage's CLIP image embeddings instead of running the
         # frozen image tower in every step (the same embeddings: tests/test_embeddings.py)
         "decoder": ("decoder.py", [f"model.clip_workdir={w}/clip",

@@ -27,12 +27,15 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 
+from unclip_jax import input_pipeline, runs, sharding
 from unclip_jax.config import DataConfig
+from unclip_jax.models.clip import CLIPConfig, FrozenCLIP
+from unclip_jax.text import Tokenizer
+from unclip_jax.train.tasks.common import ensure_dataset
 
 SHARD_RE = re.compile(r"shard_(\d{5})\.npz")
 ATTRIBUTES = ("colour", "shape", "size", "num_objects", "relation")
@@ -40,152 +43,6 @@ ATTRIBUTES = ("colour", "shape", "size", "num_objects", "relation")
 
 def shard_name(k: int) -> str:
     return f"shard_{k:05d}.npz"
-
-
-# ----------------------------------------------------------------------------- the CLIP
-
-
-def read_run_config(workdir: str | os.PathLike) -> dict:
-    """The ``config.json`` a training run wrote into ``workdir`` (a clear error if absent)."""
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise FileNotFoundError(f"workdir {str(workdir)!r} does not exist; pass the folder a "
-                                f"training run wrote (it holds config.json and checkpoints/)")
-    path = workdir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist: {str(workdir)!r} is not the "
-                                f"workdir of a training run (expected config.json and "
-                                f"checkpoints/)")
-    return json.loads(path.read_text())
-
-
-def _dataclass_from_dict(cls, d: dict):
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in d.items():
-        if k == "__type__" or k not in names:
-            continue
-        kwargs[k] = tuple(v) if isinstance(v, list) else v
-    return cls(**kwargs)
-
-
-def restore_run_params(workdir: str | os.PathLike, run_cfg: dict) -> tuple[Any, int]:
-    """``(params, step)`` of the latest checkpoint of ``workdir``: the EMA params when the run
-    kept them (``train.ema_decay > 0``), else the raw params (host arrays)."""
-    from unclip_jax.train.checkpoint import Checkpointer
-
-    ckpt_dir = Path(workdir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"{str(workdir)!r} has no checkpoints/ folder; train it first")
-    ckpt = Checkpointer(workdir, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        ckpt.close()
-        raise FileNotFoundError(f"no complete checkpoint under {ckpt.directory}")
-    ema = float(run_cfg.get("train", {}).get("ema_decay", 0.0)) > 0
-    params = ckpt.restore_params(step, which="ema_params" if ema else "params")
-    ckpt.close()
-    return params, int(step)
-
-
-def load_clip(clip_workdir: str | os.PathLike):
-    """``(CLIP module, params, CLIPConfig)`` of a trained CLIP run (EMA params if it kept them).
-
-    The module is rebuilt from the run's saved ``config.json`` (``model`` = CLIPConfig fields).
-    """
-    return _load_clip(clip_workdir)[:3]
-
-
-def _load_clip(clip_workdir):
-    from unclip_jax.models.clip import CLIP, CLIPConfig
-
-    run_cfg = read_run_config(clip_workdir)
-    model_cfg = run_cfg.get("model", {})
-    if model_cfg.get("__type__") not in (None, "CLIPConfig"):
-        raise ValueError(f"{str(clip_workdir)!r} holds a {model_cfg.get('__type__')} run, not "
-                         f"a CLIP (model.__type__ should be CLIPConfig)")
-    cfg = _dataclass_from_dict(CLIPConfig, model_cfg)
-    params, step = restore_run_params(clip_workdir, run_cfg)
-    return CLIP(cfg), params, cfg, step
-
-
-def clip_tokenizer_path(clip_workdir: str | os.PathLike, run_cfg: dict | None = None) -> Path:
-    """The tokenizer a CLIP run was trained with: its ``data.tokenizer``, else
-    ``<workdir>/tokenizer.model``, else ``<workdir>/../tokenizer.model`` (the demo layout)."""
-    run_cfg = read_run_config(clip_workdir) if run_cfg is None else run_cfg
-    named = run_cfg.get("data", {}).get("tokenizer", "")
-    candidates = ([Path(named)] if named else []) + [
-        Path(clip_workdir) / "tokenizer.model", Path(clip_workdir).parent / "tokenizer.model"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no tokenizer for the CLIP run {str(clip_workdir)!r}; looked at "
-                            f"{', '.join(map(str, candidates))}; pass tokenizer_path")
-
-
-class ClipEncoder:
-    """Jitted encoders of a frozen CLIP: images → ``[B, E]``; tokens → (states, embedding)."""
-
-    def __init__(self, clip_workdir: str | os.PathLike, tokenizer_path=None):
-        from unclip_jax.text import Tokenizer
-
-        self.workdir = Path(clip_workdir)
-        self.run_cfg = read_run_config(clip_workdir)
-        self.model, self.params, self.cfg, self.step = _load_clip(clip_workdir)
-        self.tokenizer = Tokenizer.load(tokenizer_path or clip_tokenizer_path(clip_workdir,
-                                                                              self.run_cfg))
-        model = self.model
-        self._image = jax.jit(lambda p, x: model.apply({"params": p}, x,
-                                                       method=model.encode_image))
-        self._text = jax.jit(lambda p, t: model.apply({"params": p}, t,
-                                                      method=model.encode_text_tokens))
-
-    @property
-    def context_length(self) -> int:
-        return self.cfg.context_length
-
-    def images(self, images: np.ndarray) -> np.ndarray:
-        """``[B, H, W, 3]`` in [-1, 1] → ``[B, E]`` float32 unit norm."""
-        return np.asarray(self._image(self.params, images))
-
-    def tokens(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``[B, L]`` int32 → (``[B, L, W]`` float32 states, ``[B, E]`` float32 unit norm)."""
-        states, emb = self._text(self.params, np.asarray(tokens, np.int32))
-        return np.asarray(states), np.asarray(emb)
-
-    def on_mesh(self, mesh) -> "ClipEncoder":
-        """Encode global batches split over ``mesh`` (every process's devices): the params are
-        copied onto every device once; then :meth:`encode_batch` takes batches placed with
-        :func:`unclip_jax.sharding.shard_batch` (each process its own rows)."""
-        from unclip_jax import sharding
-
-        self.mesh = mesh
-        self._mesh_params = sharding.from_host(self.params, sharding.replicated(mesh))
-        model = self.model
-
-        def encode(p, images, tokens):
-            states, temb = model.apply({"params": p}, tokens, method=model.encode_text_tokens)
-            return states, temb, model.apply({"params": p}, images, method=model.encode_image)
-
-        out = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 2)
-        self._encode = jax.jit(encode, out_shardings=(sharding.batch_sharding(mesh, 3), *out))
-        return self
-
-    def encode_batch(self, images: jax.Array, tokens: jax.Array) -> dict[str, np.ndarray]:
-        """Global ``images [B, S, S, 3]`` and ``tokens [B, L]`` on the :meth:`on_mesh` mesh →
-        ``text_states [B, L, W]``, ``text_emb``, ``image_emb [B, E]`` (float32), gathered whole
-        on every process."""
-        from unclip_jax import sharding
-
-        states, temb, iemb = self._encode(self._mesh_params, images, tokens)
-        return sharding.fetch({"text_states": states, "text_emb": temb, "image_emb": iemb})
-
-    def captions(self, captions: list[str]) -> dict[str, np.ndarray]:
-        """The prior's conditioning for raw captions: ``text_emb [B, E]``, ``text_states
-        [B, L, W]`` (float32), ``text_tokens [B, L]`` int32."""
-        tokens = self.tokenizer.encode(list(captions), self.context_length)
-        states, emb = self.tokens(tokens)
-        return {"text_emb": emb, "text_states": states, "text_tokens": tokens}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -232,8 +89,6 @@ def cache_embeddings(clip_workdir: str | os.PathLike, data_cfg: DataConfig | Non
     (as training input does), the results are gathered, and process 0 writes the shards — so
     the cache is the same whatever the number of processes. All processes must call it.
     """
-    from unclip_jax import input_pipeline, sharding
-
     if shard_size <= 0 or batch_size <= 0 or shard_size % batch_size:
         raise ValueError(f"shard_size ({shard_size}) must be a positive multiple of batch_size "
                          f"({batch_size})")
@@ -241,13 +96,26 @@ def cache_embeddings(clip_workdir: str | os.PathLike, data_cfg: DataConfig | Non
     split_over = math.gcd(batch_size, jax.device_count()) if jax.process_count() == 1 else -1
     mesh = sharding.make_mesh(sharding.MeshConfig(data=split_over))
     sharding.check_batch_size(batch_size, mesh)
-    enc = ClipEncoder(clip_workdir, tokenizer_path).on_mesh(mesh)
+    run = runs.load_run(clip_workdir, CLIPConfig)
+    clip_cfg = run.model
+    tokenizer = Tokenizer.load(tokenizer_path or runs.tokenizer_path(clip_workdir))
+    # the params copied onto every device once; each batch split over the mesh
+    clip = sharding.from_host(FrozenCLIP(clip_cfg, run.params), sharding.replicated(mesh))
+
+    def encode(c, images, tokens):
+        text = c.encode_text(tokens)
+        return {"text_states": text["states"], "text_emb": text["emb"],
+                "image_emb": c.embed_images(images)}
+
+    rows = sharding.batch_sharding(mesh, 2)
+    encode = jax.jit(encode, out_shardings={"text_states": sharding.batch_sharding(mesh, 3),
+                                            "text_emb": rows, "image_emb": rows})
     if data_cfg is None:
-        data_cfg = _dataclass_from_dict(DataConfig, enc.run_cfg.get("data", {}))
-    data_cfg = dataclasses.replace(data_cfg, image_size=enc.cfg.image_size,
-                                   context_length=enc.cfg.context_length, num_workers=0)
+        data_cfg = run.config.data
+    data_cfg = dataclasses.replace(data_cfg, image_size=clip_cfg.image_size,
+                                   context_length=clip_cfg.context_length, num_workers=0)
     batches = input_pipeline.make_batches(data_cfg, split, batch_size=batch_size,
-                                          tokenizer=enc.tokenizer, train=False)
+                                          tokenizer=tokenizer, train=False)
     n_total = batches.num_examples
     num_shards = -(-n_total // shard_size)
     out_dir = Path(out_dir)
@@ -255,9 +123,9 @@ def cache_embeddings(clip_workdir: str | os.PathLike, data_cfg: DataConfig | Non
     main = sharding.is_main_process()
     if main:
         split_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"clip_workdir": str(Path(clip_workdir).absolute()), "clip_step": enc.step,
-            "embed_dim": enc.cfg.embed_dim, "context_length": enc.cfg.context_length,
-            "text_width": enc.cfg.text_width, "pad_id": enc.cfg.pad_id,
+    meta = {"clip_workdir": str(Path(clip_workdir).absolute()), "clip_step": run.step,
+            "embed_dim": clip_cfg.embed_dim, "context_length": clip_cfg.context_length,
+            "text_width": clip_cfg.text_width, "pad_id": clip_cfg.pad_id,
             "shard_size": shard_size,
             "dataset": data_cfg.name}
     split_info = {"count": n_total, "num_shards": num_shards}
@@ -286,7 +154,7 @@ def cache_embeddings(clip_workdir: str | os.PathLike, data_cfg: DataConfig | Non
                 if key in b:
                     host[key] = b[key].astype(np.int32)
             placed = sharding.shard_batch({"image": b["image"], "tokens": b["tokens"]}, mesh)
-            out = enc.encode_batch(placed["image"], placed["tokens"])
+            out = sharding.fetch(encode(clip, placed["image"], placed["tokens"]))
             host = sharding.gather_process_rows(host)           # every process's rows, in order
             keep = host.pop("mask")
             part = {"text_emb": out["text_emb"].astype(np.float32),
@@ -343,3 +211,20 @@ def load_split(out_dir: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
         raise ValueError(f"the cache of split {split!r} has {len(out['index'])} examples, "
                          f"meta.json says {info['count']}")
     return out
+
+
+def ensure_cache(cache_dir, clip_workdir: str, data_cfg, splits=("train",)) -> dict:
+    """Build the missing splits of the embedding cache ``cache_dir`` from ``clip_workdir`` (the
+    priors' and the decoder's ``model.embeddings_dir``); return its meta."""
+    for split in splits:
+        try:
+            load_split(cache_dir, split)
+            continue
+        except FileNotFoundError as e:
+            if not clip_workdir:
+                raise FileNotFoundError(f"{e}; or set model.clip_workdir so the prior builds "
+                                        f"the cache itself") from None
+        ensure_dataset(data_cfg)
+        print(f"caching CLIP embeddings of {data_cfg.name}/{split} → {cache_dir}", flush=True)
+        cache_embeddings(clip_workdir, data_cfg, split, cache_dir)
+    return read_meta(cache_dir)

@@ -39,6 +39,7 @@ import io
 import logging
 import threading
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -443,6 +444,53 @@ class MappedBatches:
         if name in ("state", "restore", "skipped_samples", "close"):
             return getattr(self.stream, name)
         raise AttributeError(name)
+
+
+class EmbeddingBatches:
+    """Training batches of in-memory arrays (the cached CLIP embeddings the priors train on),
+    the embedding counterpart of :class:`Batches`: batch ``i`` is a pure function of
+    ``(seed, i)``. Flat example ``k`` is row ``perm_e[k mod N]``, ``perm_e`` a fresh permutation
+    seeded by ``(seed, e)`` for epoch ``e = k // N``; process ``p`` of ``P`` takes its ``B/P``
+    rows of every global batch. ``position`` = batches produced so far (the data position a
+    checkpoint stores). ``keys``: the arrays batched (default all); float16 arrays (the
+    cache's token states) come out as float32. Placed on ``mesh`` when one is given."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, *, seed: int = 0,
+                 start: int = 0, mesh=None, keys: Sequence[str] | None = None):
+        keys = list(arrays) if keys is None else list(keys)
+        self.arrays = {k: arrays[k] for k in keys}
+        self.n = len(self.arrays[keys[0]])
+        pc = jax.process_count()
+        if batch_size % pc:
+            raise ValueError(f"batch size {batch_size} does not split over {pc} processes")
+        self.batch_size, self.local = batch_size, batch_size // pc
+        self.offset = jax.process_index() * self.local
+        self.seed, self.position, self.mesh = seed, int(start), mesh
+        self._perms: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 4:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+        return self._perms[epoch]
+
+    def batch(self, i: int) -> dict[str, np.ndarray]:
+        """This process's rows of global batch ``i``."""
+        flat = i * self.batch_size + self.offset + np.arange(self.local)
+        epochs, pos = np.divmod(flat, self.n)
+        idx = np.concatenate([self.permutation(int(e))[pos[epochs == e]]
+                              for e in np.unique(epochs)])
+        return {k: v[idx].astype(np.float32) if v.dtype == np.float16 else v[idx]
+                for k, v in self.arrays.items()}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = self.batch(self.position)
+        self.position += 1
+        return sharding.shard_batch(b, self.mesh) if self.mesh is not None else b
 
 
 # ----------------------------------------------------------------------------- shard streams

@@ -105,8 +105,7 @@ class Chain:
 def load_chain(workdir: str | os.PathLike = DEMO, decoder: str | os.PathLike | None = None
                ) -> Chain:
     """The CLIP, tokenizer and decoder of ``workdir`` (``decoder``: another decoder run)."""
-    from unclip_jax.embeddings import load_clip
-    from unclip_jax.models import decoder as D
+    from unclip_jax import runs
     from unclip_jax.text import Tokenizer
 
     workdir = Path(workdir)
@@ -115,8 +114,9 @@ def load_chain(workdir: str | os.PathLike = DEMO, decoder: str | os.PathLike | N
         if not p.exists():
             raise FileNotFoundError(f"{p} is missing; the ablations need the trained demo "
                                     f"chain (`make demo`) in {workdir}")
-    _, clip_params, clip_cfg = load_clip(workdir / "clip")
-    dec_params, dec_cfg = D.load_decoder(dec_dir, None)
+    clip = runs.load_clip(workdir / "clip")
+    clip_params, clip_cfg = clip.params, clip.config
+    dec_params, dec_cfg = runs.load_decoder(dec_dir, None)
     if dec_cfg.clip_dim != clip_cfg.embed_dim:
         raise ValueError(f"decoder {dec_dir} reads {dec_cfg.clip_dim}-d embeddings, the CLIP "
                          f"makes {clip_cfg.embed_dim}-d ones")
@@ -148,9 +148,9 @@ def prior_batches(chain: Chain, prompts: Sequence[str], seeds: Sequence[int], ba
     the diffusion prior's embeddings (``prior_settings`` override its sampling, e.g.
     ``num_candidates``), drawn once so every decoder setting of a sweep decodes the same ones.
     The prior's key is ``PRNGKey(1000·seed + b)``, the decoder's is the same number."""
-    from unclip_jax.models import prior as P
+    from unclip_jax import runs
 
-    sampler = P.load_sampler(chain.prior_workdir, **prior_settings)
+    sampler = runs.load_prior(chain.prior_workdir, **prior_settings)
     out = []
     for seed in seeds:
         for b, sl in enumerate(batches(len(prompts), batch)):

@@ -45,9 +45,9 @@ FAMILIES = {"unCLIP": "image+caption", "GLIDE": "caption"}
 
 
 def with_decoder(chain: common.Chain, workdir: str) -> common.Chain:
-    from unclip_jax.models import decoder as D
+    from unclip_jax import runs
 
-    params, cfg = D.load_decoder(workdir, None)
+    params, cfg = runs.load_decoder(workdir, None)
     return dataclasses.replace(chain, dec_cfg=cfg, dec_params=jax.tree.map(jnp.asarray, params),
                                decoder_workdir=Path(workdir))
 

@@ -35,15 +35,13 @@ BATCH = 32
 
 def embed_fns(chain, ar_dir: Path):
     """name -> fn(text_inputs, rng) -> [B, E] image embeddings (or None for caption-only)."""
-    from unclip_jax.models import prior as P
+    from unclip_jax import runs
 
     fns = {}
-    diffusion_prior = P.load_sampler(chain.prior_workdir)
+    diffusion_prior = runs.load_prior(chain.prior_workdir)
     fns["diffusion prior"] = lambda inp, rng: diffusion_prior(inp, rng)
     if common.trained(ar_dir):
-        from unclip_jax.models import prior_ar
-
-        ar = prior_ar.load_sampler(ar_dir)
+        ar = runs.load_prior_ar(ar_dir)
         fns["AR prior"] = lambda inp, rng: ar(inp, rng)
     fns["no prior (CLIP text emb)"] = lambda inp, rng: inp["text_emb"]
     return fns, diffusion_prior

@@ -31,7 +31,7 @@ def get_config() -> ExperimentConfig:
                           sample_method="ddim", guidance_scale=1.0, num_candidates=2,
                           dtype="bfloat16", scan_layers=True, remat="none",
                           clip_workdir="runs/paper/clip_vit_h16",
-                          cache_dir="runs/paper/embeddings"),
+                          embeddings_dir="runs/paper/embeddings"),
         data=DataConfig(name="image_captions/laion", image_size=256, vocab_size=49408,
                         context_length=77),
         optim=OptimConfig(learning_rate=1.1e-4, warmup_steps=10_000, b1=0.9, b2=0.96,

@@ -188,10 +188,10 @@ def upsampler_check(demo: Path, specs: list[str], num: int, upsampler: Path | No
     from unclip_jax import demo as demo_lib
     from unclip_jax import shapes
     from unclip_jax.eval import metrics
-    from unclip_jax.models import decoder as D
+    from unclip_jax import runs
     from unclip_jax.pipelines import unclip
 
-    params, cfg = D.load_upsampler(upsampler or demo / "upsampler")
+    params, cfg = runs.load_upsampler(upsampler or demo / "upsampler")
     scenes = demo_lib.held_out_scenes(num=num)
     prompts = [shapes.caption(s) for s in scenes]
     x = np.stack([shapes.render(s, cfg.low_res_size) for s in scenes]) / 127.5 - 1

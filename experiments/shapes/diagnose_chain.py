@@ -34,7 +34,7 @@ import numpy as np
 from unclip_jax import demo, shapes
 from unclip_jax.eval import metrics
 from unclip_jax.models import decoder as D
-from unclip_jax.models.clip import CLIP
+from unclip_jax.models.clip import FrozenCLIP
 from unclip_jax.pipelines import unclip as U
 
 BATCH = 16
@@ -94,8 +94,7 @@ def main(argv=None) -> dict:
         report("real 32 px → upsampler", batched(
             lambda i, x: upsample(params["upsamplers"], x, jax.random.PRNGKey(i)), x))
 
-    embed = jax.jit(D.clip_image_embedder(CLIP(model.clip), params["clip"],
-                                          dcfg.clip_image_size))
+    embed = jax.jit(FrozenCLIP(model.clip, params["clip"]).embed_images)
     tokens = jnp.asarray(model.tokenizer.encode(prompts, model.clip.context_length))
     sched = U.decoder_schedule(dcfg, dcfg.sample_steps)
 
@@ -103,7 +102,8 @@ def main(argv=None) -> dict:
     def decode(p, z, t, r, g):
         text = {}
         if dcfg.clip_text_width > 0:        # the caption's CLIP features; uncond: ""
-            text = {"clip_text": D.clip_text_encoder(CLIP(model.clip), p["clip"])(t),
+            text = {"clip_text": D.decoder_text_features(
+                        FrozenCLIP(model.clip, p["clip"]).encode_text(t)),
                     "uncond_clip_text": D.batched(p["empty_caption"], t.shape[0])}
         return U.decode(dcfg, p["decoder"], z, r, g, schedule=sched, tokens=t, **text)
 

@@ -10,7 +10,7 @@ from the caption's CLIP text features. Metrics against the cached true image emb
 * ``retr_colour_shape``: the same with colour and shape only (and the object count).
 
 Methods: the diffusion prior (``--prior``), the AR prior (``--prior-ar``, through
-``unclip_jax.models.prior_ar.load_sampler`` when that module and workdir exist), and the
+``unclip_jax.runs.load_prior_ar`` when that workdir exists), and the
 baseline that uses the CLIP *text* embedding itself as the image embedding.
 
     python experiments/shapes/eval_priors.py --cache runs/demo/embeddings \\
@@ -20,7 +20,6 @@ baseline that uses the CLIP *text* embedding itself as the image embedding.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from pathlib import Path
@@ -138,12 +137,12 @@ def main(argv=None) -> dict:
                                                "retr_colour_shape": float(oracle_cs.mean())}
 
     if args.prior:
-        from unclip_jax.models import prior
+        from unclip_jax import runs
 
         settings = {k: v for k, v in dict(guidance_scale=args.guidance_scale,
                                           num_candidates=args.num_candidates).items()
                     if v is not None}
-        sampler = prior.load_sampler(args.prior, **settings)
+        sampler = runs.load_prior(args.prior, **settings)
         t0 = time.perf_counter()
         pred = run_sampler(sampler, test, n, args.batch, args.seed)
         results["methods"]["diffusion_prior"] = dict(
@@ -152,17 +151,13 @@ def main(argv=None) -> dict:
                           guidance_scale=sampler.guidance_scale,
                           num_candidates=sampler.num_candidates))
     if args.prior_ar:
-        try:
-            prior_ar = importlib.import_module("unclip_jax.models.prior_ar")
-        except ModuleNotFoundError:
-            prior_ar = None
-        if prior_ar is None or not Path(args.prior_ar).is_dir():
+        if not Path(args.prior_ar).is_dir():
             results["methods"]["ar_prior"] = "not available (module or workdir missing)"
         else:
             settings = {k: v for k, v in dict(temperature=args.ar_temperature,
                                               num_candidates=args.ar_candidates).items()
                         if v is not None}
-            sampler = prior_ar.load_sampler(args.prior_ar, **settings)
+            sampler = runs.load_prior_ar(args.prior_ar, **settings)
             t0 = time.perf_counter()
             pred = run_sampler(sampler, test, n, args.batch, args.seed)
             results["methods"]["ar_prior"] = dict(score(pred, test, n, base_exact),

@@ -1,6 +1,6 @@
 """unCLIP diffusion prior on the demo CLIP's embeddings of 32 px shapes (CPU scale, ~minutes).
 
-Needs a trained CLIP (``model.clip_workdir``); the embedding cache (``model.cache_dir``) is
+Needs a trained CLIP (``model.clip_workdir``); the embedding cache (``model.embeddings_dir``) is
 built from it on first use. Train with
 ``unclip-jax train experiments/shapes/prior.py --workdir runs/demo/prior``.
 """
@@ -17,7 +17,7 @@ def get_config() -> ExperimentConfig:
         model=PriorConfig(width=64, depth=3, num_heads=4, cond_drop_prob=0.1,
                           normalization="scale", embed_scale=0.0, sample_steps=64,
                           guidance_scale=1.0, num_candidates=2, dtype="float32",
-                          clip_workdir="runs/demo/clip", cache_dir="runs/demo/embeddings"),
+                          clip_workdir="runs/demo/clip", embeddings_dir="runs/demo/embeddings"),
         data=DataConfig(name="captioned_shapes/r32", image_size=32, context_length=24),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100, weight_decay=0.05),
         train=TrainConfig(batch_size=64, steps=2000, log_every=250, eval_every=0,

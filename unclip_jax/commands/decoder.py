@@ -62,35 +62,32 @@ def _sample_decoder(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from unclip_jax import input_pipeline, shapes
-    from unclip_jax.config import DataConfig
+    from unclip_jax import input_pipeline, runs, shapes
     from unclip_jax.models import decoder as D
     from unclip_jax.text import Tokenizer
 
-    params, cfg = D.load_decoder(args.workdir, ema=False if args.raw_params else None)
-    run = json.loads((Path(args.workdir) / "config.json").read_text())
-    data_cfg = D._from_dict(DataConfig, run["data"])
+    run = runs.load_run(args.workdir, D.DecoderConfig, ema=False if args.raw_params else None)
+    params, cfg = jax.tree.map(jnp.asarray, run.params), run.model
+    data_cfg = run.config.data
     tok = Tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
     batch = input_pipeline.make_batches(data_cfg, "validation", batch_size=args.num,
                                         tokenizer=tok, train=False).local_numpy(
                                             0, captions=True)
-    clip_model, clip_params, _ = D.load_frozen_clip(cfg.clip_workdir)
-    emb = jax.jit(D.clip_image_embedder(clip_model, clip_params, cfg.clip_image_size))(
-        jnp.asarray(batch["image"]))
+    clip = runs.load_clip(cfg.clip_workdir)
+    emb = jax.jit(type(clip).embed_images)(clip, jnp.asarray(batch["image"]))
     rng = jax.random.PRNGKey(args.seed)
     text = {}
     if cfg.clip_text_width > 0:      # reads the frozen CLIP's text features; uncond: ""
-        encode = jax.jit(D.clip_text_encoder(clip_model, clip_params))
-        text = {"clip_text": encode(jnp.asarray(batch["tokens"])),
-                "uncond_clip_text": D.batched(D.empty_clip_text(encode, tok, cfg.context_length),
-                                              len(emb))}
+        text = {"clip_text": D.decoder_text_features(clip.encode_text(batch["tokens"])),
+                "uncond_clip_text": D.batched(D.empty_caption_features(
+                    clip, tok, cfg.context_length), len(emb))}
     out = D.sample_images(params, cfg, emb, batch.get("tokens") if cfg.use_text else None,
                           rng, guidance_scale=args.guidance, steps=args.steps,
                           method=args.method, eta=args.eta, **text)
     rows_ref, rows_out = [to_uint8(batch["image"])], [to_uint8(out)]
     if args.upsampler:
-        up_params, up_cfg = D.load_upsampler(args.upsampler,
-                                               ema=False if args.raw_params else None)
+        up_params, up_cfg = runs.load_upsampler(args.upsampler,
+                                                ema=False if args.raw_params else None)
         out = D.upsample_images(up_params, up_cfg, out, jax.random.fold_in(rng, 1),
                                 steps=args.upsampler_steps)
         ref = D.resize_to(jnp.asarray(batch["image"]), out.shape[1], "nearest")

@@ -8,12 +8,10 @@ from pathlib import Path
 def _embed(args) -> None:
     import dataclasses
 
-    from unclip_jax import embeddings
-    from unclip_jax.config import DataConfig
+    from unclip_jax import embeddings, runs
     from unclip_jax.train.tasks import ensure_dataset
 
-    run = embeddings.read_run_config(args.clip)
-    data = embeddings._dataclass_from_dict(DataConfig, run.get("data", {}))
+    data = runs.load_config(args.clip).data
     if args.data:
         data = dataclasses.replace(data, name=args.data)
     if args.data_dir:
@@ -31,8 +29,8 @@ def _sample_prior(args) -> None:
     import jax
     import numpy as np
 
-    from unclip_jax import embeddings
-    from unclip_jax.models import prior
+    from unclip_jax import runs
+    from unclip_jax.text import Tokenizer
 
     captions = list(args.caption)
     if args.captions_file:
@@ -43,11 +41,16 @@ def _sample_prior(args) -> None:
     settings = {k: v for k, v in dict(sample_steps=args.steps, guidance_scale=args.guidance_scale,
                                       num_candidates=args.num_candidates, eta=args.eta).items()
                 if v is not None}
-    sampler = prior.load_sampler(args.workdir, **settings)
+    sampler = runs.load_prior(args.workdir, **settings)
     clip = args.clip or sampler.cfg.clip_workdir
     if not clip:
         raise ValueError("the prior's config names no CLIP workdir; pass --clip")
-    inputs = embeddings.ClipEncoder(clip).captions(captions)
+    frozen = runs.load_clip(clip)
+    tokens = Tokenizer.load(runs.tokenizer_path(clip)).encode(captions,
+                                                              frozen.config.context_length)
+    text = jax.jit(type(frozen).encode_text)(frozen, tokens)
+    inputs = {"text_emb": np.asarray(text["emb"]), "text_states": np.asarray(text["states"]),
+              "text_tokens": np.asarray(tokens, np.int32)}
     emb = np.asarray(sampler(inputs, jax.random.PRNGKey(args.seed)))
     if jax.process_index() == 0:            # several processes: one writer
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -409,7 +409,7 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike,
                        **options) -> Path:
     """The ``unclip-jax convert clip`` entry point (every converter has this signature): read
     (:func:`unclip_jax.convert.read_state_dict`: ``.npz``, ``.safetensors``, torch files),
-    convert, and write a workdir that :func:`unclip_jax.embeddings.load_clip` reads."""
+    convert, and write a workdir that :func:`unclip_jax.runs.load_clip` reads."""
     from unclip_jax.convert import read_state_dict
 
     cfg, params = convert(read_state_dict(source), **options)

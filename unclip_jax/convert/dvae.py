@@ -334,7 +334,7 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     """Load, convert and save: the whole ``unclip-jax convert dvae`` job.
 
     ``source``/``decoder`` as in :func:`load_state_dicts`. Writes a workdir that
-    :func:`unclip_jax.models.dalle.load_dvae` (and a DALL·E config's ``dvae_workdir``) reads.
+    :func:`unclip_jax.runs.load_dvae` (and a DALL·E config's ``dvae_workdir``) reads.
     """
     from unclip_jax.convert import save_workdir
 

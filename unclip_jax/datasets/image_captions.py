@@ -49,7 +49,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds

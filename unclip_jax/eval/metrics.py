@@ -49,7 +49,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax import sharding
@@ -222,18 +221,13 @@ def batched_apply(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _clip_fns(cfg):
-    from unclip_jax.models.clip import CLIP
-
-    model = CLIP(cfg)
-    size = cfg.image_size
+    from unclip_jax.models.clip import FrozenCLIP
 
     def image_fn(params, x):
-        if x.shape[1:3] != (size, size):
-            x = jax.image.resize(x, (x.shape[0], size, size, 3), method="linear")
-        return model.apply({"params": params}, x, method=CLIP.encode_image)
+        return FrozenCLIP(cfg, params).embed_images(x)
 
     def text_fn(params, tokens):
-        return model.apply({"params": params}, tokens, method=CLIP.encode_text)
+        return FrozenCLIP(cfg, params).encode_text(tokens)["emb"]
 
     return jax.jit(image_fn), jax.jit(text_fn)
 
@@ -254,12 +248,12 @@ class ClipFeatures:
     def from_workdir(cls, clip_workdir: str | os.PathLike, tokenizer_path=None,
                      batch_size: int = 64) -> "ClipFeatures":
         """The CLIP of a training run (EMA params where kept) with its tokenizer."""
-        from unclip_jax.embeddings import clip_tokenizer_path, load_clip
+        from unclip_jax import runs
         from unclip_jax.text import Tokenizer
 
-        _, params, cfg = load_clip(clip_workdir)
-        tok = Tokenizer.load(tokenizer_path or clip_tokenizer_path(clip_workdir))
-        return cls(cfg, jax.tree.map(jnp.asarray, params), tok, batch_size)
+        clip = runs.load_clip(clip_workdir)
+        tok = Tokenizer.load(tokenizer_path or runs.tokenizer_path(clip_workdir))
+        return cls(clip.config, clip.params, tok, batch_size)
 
     @classmethod
     def from_unclip(cls, unclip, batch_size: int = 64) -> "ClipFeatures":

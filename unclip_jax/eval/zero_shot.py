@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax import sharding
+from unclip_jax.models.clip import FrozenCLIP
 
 Template = str | Callable[[str], str]
 
@@ -40,7 +41,7 @@ def _batched(fn: Callable[[jax.Array], jax.Array], x: np.ndarray, batch_size: in
 
 def encode_texts(model, params, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """``[N, L]`` tokens → ``[N, E]`` unit-norm text embeddings (jitted, batched)."""
-    fn = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
+    fn = jax.jit(lambda p, t: FrozenCLIP(model.config, p).encode_text(t)["emb"])
     return _batched(functools.partial(fn, params), np.asarray(tokens, np.int32), batch_size)
 
 
@@ -49,7 +50,7 @@ def encode_images(model, params, images: np.ndarray, batch_size: int = 256) -> n
 
     ``params`` is the ``params`` collection (passed as an argument, not baked into the jit).
     """
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
+    fn = jax.jit(lambda p, x: FrozenCLIP(model.config, p).embed_images(x))
     return _batched(functools.partial(fn, params), np.asarray(images, np.float32), batch_size)
 
 

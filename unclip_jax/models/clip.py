@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from unclip_jax import sharding
@@ -271,3 +273,51 @@ def loss_fn(model: CLIP, params, batch: dict, rng: jax.Array | None = None):
         tokens = batch["tokens"]
         same = jnp.all(tokens[:, None, :] == tokens[None, :, :], axis=-1)
     return contrastive_loss(img, txt, scale, same=same)
+
+
+# ----------------------------------------------------------------------------- frozen CLIP
+
+
+@struct.dataclass
+class FrozenCLIP:
+    """A trained CLIP as the fixed feature extractor every other model reads: the one adapter
+    behind the decoder's conditioning, the embedding cache, CLIP score / FD_CLIP, zero-shot
+    evaluation and the pipelines (shapes and converted Karlo weights alike).
+
+    A pytree (params are leaves, the config is static), so it can be passed into ``jax.jit``
+    as an argument or closed over. Gradients never flow into it (``stop_gradient``).
+    Load a trained run's with :func:`unclip_jax.runs.load_clip`."""
+
+    config: CLIPConfig = struct.field(pytree_node=False)
+    params: Any
+
+    @property
+    def module(self) -> CLIP:
+        return CLIP(self.config)
+
+    def embed_images(self, images: jax.Array, normalize: bool = True) -> jax.Array:
+        """``[B, H, W, 3]`` in [-1, 1] → ``[B, E]`` unit-norm float32 (``normalize=False``:
+        the projected feature before normalisation, what Karlo's decoder reads); images of
+        another size are resized (bilinear, antialiased when shrinking) to the CLIP's
+        resolution."""
+        s = self.config.image_size
+        images = jnp.asarray(images, jnp.float32)
+        if images.shape[1:3] != (s, s):
+            images = jax.image.resize(images, (images.shape[0], s, s, images.shape[3]),
+                                      method="linear")
+        feat = self.module.apply({"params": self.params}, images,
+                                 method=lambda m, x: m.visual(x)[1])
+        return jax.lax.stop_gradient(_normalize(feat) if normalize else feat.astype(jnp.float32))
+
+    def encode_text(self, tokens: jax.Array) -> dict[str, jax.Array]:
+        """``[B, L]`` int32 → ``{"emb": [B, E]`` unit norm, ``"raw": [B, E]`` the projected EOS
+        feature before normalisation (Karlo's ``text_embeds``), ``"states": [B, L, W]`` the
+        final-LN token states, ``"valid": [B, L]`` positions up to each row's first EOS}``,
+        float32 (bool for ``valid``)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        states, raw = self.module.apply({"params": self.params}, tokens,
+                                        method=lambda m, t: m.text(t))
+        last = eos_positions(tokens, self.config.eos_id, self.config.pad_id)
+        valid = jnp.arange(tokens.shape[1])[None] <= last[:, None]
+        return jax.lax.stop_gradient({"emb": _normalize(raw), "raw": raw.astype(jnp.float32),
+                                      "states": states.astype(jnp.float32), "valid": valid})

@@ -61,7 +61,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -80,8 +79,8 @@ MASK_KINDS = ("full", "row", "column", "conv")
 @dataclasses.dataclass(frozen=True)
 class DalleConfig:
     """Sizes of the DALL·E transformer. ``text_vocab_size``, ``image_vocab_size``,
-    ``text_length`` and ``grid_size`` are set by :func:`make_task` from the tokenizer, the dVAE
-    and the data config (paper: 16384, 8192, 256, 32)."""
+    ``text_length`` and ``grid_size`` are set by the DALL·E task (``train/tasks/dalle.py``)
+    from the tokenizer, the dVAE and the data config (paper: 16384, 8192, 256, 32)."""
 
     text_vocab_size: int = 512      # V_text (tokenizer)
     image_vocab_size: int = 512     # K (dVAE codes)
@@ -364,112 +363,7 @@ def sample_uncached(cfg: DalleConfig, params, text: jax.Array, rng: jax.Array, *
 # ----------------------------------------------------------------------------- loading
 
 
-def _from_dict(cls, d: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
-                  if k in names})
-
-
-def load_dvae(workdir: str | Path):
-    """``(DVAE module, params)`` of a trained dVAE run (its ``config.json`` + checkpoint)."""
-    from unclip_jax.embeddings import read_run_config, restore_run_params
-    from unclip_jax.models.dvae import DVAE, DVAEConfig
-
-    run = read_run_config(workdir)
-    if run.get("model", {}).get("__type__") not in (None, "DVAEConfig"):
-        raise ValueError(f"{str(workdir)!r} holds a {run['model'].get('__type__')} run, not a "
-                         "dVAE (model.__type__ should be DVAEConfig)")
-    params, _ = restore_run_params(workdir, run)
-    return DVAE(_from_dict(DVAEConfig, run["model"])), params
-
-
-def load(workdir: str | Path):
-    """A trained DALL·E run: ``(DalleConfig, params, tokenizer, dvae_module, dvae_params)``
-    (EMA params when the run kept them; the dVAE the run was trained with)."""
-    from unclip_jax.embeddings import read_run_config, restore_run_params
-    from unclip_jax.text import Tokenizer
-
-    run = read_run_config(workdir)
-    if run.get("model", {}).get("__type__") != "DalleConfig":
-        raise ValueError(f"{str(workdir)!r} is not a DALL·E run (model.__type__ is "
-                         f"{run.get('model', {}).get('__type__')!r}, expected DalleConfig)")
-    cfg = _from_dict(DalleConfig, run["model"])
-    params, _ = restore_run_params(workdir, run)
-    tok_path = run.get("data", {}).get("tokenizer") or str(Path(workdir) / "tokenizer.model")
-    dvae_model, dvae_params = load_dvae(cfg.dvae_workdir)
-    return cfg, params, Tokenizer.load(tok_path), dvae_model, dvae_params
-
-
 # ----------------------------------------------------------------------------- training task
-
-
-def make_task(cfg, workdir: str | Path):
-    """The "dalle" task: text from the tokenizer, images → codes of the frozen
-    ``model.dvae_workdir`` dVAE. The evaluation reports validation losses and, on captioned
-    shapes, the judged colour+shape accuracy of samples (temperature 1, no reranking) for
-    held-out single-object test prompts."""
-    from unclip_jax import input_pipeline
-    from unclip_jax.models import dvae as dvae_lib
-    from unclip_jax.train.loop import Task
-    from unclip_jax.train.tasks import ensure_dataset, ensure_tokenizer
-
-    ensure_dataset(cfg.data)
-    tok = ensure_tokenizer(cfg.data, workdir)
-    dvae_model, dvae_params = load_dvae(cfg.model.dvae_workdir)
-    dcfg = dvae_model.config
-    if dcfg.image_size != cfg.data.image_size:
-        raise ValueError(f"the dVAE at {cfg.model.dvae_workdir!r} was trained on "
-                         f"{dcfg.image_size} px images but data.image_size is "
-                         f"{cfg.data.image_size}; set data.image_size={dcfg.image_size}")
-    mcfg = dataclasses.replace(cfg.model, text_vocab_size=tok.vocab_size,
-                               image_vocab_size=dcfg.vocab_size, grid_size=dcfg.grid_size,
-                               text_length=cfg.data.context_length, pad_id=tok.pad_id)
-    layer_kinds(mcfg)
-    attention_mask("full", 1, mcfg.grid_size, mcfg.conv_kernel)   # config errors, early
-    cfg = dataclasses.replace(cfg, model=mcfg)
-    model = DalleTransformer(mcfg)
-    # The frozen dVAE encodes each process's own rows on that process's devices: a
-    # process-local program (under the run's mesh its logical constraints would make it a
-    # global one, fed different rows by every process).
-    local = sharding.local_mesh()
-    local_params = sharding.from_host(dvae_params, sharding.replicated(local))
-    encode = dvae_lib.jit(lambda p, images: dvae_lib.encode(dvae_model, p, images))
-
-    def to_codes(position, raw):
-        """Text tokens and the frozen dVAE's codes of the images."""
-        with jax.set_mesh(local):
-            codes = np.asarray(encode(local_params, raw["image"]))
-        return {"text": np.asarray(raw["tokens"], np.int32),
-                "image_tokens": codes.reshape(len(codes), -1).astype(np.int32)}
-
-    def batches(start, mesh):
-        raw = input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
-                                          tokenizer=tok, train=True, start=start)
-        return input_pipeline.MappedBatches(raw, to_codes, mesh)
-
-    def evaluate(state, step) -> dict:
-        params = state.ema_params if cfg.train.ema_decay > 0 else state.params
-        # every process reads the whole batch (one replicated input); results gathered whole
-        val = input_pipeline.MappedBatches(input_pipeline.make_batches(
-            cfg.data, "validation", batch_size=cfg.train.batch_size, tokenizer=tok,
-            train=False, process_index=0, process_count=1), to_codes)
-        loss = jax.jit(lambda p, b: loss_fn(model, p, b)[1])
-        parts = [sharding.fetch(loss(params, b)) for _, b in zip(range(4), val)]
-        out = {f"val_{k}": float(np.mean([p[k] for p in parts]))
-               for k in ("text_loss", "image_loss", "image_accuracy")}
-        if cfg.data.name.startswith("captioned_shapes"):
-            out.update(shapes_accuracy(mcfg, params, tok, dvae_model, dvae_params,
-                                       num_prompts=32, seed=step))
-        return out
-
-    task = Task(
-        init=lambda rng, b: model.init(rng, stream(mcfg, b["text"], b["image_tokens"])[:, :-1]),
-        loss=lambda params, batch, rng: loss_fn(model, params, batch, rng),
-        batches=batches,
-        example=dummy_inputs(mcfg, cfg.train.batch_size),
-        evaluate=evaluate,
-    )
-    return cfg, task
 
 
 def heldout_prompts(num_prompts: int, seed: int = 0) -> list[str]:

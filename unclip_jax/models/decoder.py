@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -687,209 +685,31 @@ def upsample_images(params, cfg: UpsamplerConfig, low_res: jax.Array,
     return sampler(params, {"low_res": low_res}, None, rng, eta=eta, x_T=x_T)
 
 
-# ============================================================================ loading
+# ============================================================================ frozen CLIP text
 
 
-def _from_dict(cls, d: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
-                  if k in names})
+def decoder_text_features(text: dict) -> dict:
+    """A frozen CLIP's caption features (:meth:`unclip_jax.models.clip.FrozenCLIP.encode_text`)
+    as a ``clip_text_width > 0`` decoder (Karlo) reads them: ``{"emb": [B, E]`` the projected
+    EOS feature before normalisation, ``"states": [B, L, W]``, ``"valid": [B, L]}``."""
+    return {"emb": text["raw"], "states": text["states"], "valid": text["valid"]}
 
 
-def _restore(workdir: str | Path, expected: str, ema: bool | None = None):
-    from unclip_jax.train.checkpoint import Checkpointer
-
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist: {str(workdir)!r} is not the "
-                                f"workdir of a {expected} training run")
-    run = json.loads(path.read_text())
-    model = run.get("model", {})
-    if model.get("__type__") != expected:
-        raise ValueError(f"{str(workdir)!r} holds a {model.get('__type__')} run, not a "
-                         f"{expected}")
-    ckpt = Checkpointer(workdir, async_save=False)
-    has_ema = run.get("train", {}).get("ema_decay", 0) > 0
-    if ema and not has_ema:
-        raise ValueError(f"{str(workdir)!r} kept no EMA params (train.ema_decay = 0)")
-    which = "ema_params" if (has_ema if ema is None else ema) else "params"
-    params = ckpt.restore_params(which=which)
-    ckpt.close()
-    cls = DecoderConfig if expected == "DecoderConfig" else UpsamplerConfig
-    return jax.tree.map(jnp.asarray, params), _from_dict(cls, model)
-
-
-def load_decoder(workdir: str | Path, ema: bool | None = None) -> tuple[Any, DecoderConfig]:
-    """``(params, DecoderConfig)`` of the latest checkpoint of a decoder run (``ema``: None =
-    the EMA params when the run kept them; True/False force EMA/raw params)."""
-    return _restore(workdir, "DecoderConfig", ema)
-
-
-def load_upsampler(workdir: str | Path, ema: bool | None = None) -> tuple[Any, UpsamplerConfig]:
-    """``(params, UpsamplerConfig)`` of the latest checkpoint of an upsampler run."""
-    return _restore(workdir, "UpsamplerConfig", ema)
-
-
-def load_frozen_clip(clip_workdir: str | Path):
-    """``(CLIP module, params, CLIPConfig)`` of a trained CLIP run."""
-    if not clip_workdir:
-        raise ValueError("model.clip_workdir is empty: the decoder needs a trained CLIP run "
-                         "(e.g. --set model.clip_workdir=runs/demo/clip)")
-    from unclip_jax.embeddings import load_clip
-
-    model, params, clip_cfg = load_clip(clip_workdir)
-    return model, jax.tree.map(jnp.asarray, params), clip_cfg
-
-
-def clip_image_embedder(clip_model, clip_params, clip_image_size: int):
-    """``images [B, S, S, 3] in [-1, 1] -> [B, E]`` unit-norm, frozen (stop-gradient); images
-    are resized (antialiased) to CLIP's resolution when it differs."""
-    def embed(images):
-        images = resize_to(images.astype(jnp.float32), clip_image_size)
-        emb = clip_model.apply({"params": clip_params}, images, method="encode_image")
-        return jax.lax.stop_gradient(emb)
-
-    return embed
-
-
-def clip_text_encoder(clip_model, clip_params):
-    """``tokens [B, L] -> {"emb": [B, E] raw, "states": [B, L, W], "valid": [B, L]}``: a frozen
-    CLIP text tower's features as a ``clip_text_width > 0`` decoder reads them (the projected
-    EOS feature before normalisation, the final-LN token states, positions up to the first
-    EOS), stop-gradient."""
-    from unclip_jax.models.clip import eos_positions
-
-    cfg = clip_model.config
-
-    def encode(tokens):
-        states, raw = clip_model.apply({"params": clip_params}, tokens,
-                                       method=lambda m, t: m.text(t))
-        last = eos_positions(tokens, cfg.eos_id, cfg.pad_id)
-        valid = jnp.arange(tokens.shape[1])[None] <= last[:, None]
-        return jax.lax.stop_gradient({"emb": raw.astype(jnp.float32),
-                                      "states": states.astype(jnp.float32), "valid": valid})
-
-    return encode
-
-
-def empty_clip_text(encode, tokenizer, context_length: int) -> dict:
-    """The empty caption's features from a :func:`clip_text_encoder`, unbatched: the null of
-    a ``clip_text_width > 0`` decoder."""
-    return jax.tree.map(lambda x: x[0], encode(jnp.asarray(
-        tokenizer.encode([""], context_length))))
-
-
-# ============================================================================ tasks
-
-
-def make_task(cfg, workdir):
-    """The decoder's training task (registered as "decoder")."""
-    from unclip_jax import input_pipeline
-    from unclip_jax.train.loop import Task
-    from unclip_jax.train.tasks import ensure_dataset, ensure_tokenizer
-
-    mcfg: DecoderConfig = cfg.model
-    clip_model, clip_params, clip_cfg = load_frozen_clip(mcfg.clip_workdir)
-    ensure_dataset(cfg.data)
-    tok = ensure_tokenizer(cfg.data, workdir)
-    mcfg = dataclasses.replace(
-        mcfg, image_size=cfg.data.image_size, clip_dim=clip_cfg.embed_dim,
-        clip_image_size=clip_cfg.image_size, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
-        context_length=cfg.data.context_length,
-        clip_text_width=clip_cfg.text_width if mcfg.clip_text_width > 0 else 0)
-    if mcfg.clip_text_width > 0 and cfg.data.context_length != clip_cfg.context_length:
-        raise ValueError(f"data.context_length {cfg.data.context_length} differs from the "
-                         f"CLIP's context_length {clip_cfg.context_length}; a decoder reading "
-                         f"CLIP text features needs the CLIP's")
-    check_decoder_config(mcfg)
-    cfg = dataclasses.replace(cfg, model=mcfg)
-    embed = clip_image_embedder(clip_model, clip_params, mcfg.clip_image_size)
-    text_null = None
-    if mcfg.clip_text_width > 0:
-        encode_text = clip_text_encoder(clip_model, clip_params)
-        text_null = empty_clip_text(encode_text, tok, mcfg.context_length)
-    rows = None
-    if mcfg.embeddings_dir:
-        rows = {"image_emb": cached_image_embeddings(mcfg.embeddings_dir, mcfg.clip_workdir,
-                                                     cfg.data)}
-
-    def loss(params, batch, rng):
-        tokens = batch["tokens"] if mcfg.use_text else None
-        clip_text = encode_text(batch["tokens"]) if text_null is not None else None
-        image_emb = batch["image_emb"] if rows is not None else embed(batch["image"])
-        return decoder_loss(params, mcfg, batch["image"], image_emb, tokens, rng,
-                            clip_text, text_null)
-
-    def batches(start, mesh):
-        return input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
-                                           tokenizer=tok, mesh=mesh, train=True, start=start,
-                                           row_features=rows)
-
-    b, s = cfg.train.batch_size, mcfg.image_size
-    example = {"image": np.zeros((b, s, s, 3), np.float32),
-               "tokens": np.zeros((b, mcfg.context_length), np.int32)}
-    if rows is not None:
-        example["image_emb"] = np.zeros((b, mcfg.clip_dim), np.float32)
-    task = Task(init=lambda rng, batch: init_decoder(mcfg, rng, 1), loss=loss,
-                batches=batches, example=example)
-    return cfg, task
-
-
-def cached_image_embeddings(embeddings_dir: str, clip_workdir: str, data_cfg) -> np.ndarray:
-    """``[N, E]`` float32 CLIP image embeddings of the training split, row ``k`` that of source
-    example ``k``, from the embedding cache (built from ``clip_workdir`` when missing, as the
-    prior does). The cache must come from the decoder's own CLIP and dataset, and the images
-    must reach the decoder unaugmented (the cached embedding is that of the stored image)."""
-    from unclip_jax.models.prior import ensure_cache
-
-    if data_cfg.random_crop or data_cfg.colour_drop:
-        raise ValueError("model.embeddings_dir holds the embeddings of the stored images, but "
-                         "data.random_crop / data.colour_drop change the images the decoder "
-                         "sees; accepted: both off, or embeddings_dir='' (embed every batch)")
-    meta = ensure_cache(embeddings_dir, clip_workdir, data_cfg, ("train",))
-    if Path(meta["clip_workdir"]).resolve() != Path(clip_workdir).resolve():
-        raise ValueError(f"the embedding cache {embeddings_dir!r} was made by the CLIP "
-                         f"{meta['clip_workdir']!r}, the decoder is conditioned on "
-                         f"{clip_workdir!r}; accepted: a cache of model.clip_workdir's CLIP")
-    if meta.get("dataset", data_cfg.name) != data_cfg.name:
-        raise ValueError(f"the embedding cache {embeddings_dir!r} holds {meta['dataset']!r}, "
-                         f"the decoder trains on {data_cfg.name!r}")
-    from unclip_jax import embeddings
-
-    return embeddings.load_split(embeddings_dir, "train")["image_emb"].astype(np.float32)
-
-
-def make_upsampler_task(cfg, workdir):
-    """The upsampler's training task (registered as "upsampler")."""
-    from unclip_jax import input_pipeline
-    from unclip_jax.train.loop import Task
-    from unclip_jax.train.tasks import ensure_dataset
-
-    mcfg: UpsamplerConfig = dataclasses.replace(cfg.model, image_size=cfg.data.image_size)
-    check_upsampler_config(mcfg)
-    cfg = dataclasses.replace(cfg, model=mcfg)
-    ensure_dataset(cfg.data)
-
-    def batches(start, mesh):
-        return input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
-                                           mesh=mesh, train=True, start=start)
-
-    s = mcfg.image_size
-    example = {"image": np.zeros((cfg.train.batch_size, s, s, 3), np.float32)}
-    task = Task(init=lambda rng, batch: init_upsampler(mcfg, rng, 1),
-                loss=lambda params, batch, rng: upsampler_loss(params, mcfg, batch["image"], rng),
-                batches=batches, example=example)
-    return cfg, task
+def empty_caption_features(clip, tokenizer, context_length: int) -> dict:
+    """The empty caption's :func:`decoder_text_features`, unbatched: the unconditional text
+    input of a ``clip_text_width > 0`` decoder (it has no learned null text)."""
+    tokens = jnp.asarray(tokenizer.encode([""], context_length))
+    return jax.tree.map(lambda x: x[0], decoder_text_features(clip.encode_text(tokens)))
 
 
 __all__ = [
     "AUGMENTATIONS", "Decoder", "DecoderConfig", "Upsampler", "UpsamplerConfig",
-    "augment_low_res", "box_downsample", "bsr_degrade", "cached_image_embeddings",
+    "augment_low_res", "box_downsample", "bsr_degrade",
     "check_decoder_config", "check_upsampler_config",
-    "clip_image_embedder", "clip_text_encoder", "decoder_loss", "empty_clip_text",
+    "decoder_loss", "decoder_text_features", "empty_caption_features",
     "encode_caption", "gaussian_blur", "init_decoder",
-    "init_upsampler", "jpeg_like", "load_decoder", "load_frozen_clip", "load_upsampler",
-    "make_cond", "make_denoiser", "make_task", "make_upsampler_denoiser",
-    "make_upsampler_task", "null_cond", "random_crops", "sample_images", "upsample_images",
+    "init_upsampler", "jpeg_like",
+    "make_cond", "make_denoiser", "make_upsampler_denoiser",
+    "null_cond", "random_crops", "sample_images", "upsample_images",
     "upsampler_loss",
 ]

@@ -35,14 +35,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import input_pipeline, sharding
 from unclip_jax.nn.layers import conv_general_dilated
 from unclip_jax.nn.layers import dtype as to_dtype
 
@@ -453,70 +451,3 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
     return np.clip(np.round((grid + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
-def make_task(cfg, workdir):
-    """``(cfg, Task)`` training the dVAE on ``cfg.data``'s images (no tokenizer).
-
-    The evaluation reconstructs validation images with argmax codes (up to 8 batches) and
-    reports ``mse``/``psnr`` on [0, 1] pixels (PSNR of the pooled MSE), and codebook usage over
-    all those cells: ``code_perplexity`` (exp entropy of the token histogram) and
-    ``used_fraction`` (codes used at least once / K). It also writes ``recon_<step>.png``
-    (originals above reconstructions) into the workdir.
-    """
-    from PIL import Image
-
-    from unclip_jax.train.loop import Task
-    from unclip_jax.train.tasks import ensure_dataset
-
-    ensure_dataset(cfg.data)
-    model_cfg = dataclasses.replace(cfg.model, image_size=cfg.data.image_size)
-    grid_size(model_cfg.image_size, model_cfg.num_groups)
-    tau_at(0, model_cfg), beta_at(0, model_cfg)            # schedule names fail here, early
-    pixel_log_prob(jnp.full((1, 3), 0.5), jnp.zeros((1, 6)), model_cfg)    # likelihood too
-    cfg = dataclasses.replace(cfg, model=model_cfg)
-    model = DVAE(model_cfg)
-    workdir = Path(workdir)
-
-    def batches(start, mesh):
-        stream = input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
-                                             train=True, start=start)
-        return input_pipeline.MappedBatches(stream, with_step, mesh)
-
-    @jit
-    def reconstruct(params, images):
-        tokens = encode(model, params, images)
-        return tokens, decode(model, params, tokens)
-
-    def evaluate(state, step) -> dict:
-        params = state.ema_params if cfg.train.ema_decay > 0 else state.params
-        # every process reads the whole batch (one replicated input); results gathered whole
-        val = input_pipeline.make_batches(cfg.data, "validation",
-                                          batch_size=cfg.train.batch_size, train=False,
-                                          process_index=0, process_count=1)
-        sq_err, n_values = 0.0, 0
-        counts = np.zeros(model_cfg.vocab_size, np.int64)
-        first = None
-        for _, b in zip(range(8), val):
-            keep = np.asarray(b["mask"])
-            tokens, recon = sharding.fetch(reconstruct(params, b["image"]))
-            orig01, recon01 = (b["image"][keep] + 1) / 2, (recon[keep] + 1) / 2
-            sq_err += float(np.sum(np.square(recon01 - orig01, dtype=np.float64)))
-            n_values += orig01.size
-            counts += np.bincount(tokens[keep].ravel(), minlength=model_cfg.vocab_size)
-            if first is None:
-                first = (b["image"][:8], recon[:8])
-        mse = sq_err / max(n_values, 1)
-        p = counts / max(counts.sum(), 1)
-        entropy = -float(np.sum(p[p > 0] * np.log(p[p > 0])))
-        if first is not None and jax.process_index() == 0:
-            Image.fromarray(image_grid(list(first))).save(workdir / f"recon_{step}.png")
-        return {"mse": mse, "psnr": float(psnr(mse)), "code_perplexity": math.exp(entropy),
-                "used_fraction": float(np.mean(counts > 0))}
-
-    task = Task(
-        init=lambda rng, b: model.init(rng, b["image"]),
-        loss=lambda params, batch, rng: loss_fn(model, params, batch, rng),
-        batches=batches,
-        example=dummy_inputs(model_cfg, cfg.train.batch_size),
-        evaluate=evaluate,
-    )
-    return cfg, task

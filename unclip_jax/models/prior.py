@@ -44,15 +44,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from unclip_jax import diffusion, sharding
+from unclip_jax import diffusion
 from unclip_jax.nn.attention import padding_mask
 from unclip_jax.nn.layers import dtype as to_dtype
 from unclip_jax.nn.layers import layer_norm
@@ -66,7 +63,7 @@ BATCH_KEYS = ("image_emb", "text_emb", "text_states", "text_tokens")
 @dataclasses.dataclass(frozen=True)
 class PriorConfig:
     """The diffusion prior. ``embed_dim``/``text_width``/``context_length``/``pad_id`` follow the
-    CLIP (filled in from the embedding cache by :func:`make_task`)."""
+    CLIP (filled in from the embedding cache by the prior task, ``train/tasks/prior.py``)."""
 
     embed_dim: int = 64                  # E, CLIP joint embedding
     text_width: int = 64                 # W, CLIP text tower width (token states)
@@ -101,7 +98,9 @@ class PriorConfig:
     scan_layers: bool = False
     remat: str = "none"
     clip_workdir: str = ""               # the frozen CLIP (to build the cache when missing)
-    cache_dir: str = ""                  # embedding cache ("" = <workdir>/embeddings)
+    embeddings_dir: str = ""             # embedding cache ("" = <workdir>/embeddings)
+
+    RENAMED = {"cache_dir": "embeddings_dir"}     # old spelling, read with a deprecation
 
 
 # ----------------------------------------------------------------------------- embedding space
@@ -117,7 +116,7 @@ def _stats(cfg: PriorConfig):
     if len(cfg.embed_mean) != cfg.embed_dim or len(cfg.embed_std) != cfg.embed_dim:
         raise ValueError(f"normalization='standardize' needs embed_mean and embed_std of "
                          f"length embed_dim={cfg.embed_dim} (got {len(cfg.embed_mean)} and "
-                         f"{len(cfg.embed_std)}); make_task computes them from the cache")
+                         f"{len(cfg.embed_std)}); the prior task computes them from the cache")
     return jnp.asarray(cfg.embed_mean, jnp.float32), jnp.asarray(cfg.embed_std, jnp.float32)
 
 
@@ -353,144 +352,6 @@ class PriorSampler:
         return rerank(emb.reshape(k, b, -1), cond["text_emb"])
 
 
-def config_from_dict(d: dict) -> PriorConfig:
-    names = {f.name for f in dataclasses.fields(PriorConfig)}
-    return PriorConfig(**{k: tuple(v) if isinstance(v, list) else v
-                          for k, v in d.items() if k in names})
-
-
-def load_sampler(workdir: str | os.PathLike, **settings) -> PriorSampler:
-    """The sampler of a trained prior run: ``fn(inputs, rng) -> image_emb [B, E]``.
-
-    ``settings``: ``sample_steps``, ``sample_method``, ``eta``, ``guidance_scale``,
-    ``num_candidates``, ``renormalize`` (defaults from the run's config). EMA params are
-    used when the run kept them.
-    """
-    from unclip_jax.embeddings import read_run_config, restore_run_params
-
-    run_cfg = read_run_config(workdir)
-    if run_cfg.get("model", {}).get("__type__") != "PriorConfig":
-        raise ValueError(f"{str(workdir)!r} holds a {run_cfg.get('model', {}).get('__type__')} "
-                         f"run, not a diffusion prior (PriorConfig)")
-    cfg = config_from_dict(run_cfg["model"])
-    params, _ = restore_run_params(workdir, run_cfg)
-    return PriorSampler(DiffusionPrior(cfg), params, **settings)
-
-
 # ----------------------------------------------------------------------------- training task
 
 
-class EmbeddingBatches:
-    """Training batches from cached arrays; batch ``i`` is a pure function of ``(seed, i)``.
-
-    Flat example ``k`` is row ``perm_e[k mod N]`` with ``perm_e`` a fresh seeded permutation
-    per epoch ``e = k // N`` (as in :mod:`unclip_jax.input_pipeline`); process ``p`` of ``P``
-    takes its ``B/P`` rows. ``position`` = batches produced so far.
-    """
-
-    def __init__(self, arrays: dict, batch_size: int, *, seed: int = 0, start: int = 0,
-                 mesh=None, keys=BATCH_KEYS):
-        self.arrays = {k: arrays[k] for k in keys}
-        self.n = len(self.arrays[keys[0]])
-        pc, pi = jax.process_count(), jax.process_index()
-        if batch_size % pc:
-            raise ValueError(f"batch size {batch_size} does not split over {pc} processes")
-        self.batch_size, self.local = batch_size, batch_size // pc
-        self.offset = pi * self.local
-        self.seed, self.position, self.mesh = seed, int(start), mesh
-        self._perms: dict[int, np.ndarray] = {}
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 4:
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.n)
-        return self._perms[epoch]
-
-    def batch(self, i: int) -> dict:
-        flat = i * self.batch_size + self.offset + np.arange(self.local)
-        epochs, pos = np.divmod(flat, self.n)
-        idx = np.concatenate([self.permutation(int(e))[pos[epochs == e]]
-                              for e in np.unique(epochs)])
-        out = {k: v[idx] for k, v in self.arrays.items()}
-        if "text_states" in out:
-            out["text_states"] = out["text_states"].astype(np.float32)
-        return out
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        b = self.batch(self.position)
-        self.position += 1
-        return sharding.shard_batch(b, self.mesh) if self.mesh is not None else b
-
-
-def ensure_cache(cache_dir, clip_workdir: str, data_cfg, splits=("train",)) -> dict:
-    """Build the missing splits of the embedding cache from ``clip_workdir``; return meta."""
-    from unclip_jax import embeddings
-    from unclip_jax.train.tasks import ensure_dataset
-
-    for split in splits:
-        try:
-            embeddings.load_split(cache_dir, split)
-            continue
-        except FileNotFoundError as e:
-            if not clip_workdir:
-                raise FileNotFoundError(f"{e}; or set model.clip_workdir so the prior builds "
-                                        f"the cache itself") from None
-        ensure_dataset(data_cfg)
-        print(f"caching CLIP embeddings of {data_cfg.name}/{split} → {cache_dir}", flush=True)
-        embeddings.cache_embeddings(clip_workdir, data_cfg, split, cache_dir)
-    return embeddings.read_meta(cache_dir)
-
-
-def make_task(cfg, workdir):
-    """``(cfg, Task)`` for the generic loop (task name ``"prior"``)."""
-    from unclip_jax import embeddings
-    from unclip_jax.train.loop import Task
-
-    mcfg: PriorConfig = cfg.model
-    cache_dir = Path(mcfg.cache_dir) if mcfg.cache_dir else Path(workdir) / "embeddings"
-    meta = ensure_cache(cache_dir, mcfg.clip_workdir, cfg.data, ("train", "validation"))
-    train = embeddings.load_split(cache_dir, "train")
-    updates = dict(embed_dim=meta["embed_dim"], text_width=meta["text_width"],
-                   context_length=meta["context_length"],
-                   pad_id=int(meta.get("pad_id", mcfg.pad_id)),
-                   cache_dir=str(cache_dir), clip_workdir=meta["clip_workdir"])
-    if mcfg.normalization == "scale" and mcfg.embed_scale <= 0:
-        updates["embed_scale"] = PAPER_SCALE_PER_SQRT_DIM * math.sqrt(meta["embed_dim"])
-    if mcfg.normalization == "standardize" and not mcfg.embed_mean:
-        emb = train["image_emb"].astype(np.float64)
-        updates["embed_mean"] = tuple(float(v) for v in emb.mean(0))
-        updates["embed_std"] = tuple(float(v) for v in emb.std(0) + 1e-6)
-    mcfg = dataclasses.replace(mcfg, **updates)
-    cfg = dataclasses.replace(cfg, model=mcfg)
-    model = DiffusionPrior(mcfg)
-    schedule = base_schedule(mcfg)
-    bs = cfg.train.batch_size
-    example = EmbeddingBatches(train, bs).batch(0)
-    example = {k: np.zeros_like(v) for k, v in example.items()}
-    val = embeddings.load_split(cache_dir, "validation")
-    n_eval = min(256, len(val["index"]))
-
-    def evaluate(state, step) -> dict:
-        params = state.ema_params if cfg.train.ema_decay > 0 else state.params
-        sampler = PriorSampler(model, params)
-        inputs = {k: val[k][:n_eval] for k in ("text_emb", "text_states", "text_tokens")}
-        emb = sharding.fetch(sampler(inputs, jax.random.PRNGKey(step)))   # whole, every host
-        true = val["image_emb"][:n_eval]
-        return {"val_cos": float(np.mean(np.sum(emb * true, -1))),
-                "val_cos_text_baseline": float(np.mean(np.sum(inputs["text_emb"] * true, -1)))}
-
-    task = Task(
-        init=lambda rng, b: model.init(rng, jnp.zeros(b["image_emb"].shape, jnp.float32),
-                                       jnp.zeros(b["image_emb"].shape[:1], jnp.int32),
-                                       condition(mcfg, b)),
-        loss=lambda params, batch, rng: loss_fn(model, params, batch, rng, schedule=schedule),
-        batches=lambda start, mesh: EmbeddingBatches(train, bs, seed=cfg.data.shuffle_seed,
-                                                     start=start, mesh=mesh),
-        example=example,
-        evaluate=evaluate,
-    )
-    return cfg, task

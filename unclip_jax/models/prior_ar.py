@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from unclip_jax import ar, sharding
+from unclip_jax import ar
 from unclip_jax.models.prior import repeat_candidates, rerank
 from unclip_jax.nn.attention import padding_mask
 from unclip_jax.nn.layers import dtype as to_dtype
@@ -379,69 +379,7 @@ def make_sampler(cfg: ARPriorConfig, pca: PCAQuantizer, sim: SimilarityBuckets, 
     return sample
 
 
-def load_sampler(workdir: str | Path, *, step: int | None = None, use_ema: bool = True,
-                 **settings) -> Callable[[dict, jax.Array], jax.Array]:
-    """The trained prior of ``workdir`` as ``fn(inputs, rng) -> [B, E]`` unit-norm embeddings.
-
-    ``inputs`` = dict(text_emb, text_states, text_tokens); ``settings`` are those of
-    :func:`make_sampler` (guidance_scale, temperature, top_k, top_p, sim_percentile,
-    num_candidates).
-    EMA params are used when the run kept them and ``use_ema``.
-    """
-    from unclip_jax.train.checkpoint import Checkpointer
-
-    workdir = Path(workdir)
-    ckpt = Checkpointer(workdir, async_save=False)
-    saved = ckpt.read_config(step)
-    run = saved["model"]
-    cfg = ARPriorConfig(**{f.name: run[f.name] for f in dataclasses.fields(ARPriorConfig)
-                           if f.name in run})
-    which = "ema_params" if use_ema and saved["train"]["ema_decay"] > 0 else "params"
-    params = ckpt.restore_params(step, which)
-    ckpt.close()
-    pca, sim = load_quantizers(workdir / QUANTIZER_FILE)
-    sample = make_sampler(cfg, pca, sim, **settings)
-    return lambda inputs, rng: sample(params, inputs, rng)
-
-
 # ----------------------------------------------------------------------------- training task
-
-
-class EmbeddingBatches:
-    """Shuffled training batches of an in-memory array dict; batch i is a pure function of
-    ``(seed, i)`` (epoch e uses the permutation seeded by ``(seed, e)``). ``position`` counts
-    the batches produced; placed on ``mesh`` when one is given."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int = 0,
-                 start: int = 0, mesh=None):
-        self.arrays, self.batch_size, self.seed, self.mesh = arrays, batch_size, seed, mesh
-        self.n = len(next(iter(arrays.values())))
-        self.position = int(start)
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng((self.seed, epoch)).permutation(self.n))
-        return self._perm[1]
-
-    def batch(self, i: int) -> dict[str, np.ndarray]:
-        # Multi-host: process p of P takes its B/P rows of global batch i (shard_batch
-        # assembles the global array from every process's slice).
-        pc, pi = jax.process_count(), jax.process_index()
-        if self.batch_size % pc:
-            raise ValueError(f"batch size {self.batch_size} does not split over {pc} processes")
-        local = self.batch_size // pc
-        flat = i * self.batch_size + pi * local + np.arange(local)
-        idx = np.array([self._permutation(f // self.n)[f % self.n] for f in flat])
-        return {k: v[idx] for k, v in self.arrays.items()}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        batch = self.batch(self.position)
-        self.position += 1
-        return sharding.shard_batch(batch, self.mesh) if self.mesh is not None else batch
 
 
 def _model_arrays(data: dict, pca: PCAQuantizer, sim: SimilarityBuckets) -> dict:
@@ -451,69 +389,3 @@ def _model_arrays(data: dict, pca: PCAQuantizer, sim: SimilarityBuckets) -> dict
             "text_emb": np.asarray(data["text_emb"], np.float32)}
 
 
-def make_task(cfg, workdir: str | Path):
-    """The "prior_ar" task: fit (or reload) the quantizers, train on cached CLIP embeddings."""
-    from unclip_jax import embeddings
-    from unclip_jax.train.loop import Task
-
-    mcfg: ARPriorConfig = cfg.model
-    train = embeddings.load_split(mcfg.embeddings_dir, "train")
-    n, length, width = train["text_states"].shape
-    mcfg = dataclasses.replace(mcfg, embed_dim=train["image_emb"].shape[1], text_length=length,
-                               text_width=width)
-    cfg = dataclasses.replace(cfg, model=mcfg)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / QUANTIZER_FILE
-    # Fitted once, by process 0, and read back by every process: hosts whose linear algebra
-    # rounds differently must still quantize with the very same codes. On resume the file
-    # keeps the codes the checkpoint was trained on.
-    if sharding.is_main_process() and not path.is_file():
-        pca = PCAQuantizer.fit(train["image_emb"], mcfg.pca_dims, mcfg.num_buckets,
-                               mcfg.quantization)
-        sim = SimilarityBuckets.fit(similarities(train), mcfg.sim_buckets)
-        save_quantizers(path, pca, sim)
-    sharding.barrier("prior_ar quantizers")
-    pca, sim = load_quantizers(path)
-    if pca.dims != mcfg.pca_dims or pca.num_buckets != mcfg.num_buckets \
-            or sim.num_buckets != mcfg.sim_buckets:
-        raise ValueError(f"{path} was fitted with pca_dims={pca.dims}, num_buckets="
-                         f"{pca.num_buckets}, sim_buckets={sim.num_buckets}; the config "
-                         "differs — use another workdir")
-    arrays = _model_arrays(train, pca, sim)
-    model = ARPrior(mcfg)
-    try:
-        val = embeddings.load_split(mcfg.embeddings_dir, "validation")
-    except FileNotFoundError:
-        val = None
-
-    def evaluate(state, step) -> dict:
-        if val is None:
-            return {}
-        params = state.ema_params if cfg.train.ema_decay > 0 else state.params
-        m = min(len(val["index"]), 256)
-        part = {k: v[:m] for k, v in val.items()}
-        va = _model_arrays(part, pca, sim)
-        loss, metrics = sharding.fetch(jax.jit(functools.partial(loss_fn, model))(params, va))
-        out = {"val_loss": float(loss), "val_code_accuracy": float(metrics["code_accuracy"])}
-        sample = make_sampler(mcfg, pca, sim)
-        emb = sharding.fetch(sample(params, {k: va[k] for k in ("text_emb", "text_states",
-                                                                 "text_tokens")},
-                                    jax.random.PRNGKey(step)))
-        out["sample_cos_image"] = float(np.mean(np.sum(emb * part["image_emb"], -1)))
-        out["sample_cos_text"] = float(np.mean(np.sum(emb * part["text_emb"], -1)))
-        out["real_cos_text"] = float(np.mean(similarities(part)))
-        # Retrieval: is the sample closer to its own caption's real image than to the others?
-        out["sample_i2i_top1"] = float(np.mean(np.argmax(emb @ part["image_emb"].T, 1)
-                                               == np.arange(m)))
-        return out
-
-    task = Task(
-        init=lambda rng, b: model.init(rng, b["tokens"], _cond(b)),
-        loss=lambda params, batch, rng: loss_fn(model, params, batch, rng),
-        batches=lambda start, mesh: EmbeddingBatches(arrays, cfg.train.batch_size,
-                                                     cfg.train.seed, start, mesh),
-        example=dummy_inputs(mcfg, cfg.train.batch_size),
-        evaluate=evaluate,
-    )
-    return cfg, task

@@ -39,15 +39,12 @@ class Reranked(NamedTuple):
 def clip_scores(clip_model, clip_params, images: jax.Array, clip_tokens: jax.Array) -> jax.Array:
     """``[B, N]`` 100 × cosine between images ``[B, N, H, W, 3]`` in [-1, 1] and the captions
     ``clip_tokens`` ``[B, L_clip]``; images are resized to the CLIP's resolution if needed."""
-    from unclip_jax.models.clip import CLIP
+    from unclip_jax.models.clip import FrozenCLIP
 
     b, n, h, w, c = images.shape
-    size = clip_model.config.image_size
-    flat = images.reshape(b * n, h, w, c).astype(jnp.float32)
-    if (h, w) != (size, size):
-        flat = jax.image.resize(flat, (b * n, size, size, c), "bilinear", antialias=True)
-    img = clip_model.apply({"params": clip_params}, flat, method=CLIP.encode_image)
-    txt = clip_model.apply({"params": clip_params}, clip_tokens, method=CLIP.encode_text)
+    clip = FrozenCLIP(clip_model.config, clip_params)
+    img = clip.embed_images(images.reshape(b * n, h, w, c))
+    txt = clip.encode_text(clip_tokens)["emb"]
     return 100.0 * jnp.einsum("bne,be->bn", img.reshape(b, n, -1), txt,
                               precision=jax.lax.Precision.HIGHEST)
 
@@ -109,18 +106,19 @@ def load_pipeline(dalle_workdir: str | Path, clip_workdir: str | Path | None = N
                   ) -> tuple[DallePipeline, dict[str, Any]]:
     """``(pipeline, params)`` of trained runs; ``params`` has ``dalle``, ``dvae``, ``clip``.
     ``clip_workdir`` defaults to the DALL·E config's ``clip_workdir``."""
-    from unclip_jax import embeddings
+    from unclip_jax import runs
+    from unclip_jax.models.clip import CLIP
     from unclip_jax.text import Tokenizer
 
-    cfg, params, tok, dvae_model, dvae_params = dalle_lib.load(dalle_workdir)
+    cfg, params, tok, dvae_model, dvae_params = runs.load_dalle(dalle_workdir)
     clip_workdir = clip_workdir or cfg.clip_workdir
     if not clip_workdir:
         raise ValueError("no CLIP workdir to rerank with: pass one (--clip) or set "
                          "model.clip_workdir in the DALL·E config")
-    clip_model, clip_params, _ = embeddings.load_clip(clip_workdir)
-    clip_tok = Tokenizer.load(embeddings.clip_tokenizer_path(clip_workdir))
-    pipe = DallePipeline(cfg, dvae_model, clip_model, tok, clip_tok)
-    return pipe, {"dalle": params, "dvae": dvae_params, "clip": clip_params}
+    clip = runs.load_clip(clip_workdir)
+    clip_tok = Tokenizer.load(runs.tokenizer_path(clip_workdir))
+    pipe = DallePipeline(cfg, dvae_model, CLIP(clip.config), tok, clip_tok)
+    return pipe, {"dalle": params, "dvae": dvae_params, "clip": clip.params}
 
 
 def evaluate_shapes(pipe: DallePipeline, params: dict, *, num_prompts: int = 64,

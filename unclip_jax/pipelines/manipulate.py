@@ -50,7 +50,7 @@ from PIL import Image
 from unclip_jax import diffusion, images as images_lib, sharding
 from unclip_jax.commands.decoder import save_grid, to_uint8
 from unclip_jax.models import decoder as D
-from unclip_jax.models.clip import CLIP
+from unclip_jax.models.clip import FrozenCLIP
 from unclip_jax.pipelines import unclip as U
 
 ImageLike = Any   # str | os.PathLike | bytes | PIL.Image.Image | np.ndarray (uint8)
@@ -148,9 +148,7 @@ def check_image_tower(unclip: U.UnCLIP) -> None:
 def image_embedding(clip_cfg, clip_params, pixels: jax.Array, raw: bool) -> jax.Array:
     """CLIP image embeddings ``[N, E]`` of ``[N, s, s, 3]`` pixels in [-1, 1] at the CLIP's
     resolution: the raw projected feature (``raw``) or unit norm."""
-    feat = CLIP(clip_cfg).apply({"params": clip_params}, pixels,
-                                method=lambda m, x: m.visual(x)[1]).astype(jnp.float32)
-    return feat if raw else U.unit(feat)
+    return FrozenCLIP(clip_cfg, clip_params).embed_images(pixels, normalize=not raw)
 
 
 # ============================================================================ jitted programs

@@ -54,11 +54,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import diffusion, sharding
+from unclip_jax import diffusion, runs, sharding
 from unclip_jax.commands.decoder import to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
-from unclip_jax.models.clip import CLIP, CLIPConfig, eos_positions
+from unclip_jax.models.clip import CLIPConfig, FrozenCLIP, eos_positions
 
 SPACINGS = ("even", "unclip", "logsnr", "dpm")  # sample_spacing values (see stage_schedule)
 UNCONDS = ("learned", "empty_caption")  # PriorConfig.uncond values
@@ -176,31 +176,29 @@ def load_unclip(clip_workdir: str | os.PathLike, tokenizer_path: str | os.PathLi
     one with ``last_step`` joins the stage before it (Karlo: ``super_res_first``,
     ``super_res_last``).
     """
-    from unclip_jax.embeddings import clip_tokenizer_path, load_clip
-
     if isinstance(upsampler_workdirs, (str, os.PathLike)):
         upsampler_workdirs = [upsampler_workdirs]
     try:
-        _, clip_params, clip_cfg = load_clip(clip_workdir)
+        clip = runs.load_clip(clip_workdir)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"no CLIP at {str(clip_workdir)!r} ({e}). "
                                 f"{clip_hint(decoder_workdir)}") from None
     if tokenizer_path is None:
         try:
-            tokenizer_path = clip_tokenizer_path(clip_workdir)
+            tokenizer_path = runs.tokenizer_path(clip_workdir)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e} (for a CLIP imported from OpenAI/open_clip: its BPE "
                                     f"vocabulary bpe_simple_vocab_16e6.txt.gz, --bpe-vocab "
                                     f"on the command line)") from None
     tok = load_tokenizer(tokenizer_path)
-    check_tokenizer(tok, clip_cfg)
-    prior = P.load_sampler(prior_workdir)
-    dec_params, dec_cfg = D.load_decoder(decoder_workdir, ema)
-    ups = [D.load_upsampler(w, ema) for w in upsampler_workdirs]
-    check_chain(clip_cfg, prior.cfg, dec_cfg, [c for _, c in ups])
-    params = {"clip": clip_params, "prior": prior.params, "decoder": dec_params,
+    check_tokenizer(tok, clip.config)
+    prior = runs.load_prior(prior_workdir)
+    dec_params, dec_cfg = runs.load_decoder(decoder_workdir, ema)
+    ups = [runs.load_upsampler(w, ema) for w in upsampler_workdirs]
+    check_chain(clip.config, prior.cfg, dec_cfg, [c for _, c in ups])
+    params = {"clip": clip.params, "prior": prior.params, "decoder": dec_params,
               "upsamplers": tuple(p for p, _ in ups)}
-    model = UnCLIP(clip_cfg, prior.cfg, dec_cfg, tuple(c for _, c in ups),
+    model = UnCLIP(clip.config, prior.cfg, dec_cfg, tuple(c for _, c in ups),
                    jax.tree.map(jnp.asarray, params), tok)
     return with_empty_caption(model) if needs_empty_caption(model.configs) else model
 
@@ -213,10 +211,8 @@ KARLO_CLIP = ("OpenAI's CLIP ViT-L/14 (768-d): convert open_clip's ViT-L-14 'ope
 
 def clip_hint(decoder_workdir: str | os.PathLike) -> str:
     """What CLIP a decoder needs, for error messages (Karlo's: which weights to convert)."""
-    from unclip_jax.embeddings import read_run_config
-
     try:
-        model = read_run_config(decoder_workdir).get("model", {})
+        model = runs.read_run_config(decoder_workdir).get("model", {})
     except (FileNotFoundError, ValueError):
         return "The chain needs the CLIP the decoder was trained on."
     dim = model.get("clip_dim", "?")
@@ -287,8 +283,8 @@ def with_empty_caption(unclip: UnCLIP) -> UnCLIP:
     unconditional input. Needs the tokenizer."""
     if unclip.tokenizer is None:
         raise ValueError("with_empty_caption needs the UnCLIP's tokenizer (to encode \"\")")
-    empty = D.empty_clip_text(D.clip_text_encoder(CLIP(unclip.clip), unclip.params["clip"]),
-                              unclip.tokenizer, unclip.clip.context_length)
+    empty = D.empty_caption_features(FrozenCLIP(unclip.clip, unclip.params["clip"]),
+                                     unclip.tokenizer, unclip.clip.context_length)
     return dataclasses.replace(unclip, params={**unclip.params, "empty_caption": empty})
 
 
@@ -353,13 +349,11 @@ def settings_from(**kwargs) -> Settings:
 
 def encode_text(clip_cfg: CLIPConfig, clip_params, tokens: jax.Array, *,
                 normalize: bool = True):
-    """CLIP text tower: ``[B, L]`` int32 → (states ``[B, L, W]``, embedding ``[B, E]``), the
-    embedding unit-norm, or with ``normalize=False`` the raw projected EOS feature (Karlo's
-    ``text_embeds``)."""
-    if normalize:
-        return CLIP(clip_cfg).apply({"params": clip_params}, tokens,
-                                    method=CLIP.encode_text_tokens)
-    return CLIP(clip_cfg).apply({"params": clip_params}, tokens, method=lambda m, t: m.text(t))
+    """CLIP text tower (:class:`~unclip_jax.models.clip.FrozenCLIP`): ``[B, L]`` int32 →
+    (states ``[B, L, W]``, embedding ``[B, E]``), the embedding unit-norm, or with
+    ``normalize=False`` the raw projected EOS feature (Karlo's ``text_embeds``)."""
+    text = FrozenCLIP(clip_cfg, clip_params).encode_text(tokens)
+    return text["states"], text["emb"] if normalize else text["raw"]
 
 
 def unit(x: jax.Array) -> jax.Array:

@@ -1,0 +1,61 @@
+"""Each model family's training task for the generic loop, ``(cfg, workdir) -> (cfg, Task)``.
+
+A task resolves the config pieces that follow from the data and the frozen models it reads
+(vocabulary from the tokenizer, embedding widths from the CLIP, grid size from the dVAE), so the
+config saved with a checkpoint is the one the model was really built with, and supplies the
+loss, the batches, an example batch and, where the family has them, the periodic evaluation and
+sample grids. One module a family: ``clip``, ``prior`` (diffusion and AR), ``decoder`` (decoder
+and upsampler), ``dalle`` (dVAE and DALL·E); shared pieces in ``common``. To add a model: write
+its pure module, config and loss under ``unclip_jax/models/``, its task here, and register it
+in ``TASKS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+from unclip_jax.config import ExperimentConfig
+from unclip_jax.train.loop import Task
+from unclip_jax.train.tasks.common import (TOKENIZER_CAPTIONS, ema_or_raw, ensure_dataset,
+                                           ensure_tokenizer, image_grid, tokenizer_path)
+
+# Task name -> "module:function" building it (imported on use, so a model's code loads only when
+# that model is trained). Each function has the signature of ``clip.clip_task``.
+TASKS = {
+    "clip": "unclip_jax.train.tasks.clip:clip_task",
+    "prior": "unclip_jax.train.tasks.prior:prior_task",
+    "prior_ar": "unclip_jax.train.tasks.prior:prior_ar_task",
+    "decoder": "unclip_jax.train.tasks.decoder:decoder_task",
+    "upsampler": "unclip_jax.train.tasks.decoder:upsampler_task",
+    "dvae": "unclip_jax.train.tasks.dalle:dvae_task",
+    "dalle": "unclip_jax.train.tasks.dalle:dalle_task",
+}
+
+# Task name -> "module:function" building its sample grids, ``(cfg, workdir) -> samples`` (the
+# Task's ``samples`` field), for the tasks that have them.
+SAMPLE_GRIDS = {"decoder": "unclip_jax.train.tasks.decoder:decoder_sample_grid"}
+
+
+def build_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentConfig, Task]:
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; accepted: {', '.join(sorted(TASKS))}")
+    if cfg.train.sample_every and cfg.task not in SAMPLE_GRIDS:
+        raise ValueError(f"train.sample_every: sample grids during training exist for "
+                         f"{', '.join(sorted(SAMPLE_GRIDS))}, not {cfg.task!r}; set "
+                         f"train.sample_every=0")
+    if cfg.train.sample_every < 0 or cfg.train.sample_count < 1:
+        raise ValueError(f"train.sample_every ≥ 0 and train.sample_count ≥ 1 are accepted, "
+                         f"got {cfg.train.sample_every} and {cfg.train.sample_count}")
+    module, _, fn = TASKS[cfg.task].partition(":")
+    cfg, task = getattr(importlib.import_module(module), fn)(cfg, workdir)
+    if cfg.train.sample_every and task.samples is None:
+        module, _, fn = SAMPLE_GRIDS[cfg.task].partition(":")
+        task = dataclasses.replace(
+            task, samples=getattr(importlib.import_module(module), fn)(cfg, workdir))
+    return cfg, task
+
+
+__all__ = ["SAMPLE_GRIDS", "TASKS", "TOKENIZER_CAPTIONS", "build_task", "ema_or_raw",
+           "ensure_dataset", "ensure_tokenizer", "image_grid", "tokenizer_path"]

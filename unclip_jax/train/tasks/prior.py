@@ -1,0 +1,133 @@
+"""The two priors' tasks (unCLIP §2.2): both train on the frozen CLIP's embedding cache
+(:mod:`unclip_jax.embeddings`) through :class:`unclip_jax.input_pipeline.EmbeddingBatches`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax import embeddings, input_pipeline, sharding
+from unclip_jax.models import prior as P
+from unclip_jax.models import prior_ar as PA
+from unclip_jax.train.loop import Task
+from unclip_jax.train.tasks.common import ema_or_raw
+
+
+def prior_task(cfg, workdir):
+    """``(cfg, Task)`` of the diffusion prior (task name ``"prior"``): trains on the embedding
+    cache (built from ``model.clip_workdir`` when missing); the evaluation is the cosine of
+    sampled and true image embeddings on validation captions."""
+    mcfg: P.PriorConfig = cfg.model
+    cache_dir = Path(mcfg.embeddings_dir or Path(workdir) / "embeddings")
+    meta = embeddings.ensure_cache(cache_dir, mcfg.clip_workdir, cfg.data, ("train", "validation"))
+    train = embeddings.load_split(cache_dir, "train")
+    updates = dict(embed_dim=meta["embed_dim"], text_width=meta["text_width"],
+                   context_length=meta["context_length"],
+                   pad_id=int(meta.get("pad_id", mcfg.pad_id)),
+                   embeddings_dir=str(cache_dir), clip_workdir=meta["clip_workdir"])
+    if mcfg.normalization == "scale" and mcfg.embed_scale <= 0:
+        updates["embed_scale"] = P.PAPER_SCALE_PER_SQRT_DIM * math.sqrt(meta["embed_dim"])
+    if mcfg.normalization == "standardize" and not mcfg.embed_mean:
+        emb = train["image_emb"].astype(np.float64)
+        updates["embed_mean"] = tuple(float(v) for v in emb.mean(0))
+        updates["embed_std"] = tuple(float(v) for v in emb.std(0) + 1e-6)
+    mcfg = dataclasses.replace(mcfg, **updates)
+    cfg = dataclasses.replace(cfg, model=mcfg)
+    model = P.DiffusionPrior(mcfg)
+    schedule = P.base_schedule(mcfg)
+    bs = cfg.train.batch_size
+    example = input_pipeline.EmbeddingBatches(train, bs, keys=P.BATCH_KEYS).batch(0)
+    example = {k: np.zeros_like(v) for k, v in example.items()}
+    val = embeddings.load_split(cache_dir, "validation")
+    n_eval = min(256, len(val["index"]))
+
+    def evaluate(state, step) -> dict:
+        sampler = P.PriorSampler(model, ema_or_raw(cfg, state))
+        inputs = {k: val[k][:n_eval] for k in ("text_emb", "text_states", "text_tokens")}
+        emb = sharding.fetch(sampler(inputs, jax.random.PRNGKey(step)))   # whole, every host
+        true = val["image_emb"][:n_eval]
+        return {"val_cos": float(np.mean(np.sum(emb * true, -1))),
+                "val_cos_text_baseline": float(np.mean(np.sum(inputs["text_emb"] * true, -1)))}
+
+    task = Task(
+        init=lambda rng, b: model.init(rng, jnp.zeros(b["image_emb"].shape, jnp.float32),
+                                       jnp.zeros(b["image_emb"].shape[:1], jnp.int32),
+                                       P.condition(mcfg, b)),
+        loss=lambda params, batch, rng: P.loss_fn(model, params, batch, rng, schedule=schedule),
+        batches=lambda start, mesh: input_pipeline.EmbeddingBatches(
+            train, bs, seed=cfg.data.shuffle_seed, start=start, mesh=mesh, keys=P.BATCH_KEYS),
+        example=example,
+        evaluate=evaluate,
+    )
+    return cfg, task
+
+
+def prior_ar_task(cfg, workdir: str | Path):
+    """The "prior_ar" task: fit (or reload) the quantizers, train on cached CLIP embeddings."""
+    mcfg: PA.ARPriorConfig = cfg.model
+    train = embeddings.load_split(mcfg.embeddings_dir, "train")
+    n, length, width = train["text_states"].shape
+    mcfg = dataclasses.replace(mcfg, embed_dim=train["image_emb"].shape[1], text_length=length,
+                               text_width=width)
+    cfg = dataclasses.replace(cfg, model=mcfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / PA.QUANTIZER_FILE
+    # Fitted once, by process 0, and read back by every process: hosts whose linear algebra
+    # rounds differently must still quantize with the very same codes. On resume the file
+    # keeps the codes the checkpoint was trained on.
+    if sharding.is_main_process() and not path.is_file():
+        pca = PA.PCAQuantizer.fit(train["image_emb"], mcfg.pca_dims, mcfg.num_buckets,
+                               mcfg.quantization)
+        sim = PA.SimilarityBuckets.fit(PA.similarities(train), mcfg.sim_buckets)
+        PA.save_quantizers(path, pca, sim)
+    sharding.barrier("prior_ar quantizers")
+    pca, sim = PA.load_quantizers(path)
+    if pca.dims != mcfg.pca_dims or pca.num_buckets != mcfg.num_buckets \
+            or sim.num_buckets != mcfg.sim_buckets:
+        raise ValueError(f"{path} was fitted with pca_dims={pca.dims}, num_buckets="
+                         f"{pca.num_buckets}, sim_buckets={sim.num_buckets}; the config "
+                         "differs — use another workdir")
+    arrays = PA._model_arrays(train, pca, sim)
+    model = PA.ARPrior(mcfg)
+    try:
+        val = embeddings.load_split(mcfg.embeddings_dir, "validation")
+    except FileNotFoundError:
+        val = None
+
+    def evaluate(state, step) -> dict:
+        if val is None:
+            return {}
+        params = ema_or_raw(cfg, state)
+        m = min(len(val["index"]), 256)
+        part = {k: v[:m] for k, v in val.items()}
+        va = PA._model_arrays(part, pca, sim)
+        loss, metrics = sharding.fetch(jax.jit(functools.partial(PA.loss_fn, model))(params, va))
+        out = {"val_loss": float(loss), "val_code_accuracy": float(metrics["code_accuracy"])}
+        sample = PA.make_sampler(mcfg, pca, sim)
+        emb = sharding.fetch(sample(params, {k: va[k] for k in ("text_emb", "text_states",
+                                                                 "text_tokens")},
+                                    jax.random.PRNGKey(step)))
+        out["sample_cos_image"] = float(np.mean(np.sum(emb * part["image_emb"], -1)))
+        out["sample_cos_text"] = float(np.mean(np.sum(emb * part["text_emb"], -1)))
+        out["real_cos_text"] = float(np.mean(PA.similarities(part)))
+        # Retrieval: is the sample closer to its own caption's real image than to the others?
+        out["sample_i2i_top1"] = float(np.mean(np.argmax(emb @ part["image_emb"].T, 1)
+                                               == np.arange(m)))
+        return out
+
+    task = Task(
+        init=lambda rng, b: model.init(rng, b["tokens"], PA._cond(b)),
+        loss=lambda params, batch, rng: PA.loss_fn(model, params, batch, rng),
+        batches=lambda start, mesh: input_pipeline.EmbeddingBatches(
+            arrays, cfg.train.batch_size, seed=cfg.train.seed, start=start, mesh=mesh),
+        example=PA.dummy_inputs(mcfg, cfg.train.batch_size),
+        evaluate=evaluate,
+    )
+    return cfg, task
