@@ -1,6 +1,7 @@
-"""Sample grids during training: a tiny decoder trained on webdataset shards writes, every
-``train.sample_every`` steps, a PNG and a TensorBoard image of exactly what the shared sampler
-gives for its params; other tasks refuse the setting."""
+"""Sample grids during training: tiny generators trained on webdataset shards (decoder,
+upsampler, DALL·E; the diffusion prior through a decoder) write, every ``train.sample_every``
+steps, a PNG and a TensorBoard image of exactly what their sampler gives for the params; other
+tasks refuse the setting."""
 
 import dataclasses
 import json
@@ -105,5 +106,95 @@ def test_decoder_grids_are_the_samplers_output(setup, tmp_path):
 def test_sample_every_is_refused_where_no_grid_exists(setup, tmp_path):
     root, data, clip_dir = setup
     cfg = dataclasses.replace(decoder_cfg(data, clip_dir), task="clip")
-    with pytest.raises(ValueError, match="sample grids during training exist for decoder"):
+    with pytest.raises(ValueError, match="sample grids during training exist for dalle, "
+                                         "decoder, prior, prior_ar, upsampler, not 'clip'"):
         tasks.build_task(cfg, tmp_path)
+
+
+def _grid(workdir, name, step):
+    return np.asarray(Image.open(workdir / "samples" / f"{name}_{step:07d}.png"))
+
+
+def _train(cfg, workdir):
+    cfg, task = tasks.build_task(cfg, workdir)
+    return cfg, loop.train(cfg, task, workdir, progress=False)
+
+
+def test_upsampler_grid_is_the_samplers_output(setup, tmp_path):
+    from unclip_jax.models import decoder as D
+
+    root, data, clip_dir = setup
+    model = D.UpsamplerConfig(low_res_size=RES // 2, base_channels=16, channel_mult=(1,),
+                              num_res_blocks=1, sample_steps=2, crop_fraction=0.5)
+    base = decoder_cfg(data, clip_dir)
+    cfg, state = _train(dataclasses.replace(base, task="upsampler", model=model), tmp_path)
+    grid = _grid(tmp_path, "upsampler", 4)
+    real = input_pipeline.make_batches(cfg.data, "validation", batch_size=4,
+                                       train=False).local_numpy(0)["image"]
+    low = D.box_downsample(real, 2)
+    want = D.upsample_images(jax.device_get(state.params), cfg.model, low,
+                             rng=jax.random.PRNGKey(cfg.train.seed))
+    expect = tasks.image_grid([np.repeat(np.repeat(low, 2, 1), 2, 2), want, real])
+    assert grid.shape == expect.shape == (3 * RES, 4 * RES, 3)
+    np.testing.assert_array_equal(grid[:RES], expect[:RES])
+    np.testing.assert_array_equal(grid[2 * RES:], expect[2 * RES:])
+    assert np.abs(grid[RES:2 * RES].astype(int) - expect[RES:2 * RES]).max() <= 1
+
+
+def test_dalle_grid_is_the_samplers_output(setup, tmp_path):
+    from unclip_jax.models import dalle as DL
+    from unclip_jax.models import dvae as V
+
+    root, data, clip_dir = setup
+    vcfg = V.DVAEConfig(image_size=RES, num_groups=2, blocks_per_group=1, encoder_width=16,
+                        decoder_width=16, decoder_init_width=8, vocab_size=32)
+    vparams = nn.meta.unbox(V.DVAE(vcfg).init(jax.random.PRNGKey(1),
+                                              np.zeros((1, RES, RES, 3), np.float32))["params"])
+    run_cfg = {"model": config_lib.to_dict(vcfg), "train": {"ema_decay": 0.0}}
+    ck = Checkpointer(tmp_path / "dvae", async_save=False)
+    ck.save(1, {"params": vparams}, {"position": 0}, run_cfg)
+    ck.close()
+    (tmp_path / "dvae" / "config.json").write_text(json.dumps(run_cfg))
+    model = DL.DalleConfig(dvae_workdir=str(tmp_path / "dvae"), width=16, depth=1, num_heads=2)
+    base = decoder_cfg(data, clip_dir)
+    cfg, state = _train(dataclasses.replace(base, task="dalle", model=model), tmp_path / "run")
+    grid = _grid(tmp_path / "run", "dalle", 4)
+    val = input_pipeline.make_batches(cfg.data, "validation", batch_size=4,
+                                      tokenizer=Tokenizer.load(data.tokenizer),
+                                      train=False).local_numpy(0)
+    codes = DL.sample(cfg.model, jax.device_get(state.params), val["tokens"],
+                      jax.random.PRNGKey(cfg.train.seed))
+    want = V.decode(V.DVAE(vcfg), vparams, codes)
+    expect = tasks.image_grid([val["image"], want])
+    np.testing.assert_array_equal(grid[:RES], expect[:RES])
+    assert np.abs(grid[RES:].astype(int) - expect[RES:]).max() <= 1
+
+
+def test_prior_grid_renders_true_and_sampled_embeddings(setup, tmp_path):
+    from unclip_jax.models import decoder as D
+    from unclip_jax.models import prior as P
+
+    root, data, clip_dir = setup
+    dec_cfg, _ = _train(decoder_cfg(data, clip_dir, sample_every=0), tmp_path / "decoder")
+    prior = P.PriorConfig(clip_workdir=str(clip_dir), embeddings_dir=str(tmp_path / "emb"),
+                          width=16, depth=1, num_heads=2, sample_steps=2)
+    base = dataclasses.replace(decoder_cfg(data, clip_dir), task="prior", model=prior)
+    with pytest.raises(ValueError, match="set train.sample_decoder to a trained decoder run"):
+        tasks.build_task(base, tmp_path / "refused")
+    cfg = dataclasses.replace(base, train=dataclasses.replace(
+        base.train, sample_decoder=str(tmp_path / "decoder")))
+    cfg, state = _train(cfg, tmp_path / "prior")
+    grid = _grid(tmp_path / "prior", "prior", 4)
+    from unclip_jax import embeddings
+
+    val = {k: v[:4] for k, v in embeddings.load_split(tmp_path / "emb", "validation").items()}
+    inputs = {k: val[k] for k in ("text_emb", "text_states", "text_tokens")}
+    rng = jax.random.PRNGKey(cfg.train.seed)
+    emb = P.PriorSampler(P.DiffusionPrior(cfg.model), jax.device_get(state.params))(inputs, rng)
+    dec_params, dcfg = runs.load_decoder(tmp_path / "decoder")
+    tokens = D.fit_tokens(val["text_tokens"], dcfg.context_length, dcfg.pad_id)
+    want = D.sample_images(dec_params, dcfg, np.concatenate([val["image_emb"], emb]),
+                           np.concatenate([tokens, tokens]), rng=jax.random.fold_in(rng, 1))
+    expect = tasks.image_grid([want[:4], want[4:]])
+    assert grid.shape == expect.shape == (2 * RES, 4 * RES, 3)
+    assert np.abs(grid.astype(int) - expect).max() <= 1

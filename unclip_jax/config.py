@@ -92,6 +92,8 @@ class TrainConfig:
     sample_every: int = 0                # > 0: a sample grid every N steps (and at the end),
                                          # PNG in <workdir>/samples and to the writers
     sample_count: int = 8                # samples in the grid (fixed inputs and seed)
+    sample_decoder: str = ""             # priors' grids: a trained decoder run that renders
+                                         # the sampled image embeddings
     writers: tuple[str, ...] = ("tensorboard",)   # besides metrics.jsonl: tensorboard, wandb
     wandb_project: str = ""              # W&B project ("" = unclip_jax), with writers=…,wandb
 

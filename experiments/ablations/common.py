@@ -195,7 +195,7 @@ def decode(chain: Chain, emb, tokens, seed: int, *, scale: float = 3.0,
     if mode != "image" and not chain.dec_cfg.use_text:
         raise ValueError(f"mode {mode!r} needs a decoder with a caption encoder "
                          f"(model.text_layers > 0); {chain.decoder_workdir} has none")
-    from unclip_jax.pipelines.unclip import fit_tokens
+    from unclip_jax.models.decoder import fit_tokens
 
     tokens = fit_tokens(jnp.asarray(tokens, jnp.int32), chain.dec_cfg.context_length,
                         chain.dec_cfg.pad_id) if chain.dec_cfg.use_text else jnp.asarray(tokens)

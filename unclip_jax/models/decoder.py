@@ -376,6 +376,13 @@ def batched(tree: Any, batch: int) -> Any:
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), tree)
 
 
+def fit_tokens(tokens: jax.Array, length: int, pad_id: int) -> jax.Array:
+    """Pad (with ``pad_id``) or cut ``[B, L]`` tokens to ``[B, length]``."""
+    if tokens.shape[1] >= length:
+        return tokens[:, :length]
+    return jnp.pad(tokens, ((0, 0), (0, length - tokens.shape[1])), constant_values=pad_id)
+
+
 def make_cond(params, cfg: DecoderConfig, image_emb: jax.Array,
               tokens: jax.Array | None = None, clip_text: dict | None = None) -> dict:
     """``cond`` for the denoiser from CLIP image embeddings ``[B, E]`` and caption tokens
@@ -707,7 +714,7 @@ __all__ = [
     "augment_low_res", "box_downsample", "bsr_degrade",
     "check_decoder_config", "check_upsampler_config",
     "decoder_loss", "decoder_text_features", "empty_caption_features",
-    "encode_caption", "gaussian_blur", "init_decoder",
+    "encode_caption", "fit_tokens", "gaussian_blur", "init_decoder",
     "init_upsampler", "jpeg_like",
     "make_cond", "make_denoiser", "make_upsampler_denoiser",
     "null_cond", "random_crops", "sample_images", "upsample_images",

@@ -431,13 +431,6 @@ def prior_embeddings(cfg: P.PriorConfig, params, text_emb, text_states, tokens, 
     return P.rerank(emb.reshape(k, text_emb.shape[0], -1), text_emb)
 
 
-def fit_tokens(tokens: jax.Array, length: int, pad_id: int) -> jax.Array:
-    """Pad (with ``pad_id``) or cut ``[B, L]`` tokens to ``[B, length]``."""
-    if tokens.shape[1] >= length:
-        return tokens[:, :length]
-    return jnp.pad(tokens, ((0, 0), (0, length - tokens.shape[1])), constant_values=pad_id)
-
-
 def decoder_conds(cfg: D.DecoderConfig, params, image_emb: jax.Array,
                   tokens: jax.Array | None = None, clip_text: dict | None = None,
                   uncond_clip_text: dict | None = None,
@@ -455,7 +448,7 @@ def decoder_conds(cfg: D.DecoderConfig, params, image_emb: jax.Array,
     cond = {"image_emb": jnp.asarray(image_emb, jnp.float32)}
     if cfg.use_text:
         cond["text"] = (uncond["text"] if tokens is None else D.encode_caption(
-            params, cfg, fit_tokens(tokens, cfg.context_length, cfg.pad_id)))
+            params, cfg, D.fit_tokens(tokens, cfg.context_length, cfg.pad_id)))
     if cfg.clip_text_width > 0:
         if clip_text is None or uncond_clip_text is None:
             raise ValueError("this decoder reads CLIP text features (clip_text_width > 0): "
@@ -640,7 +633,7 @@ def _text_to_image(configs: tuple, s: Settings, mesh=None):
                                  "(Karlo): params['empty_caption'] is missing; build the model "
                                  "with load_unclip or with_empty_caption")
             null = params["empty_caption"]
-            tokens = fit_tokens(tokens, clip_cfg.context_length, clip_cfg.pad_id)
+            tokens = D.fit_tokens(tokens, clip_cfg.context_length, clip_cfg.pad_id)
             b = tokens.shape[0]
             states, raw = encode_text(clip_cfg, params["clip"], tokens, normalize=False)
             mask = text_mask(clip_cfg, tokens)
@@ -729,7 +722,7 @@ def score_prompts(unclip: UnCLIP, prompts: Sequence[str], seed: int = 0, *,
 
 
 __all__ = ["ClipBPE", "Settings", "UnCLIP", "check_chain", "check_prompts", "check_tokenizer",
-           "decode", "decoder_conds", "decoder_schedule", "encode_text", "fit_tokens",
+           "decode", "decoder_conds", "decoder_schedule", "encode_text",
            "generate", "load_tokenizer", "load_unclip", "make_text_to_image",
            "needs_empty_caption", "prior_embeddings", "prior_schedule", "replicated_params",
            "place_batch", "sampling_mesh", "spans_processes", "score_prompts",

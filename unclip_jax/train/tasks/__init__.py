@@ -35,7 +35,13 @@ TASKS = {
 
 # Task name -> "module:function" building its sample grids, ``(cfg, workdir) -> samples`` (the
 # Task's ``samples`` field), for the tasks that have them.
-SAMPLE_GRIDS = {"decoder": "unclip_jax.train.tasks.decoder:decoder_sample_grid"}
+SAMPLE_GRIDS = {
+    "decoder": "unclip_jax.train.tasks.decoder:decoder_sample_grid",
+    "upsampler": "unclip_jax.train.tasks.decoder:upsampler_sample_grid",
+    "prior": "unclip_jax.train.tasks.prior:prior_sample_grid",
+    "prior_ar": "unclip_jax.train.tasks.prior:prior_sample_grid",
+    "dalle": "unclip_jax.train.tasks.dalle:dalle_sample_grid",
+}
 
 
 def build_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentConfig, Task]:

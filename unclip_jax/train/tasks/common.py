@@ -110,3 +110,21 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
 def ema_or_raw(cfg, state):
     """The params an evaluation or a sample grid reads: the EMA params when the run keeps them."""
     return state.ema_params if cfg.train.ema_decay > 0 else state.params
+
+
+def sample_placer(cfg, n: int):
+    """``place(tree)``: host arrays of a sample grid's ``n`` rows split over the run's mesh as
+    a training batch is (left whole when ``n`` does not split over it), so grids sample with
+    every device."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    if n % sharding.batch_divisor(mesh):
+        return lambda tree: tree
+    return lambda tree: sharding.from_host(tree, lambda ndim: sharding.batch_sharding(mesh,
+                                                                                       ndim))
+
+
+def validation_rows(cfg, n: int, tokenizer=None) -> dict:
+    """The first ``n`` validation examples, the same rows on every process."""
+    val = input_pipeline.make_batches(cfg.data, "validation", batch_size=n, tokenizer=tokenizer,
+                                      train=False, process_index=0, process_count=1)
+    return val.local_numpy(0)

@@ -17,7 +17,10 @@ from unclip_jax import input_pipeline, runs, sharding
 from unclip_jax.models import dalle as DL
 from unclip_jax.models import dvae as V
 from unclip_jax.train.loop import Task
-from unclip_jax.train.tasks.common import ema_or_raw, ensure_dataset, ensure_tokenizer
+from unclip_jax.text import Tokenizer
+from unclip_jax.train.tasks.common import (ema_or_raw, ensure_dataset, ensure_tokenizer,
+                                           image_grid, sample_placer, tokenizer_path,
+                                           validation_rows)
 
 
 def dvae_task(cfg, workdir):
@@ -146,3 +149,23 @@ def dalle_task(cfg, workdir: str | Path):
         evaluate=evaluate,
     )
     return cfg, task
+
+
+def dalle_sample_grid(cfg, workdir: str | Path):
+    """``(state, step) -> {"dalle": grid}``: DALL·E's samples (temperature 1, no guidance, no
+    reranking, a fixed seed) for the captions of the first ``train.sample_count`` validation
+    examples, decoded by the frozen dVAE. Rows: the validation images, the samples."""
+    mcfg, n = cfg.model, cfg.train.sample_count
+    tok = Tokenizer.load(tokenizer_path(cfg.data, workdir))
+    batch = validation_rows(cfg, n, tok)
+    dvae_model, dvae_params = runs.load_dvae(mcfg.dvae_workdir)
+    draw = jax.jit(lambda params, text, rng: V.decode(dvae_model, dvae_params,
+                                                      DL.sample(mcfg, params, text, rng)))
+    place = sample_placer(cfg, n)
+    text = place(np.asarray(batch["tokens"], np.int32))
+
+    def samples(state, step) -> dict:
+        out = draw(ema_or_raw(cfg, state), text, jax.random.PRNGKey(cfg.train.seed))
+        return {"dalle": image_grid([batch["image"], sharding.fetch(out)])}
+
+    return samples

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax import embeddings, input_pipeline, runs, sharding
@@ -15,7 +16,8 @@ from unclip_jax.models.clip import FrozenCLIP
 from unclip_jax.text import Tokenizer
 from unclip_jax.train.loop import Task
 from unclip_jax.train.tasks.common import (ema_or_raw, ensure_dataset, ensure_tokenizer,
-                                           image_grid, tokenizer_path)
+                                           image_grid, sample_placer, tokenizer_path,
+                                           validation_rows)
 
 
 def decoder_task(cfg, workdir):
@@ -118,9 +120,7 @@ def decoder_sample_grid(cfg: ExperimentConfig, workdir: str | Path):
     mcfg, n = cfg.model, cfg.train.sample_count
     clip = runs.load_clip(mcfg.clip_workdir)
     tok = Tokenizer.load(tokenizer_path(cfg.data, workdir))
-    val = input_pipeline.make_batches(cfg.data, "validation", batch_size=n, tokenizer=tok,
-                                      train=False, process_index=0, process_count=1)
-    batch = val.local_numpy(0)                        # the same rows on every process
+    batch = validation_rows(cfg, n, tok)
     images, tokens = batch["image"], batch["tokens"]
     emb = np.asarray(jax.jit(FrozenCLIP.embed_images)(clip, images))
     clip_text = uncond_text = None
@@ -128,13 +128,7 @@ def decoder_sample_grid(cfg: ExperimentConfig, workdir: str | Path):
         clip_text = jax.tree.map(np.asarray, D.decoder_text_features(clip.encode_text(tokens)))
         uncond_text = jax.tree.map(np.asarray, D.batched(
             D.empty_caption_features(clip, tok, mcfg.context_length), n))
-    mesh = sharding.make_mesh(cfg.mesh)
-    split = n % sharding.batch_divisor(mesh) == 0
-
-    def place(tree):
-        if not split:
-            return tree
-        return sharding.from_host(tree, lambda ndim: sharding.batch_sharding(mesh, ndim))
+    place = sample_placer(cfg, n)
 
     def samples(state, step) -> dict:
         params = ema_or_raw(cfg, state)
@@ -145,5 +139,24 @@ def decoder_sample_grid(cfg: ExperimentConfig, workdir: str | Path):
                               uncond_clip_text=(place(uncond_text) if uncond_text is not None
                                                 else None))
         return {"decoder": image_grid([images, sharding.fetch(out)])}
+
+    return samples
+
+
+def upsampler_sample_grid(cfg: ExperimentConfig, workdir: str | Path):
+    """``(state, step) -> {"upsampler": grid}``: the first ``train.sample_count`` validation
+    images box-downsampled by the factor (as in training, without the augmentation) and
+    upsampled by the model's own sampler settings with a fixed seed. Rows: the low-res input
+    (nearest-neighbour enlarged), the samples, the real images."""
+    mcfg, n = cfg.model, cfg.train.sample_count
+    real = validation_rows(cfg, n)["image"]
+    low = np.asarray(D.box_downsample(jnp.asarray(real, jnp.float32), mcfg.factor))
+    shown = low.repeat(mcfg.factor, axis=1).repeat(mcfg.factor, axis=2)
+    place = sample_placer(cfg, n)
+
+    def samples(state, step) -> dict:
+        out = D.upsample_images(ema_or_raw(cfg, state), mcfg, place(low),
+                                rng=jax.random.PRNGKey(cfg.train.seed))
+        return {"upsampler": image_grid([shown, sharding.fetch(out), real])}
 
     return samples
