@@ -198,3 +198,91 @@ def test_prior_grid_renders_true_and_sampled_embeddings(setup, tmp_path):
     expect = tasks.image_grid([want[:4], want[4:]])
     assert grid.shape == expect.shape == (2 * RES, 4 * RES, 3)
     assert np.abs(grid.astype(int) - expect).max() <= 1
+
+
+# ----------------------------------------------------------------------------- train.evals
+
+
+def test_generator_evals_on_closed_forms(setup):
+    """The evaluators' wiring on known answers: samples equal to the real images give
+    FD_CLIP 0 and the CLIP score of the real images; rendered scenes judged against their own
+    captions score 1, against captions with another colour 0."""
+    from unclip_jax import shapes
+    from unclip_jax.eval import metrics
+    from unclip_jax.train.tasks import evals
+
+    root, data, clip_dir = setup
+    real = np.random.default_rng(0).uniform(-1, 1, (6, RES, RES, 3)).astype(np.float32)
+    caps = [f"sample 2 {i}" for i in range(6)]
+    cfg = decoder_cfg(data, clip_dir, evals=("clip_score", "fd_clip"))
+    out = evals.generator_evaluate(cfg, lambda state: evals.Generated(real.copy(), caps, real),
+                                   str(clip_dir))(None, 0)
+    frozen = runs.load_clip(clip_dir)
+    feats = metrics.ClipFeatures(frozen.config, frozen.params, Tokenizer.load(data.tokenizer))
+    assert out["fd_clip"] == pytest.approx(0.0, abs=1e-6)
+    assert out["clip_score"] == pytest.approx(
+        float(np.mean(metrics.clip_scores(feats.images(real), feats.texts(caps)))), rel=1e-5)
+
+    scenes = [shapes.sample_scene(0, i, "test", num_objects=1) for i in range(8)]
+    renders = np.stack([shapes.render(s, 64) for s in scenes]) / 127.5 - 1
+    right = [shapes.caption(s) for s in scenes]
+    # the same captions with every shape swapped for the next one: nothing right
+    wrong = [c.replace(s.objects[0].shape, shapes.SHAPES[(shapes.SHAPES.index(
+        s.objects[0].shape) + 1) % len(shapes.SHAPES)]) for c, s in zip(right, scenes)]
+    shapes_cfg = dataclasses.replace(
+        cfg, data=DataConfig(name="captioned_shapes/r64"),
+        train=dataclasses.replace(cfg.train, evals=("shapes_judge",)))
+    judged = {c is right: evals.generator_evaluate(
+        shapes_cfg, lambda state, c=c: evals.Generated(renders, c), "")(None, 0)
+        for c in (right, wrong)}
+    assert judged[True]["shapes_judge/single_colour_shape"] == 1.0
+    assert judged[False]["shapes_judge/single_colour_shape"] == 0.0
+
+
+def test_decoder_evals_during_training(setup, tmp_path):
+    """``train.evals`` replaces the decoder's evaluation: every eval step logs the chosen
+    evaluators (on ``train.eval_count`` samples) and nothing else."""
+    root, data, clip_dir = setup
+    cfg = decoder_cfg(data, clip_dir, sample_every=0, eval_every=2, eval_at_end=True,
+                      evals=("clip_score", "fd_clip"), eval_count=4)
+    _train(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evaluated] == [2, 4]
+    for r in evaluated:
+        assert {k for k in r if k.startswith("eval")} == {"eval/clip_score", "eval/fd_clip"}
+        assert np.isfinite(r["eval/fd_clip"]) and 0 <= r["eval/clip_score"] <= 100
+
+
+@pytest.mark.parametrize("task, train, data, message", [
+    ("decoder", {"evals": ("fid",)}, {},
+     "'fid' is not an evaluation of the 'decoder' task; accepted: clip_score, fd_clip, "
+     "shapes_judge"),
+    ("clip", {"evals": ("clip_score",)}, {},
+     "'clip_score' is not an evaluation of the 'clip' task; accepted: retrieval, zero_shot"),
+    ("dvae", {"evals": ("clip_score",)}, {},
+     "the 'dvae' task has only its own evaluation"),
+    ("decoder", {"evals": ("clip_score",), "eval_count": 0}, {},
+     "train.eval_count is a number of samples ≥ 1, got 0"),
+    ("decoder", {"evals": ("shapes_judge",)}, {},
+     "shapes_judge reads captioned-shapes prompts, and the data is 'grids'"),
+    ("clip", {"evals": ("zero_shot",)}, {},
+     "zero_shot classifies captioned-shapes attributes, and the data is 'grids'"),
+    ("upsampler", {"evals": ("fd_clip",)}, {},
+     "the 'upsampler' model names none; set train.eval_clip to a trained CLIP run"),
+])
+def test_bad_evals_are_refused(setup, tmp_path, task, train, data, message):
+    from unclip_jax.models import decoder as D
+    from unclip_jax.models.clip import CLIPConfig as C
+
+    root, setup_data, clip_dir = setup
+    cfg = decoder_cfg(setup_data, clip_dir, sample_every=0, **train)
+    model = {"decoder": cfg.model, "clip": C(embed_dim=8, patch_size=8, vision_width=16,
+                                             vision_layers=1, vision_heads=2, text_width=16,
+                                             text_layers=1, text_heads=2),
+             "dvae": None, "upsampler": D.UpsamplerConfig(low_res_size=RES // 2,
+                                                          base_channels=16, channel_mult=(1,),
+                                                          num_res_blocks=1)}[task]
+    cfg = dataclasses.replace(cfg, task=task, model=model)
+    with pytest.raises(ValueError, match=message):
+        tasks.build_task(cfg, tmp_path)

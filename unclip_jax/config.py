@@ -92,8 +92,12 @@ class TrainConfig:
     sample_every: int = 0                # > 0: a sample grid every N steps (and at the end),
                                          # PNG in <workdir>/samples and to the writers
     sample_count: int = 8                # samples in the grid (fixed inputs and seed)
-    sample_decoder: str = ""             # priors' grids: a trained decoder run that renders
-                                         # the sampled image embeddings
+    sample_decoder: str = ""             # priors' grids and evals: a trained decoder run
+                                         # that renders the sampled image embeddings
+    evals: tuple[str, ...] = ()          # evaluations every eval_every steps (train/tasks/
+                                         # evals.py); empty: the task's own evaluation
+    eval_count: int = 64                 # generators' evals: samples (first validation rows)
+    eval_clip: str = ""                  # generators' evals: the CLIP run ("" = the model's)
     writers: tuple[str, ...] = ("tensorboard",)   # besides metrics.jsonl: tensorboard, wandb
     wandb_project: str = ""              # W&B project ("" = unclip_jax), with writers=…,wandb
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from unclip_jax.config import ExperimentConfig
 from unclip_jax.train.loop import Task
+from unclip_jax.train.tasks import evals
 from unclip_jax.train.tasks.common import (TOKENIZER_CAPTIONS, ema_or_raw, ensure_dataset,
                                            ensure_tokenizer, image_grid, tokenizer_path)
 
@@ -43,8 +44,25 @@ SAMPLE_GRIDS = {
     "dalle": "unclip_jax.train.tasks.dalle:dalle_sample_grid",
 }
 
+# Task name -> "module:function" drawing samples for the evaluations of ``train.evals``,
+# ``(cfg, workdir, n) -> generate(state) -> evals.Generated`` (the generators).
+GENERATORS = {
+    "decoder": "unclip_jax.train.tasks.decoder:decoder_generate",
+    "upsampler": "unclip_jax.train.tasks.decoder:upsampler_generate",
+    "prior": "unclip_jax.train.tasks.prior:prior_generate",
+    "prior_ar": "unclip_jax.train.tasks.prior:prior_generate",
+    "dalle": "unclip_jax.train.tasks.dalle:dalle_generate",
+}
+
+
+def _load(spec: str):
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
 
 def build_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentConfig, Task]:
+    """``(resolved cfg, Task)`` of ``cfg.task``, with its sample grids (``train.sample_every``)
+    and the evaluations of ``train.evals`` in place of its own."""
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; accepted: {', '.join(sorted(TASKS))}")
     if cfg.train.sample_every and cfg.task not in SAMPLE_GRIDS:
@@ -54,14 +72,27 @@ def build_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCo
     if cfg.train.sample_every < 0 or cfg.train.sample_count < 1:
         raise ValueError(f"train.sample_every ≥ 0 and train.sample_count ≥ 1 are accepted, "
                          f"got {cfg.train.sample_every} and {cfg.train.sample_count}")
-    module, _, fn = TASKS[cfg.task].partition(":")
-    cfg, task = getattr(importlib.import_module(module), fn)(cfg, workdir)
+    if cfg.train.evals:
+        if cfg.task == "clip":
+            evals.check_evals(cfg.train.evals, evals.CLIP_EVALS, cfg.task)
+        elif cfg.task in GENERATORS:
+            evals.check_evals(cfg.train.evals, evals.GENERATOR_EVALS, cfg.task)
+        else:
+            raise ValueError(f"train.evals: the {cfg.task!r} task has only its own evaluation; "
+                             f"configurable evaluations exist for clip and "
+                             f"{', '.join(sorted(GENERATORS))}; set train.evals=")
+        if cfg.train.eval_count < 1:
+            raise ValueError(f"train.eval_count is a number of samples ≥ 1, got "
+                             f"{cfg.train.eval_count}")
+    cfg, task = _load(TASKS[cfg.task])(cfg, workdir)
     if cfg.train.sample_every and task.samples is None:
-        module, _, fn = SAMPLE_GRIDS[cfg.task].partition(":")
-        task = dataclasses.replace(
-            task, samples=getattr(importlib.import_module(module), fn)(cfg, workdir))
+        task = dataclasses.replace(task, samples=_load(SAMPLE_GRIDS[cfg.task])(cfg, workdir))
+    if cfg.train.evals and cfg.task in GENERATORS:
+        generate = _load(GENERATORS[cfg.task])(cfg, workdir, cfg.train.eval_count)
+        task = dataclasses.replace(task, evaluate=evals.generator_evaluate(
+            cfg, generate, getattr(cfg.model, "clip_workdir", "")))
     return cfg, task
 
 
-__all__ = ["SAMPLE_GRIDS", "TASKS", "TOKENIZER_CAPTIONS", "build_task", "ema_or_raw",
+__all__ = ["GENERATORS", "SAMPLE_GRIDS", "TASKS", "TOKENIZER_CAPTIONS", "build_task", "ema_or_raw",
            "ensure_dataset", "ensure_tokenizer", "image_grid", "tokenizer_path"]

@@ -59,9 +59,20 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
                                            tokenizer=tok, mesh=mesh, train=True, start=start,
                                            caption_fn=caption_fn, example_fn=example_fn)
 
+    # train.evals: the evaluations asked for, logged as eval/<name>/<metric> by the loop; none: both
+    # (zero-shot on captioned shapes), with the names the task always logged
+    chosen = tuple(cfg.train.evals)
+    shapes = cfg.data.name.startswith("captioned_shapes") and not cfg.data.shards
+    if "zero_shot" in chosen and not shapes:
+        raise ValueError(f"train.evals: zero_shot classifies captioned-shapes attributes, and "
+                         f"the data is {cfg.data.name!r}; drop it from train.evals")
+
     def evaluate(state, step) -> dict:
         params = ema_or_raw(cfg, state)
         out = {}
+        if chosen and "retrieval" not in chosen:
+            return {f"zero_shot/{k}": v for k, v in shapes_eval.zero_shot_accuracy(
+                model, params, tokenize, image_size=cfg.data.image_size).items()}
         # Retrieval on validation: image→text top-1 within batches of the training size.
         # every process reads the whole evaluation batch (the same numpy on each, so jit sees
         # one replicated input); the embeddings, split over the mesh, are gathered by fetch
@@ -76,8 +87,14 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
             pred = np.argmax(img[keep] @ txt[keep].T, axis=1)
             hits += float(np.sum(pred == np.arange(keep.sum())))
             n += int(keep.sum())
+        if chosen:
+            out["retrieval/i2t_top1"] = hits / max(n, 1)
+            if "zero_shot" in chosen:
+                out.update({f"zero_shot/{k}": v for k, v in shapes_eval.zero_shot_accuracy(
+                    model, params, tokenize, image_size=cfg.data.image_size).items()})
+            return out
         out["val_i2t_top1"] = hits / max(n, 1)
-        if cfg.data.name.startswith("captioned_shapes") and not cfg.data.shards:
+        if shapes:
             out.update(shapes_eval.zero_shot_accuracy(model, params, tokenize,
                                                       image_size=cfg.data.image_size))
         return out

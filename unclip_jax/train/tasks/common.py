@@ -124,7 +124,8 @@ def sample_placer(cfg, n: int):
 
 
 def validation_rows(cfg, n: int, tokenizer=None) -> dict:
-    """The first ``n`` validation examples, the same rows on every process."""
+    """The first ``n`` validation examples (captions included), the same rows on every
+    process."""
     val = input_pipeline.make_batches(cfg.data, "validation", batch_size=n, tokenizer=tokenizer,
                                       train=False, process_index=0, process_count=1)
-    return val.local_numpy(0)
+    return val.local_numpy(0, captions=True)

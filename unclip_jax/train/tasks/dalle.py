@@ -21,6 +21,7 @@ from unclip_jax.text import Tokenizer
 from unclip_jax.train.tasks.common import (ema_or_raw, ensure_dataset, ensure_tokenizer,
                                            image_grid, sample_placer, tokenizer_path,
                                            validation_rows)
+from unclip_jax.train.tasks.evals import Generated
 
 
 def dvae_task(cfg, workdir):
@@ -151,21 +152,33 @@ def dalle_task(cfg, workdir: str | Path):
     return cfg, task
 
 
-def dalle_sample_grid(cfg, workdir: str | Path):
-    """``(state, step) -> {"dalle": grid}``: DALL·E's samples (temperature 1, no guidance, no
-    reranking, a fixed seed) for the captions of the first ``train.sample_count`` validation
-    examples, decoded by the frozen dVAE. Rows: the validation images, the samples."""
-    mcfg, n = cfg.model, cfg.train.sample_count
+def dalle_generate(cfg, workdir: str | Path, n: int):
+    """``generate(state) -> Generated``: DALL·E's samples (temperature 1, no guidance, no
+    reranking, a fixed seed) for the captions of the first ``n`` validation examples, decoded by
+    the frozen dVAE; ``real`` = those examples' images."""
+    mcfg = cfg.model
     tok = Tokenizer.load(tokenizer_path(cfg.data, workdir))
     batch = validation_rows(cfg, n, tok)
     dvae_model, dvae_params = runs.load_dvae(mcfg.dvae_workdir)
     draw = jax.jit(lambda params, text, rng: V.decode(dvae_model, dvae_params,
                                                       DL.sample(mcfg, params, text, rng)))
-    place = sample_placer(cfg, n)
-    text = place(np.asarray(batch["tokens"], np.int32))
+    text = sample_placer(cfg, n)(np.asarray(batch["tokens"], np.int32))
+
+    def generate(state) -> Generated:
+        out = draw(ema_or_raw(cfg, state), text, jax.random.PRNGKey(cfg.train.seed))
+        return Generated(sharding.fetch(out), [str(c) for c in batch["caption"]],
+                         real=batch["image"])
+
+    return generate
+
+
+def dalle_sample_grid(cfg, workdir: str | Path):
+    """``(state, step) -> {"dalle": grid}``: :func:`dalle_generate` for the first
+    ``train.sample_count`` validation examples. Rows: their images, the samples."""
+    generate = dalle_generate(cfg, workdir, cfg.train.sample_count)
 
     def samples(state, step) -> dict:
-        out = draw(ema_or_raw(cfg, state), text, jax.random.PRNGKey(cfg.train.seed))
-        return {"dalle": image_grid([batch["image"], sharding.fetch(out)])}
+        out = generate(state)
+        return {"dalle": image_grid([out.real, out.images])}
 
     return samples

@@ -18,6 +18,7 @@ from unclip_jax.train.loop import Task
 from unclip_jax.train.tasks.common import (ema_or_raw, ensure_dataset, ensure_tokenizer,
                                            image_grid, sample_placer, tokenizer_path,
                                            validation_rows)
+from unclip_jax.train.tasks.evals import Generated
 
 
 def decoder_task(cfg, workdir):
@@ -110,14 +111,13 @@ def upsampler_task(cfg, workdir):
     return cfg, task
 
 
-def decoder_sample_grid(cfg: ExperimentConfig, workdir: str | Path):
-    """``(state, step) -> {"decoder": grid}``: the decoder's samples from the CLIP image
-    embeddings (and captions) of the first ``train.sample_count`` validation images, with a
-    fixed seed (``train.seed``) and the model's own sampling settings (``sample_steps``,
-    guidance), through ``models.decoder.sample_images`` (the shared jitted sampler the
-    pipelines use) with the batch sharded as the training batch is. Grid rows: the validation
-    images, then the samples (EMA params when the run keeps them)."""
-    mcfg, n = cfg.model, cfg.train.sample_count
+def decoder_generate(cfg: ExperimentConfig, workdir: str | Path, n: int):
+    """``generate(state) -> Generated``: the decoder's samples from the CLIP image embeddings
+    (and captions) of the first ``n`` validation images, with a fixed seed (``train.seed``)
+    and the model's own sampling settings (``sample_steps``, guidance), through
+    ``models.decoder.sample_images`` (the shared jitted sampler) with the batch sharded as the
+    training batch is (EMA params when the run keeps them)."""
+    mcfg = cfg.model
     clip = runs.load_clip(mcfg.clip_workdir)
     tok = Tokenizer.load(tokenizer_path(cfg.data, workdir))
     batch = validation_rows(cfg, n, tok)
@@ -130,33 +130,59 @@ def decoder_sample_grid(cfg: ExperimentConfig, workdir: str | Path):
             D.empty_caption_features(clip, tok, mcfg.context_length), n))
     place = sample_placer(cfg, n)
 
-    def samples(state, step) -> dict:
-        params = ema_or_raw(cfg, state)
-        out = D.sample_images(params, mcfg, place(emb),
+    def generate(state) -> Generated:
+        out = D.sample_images(ema_or_raw(cfg, state), mcfg, place(emb),
                               place(tokens) if mcfg.use_text else None,
                               rng=jax.random.PRNGKey(cfg.train.seed),
                               clip_text=place(clip_text) if clip_text is not None else None,
                               uncond_clip_text=(place(uncond_text) if uncond_text is not None
                                                 else None))
-        return {"decoder": image_grid([images, sharding.fetch(out)])}
+        return Generated(sharding.fetch(out), [str(c) for c in batch["caption"]], real=images)
+
+    return generate
+
+
+def decoder_sample_grid(cfg: ExperimentConfig, workdir: str | Path):
+    """``(state, step) -> {"decoder": grid}``: :func:`decoder_generate` for the first
+    ``train.sample_count`` validation images. Rows: the validation images, the samples."""
+    generate = decoder_generate(cfg, workdir, cfg.train.sample_count)
+
+    def samples(state, step) -> dict:
+        out = generate(state)
+        return {"decoder": image_grid([out.real, out.images])}
 
     return samples
 
 
-def upsampler_sample_grid(cfg: ExperimentConfig, workdir: str | Path):
-    """``(state, step) -> {"upsampler": grid}``: the first ``train.sample_count`` validation
-    images box-downsampled by the factor (as in training, without the augmentation) and
-    upsampled by the model's own sampler settings with a fixed seed. Rows: the low-res input
-    (nearest-neighbour enlarged), the samples, the real images."""
-    mcfg, n = cfg.model, cfg.train.sample_count
-    real = validation_rows(cfg, n)["image"]
+def upsampler_generate(cfg: ExperimentConfig, workdir: str | Path, n: int):
+    """``generate(state) -> Generated``: the first ``n`` validation images box-downsampled by
+    the factor (as in training, without the augmentation) and upsampled with the model's own
+    sampler settings and a fixed seed; ``real`` = the images."""
+    mcfg = cfg.model
+    batch = validation_rows(cfg, n)
+    real = batch["image"]
     low = np.asarray(D.box_downsample(jnp.asarray(real, jnp.float32), mcfg.factor))
-    shown = low.repeat(mcfg.factor, axis=1).repeat(mcfg.factor, axis=2)
     place = sample_placer(cfg, n)
 
-    def samples(state, step) -> dict:
+    def generate(state) -> Generated:
         out = D.upsample_images(ema_or_raw(cfg, state), mcfg, place(low),
                                 rng=jax.random.PRNGKey(cfg.train.seed))
-        return {"upsampler": image_grid([shown, sharding.fetch(out), real])}
+        return Generated(sharding.fetch(out), [str(c) for c in batch["caption"]], real=real,
+                         inputs=low)
+
+    return generate
+
+
+def upsampler_sample_grid(cfg: ExperimentConfig, workdir: str | Path):
+    """``(state, step) -> {"upsampler": grid}``: :func:`upsampler_generate` for the first
+    ``train.sample_count`` validation images. Rows: the low-res input (nearest-neighbour
+    enlarged), the samples, the real images."""
+    f = cfg.model.factor
+    generate = upsampler_generate(cfg, workdir, cfg.train.sample_count)
+
+    def samples(state, step) -> dict:
+        out = generate(state)
+        shown = out.inputs.repeat(f, axis=1).repeat(f, axis=2)
+        return {"upsampler": image_grid([shown, out.images, out.real])}
 
     return samples

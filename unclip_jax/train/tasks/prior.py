@@ -19,6 +19,7 @@ from unclip_jax.models import prior as P
 from unclip_jax.models import prior_ar as PA
 from unclip_jax.train.loop import Task
 from unclip_jax.train.tasks.common import ema_or_raw, image_grid
+from unclip_jax.train.tasks.evals import Generated
 
 
 def prior_task(cfg, workdir):
@@ -135,30 +136,31 @@ def prior_ar_task(cfg, workdir: str | Path):
     return cfg, task
 
 
-def prior_sample_grid(cfg, workdir: str | Path):
-    """``(state, step) -> {"prior": grid}`` for both priors: image embeddings sampled (a fixed
-    seed, the model's own settings) for the captions of the first ``train.sample_count``
-    validation rows of the embedding cache, rendered by the trained decoder
-    ``train.sample_decoder`` (its own sampler settings, the caption's tokens). Rows: the
-    decoder's images of the true CLIP image embeddings, then of the prior's."""
-    mcfg, n = cfg.model, cfg.train.sample_count
+def prior_generate(cfg, workdir: str | Path, n: int):
+    """``generate(state) -> Generated`` for both priors: image embeddings sampled (a fixed seed,
+    the model's own settings) for the captions of the first ``n`` validation rows of the
+    embedding cache, rendered by the trained decoder ``train.sample_decoder`` (its own sampler
+    settings, the caption's tokens); ``real`` = the same decoder's images of the rows' true CLIP
+    image embeddings, ``real_features`` = those embeddings."""
+    mcfg = cfg.model
     if not cfg.train.sample_decoder:
-        raise ValueError("the priors' sample grids are images of the sampled embeddings: set "
-                         "train.sample_decoder to a trained decoder run (e.g. "
-                         "runs/demo/decoder), or train.sample_every=0")
+        raise ValueError("the priors' sample grids and evaluations are images of the sampled "
+                         "embeddings: set train.sample_decoder to a trained decoder run (e.g. "
+                         "runs/demo/decoder), or train.sample_every=0 and train.evals=")
     dec_params, dcfg = runs.load_decoder(cfg.train.sample_decoder)
     if dcfg.clip_dim != mcfg.embed_dim or dcfg.clip_text_width > 0:
         raise ValueError(f"train.sample_decoder {cfg.train.sample_decoder!r} reads "
                          f"{dcfg.clip_dim}-d embeddings (clip_text_width {dcfg.clip_text_width}); "
                          f"the prior makes {mcfg.embed_dim}-d ones: accepted, a decoder of the "
                          f"prior's CLIP without CLIP text features")
-    # the decoder's params on every device of the run's mesh (the grid samples inside it)
+    # the decoder's params on every device of the run's mesh (it samples inside it)
     dec_params = sharding.from_host(dec_params, sharding.replicated(sharding.make_mesh(cfg.mesh)))
     cache = mcfg.embeddings_dir or str(Path(workdir) / "embeddings")
     val = {k: v[:n] for k, v in embeddings.load_split(cache, "validation").items()}
     inputs = {"text_emb": val["text_emb"].astype(np.float32),
               "text_states": val["text_states"].astype(np.float32),
               "text_tokens": val["text_tokens"].astype(np.int32)}
+    true_emb = val["image_emb"].astype(np.float32)
     if cfg.task == "prior_ar":
         pca, sim = PA.load_quantizers(Path(workdir) / PA.QUANTIZER_FILE)
         draw = PA.make_sampler(mcfg, pca, sim)
@@ -168,13 +170,28 @@ def prior_sample_grid(cfg, workdir: str | Path):
     tokens = D.fit_tokens(jnp.asarray(inputs["text_tokens"]), dcfg.context_length,
                           dcfg.pad_id) if dcfg.use_text else None
     tokens2 = None if tokens is None else jnp.concatenate([tokens, tokens])
+    m = len(true_emb)
 
-    def samples(state, step) -> dict:
+    def generate(state) -> Generated:
         rng = jax.random.PRNGKey(cfg.train.seed)
         emb = sharding.fetch(draw(ema_or_raw(cfg, state), inputs, rng))
-        both = np.concatenate([val["image_emb"].astype(np.float32), emb])
-        images = sharding.fetch(D.sample_images(dec_params, dcfg, both, tokens2,
+        images = sharding.fetch(D.sample_images(dec_params, dcfg,
+                                                np.concatenate([true_emb, emb]), tokens2,
                                                 rng=jax.random.fold_in(rng, 1)))
-        return {"prior": image_grid([images[:n], images[n:]])}
+        return Generated(images[m:], [str(c) for c in val["caption"]], real=images[:m],
+                         real_features=true_emb)
+
+    return generate
+
+
+def prior_sample_grid(cfg, workdir: str | Path):
+    """``(state, step) -> {"prior": grid}``: :func:`prior_generate` for the first
+    ``train.sample_count`` validation rows. Rows: the decoder's images of the true CLIP image
+    embeddings, then of the prior's."""
+    generate = prior_generate(cfg, workdir, cfg.train.sample_count)
+
+    def samples(state, step) -> dict:
+        out = generate(state)
+        return {"prior": image_grid([out.real, out.images])}
 
     return samples
