@@ -238,6 +238,19 @@ class RowMetrics:
                 self.judged[key][1] += n
         return self
 
+    def per_caption_diversity(self) -> float:
+        """Mean CLIP-feature distance between two samples of the same caption (the same
+        training run, two sampling seeds), over captions and seed pairs: the diversity of one
+        prompt's samples, which the paper's Figs. 9–11 are about (``diversity`` pools every
+        prompt, so different prompts dominate it). NaN with one seed."""
+        groups: dict = {}
+        for key, parts in self.per_seed.items():
+            groups.setdefault(key[0] if isinstance(key, tuple) else 0, []).append(
+                np.concatenate(parts))
+        dists = [np.linalg.norm(a - b, axis=1) for fs in groups.values()
+                 for i, a in enumerate(fs) for b in fs[i + 1:]]
+        return float(np.mean(np.concatenate(dists))) if dists else float("nan")
+
     def result(self, real_stats) -> dict:
         from unclip_jax.eval import metrics
 
@@ -250,7 +263,8 @@ class RowMetrics:
                "fd_clip_per_seed": {s: metrics.frechet_distance(
                    real_stats, metrics.FeatureStats.of(np.concatenate(v)))
                    for s, v in self.per_seed.items()},
-               "diversity": metrics.mean_pairwise_distance(feats)}
+               "diversity": metrics.mean_pairwise_distance(feats),
+               "diversity_per_caption": self.per_caption_diversity()}
         for key, name in (("single", "fidelity"), ("two", "binding"),
                           ("relation", "relation")):
             k, n = self.judged[key]
@@ -323,16 +337,17 @@ def pct(p: float, se: float | None = None) -> str:
 
 def row_cells(r: dict) -> list[str]:
     """The standard metric cells: fidelity, binding, relation, CLIP score, FD_CLIP (per-seed),
-    diversity."""
+    diversity (all samples), diversity per caption."""
     seeds = ", ".join(f"{v:.3f}" for _, v in sorted(r["fd_clip_per_seed"].items()))
     return [pct(r["fidelity"], r["fidelity_se"]), pct(r["binding"], r["binding_se"]),
             pct(r["relation"], r["relation_se"]),
             f"{r['clip_score']:.1f} ± {r['clip_score_se']:.1f}",
-            f"{r['fd_clip']:.3f} ({seeds})", f"{r['diversity']:.3f}"]
+            f"{r['fd_clip']:.3f} ({seeds})", f"{r['diversity']:.3f}",
+            f"{r.get('diversity_per_caption', float('nan')):.3f}"]
 
 
 METRIC_HEADER = ["fidelity (1 obj)", "binding (2 obj)", "relation", "CLIP score",
-                 "FD_CLIP pooled (per seed)", "diversity"]
+                 "FD_CLIP pooled (per seed)", "diversity", "diversity per caption"]
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -108,7 +108,8 @@ def main(argv=None) -> dict:
     common.save_json("glide", data)
     panels = []
     for key, title in (("fidelity", "fidelity (1 obj)"), ("binding", "binding (2 obj)"),
-                       ("relation", "relation"), ("diversity", "diversity (CLIP features)"),
+                       ("relation", "relation"),
+                       ("diversity_per_caption", "diversity per caption (CLIP features)"),
                        ("fd_clip", "FD_CLIP")):
         panels.append({"title": title, "xlabel": "decoder guidance", "ylabel": key,
                        "series": [(f, args.scales, [rows[f, s][key] for s in args.scales])
