@@ -289,6 +289,7 @@ def _samples(workdir: Path) -> dict:
 
     from unclip_jax import shapes
     from unclip_jax.eval import metrics
+    from unclip_jax.images import save_grid
     from unclip_jax.pipelines import manipulate, unclip
 
     out = workdir / "samples.json"
@@ -312,7 +313,7 @@ def _samples(workdir: Path) -> dict:
     images = unclip.generate(model, shown[:8], seed=1)
     scores["generate_8_after_compile_s"] = round(time.perf_counter() - t0, 2)
     images = np.concatenate([images, unclip.generate(model, shown[8:], seed=2)])
-    manipulate.write_grid(images, workdir / "samples.png", columns=8)
+    save_grid(images, workdir / "samples.png", columns=8)
     if _writer():
         (workdir / "samples.txt").write_text("\n".join(shown) + "\n")
     scenes = [shapes.sample_scene(7, i, "test", num_objects=1) for i in range(4)]
@@ -320,7 +321,7 @@ def _samples(workdir: Path) -> dict:
     rows = [np.concatenate([shapes.render(s, model.resolution)[None],
                             manipulate.variations(model, r, n=4, seed=i)])
             for i, (s, r) in enumerate(zip(scenes, renders))]
-    manipulate.write_grid([np.asarray(r, np.uint8) for r in rows], workdir / "variations.png")
+    save_grid([np.asarray(r, np.uint8) for r in rows], workdir / "variations.png")
     if _writer():
         out.write_text(json.dumps(scores, indent=2) + "\n")
     return scores

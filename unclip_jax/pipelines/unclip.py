@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax import diffusion, sharding
-from unclip_jax.commands.decoder import to_uint8
+from unclip_jax.images import to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
 from unclip_jax.models.clip import CLIP, CLIPConfig, eos_positions
