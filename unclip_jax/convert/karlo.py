@@ -60,6 +60,8 @@ import numpy as np
 
 from unclip_jax.convert.clip import (ConversionError, _leaves, _set,
                                      normalize_state_dict)
+# Karlo's sampling schedule lives in the diffusion core (re-exported from its old home here).
+from unclip_jax.diffusion.schedule import karlo_schedule, karlo_timesteps  # noqa: F401
 from unclip_jax.models.decoder import DecoderConfig, UpsamplerConfig
 from unclip_jax.models.prior import PriorConfig
 
@@ -522,36 +524,6 @@ def convert_upsampler(config: Mapping, sd: Mapping[str, Any],
     spec, gates = _unet_spec(sd, len(cfg.channel_mult), cfg.num_res_blocks, set(), 0, False)
     assert not gates
     return cfg, _fill({"unet": spec}, sd, upsampler_shapes(cfg), "super-resolution U-Net")
-
-
-# ----------------------------------------------------------------------------- sampling schedule
-
-
-def karlo_timesteps(num_steps: int, num_timesteps: int = 1000) -> np.ndarray:
-    """The increasing timesteps diffusers' ``UnCLIPScheduler.set_timesteps`` visits:
-    ``round(k · (T − 1)/(n − 1))`` for k = 0 … n − 1 (both ends included; our default
-    respacing spaces them differently)."""
-    if num_steps < 2 or num_steps > num_timesteps:
-        raise ValueError(f"num_steps must be in [2, {num_timesteps}], got {num_steps}")
-    return np.unique(np.round(np.arange(num_steps) * (num_timesteps - 1) / (num_steps - 1))
-                     .astype(np.int64))
-
-
-def karlo_schedule(num_steps: int, num_timesteps: int = 1000, kind: str = "cosine"):
-    """Our ``kind`` :class:`~unclip_jax.diffusion.Schedule` (Karlo: cosine) respaced onto
-    Karlo's timesteps, so
-    the shared sampler's ``method="ddpm"`` takes exactly ``UnCLIPScheduler``'s steps (β of a
-    skip = 1 − ᾱ_t/ᾱ_prev, posterior mean and variance, x̂₀ clipping via ``clip_x0``)."""
-    from unclip_jax.diffusion.schedule import base_betas, from_betas
-
-    base = base_betas(kind, num_timesteps)
-    ac = np.cumprod(1.0 - base)
-    kept = karlo_timesteps(num_steps, num_timesteps)
-    betas, prev = [], -1
-    for t in kept:
-        betas.append(base[t] if t == prev + 1 else 1.0 - ac[t] / (ac[prev] if prev >= 0 else 1))
-        prev = t
-    return from_betas(np.array(betas), kept, kind="custom", base_num_timesteps=num_timesteps)
 
 
 # ----------------------------------------------------------------------------- pipeline folder

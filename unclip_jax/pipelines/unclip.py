@@ -379,7 +379,7 @@ def stage_schedule(kind: str, num_timesteps: int, steps: int, spacing: str = "ev
     """A stage's sampling schedule: ``steps`` of the ``kind`` schedule, spaced "even" (our
     :func:`~unclip_jax.diffusion.respace`, ``round(k·(T−1)/(n−1))``), "unclip" (diffusers'
     ``UnCLIPScheduler``: the same rule in its float arithmetic, which rounds some ties — e.g.
-    499.5 at 27 steps — the other way; :func:`unclip_jax.convert.karlo.karlo_schedule`) or
+    499.5 at 27 steps — the other way; :func:`unclip_jax.diffusion.karlo_schedule`) or
     "logsnr" (evenly in log-SNR, ``respace(…, "logsnrN")``) or "dpm" (diffusers'
     ``DPMSolverMultistepScheduler`` grid, ``respace(…, "dpmN")``): the grids the multistep
     DPM-Solver++ samplers want at few steps (docs/solvers.md)."""
@@ -387,9 +387,7 @@ def stage_schedule(kind: str, num_timesteps: int, steps: int, spacing: str = "ev
     if spacing in ("logsnr", "dpm"):
         return diffusion.make_schedule(kind, num_timesteps, f"{spacing}{int(steps)}")
     if spacing == "unclip":
-        from unclip_jax.convert.karlo import karlo_schedule
-
-        return karlo_schedule(int(steps), num_timesteps, kind)
+        return diffusion.karlo_schedule(int(steps), num_timesteps, kind)
     return diffusion.make_schedule(kind, num_timesteps, str(int(steps)))
 
 
