@@ -155,7 +155,6 @@ def _run_manipulation(fn):
 def _sample(args) -> None:
     from unclip_jax import shapes
     from unclip_jax.images import save_grid
-    from unclip_jax.pipelines import manipulate as M
     from unclip_jax.pipelines import unclip as U
 
     prompts = U.check_prompts(args.prompt)
