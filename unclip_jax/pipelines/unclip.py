@@ -1,21 +1,24 @@
 """unCLIP text → image (Ramesh et al. 2022) as one pure function under one ``jax.jit``.
 
-The chain (DESIGN §3): caption tokens ``[B, L]`` → CLIP text tower (token states ``[B, L, W]``
-and unit-norm text embedding ``[B, E]``) → diffusion prior (the shared sampler, classifier-free
+The chain: caption tokens ``[B, L]`` → CLIP text tower (token states ``[B, L, W]`` and
+unit-norm text embedding ``[B, E]``) → diffusion prior (the shared sampler, classifier-free
 guidance, ``k`` candidates per caption, the one with the highest dot product with the text
 embedding kept) → decoder (the shared sampler, guided against its learned nulls) →
 upsampler(s) (the shared sampler, few-step DDIM, no guidance) → images ``[B, H, W, 3]`` in
 [-1, 1]. Each stage samples with its config's method and timestep spacing (``sample_method``,
-``sample_spacing``) unless :class:`Settings` overrides them. Every stage is a pure function of its params; :func:`make_text_to_image` composes them
-into ``fn(params, tokens, rng, guidance)``. Static (one compile per value and input shape):
-step counts, methods, η, ``num_candidates``. Traced: ``guidance = (prior_scale,
-decoder_scale)``, so new guidance scales never recompile.
+``sample_spacing``) unless :class:`Settings` overrides them. Every stage is a pure function of
+its params; :func:`make_text_to_image` composes them into ``fn(params, tokens, rng,
+guidance)``. Static (one compile per value and input shape): step counts, methods, η,
+``num_candidates``. Traced: ``guidance = (prior_scale, decoder_scale)``, so new guidance scales
+never recompile.
 
-From a notebook, three lines::
+From a notebook, three calls::
 
     from unclip_jax.pipelines import unclip
-    model = unclip.load_unclip("runs/demo/clip", "runs/demo/tokenizer.model", "runs/demo/prior", "runs/demo/decoder", ["runs/demo/upsampler"])
-    images = unclip.generate(model, ["a big red circle above a small blue square"], seed=0)  # uint8 [1, H, W, 3]
+    model = unclip.load_unclip("runs/demo/clip", "runs/demo/tokenizer.model",
+                               "runs/demo/prior", "runs/demo/decoder", ["runs/demo/upsampler"])
+    images = unclip.generate(model, ["a big red circle above a small blue square"], seed=0)
+    # images: uint8 [1, H, W, 3]
 
 For full control: ``fn = unclip.make_text_to_image(model, unclip.Settings(decoder_steps=25))``
 then ``fn(model.params, tokens, jax.random.PRNGKey(0), (prior_scale, decoder_scale))``.
