@@ -64,7 +64,8 @@ def test_fast_decoder_matches_tfds(built):
     src = open_source(cfg, "train")
     assert isinstance(src, FastExamples)
     _same_examples(src, src.source)
-    assert [x["caption"] for x in src.__getitems__([2, 0])] == [src[2]["caption"], src[0]["caption"]]
+    assert ([x["caption"] for x in src.__getitems__([2, 0])]
+            == [src[2]["caption"], src[0]["caption"]])
 
 
 def test_batch_shapes_dtypes_ranges(built):

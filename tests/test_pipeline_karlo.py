@@ -2,10 +2,11 @@
 
 Main suite (numpy only): a tiny Karlo pipeline folder of synthetic diffusers-named tensors
 (``.npz``) goes through ``convert_checkpoint``, a tiny random CLIP is written as the CLIP
-converter writes its workdirs (with a tiny BPE vocabulary), and the whole stack through ``load_unclip`` + ``generate``
-and the CLI. Invariants that could fail: the caption "" is unaffected by either guidance scale
-(its conditional input *is* the unconditional one, the empty caption's encoding, in the prior
-and the decoder), the last-step handoff of the super-resolution stage, the spacing choice.
+converter writes its workdirs (with a tiny BPE vocabulary), and the whole stack through
+``load_unclip`` + ``generate`` and the CLI. Invariants that could fail: the caption "" is
+unaffected by either guidance scale (its conditional input *is* the unconditional one, the empty
+caption's encoding, in the prior and the decoder), the last-step handoff of the super-resolution
+stage, the spacing choice.
 
 Parity (``make parity``): the full guided chain — CLIP text tower, prior, decoder, one
 super-resolution stage with its last-step network — against diffusers' ``UnCLIPPipeline`` on

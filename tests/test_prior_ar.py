@@ -55,7 +55,9 @@ def test_quantization_error_is_closed_form_with_all_dims():
                                np.linalg.norm(centre - c, axis=-1), atol=1e-5)
     # Coarse buckets are worse; decode() returns unit norm.
     coarse = pa.PCAQuantizer.fit(x, E, 8)
-    err = lambda q: np.mean(np.linalg.norm(np.asarray(q.decode(q.encode(x))) - x, axis=-1))
+    def err(q):
+        return np.mean(np.linalg.norm(np.asarray(q.decode(q.encode(x))) - x, axis=-1))
+
     assert err(q) < 0.1 * err(coarse)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(q.decode(codes)), axis=-1), 1, atol=1e-5)
 

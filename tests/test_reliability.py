@@ -284,8 +284,8 @@ def _jpeg_claiming(w, h):
 
 @pytest.mark.parametrize("kind", ["bmp", "jpeg"])
 def test_huge_image_is_refused_from_its_header(tmp_path, kind):
-    """A 20000×20000 (also 20000×5000, 65000×30000) claim is refused before decoding, with the pixel count
-    in the message (the PNG case is in tests/test_image_captions.py)."""
+    """A 20000×20000 (also 20000×5000, 65000×30000) claim is refused before decoding, with the
+    pixel count in the message (the PNG case is in tests/test_image_captions.py)."""
     for w, h in ((20000, 20000), (20000, 5000), (65000, 30000)):
         data = _bmp_header(w, h) if kind == "bmp" else _jpeg_claiming(w, h)
         path = tmp_path / f"huge.{kind}"

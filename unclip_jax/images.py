@@ -43,7 +43,7 @@ _DEFAULT_MAX_PIXELS = 89_478_485   # PIL's own default for Image.MAX_IMAGE_PIXEL
 
 
 class ImageLoadError(Exception):
-    """An image that cannot be used. ``kind`` is ``"unreadable"``, ``"too large"`` or ``"missing"``."""
+    """An image that cannot be used; ``kind``: ``"unreadable"``, ``"too large"``, ``"missing"``."""
 
     def __init__(self, path: str, reason: str, kind: str = "unreadable"):
         self.path = str(path)

@@ -4,10 +4,11 @@ Input: a diffusers ``UnCLIPPipeline`` folder (``kakaobrain/karlo-v1-alpha``): ``
 (``PriorTransformer``), ``text_proj/`` (``UnCLIPTextProjModel``), ``decoder/`` (the 64 px
 ``UNet2DConditionModel``), ``super_res_first/`` and ``super_res_last/`` (``UNet2DModel``), each
 with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (``.bin`` read with
-``weights_only=True``; ``.npz`` from ``np.savez`` needs neither torch nor safetensors). Output: one workdir per stage (``prior``, ``decoder``,
-``super_res_first``, ``super_res_last``), each a ``config.json`` plus ``checkpoints/0`` as a
-training run writes them, so :func:`unclip_jax.models.prior.load_sampler`,
-:func:`unclip_jax.models.decoder.load_decoder` / ``load_upsampler`` read them.
+``weights_only=True``; ``.npz`` from ``np.savez`` needs neither torch nor safetensors). Output:
+one workdir per stage (``prior``, ``decoder``, ``super_res_first``, ``super_res_last``), each a
+``config.json`` plus ``checkpoints/0`` as a training run writes them, so
+:func:`unclip_jax.models.prior.load_sampler`, :func:`unclip_jax.models.decoder.load_decoder` /
+``load_upsampler`` read them.
 
 Every tensor must land on exactly one of our params with the right shape; otherwise a
 :class:`ConversionError` lists the missing, unknown and mis-shaped keys (never a partial load).

@@ -26,7 +26,14 @@ from unclip_jax.diffusion.losses import (
     x0_eps_to_output,
     x0_to_eps,
 )
-from unclip_jax.diffusion.sampler import METHODS, VARIANCES, Sampler, ddim_invert, make_sampler, sample
+from unclip_jax.diffusion.sampler import (
+    METHODS,
+    VARIANCES,
+    Sampler,
+    ddim_invert,
+    make_sampler,
+    sample,
+)
 from unclip_jax.diffusion.schedule import (
     KINDS,
     Schedule,

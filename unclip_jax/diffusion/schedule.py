@@ -308,7 +308,8 @@ def q_sample(schedule: Schedule, x0: jnp.ndarray, i: jnp.ndarray, noise: jnp.nda
 
 
 def q_posterior(schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, i: jnp.ndarray):
-    """Mean, variance and clipped log-variance of q(x_{i-1} | x_i, x_0), each ``[B, …]``-broadcastable."""
+    """Mean, variance and clipped log-variance of q(x_{i-1} | x_i, x_0), each broadcastable to
+    ``[B, …]``."""
     nd = x_t.ndim
     mean = (extract(schedule.posterior_mean_coef1, i, nd) * x0
             + extract(schedule.posterior_mean_coef2, i, nd) * x_t)
