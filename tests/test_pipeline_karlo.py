@@ -33,15 +33,16 @@ from unclip_jax.convert import clip as convert_clip
 from unclip_jax.convert import karlo
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
-from unclip_jax.models.clip import CLIP, CLIPConfig
+from unclip_jax.models.clip import CLIP
 from unclip_jax.pipelines import unclip as U
+
+from tiny import TINY_CLIP
 
 MERGES = ["h e", "l l", "he ll", "hell o</w>", "t h", "th e</w>"]
 VOCAB = 512 + len(MERGES) + 2                 # bytes, bytes</w>, merges, SOT, EOT
 E, L = 12, 7                                  # the Karlo test configs' embedding / context
-CLIP_CFG = CLIPConfig(embed_dim=E, image_size=8, patch_size=4, vision_width=16,
-                      vision_layers=1, vision_heads=2, vocab_size=VOCAB, context_length=L,
-                      text_width=E, text_layers=1, text_heads=2, eos_id=VOCAB - 1, pad_id=0)
+CLIP_CFG = dataclasses.replace(TINY_CLIP, embed_dim=E, text_width=E, vocab_size=VOCAB,
+                              context_length=L, eos_id=VOCAB - 1, pad_id=0)
 DEC_SIZE, SR_SIZE = 8, 32                     # 8 px decoder, ×4 super-resolution
 STEPS = dict(prior_steps=3, decoder_steps=3, upsampler_steps=(3,))
 
