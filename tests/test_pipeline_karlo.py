@@ -72,7 +72,7 @@ def write_karlo_folder(src):
     probe = {"down_blocks.1.resnets.0.conv_shortcut.weight": 0,
              **{f"up_blocks.{j}.resnets.{i}.conv_shortcut.weight": 0
                 for j in range(2) for i in range(2)}}
-    spec, _ = karlo._unet_spec(probe, 2, 1, set(), 0, False)
+    spec, _ = karlo.unet_spec(probe, 2, 1, set(), 0, False)
     for name in ("super_res_first", "super_res_last"):
         sd = _synthetic({"unet": spec}, karlo.upsampler_shapes(cfg), rng)
         _write(src / name, dict(SR_CFG, sample_size=SR_SIZE), _scaled(sd))
@@ -158,7 +158,7 @@ def test_last_step_network_takes_only_the_final_step(stack):
     _, model = stack
     cfgs, params = model.upsamplers, model.params["upsamplers"]
     sched = U.upsampler_schedules(cfgs, (4,))[0]
-    den = U._stage_denoiser(cfgs, (0, 1), sched)
+    den = U.stage_denoiser(cfgs, (0, 1), sched)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(1, SR_SIZE, SR_SIZE, 3)), jnp.float32)
     cond = {"low_res": jnp.asarray(rng.uniform(-1, 1, (1, DEC_SIZE, DEC_SIZE, 3)),

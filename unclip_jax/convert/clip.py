@@ -202,10 +202,12 @@ def param_spec(cfg: CLIPConfig) -> dict:
     return {"visual": visual, "text": text, "logit_scale": ("logit_scale", np.squeeze)}
 
 
-def _leaves(tree: dict, path: tuple = ()):
+def spec_leaves(tree: dict, path: tuple = ()):
+    """``(path, entry)`` of every leaf of a nested conversion spec (or params) dict, in order;
+    ``path`` is the tuple of keys, ``entry`` the leaf (a spec's ``(their key, map)``)."""
     for name, node in tree.items():
         if isinstance(node, dict):
-            yield from _leaves(node, path + (name,))
+            yield from spec_leaves(node, path + (name,))
         else:
             yield path + (name,), node
 
@@ -247,7 +249,7 @@ def convert(sd: Mapping[str, Any], cfg: CLIPConfig | None = None, *,
     want = expected_shapes(cfg)
     params: dict = {}
     used, missing, misshaped, problems = set(), [], [], []
-    for path, (key, fn) in _leaves(spec):
+    for path, (key, fn) in spec_leaves(spec):
         if key not in sd:
             missing.append(key)
             continue
@@ -263,7 +265,7 @@ def convert(sd: Mapping[str, Any], cfg: CLIPConfig | None = None, *,
             continue
         _set(params, path, value)
     unknown = sorted(set(sd) - used - IGNORED_KEYS)
-    unfilled = sorted("/".join(p) for p in set(want) - {p for p, _ in _leaves(spec)})
+    unfilled = sorted("/".join(p) for p in set(want) - {p for p, _ in spec_leaves(spec)})
     for title, items in (("missing keys", sorted(set(missing))), ("unknown keys", unknown),
                          ("mis-shaped keys", misshaped), ("params with no source", unfilled)):
         if items:

@@ -59,8 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from unclip_jax.convert.clip import (ConversionError, _leaves, _set,
-                                     normalize_state_dict)
+from unclip_jax.convert.clip import ConversionError, _set, normalize_state_dict, spec_leaves
 # Karlo's sampling schedule lives in the diffusion core (re-exported from its old home here).
 from unclip_jax.diffusion.schedule import karlo_schedule, karlo_timesteps  # noqa: F401
 from unclip_jax.models.decoder import DecoderConfig, UpsamplerConfig
@@ -172,7 +171,7 @@ def _fill(spec: Spec, sd: Mapping[str, np.ndarray], want: dict[tuple, tuple], wh
     """
     params: dict = {}
     used, missing, misshaped = set(), [], []
-    for path, (key, fn) in _leaves(spec):
+    for path, (key, fn) in spec_leaves(spec):
         if key not in sd:
             missing.append(key)
             continue
@@ -194,7 +193,7 @@ def _fill(spec: Spec, sd: Mapping[str, np.ndarray], want: dict[tuple, tuple], wh
                              f"{want.get(path)}")
         _set(params, path, value)
     unknown = sorted(k for k in set(sd) - used - ignore if k.startswith(prefix))
-    covered = {p for p, _ in _leaves(spec)} | set(dict(synth))
+    covered = {p for p, _ in spec_leaves(spec)} | set(dict(synth))
     unfilled = sorted("/".join(p) for p in set(want) - covered)
     problems = []
     for title, items in (("missing keys", sorted(set(missing))), ("unknown keys", unknown),
@@ -321,8 +320,8 @@ def _resnet(prefix: str, has_skip: bool) -> Spec:
     return spec
 
 
-def _unet_spec(sd: Mapping, levels: int, num_res: int, attn_levels: set[int],
-               head_dim: int, mid_attention: bool) -> tuple[Spec, dict]:
+def unet_spec(sd: Mapping, levels: int, num_res: int, attn_levels: set[int],
+              head_dim: int, mid_attention: bool) -> tuple[Spec, dict]:
     """Our ``UNet`` params from a diffusers U-Net with ResnetDown/UpsampleBlock2D-style
     resampling; returns ``(spec, synthesised gates)``."""
     spec: Spec = {"time_fc1": _dense("time_embedding.linear_1"),
@@ -440,8 +439,8 @@ def decoder_spec(cfg: DecoderConfig, sd: Mapping) -> tuple[Spec, dict]:
     ds = {cfg.image_size // r for r in cfg.attention_resolutions}
     levels = len(cfg.channel_mult)
     attn_levels = {lv for lv in range(levels) if 2 ** lv in ds}
-    unet, gates = _unet_spec({k[len("decoder."):]: v for k, v in sd.items()
-                              if k.startswith("decoder.")}, levels, cfg.num_res_blocks,
+    unet, gates = unet_spec({k[len("decoder."):]: v for k, v in sd.items()
+                             if k.startswith("decoder.")}, levels, cfg.num_res_blocks,
                              attn_levels, cfg.head_channels, True)
     unet = _prefixed(unet, "decoder.")
     n, width = cfg.num_clip_tokens, cfg.context_dim
@@ -522,7 +521,7 @@ def convert_upsampler(config: Mapping, sd: Mapping[str, Any],
     """``(UpsamplerConfig, params)`` of a Karlo super-resolution ``UNet2DModel``."""
     sd = normalize_state_dict(sd)
     cfg = upsampler_config(config, **options)
-    spec, gates = _unet_spec(sd, len(cfg.channel_mult), cfg.num_res_blocks, set(), 0, False)
+    spec, gates = unet_spec(sd, len(cfg.channel_mult), cfg.num_res_blocks, set(), 0, False)
     assert not gates
     return cfg, _fill({"unet": spec}, sd, upsampler_shapes(cfg), "super-resolution U-Net")
 

@@ -507,8 +507,8 @@ def upsampler_schedules(cfgs: Sequence[D.UpsamplerConfig], steps: Sequence[int])
                  for st, n in zip(upsampler_stages(cfgs), steps))
 
 
-def _stage_denoiser(cfgs: Sequence[D.UpsamplerConfig], stage: tuple[int, ...],
-                    schedule: diffusion.Schedule):
+def stage_denoiser(cfgs: Sequence[D.UpsamplerConfig], stage: tuple[int, ...],
+                   schedule: diffusion.Schedule):
     """The denoiser of one upsampler stage; with a last-step network, ``params`` is the pair
     and the network switches at the schedule's first timestep (the final sampling step), one
     branch evaluated per step (``lax.cond``)."""
@@ -541,7 +541,7 @@ def upsample_chain(cfgs: Sequence[D.UpsamplerConfig], params: Sequence, x: jax.A
         s = cfg.image_size
         p = params[i] if len(stage) == 1 else tuple(params[j] for j in stage)
         x = diffusion.sample(
-            _stage_denoiser(cfgs, stage, sched), p, schedule=sched,
+            stage_denoiser(cfgs, stage, sched), p, schedule=sched,
             rng=jax.random.fold_in(rng, k), shape=(x.shape[0], s, s, 3), cond={"low_res": x},
             method=method or cfg.sample_method, eta=eta, model_output=cfg.model_output,
             variance="learned" if cfg.learned_variance else "fixed_small",
@@ -740,5 +740,5 @@ __all__ = ["ClipBPE", "Settings", "UnCLIP", "check_chain", "check_prompts", "che
            "generate", "load_tokenizer", "load_unclip", "make_text_to_image",
            "needs_empty_caption", "prior_embeddings", "prior_schedule", "replicated_params",
            "place_batch", "sampling_mesh", "spans_processes", "score_prompts",
-           "settings_from", "stage_schedule", "text_mask", "to_uint8", "unit",
+           "settings_from", "stage_denoiser", "stage_schedule", "text_mask", "to_uint8", "unit",
            "upsample_chain", "upsampler_schedules", "upsampler_stages", "with_empty_caption"]
