@@ -22,7 +22,7 @@ JAX_EXTRA := $(if $(filter cpu,$(ACCEL)),,"jax[$(ACCEL)]$(shell sed -n 's/^jax\(
 # one stamp per build, so switching JAX_ACCELERATOR reinstalls (the CPU stamp is unchanged)
 STAMP := $(VENV)/.installed$(if $(filter cpu,$(ACCEL)),,.$(ACCEL))
 
-.PHONY: install test test-slow test-multiprocess demo bench parity clean ablations
+.PHONY: install lint test test-slow test-multiprocess demo bench parity clean ablations
 
 install: $(STAMP)
 
@@ -35,7 +35,11 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
 	$(PY) -c "import jax; print('JAX', jax.__version__, 'backend:', jax.default_backend(), jax.devices())"
 	touch $@
 
-test: install
+# Lint (ruff, configured in pyproject.toml: E, F, W and the sets the code keeps; no formatting).
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: install

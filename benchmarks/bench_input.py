@@ -216,7 +216,8 @@ def run() -> str:
         wo = writer_overhead(Path(tmp))
     load_after = os.getloadavg()[0]
     lines = [
-        "## Input throughput: webdataset shards vs ArrayRecord; TensorBoard writer (`bench_input.py`)",
+        "## Input throughput: webdataset shards vs ArrayRecord; TensorBoard writer "
+        "(`bench_input.py`)",
         "",
         f"Images per second decoded, resized and batched (batch {BATCH}) by one process. "
         f"Shards hold {NUM_IMAGES} JPEG (quality 95) 320×288 photo-like synthetic images in "
@@ -234,7 +235,8 @@ def run() -> str:
               "those jobs for the same cores; the 2-worker rows vary by up to 2× from run to "
               "run and say little about a many-core host, where the readers decode side by "
               "side. Per image, decoding a 320×288 JPEG and resizing it costs about what "
-              "decoding a stored 256 px PNG does, and 1.5–2.5× more than a stored 64 px PNG (two runs)."]
+              "decoding a stored 256 px PNG does, and 1.5–2.5× more than a stored 64 px PNG "
+              "(two runs)."]
     base, tb = wo["s_per_step"]["jsonl"], wo["s_per_step"]["jsonl + tensorboard"]
     per_log = wo["tb_call_s"] / (wo["log_every"] * base)
     lines += [

@@ -1,4 +1,7 @@
-"""Test set-up: 8 fake CPU devices (set before JAX initialises) and shared fixtures."""
+"""Test set-up: 8 fake CPU devices (set before JAX initialises) and the shared session fixtures:
+one shapes tokenizer (``shapes_tokenizer``), one tiny CLIP with its initial params
+(``tiny_clip_params``; the config is ``tiny.TINY_CLIP``) and one tiny captioned-shapes dataset
+(``shapes_data``). Each is built once per test process and must not be modified by a test."""
 
 import os
 
@@ -10,3 +13,47 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import pytest  # noqa: E402
+
+# The shared objects are built in the fixtures, so collecting a test that uses none of them
+# imports no model (``tiny`` imports the CLIP, prior and decoder modules).
+
+
+@pytest.fixture(scope="session")
+def shapes_tokenizer(tmp_path_factory):
+    """A sentencepiece tokenizer (vocabulary ``tiny.SHAPES_VOCAB``) trained on
+    ``tiny.shapes_captions()``; its model file is ``.path``."""
+    import tiny
+    from unclip_jax.text import Tokenizer
+
+    return Tokenizer.train(tiny.shapes_captions(), tmp_path_factory.mktemp("tokenizer")
+                           / "shapes.model", tiny.SHAPES_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_params():
+    """``(tiny.TINY_CLIP, params)``: the params ``CLIP.init`` draws with ``PRNGKey(0)``,
+    unboxed."""
+    import flax.linen as nn
+    import tiny
+    from unclip_jax.models.clip import CLIP, dummy_inputs
+
+    cfg = tiny.TINY_CLIP
+    variables = CLIP(cfg).init(jax.random.PRNGKey(0), *dummy_inputs(cfg, 1).values())
+    return cfg, nn.meta.unbox(variables["params"])
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """The ``DataConfig`` of a captioned-shapes build of ``tiny.SHAPES_RES`` px with
+    ``tiny.SHAPES_SIZES`` examples, read at that size with 12-token captions (no tokenizer)."""
+    import tiny
+    from unclip_jax.config import DataConfig
+    from unclip_jax.datasets.captioned_shapes import build_captioned_shapes, dataset_name
+
+    data_dir = build_captioned_shapes(tmp_path_factory.mktemp("shapes_data"),
+                                      resolution=tiny.SHAPES_RES, **tiny.SHAPES_SIZES)
+    return DataConfig(name=dataset_name(tiny.SHAPES_RES, **tiny.SHAPES_SIZES),
+                      data_dir=str(data_dir), image_size=tiny.SHAPES_RES, context_length=12)

@@ -123,15 +123,13 @@ def test_colour_drop_through_the_pipeline_is_deterministic_and_train_only():
     assert all(set(c.split()) & set(S.COLOURS) for c in e["caption"])
 
 
-def test_clip_task_rejects_bad_colour_drop(tmp_path):
+def test_clip_task_rejects_bad_colour_drop(tmp_path, shapes_tokenizer):
     from unclip_jax.models.clip import CLIPConfig
-    from unclip_jax.text import Tokenizer
     from unclip_jax.train.tasks import clip as clip_tasks
 
-    tok = tmp_path / "tok.model"
-    Tokenizer.train([S.caption(S.sample_scene(0, i)) for i in range(200)], tok, 64)
     base = ExperimentConfig(name="t", task="clip", model=CLIPConfig(),
-                            data=DataConfig(name="image_captions/x", tokenizer=str(tok)))
+                            data=DataConfig(name="image_captions/x",
+                                            tokenizer=shapes_tokenizer.path))
     with pytest.raises(ValueError, match="colour_drop applies to captioned_shapes only"):
         clip_tasks.clip_task(dataclasses.replace(
             base, data=dataclasses.replace(base.data, colour_drop=0.5)), tmp_path)

@@ -45,7 +45,7 @@ def _paper_shapes():
     cfg = dvae.PRESETS["dalle"]
     want = convert_dvae.expected_shapes(cfg)
     out = ({}, {})
-    for path, (key, _) in convert_dvae._leaves(convert_dvae.param_spec(cfg)):
+    for path, (key, _) in convert_dvae.spec_leaves(convert_dvae.param_spec(cfg)):
         shape = want[path]
         torch_shape = (shape[3], shape[2], shape[0], shape[1]) if path[-1] == "kernel" else shape
         part, _, theirs = key.partition(".")

@@ -49,7 +49,7 @@ def _synthetic(spec, shapes, rng, skip=()):
     """A diffusers-named state dict whose tensors convert to random params of ``shapes``
     (inverting each spec entry's map by shape: transposes, head splits)."""
     sd = {}
-    for path, (key, fn) in karlo._leaves(spec):
+    for path, (key, fn) in karlo.spec_leaves(spec):
         shape = shapes[path]
         # Find a source shape whose conversion gives ``shape``: try the common layouts.
         for cand in _candidates(shape):
@@ -178,7 +178,7 @@ def test_upsampler_synthetic_round_trip_and_errors():
     probe = {"down_blocks.1.resnets.0.conv_shortcut.weight": 0,
              **{f"up_blocks.{j}.resnets.{i}.conv_shortcut.weight": 0
                 for j in range(2) for i in range(2)}}
-    spec, _ = karlo._unet_spec(probe, 2, 1, set(), 0, False)
+    spec, _ = karlo.unet_spec(probe, 2, 1, set(), 0, False)
     sd = _synthetic({"unet": spec}, karlo.upsampler_shapes(cfg), rng)
     _, params = karlo.convert_upsampler(SR_CFG, sd)
     assert params["unet"]["down_0_res_0"]["emb_proj"]["kernel"].shape == (64, 16)

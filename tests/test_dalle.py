@@ -1,5 +1,6 @@
 """DALL·E transformer: masks, per-position padding, loss weights, KV-cached sampling, rerank."""
 
+import dataclasses
 import itertools
 
 import flax.linen as nn
@@ -217,7 +218,8 @@ def test_guidance_scale_one_is_conditional_only():
 @pytest.mark.slow
 def test_rerank_sorts_candidates_by_clip_score():
     from unclip_jax.models import dvae as dvae_lib
-    from unclip_jax.models.clip import CLIP, CLIPConfig
+    from tiny import TINY_CLIP
+    from unclip_jax.models.clip import CLIP
     from unclip_jax.pipelines.dalle import DallePipeline
 
     cfg = _cfg()
@@ -227,9 +229,7 @@ def test_rerank_sorts_candidates_by_clip_score():
     dvae_model = dvae_lib.DVAE(dcfg)
     dvae_params = nn.meta.unbox(jax.jit(dvae_model.init)(jax.random.PRNGKey(0),
                                            jnp.zeros((1, 6, 6, 3)))["params"])
-    ccfg = CLIPConfig(embed_dim=8, image_size=8, patch_size=4, vision_width=16,
-                      vision_layers=1, vision_heads=2, vocab_size=16, context_length=6,
-                      text_width=16, text_layers=1, text_heads=2)
+    ccfg = dataclasses.replace(TINY_CLIP, vocab_size=16, context_length=6, eos_id=2)
     clip_model = CLIP(ccfg)
     clip_params = nn.meta.unbox(jax.jit(clip_model.init)(
         jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 6), jnp.int32))["params"])

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from unclip_jax import diffusion, sharding
+from unclip_jax import sharding
 from unclip_jax.models import decoder as D
 
 CFG = D.DecoderConfig(image_size=8, clip_dim=6, base_channels=8, channel_mult=(1, 2),
@@ -55,7 +55,8 @@ def test_output_shape_dtype(params, forward):
     fixed = dataclasses.replace(CFG, learned_variance=False, image_size=16, text_layers=0)
     p16 = random_params(jax.eval_shape(lambda: D.init_decoder(fixed, jax.random.PRNGKey(0))))
     shape = jax.eval_shape(lambda: D.make_denoiser(fixed)(
-        p16, jnp.zeros((3, 16, 16, 3)), jnp.zeros((3,), jnp.int32), {"image_emb": EMB[:1].repeat(3, 0)}))
+        p16, jnp.zeros((3, 16, 16, 3)), jnp.zeros((3,), jnp.int32),
+        {"image_emb": EMB[:1].repeat(3, 0)}))
     assert shape.shape == (3, 16, 16, 3)
     with pytest.raises(ValueError, match="expected \\[B, 8, 8, 3\\]"):
         jax.eval_shape(lambda: forward(params, jnp.zeros((2, 16, 16, 3)), T, EMB, TOK))

@@ -12,25 +12,25 @@ from unclip_jax.config import DataConfig, ExperimentConfig, TrainConfig
 
 def test_stage_time_is_kept_from_the_run_that_did_the_work(tmp_path):
     report: dict = {}
-    demo._stage(report, tmp_path, "clip", lambda: {"x": 1}, done=lambda: False)
+    demo.run_stage(report, tmp_path, "clip", lambda: {"x": 1}, done=lambda: False)
     first = demo.read_times(tmp_path)["clip"]
     assert report["wall_s"]["clip"] == first and report["clip"] == {"x": 1}
     assert "skip_s" not in report
     # pretend the training took 845 s; a re-run that finds it finished must not overwrite it
     (tmp_path / demo.TIMES_FILE).write_text(json.dumps({"clip": 845.0}))
     again: dict = {}
-    demo._stage(again, tmp_path, "clip", lambda: None, done=lambda: True)
+    demo.run_stage(again, tmp_path, "clip", lambda: None, done=lambda: True)
     assert again["wall_s"]["clip"] == 845.0
     assert "clip" in again["skip_s"] and "clip" not in again
     assert demo.read_times(tmp_path) == {"clip": 845.0}
     # a finished stage whose working run predates the times file: unknown, not the skip time
     unknown: dict = {}
-    demo._stage(unknown, tmp_path, "prior", lambda: None, done=lambda: True)
+    demo.run_stage(unknown, tmp_path, "prior", lambda: None, done=lambda: True)
     assert unknown["wall_s"]["prior"] is None and "prior" in unknown["skip_s"]
 
 
 def test_trained_needs_a_complete_checkpoint_at_the_final_step(tmp_path):
-    assert not demo._trained(tmp_path, 5)
+    assert not demo.is_trained(tmp_path, 5)
     for step, complete in ((3, True), (5, True), (7, False)):
         for item in ("data", "config"):
             d = tmp_path / "checkpoints" / str(step) / item
@@ -38,8 +38,8 @@ def test_trained_needs_a_complete_checkpoint_at_the_final_step(tmp_path):
             if complete:
                 (d / "metadata").write_text("{}")
     (tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp").mkdir()
-    assert demo._trained(tmp_path, 5) and demo._trained(tmp_path, 4)
-    assert not demo._trained(tmp_path, 6)           # step 7 is half written, 9 a temp folder
+    assert demo.is_trained(tmp_path, 5) and demo.is_trained(tmp_path, 4)
+    assert not demo.is_trained(tmp_path, 6)           # step 7 is half written, 9 a temp folder
 
 
 class _ColourClip:
@@ -77,7 +77,7 @@ def test_sample_metrics_and_report_markdown():
               "stage_times_note": "copied from the first run"}
     cfg = ExperimentConfig(name="demo", model=None, data=DataConfig(name="captioned_shapes/r32"),
                            train=TrainConfig(steps=10, batch_size=4))
-    md = demo._markdown(report, cfg)
+    md = demo.report_markdown(report, cfg)
     assert f"| CLIP score (100·max(cos, 0), mean) | {m['clip_score']:.2f} |" in md
     assert "| Fréchet distance to the prompts' renders (FD_CLIP) | 0.0000 |" in md
     assert "binding: two objects, both colour+shape) | 0.250 |" in md
@@ -118,7 +118,7 @@ def test_report_states_the_recipe_each_stage_ran_with(tmp_path):
     assert got["decoder"]["model.timestep_sampling"] == "logit_normal"
     report = {"wall_s": {"decoder": 100.0, "total": 100.0}, "recipe": got,
               "backend": "cpu × 2 device(s)"}
-    md = demo._markdown(report, ExperimentConfig(name="demo", model=None))
+    md = demo.report_markdown(report, ExperimentConfig(name="demo", model=None))
     assert "Ran on cpu × 2 device(s)." in md
     assert "| decoder | `train.steps=9000`, `train.batch_size=32`, `model.patch_size=2`," in md
     assert "`model.timestep_sampling='logit_normal'`" in md

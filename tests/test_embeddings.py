@@ -1,7 +1,9 @@
 """The CLIP embedding cache: contents, round trip, resume, partial shards, clear errors."""
 
+import dataclasses
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -10,31 +12,24 @@ import pytest
 
 from unclip_jax import config as config_lib
 from unclip_jax import embeddings, runs
-from unclip_jax.config import DataConfig
-from unclip_jax.models.clip import CLIP, CLIPConfig, dummy_inputs
-from unclip_jax.text import Tokenizer
+from unclip_jax.models.clip import CLIP, dummy_inputs
 from unclip_jax.train.checkpoint import Checkpointer
 
-RES, N_TEST = 16, 8
+from tiny import SHAPES_RES as RES
+from tiny import SHAPES_SIZES, TINY_CLIP
+
+N_TEST = SHAPES_SIZES["num_test"]                  # 8 (the shared dataset: 32 / 8 / 8 at 16 px)
 
 
 @pytest.fixture(scope="module")
-def clip_run(tmp_path_factory):
-    """A tiny dataset, a tokenizer trained on it, and a tiny random CLIP saved as a run."""
-    from unclip_jax import input_pipeline
-    from unclip_jax.datasets.captioned_shapes import build_captioned_shapes, dataset_name
-
+def clip_run(tmp_path_factory, shapes_data, shapes_tokenizer):
+    """The shared tiny dataset and tokenizer, and a tiny random CLIP (at the data's 16 px)
+    saved as a run."""
     root = tmp_path_factory.mktemp("emb")
-    sizes = dict(num_train=32, num_validation=8, num_test=N_TEST)
-    build_captioned_shapes(root / "data", resolution=RES, **sizes)
-    data_cfg = DataConfig(name=dataset_name(RES, **sizes), data_dir=str(root / "data"),
-                          image_size=RES, context_length=12)
-    src = input_pipeline.open_source(data_cfg, "train")
-    tok = Tokenizer.train([src[i]["caption"] for i in range(len(src))], root / "tok.model", 48)
-    cfg = CLIPConfig(embed_dim=8, image_size=RES, patch_size=8, vision_width=16,
-                     vision_layers=1, vision_heads=2, vocab_size=tok.vocab_size,
-                     context_length=12, text_width=16, text_layers=1, text_heads=2,
-                     eos_id=tok.eos_id, pad_id=tok.pad_id)
+    data_cfg, tok = shapes_data, shapes_tokenizer
+    shutil.copyfile(tok.path, root / "tok.model")
+    cfg = dataclasses.replace(TINY_CLIP, image_size=RES, patch_size=8,
+                              vocab_size=tok.vocab_size)
     params = nn.meta.unbox(CLIP(cfg).init(jax.random.PRNGKey(0),
                                           *dummy_inputs(cfg, 2).values())["params"])
     workdir = root / "clip"

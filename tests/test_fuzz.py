@@ -19,7 +19,6 @@ from PIL import Image
 
 from unclip_jax import config as config_lib
 from unclip_jax.images import ImageLoadError, load_image
-from unclip_jax.text import Tokenizer
 
 settings.register_profile("fuzz-local", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -131,12 +130,8 @@ L = 12
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    words = ["a", "small", "big", "red", "blue", "green", "circle", "square", "star", "left",
-             "of", "to", "the", "right", "above"]
-    rng = np.random.default_rng(0)
-    captions = [" ".join(rng.choice(words, 6)) for _ in range(300)]
-    return Tokenizer.train(captions, tmp_path_factory.mktemp("tok") / "t.model", 64)
+def tok(shapes_tokenizer):
+    return shapes_tokenizer
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -64,7 +64,8 @@ def test_fast_decoder_matches_tfds(built):
     src = open_source(cfg, "train")
     assert isinstance(src, FastExamples)
     _same_examples(src, src.source)
-    assert [x["caption"] for x in src.__getitems__([2, 0])] == [src[2]["caption"], src[0]["caption"]]
+    assert ([x["caption"] for x in src.__getitems__([2, 0])]
+            == [src[2]["caption"], src[0]["caption"]])
 
 
 def test_batch_shapes_dtypes_ranges(built):
@@ -202,24 +203,8 @@ def test_workers_and_attribute_passthrough():
     np.testing.assert_array_equal(b["colour"][:, 0], idx)
 
 
-def _shapes_builder():
-    for module in ("unclip_jax.datasets.captioned_shapes",):
-        try:
-            m = importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - the shapes builder is optional for this test
-            continue
-        if hasattr(m, "build_captioned_shapes") and hasattr(m, "dataset_name"):
-            return m
-    return None
-
-
-@pytest.mark.skipif(_shapes_builder() is None, reason="captioned_shapes builder not available")
-def test_captioned_shapes_batches(tmp_path):
-    m = _shapes_builder()
-    data_dir = m.build_captioned_shapes(tmp_path, resolution=16, num_train=8, num_validation=4,
-                                        num_test=4)
-    cfg = DataConfig(name=m.dataset_name(16, num_train=8, num_validation=4, num_test=4),
-                     data_dir=str(data_dir), image_size=16)
+def test_captioned_shapes_batches(shapes_data):
+    cfg = shapes_data                                  # the shared 16 px build
     src = open_source(cfg, "train")
     assert isinstance(src, FastExamples)
     _same_examples(src, src.source)

@@ -2,15 +2,13 @@
 CLIP score, diversity, the judge wrapper and every bad input's message."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
 
 from unclip_jax import shapes
 from unclip_jax.eval import metrics as M
-from unclip_jax.models.clip import CLIP, CLIPConfig
-from unclip_jax.text import EOS_ID, PAD_ID, Tokenizer
+from unclip_jax.models.clip import CLIP
 
 # ---------------------------------------------------------------------------- Fréchet distance
 
@@ -161,15 +159,9 @@ def test_clip_score_own_vs_wrong_caption():
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    cfg = CLIPConfig(embed_dim=8, image_size=8, patch_size=4, vision_width=16, vision_layers=1,
-                     vision_heads=2, vocab_size=64, context_length=12, text_width=16,
-                     text_layers=1, text_heads=2, eos_id=EOS_ID, pad_id=PAD_ID)
-    params = CLIP(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)),
-                            jnp.zeros((1, 12), jnp.int32))["params"]
-    caps = [shapes.caption(shapes.sample_scene(0, i)) for i in range(100)]
-    tok = Tokenizer.train(caps, tmp_path_factory.mktemp("tok") / "t.model", 60)
-    return M.ClipFeatures(cfg, params, tok, batch_size=4)
+def tiny_clip(tiny_clip_params, shapes_tokenizer):
+    cfg, params = tiny_clip_params
+    return M.ClipFeatures(cfg, params, shapes_tokenizer, batch_size=4)
 
 
 def test_clip_features_batched_jit_equals_direct(tiny_clip):

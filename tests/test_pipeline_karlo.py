@@ -2,10 +2,11 @@
 
 Main suite (numpy only): a tiny Karlo pipeline folder of synthetic diffusers-named tensors
 (``.npz``) goes through ``convert_checkpoint``, a tiny random CLIP is written as the CLIP
-converter writes its workdirs (with a tiny BPE vocabulary), and the whole stack through ``load_unclip`` + ``generate``
-and the CLI. Invariants that could fail: the caption "" is unaffected by either guidance scale
-(its conditional input *is* the unconditional one, the empty caption's encoding, in the prior
-and the decoder), the last-step handoff of the super-resolution stage, the spacing choice.
+converter writes its workdirs (with a tiny BPE vocabulary), and the whole stack through
+``load_unclip`` + ``generate`` and the CLI. Invariants that could fail: the caption "" is
+unaffected by either guidance scale (its conditional input *is* the unconditional one, the empty
+caption's encoding, in the prior and the decoder), the last-step handoff of the super-resolution
+stage, the spacing choice.
 
 Parity (``make parity``): the full guided chain — CLIP text tower, prior, decoder, one
 super-resolution stage with its last-step network — against diffusers' ``UnCLIPPipeline`` on
@@ -32,15 +33,16 @@ from unclip_jax.convert import clip as convert_clip
 from unclip_jax.convert import karlo
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
-from unclip_jax.models.clip import CLIP, CLIPConfig
+from unclip_jax.models.clip import CLIP
 from unclip_jax.pipelines import unclip as U
+
+from tiny import TINY_CLIP
 
 MERGES = ["h e", "l l", "he ll", "hell o</w>", "t h", "th e</w>"]
 VOCAB = 512 + len(MERGES) + 2                 # bytes, bytes</w>, merges, SOT, EOT
 E, L = 12, 7                                  # the Karlo test configs' embedding / context
-CLIP_CFG = CLIPConfig(embed_dim=E, image_size=8, patch_size=4, vision_width=16,
-                      vision_layers=1, vision_heads=2, vocab_size=VOCAB, context_length=L,
-                      text_width=E, text_layers=1, text_heads=2, eos_id=VOCAB - 1, pad_id=0)
+CLIP_CFG = dataclasses.replace(TINY_CLIP, embed_dim=E, text_width=E, vocab_size=VOCAB,
+                              context_length=L, eos_id=VOCAB - 1, pad_id=0)
 DEC_SIZE, SR_SIZE = 8, 32                     # 8 px decoder, ×4 super-resolution
 STEPS = dict(prior_steps=3, decoder_steps=3, upsampler_steps=(3,))
 
@@ -70,7 +72,7 @@ def write_karlo_folder(src):
     probe = {"down_blocks.1.resnets.0.conv_shortcut.weight": 0,
              **{f"up_blocks.{j}.resnets.{i}.conv_shortcut.weight": 0
                 for j in range(2) for i in range(2)}}
-    spec, _ = karlo._unet_spec(probe, 2, 1, set(), 0, False)
+    spec, _ = karlo.unet_spec(probe, 2, 1, set(), 0, False)
     for name in ("super_res_first", "super_res_last"):
         sd = _synthetic({"unet": spec}, karlo.upsampler_shapes(cfg), rng)
         _write(src / name, dict(SR_CFG, sample_size=SR_SIZE), _scaled(sd))
@@ -156,7 +158,7 @@ def test_last_step_network_takes_only_the_final_step(stack):
     _, model = stack
     cfgs, params = model.upsamplers, model.params["upsamplers"]
     sched = U.upsampler_schedules(cfgs, (4,))[0]
-    den = U._stage_denoiser(cfgs, (0, 1), sched)
+    den = U.stage_denoiser(cfgs, (0, 1), sched)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(1, SR_SIZE, SR_SIZE, 3)), jnp.float32)
     cond = {"low_res": jnp.asarray(rng.uniform(-1, 1, (1, DEC_SIZE, DEC_SIZE, 3)),

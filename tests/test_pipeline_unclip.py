@@ -10,53 +10,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax import diffusion, sharding, shapes
+from unclip_jax import diffusion, shapes
 from unclip_jax.images import ImageLoadError
 from unclip_jax.models import decoder as D
-from unclip_jax.models import prior as P
-from unclip_jax.models.clip import CLIP, CLIPConfig, FrozenCLIP
+from unclip_jax.models.clip import FrozenCLIP
 from unclip_jax.pipelines import manipulate as M
 from unclip_jax.pipelines import unclip as U
-from unclip_jax.text import EOS_ID, PAD_ID, Tokenizer
+from unclip_jax.text import EOS_ID
 
-E, L = 8, 12
-CLIP_CFG = CLIPConfig(embed_dim=E, image_size=8, patch_size=4, vision_width=16,
-                      vision_layers=1, vision_heads=2, vocab_size=64, context_length=L,
-                      text_width=16, text_layers=1, text_heads=2, eos_id=EOS_ID, pad_id=PAD_ID)
-PRIOR_CFG = P.PriorConfig(embed_dim=E, text_width=16, context_length=L, width=16, depth=1,
-                          num_heads=2, num_timesteps=100, sample_steps=3, num_candidates=2,
-                          guidance_scale=2.0)
-DEC_CFG = D.DecoderConfig(image_size=8, clip_dim=E, clip_image_size=8, base_channels=8,
-                          channel_mult=(1,), num_res_blocks=1, attention_resolutions=(8,),
-                          head_channels=8, num_timesteps=100, sample_steps=3)
-UPS_CFG = D.UpsamplerConfig(image_size=16, low_res_size=8, base_channels=8, channel_mult=(1,),
-                            num_res_blocks=1, num_timesteps=100, sample_steps=2)
+from tiny import TINY_CLIP as CLIP_CFG
+from tiny import TINY_DECODER as DEC_CFG
+from tiny import TINY_PRIOR as PRIOR_CFG
+from tiny import TINY_UPSAMPLER as UPS_CFG
+from tiny import random_params as _random
+from tiny import unclip_params
 
-
-def _random(abstract, seed, std=0.2):
-    """Every param drawn N(0, std²) (norm scales around 1): the default init zeroes the output
-    layers, which would make the denoiser trivially invertible."""
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, s: jnp.asarray((1.0 if "scale" in str(path[-1]) else 0.0)
-                                    + std * rng.normal(size=s.shape), jnp.float32),
-        sharding.strip_boxes(abstract)["params"])
+E, L = CLIP_CFG.embed_dim, CLIP_CFG.context_length            # 8, 12
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    caps = [shapes.caption(shapes.sample_scene(0, i)) for i in range(200)]
-    tok = Tokenizer.train(caps, tmp_path_factory.mktemp("tok") / "t.model", 60)
-    clip = _random(jax.eval_shape(lambda: CLIP(CLIP_CFG).init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, L), jnp.int32))), 0)
-    cond = {"text_emb": jnp.zeros((1, E)), "text_states": jnp.zeros((1, L, 16)),
-            "text_mask": jnp.ones((1, L), bool)}
-    prior = _random(jax.eval_shape(lambda: P.DiffusionPrior(PRIOR_CFG).init(
-        jax.random.PRNGKey(1), jnp.zeros((1, E)), jnp.zeros((1,), jnp.int32), cond)), 1)
-    dec = _random(jax.eval_shape(lambda: D.init_decoder(DEC_CFG, jax.random.PRNGKey(2))), 2)
-    ups = _random(jax.eval_shape(lambda: D.init_upsampler(UPS_CFG, jax.random.PRNGKey(3))), 3)
-    params = {"clip": clip, "prior": prior, "decoder": dec, "upsamplers": (ups,)}
-    return U.UnCLIP(CLIP_CFG, PRIOR_CFG, DEC_CFG, (UPS_CFG,), params, tok)
+def model(shapes_tokenizer):
+    return U.UnCLIP(CLIP_CFG, PRIOR_CFG, DEC_CFG, (UPS_CFG,), unclip_params(), shapes_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +212,8 @@ def test_check_tokenizer_takes_the_sentencepiece_tokenizer(model):
 
 def test_clip_text_decoder_chain(model, image_path):
     """A decoder reading the frozen CLIP's text features (``clip_text_width > 0``): training
-    (:meth:`FrozenCLIP.encode_text` through :func:`D.decoder_text_features`) and the pipeline give it the same features; it generates from
+    (:meth:`FrozenCLIP.encode_text` through :func:`D.decoder_text_features`) and the pipeline
+    give it the same features; it generates from
     prompts and, without a caption, is conditioned on the empty caption in both guidance
     branches (manipulations)."""
     cfg = dataclasses.replace(DEC_CFG, clip_text_width=16, context_length=L)

@@ -55,7 +55,9 @@ def test_quantization_error_is_closed_form_with_all_dims():
                                np.linalg.norm(centre - c, axis=-1), atol=1e-5)
     # Coarse buckets are worse; decode() returns unit norm.
     coarse = pa.PCAQuantizer.fit(x, E, 8)
-    err = lambda q: np.mean(np.linalg.norm(np.asarray(q.decode(q.encode(x))) - x, axis=-1))
+    def err(q):
+        return np.mean(np.linalg.norm(np.asarray(q.decode(q.encode(x))) - x, axis=-1))
+
     assert err(q) < 0.1 * err(coarse)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(q.decode(codes)), axis=-1), 1, atol=1e-5)
 
@@ -186,8 +188,8 @@ def test_short_training_reduces_loss():
     arrays = pa._model_arrays(data, pca, sim)
     model = pa.ARPrior(cfg)
     batches = input_pipeline.EmbeddingBatches(arrays, 64, seed=0)
-    np.testing.assert_array_equal(batches.batch(5)["tokens"],
-                                  input_pipeline.EmbeddingBatches(arrays, 64, seed=0).batch(5)["tokens"])
+    again = input_pipeline.EmbeddingBatches(arrays, 64, seed=0)
+    np.testing.assert_array_equal(batches.batch(5)["tokens"], again.batch(5)["tokens"])
     params = jax.jit(model.init)(jax.random.PRNGKey(0), arrays["tokens"][:2],
                         pa._cond({k: v[:2] for k, v in arrays.items()}))["params"]
     tx = optax.adam(3e-3)

@@ -26,7 +26,6 @@ from test_train_loop import make_task as toy_task
 from unclip_jax import sharding
 from unclip_jax.diffusion import make_sampler, make_schedule, respace, sample
 from unclip_jax.images import ImageLoadError, load_image
-from unclip_jax.text import Tokenizer
 from unclip_jax.train import loop
 from unclip_jax.train.checkpoint import Checkpointer, CheckpointWriteError
 
@@ -250,11 +249,8 @@ def test_jitted_sampler_rejects_negative_eta_before_running():
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    captions = [f"a {s} {c} {k} to the left of a {c2} square" for s in ("small", "big")
-                for c in ("red", "blue", "green") for k in ("circle", "triangle")
-                for c2 in ("yellow", "purple")]
-    return Tokenizer.train(captions, tmp_path_factory.mktemp("tok") / "t.model", 64)
+def tok(shapes_tokenizer):
+    return shapes_tokenizer
 
 
 @pytest.mark.parametrize("prompt", ["", " ", "\t\n  \r", "\u3000\u00a0\u2003", b"  \n"])
@@ -284,8 +280,8 @@ def _jpeg_claiming(w, h):
 
 @pytest.mark.parametrize("kind", ["bmp", "jpeg"])
 def test_huge_image_is_refused_from_its_header(tmp_path, kind):
-    """A 20000×20000 (also 20000×5000, 65000×30000) claim is refused before decoding, with the pixel count
-    in the message (the PNG case is in tests/test_image_captions.py)."""
+    """A 20000×20000 (also 20000×5000, 65000×30000) claim is refused before decoding, with the
+    pixel count in the message (the PNG case is in tests/test_image_captions.py)."""
     for w, h in ((20000, 20000), (20000, 5000), (65000, 30000)):
         data = _bmp_header(w, h) if kind == "bmp" else _jpeg_claiming(w, h)
         path = tmp_path / f"huge.{kind}"

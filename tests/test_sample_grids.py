@@ -15,36 +15,34 @@ from PIL import Image
 from unclip_jax import config as config_lib
 from unclip_jax import input_pipeline, runs
 from unclip_jax.config import DataConfig
-from unclip_jax.models.clip import CLIP, CLIPConfig, dummy_inputs
+from unclip_jax.models.clip import CLIP, dummy_inputs
 from unclip_jax.sharding import MeshConfig
 from unclip_jax.text import Tokenizer
 from unclip_jax.train import loop, tasks
 from unclip_jax.train.checkpoint import Checkpointer
 
+from tiny import TINY_CLIP
+
 RES = 16
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Shards (train + eval), a tokenizer, and a tiny random CLIP saved as a run."""
+def setup(tmp_path_factory, shapes_tokenizer):
+    """Shards (train + eval), the shared tokenizer, and a tiny random CLIP saved as a run."""
     import test_webdataset as wds
 
     root = tmp_path_factory.mktemp("grids")
-    captions = []
     for s in range(3):
         files = {}
         for i in range(8):
             files.update(wds.members(s, i, "png"))
-            captions.append(f"sample {s} {i}")
         wds.write_tar(root / f"{s:05d}.tar", files)
-    tok = Tokenizer.train(captions, root / "tok.model", 40)
+    tok = shapes_tokenizer
     data = DataConfig(name="grids", shards=str(root / "0000[01].tar"),
                       eval_shards=str(root / "00002.tar"), image_size=RES, context_length=8,
-                      tokenizer=str(root / "tok.model"), shuffle_buffer=4)
-    ccfg = CLIPConfig(embed_dim=8, image_size=RES, patch_size=8, vision_width=16,
-                      vision_layers=1, vision_heads=2, vocab_size=tok.vocab_size,
-                      context_length=8, text_width=16, text_layers=1, text_heads=2,
-                      eos_id=tok.eos_id, pad_id=tok.pad_id)
+                      tokenizer=tok.path, shuffle_buffer=4)
+    ccfg = dataclasses.replace(TINY_CLIP, image_size=RES, patch_size=8, context_length=8,
+                               vocab_size=tok.vocab_size)
     params = nn.meta.unbox(CLIP(ccfg).init(jax.random.PRNGKey(0),
                                            *dummy_inputs(ccfg, 2).values())["params"])
     clip_dir = root / "clip"

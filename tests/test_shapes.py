@@ -29,7 +29,8 @@ def test_sample_scene_is_deterministic_per_seed_split_index():
         for index in range(20):
             a = S.sample_scene(3, index, split)
             assert a == S.sample_scene(3, index, split)
-            np.testing.assert_array_equal(S.render(a, 32), S.render(S.sample_scene(3, index, split), 32))
+            np.testing.assert_array_equal(S.render(a, 32),
+                                          S.render(S.sample_scene(3, index, split), 32))
     train = [S.sample_scene(0, i, "train") for i in range(50)]
     assert len(set(train)) == 50                          # different indices differ
     assert S.sample_scene(0, 7, "train") != S.sample_scene(0, 7, "validation")

@@ -14,6 +14,7 @@ Last, the unCLIP text → image pipeline jitted with explicit in/out shardings (
 logical axes, the batch over data × fsdp) gives the unsharded images.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -328,13 +329,12 @@ def test_gathered_kernel_conv_is_the_plain_conv():
 def test_unclip_pipeline_jitted_with_shardings_matches_unsharded():
     """The text → image chain jitted once with in/out shardings (params by logical axes,
     tokens and images over data × fsdp) == the plain jitted chain, and its output is split."""
-    from unclip_jax.models.clip import CLIP, CLIPConfig
+    from tiny import TINY_CLIP
+    from unclip_jax.models.clip import CLIP
     from unclip_jax.pipelines import unclip as U
 
     E, L = 8, 8
-    clip_cfg = CLIPConfig(embed_dim=E, image_size=8, patch_size=4, vision_width=16,
-                          vision_layers=1, vision_heads=2, vocab_size=32, context_length=L,
-                          text_width=16, text_layers=1, text_heads=2, eos_id=2, pad_id=0)
+    clip_cfg = dataclasses.replace(TINY_CLIP, vocab_size=32, context_length=L, eos_id=2)
     prior_cfg = prior.PriorConfig(embed_dim=E, text_width=16, context_length=L, width=16,
                                   depth=1, num_heads=2, num_timesteps=50, sample_steps=2,
                                   num_candidates=2)

@@ -84,7 +84,8 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     assert int(resumed.step) == 12
     for a, b in zip(_leaves(full), _leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
-    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line)
+            for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 12 and np.isfinite(rows[-1]["loss"])
 
 
@@ -96,7 +97,9 @@ def test_training_reduces_loss(tmp_path):
 
 
 def test_nonfinite_stops_naming_step_and_leaf_and_keeps_checkpoint(tmp_path):
-    with pytest.raises(loop.NonFiniteError, match=r"step 6 \(first non-finite gradient leaf: Dense_0/bias\).*step 4\) is untouched"):
+    with pytest.raises(loop.NonFiniteError,
+                       match=r"step 6 \(first non-finite gradient leaf: Dense_0/bias\)"
+                             r".*step 4\) is untouched"):
         loop.train(make_cfg(), make_task(nan_at=5), tmp_path, progress=False)
     ck = Checkpointer(tmp_path)
     assert ck.latest_step() == 4

@@ -389,7 +389,8 @@ def test_loop_resumes_a_shard_stream_exactly_and_logs_skips(bad, tmp_path):
     from test_writers import read_events, scalars
 
     events = scalars(read_events(tmp_path / "a" / "tensorboard"))
-    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line)
+            for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert events == pytest.approx({(r["step"], k): v for r in rows for k, v in r.items()
                                     if k != "step"}, rel=1e-6)
     # 9 steps × 4 rows = 36 samples > one epoch (11 usable): every bad one was met

@@ -34,7 +34,7 @@ class DataConfig:
     shuffle_buffer: int = 1000           # shards: samples per seeded shuffle window
     image_size: int = 32                 # model input resolution (square)
     random_crop: bool = False            # random crop (train) instead of centre crop
-    tokenizer: str = ""                  # path to a sentencepiece model ("" = <workdir>/tokenizer.model)
+    tokenizer: str = ""                  # sentencepiece model path ("" = <workdir>/tokenizer.model)
     vocab_size: int = 512                # vocabulary size when training the tokenizer
     context_length: int = 32             # text tokens incl. BOS/EOS
     shuffle_seed: int = 0

@@ -62,7 +62,7 @@ def _write_times(workdir: Path, times: dict) -> None:
     os.replace(tmp, path)
 
 
-def _stage(report: dict, workdir: Path, name: str, fn, done: Callable[[], bool]) -> None:
+def run_stage(report: dict, workdir: Path, name: str, fn, done: Callable[[], bool]) -> None:
     """Run stage ``name``; ``done()`` (asked before) says whether it was already finished.
 
     A stage that does work stores its wall time in ``stage_times.json``; a finished one only
@@ -85,7 +85,7 @@ def _stage(report: dict, workdir: Path, name: str, fn, done: Callable[[], bool])
         report[name] = result
 
 
-def _trained(workdir: Path, steps: int) -> bool:
+def is_trained(workdir: Path, steps: int) -> bool:
     """Whether ``workdir`` holds a complete checkpoint at step ≥ ``steps`` (the training loop
     then only restores and returns)."""
     ckpts = Path(workdir) / "checkpoints"
@@ -143,7 +143,8 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
 
     w = workdir.absolute()
     chain = {
-        "prior": ("prior.py", [f"model.clip_workdir={w}/clip", f"model.embeddings_dir={w}/embeddings"]),
+        "prior": ("prior.py", [f"model.clip_workdir={w}/clip",
+                               f"model.embeddings_dir={w}/embeddings"]),
         # the decoder reads the prior stage's CLIP image embeddings instead of running the
         # frozen image tower in every step (the same embeddings: tests/test_embeddings.py)
         "decoder": ("decoder.py", [f"model.clip_workdir={w}/clip",
@@ -163,8 +164,8 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
         except FileNotFoundError:
             return False
 
-    _stage(report, workdir, "data", lambda: tasks.ensure_dataset(clip_cfg.data), have_data)
-    _stage(report, workdir, "tokenizer", lambda: tasks.ensure_tokenizer(
+    run_stage(report, workdir, "data", lambda: tasks.ensure_dataset(clip_cfg.data), have_data)
+    run_stage(report, workdir, "tokenizer", lambda: tasks.ensure_tokenizer(
         dataclasses.replace(clip_cfg.data, tokenizer=""), workdir) and None,
         lambda: (workdir / "tokenizer.model").is_file())
 
@@ -173,8 +174,8 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
         loop.train(cfg, task, clip_dir)
         return None
 
-    _stage(report, workdir, "clip", train_clip,
-           lambda: _trained(clip_dir, clip_cfg.train.steps))
+    run_stage(report, workdir, "clip", train_clip,
+              lambda: is_trained(clip_dir, clip_cfg.train.steps))
 
     def eval_clip():
         out = clip_dir / "eval.json"
@@ -186,16 +187,16 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
             out.write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
 
-    _stage(report, workdir, "clip_eval", eval_clip, lambda: (clip_dir / "eval.json").is_file())
+    run_stage(report, workdir, "clip_eval", eval_clip, lambda: (clip_dir / "eval.json").is_file())
 
     for name, (config, sets) in chain.items():
         if name in stages:
-            _stage(report, workdir, name, lambda c=config, n=name, o=sets + per_stage[name]:
-                   _train_stage(config_dir / c, workdir / n, o),
-                   lambda n=name: _trained(workdir / n, steps[n]))
+            run_stage(report, workdir, name, lambda c=config, n=name, o=sets + per_stage[name]:
+                      _train_stage(config_dir / c, workdir / n, o),
+                      lambda n=name: is_trained(workdir / n, steps[n]))
     if "samples" in stages:
-        _stage(report, workdir, "samples", lambda: _samples(workdir),
-               lambda: _samples_done(workdir))
+        run_stage(report, workdir, "samples", lambda: _samples(workdir),
+                  lambda: _samples_done(workdir))
     known = [v for v in report["wall_s"].values() if v is not None]
     report["wall_s"]["total"] = round(sum(known), 1)
     report["total_is_partial"] = len(known) < len(report["wall_s"]) - 1   # some stage unknown
@@ -205,7 +206,7 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
     from unclip_jax import sharding
 
     report["backend"] = sharding.describe_backend()
-    markdown = _markdown(report, clip_cfg)
+    markdown = report_markdown(report, clip_cfg)
     if _writer():
         (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (workdir / "report.md").write_text(markdown)
@@ -289,6 +290,7 @@ def _samples(workdir: Path) -> dict:
 
     from unclip_jax import shapes
     from unclip_jax.eval import metrics
+    from unclip_jax.images import save_grid
     from unclip_jax.pipelines import manipulate, unclip
 
     out = workdir / "samples.json"
@@ -312,7 +314,7 @@ def _samples(workdir: Path) -> dict:
     images = unclip.generate(model, shown[:8], seed=1)
     scores["generate_8_after_compile_s"] = round(time.perf_counter() - t0, 2)
     images = np.concatenate([images, unclip.generate(model, shown[8:], seed=2)])
-    manipulate.write_grid(images, workdir / "samples.png", columns=8)
+    save_grid(images, workdir / "samples.png", columns=8)
     if _writer():
         (workdir / "samples.txt").write_text("\n".join(shown) + "\n")
     scenes = [shapes.sample_scene(7, i, "test", num_objects=1) for i in range(4)]
@@ -320,7 +322,7 @@ def _samples(workdir: Path) -> dict:
     rows = [np.concatenate([shapes.render(s, model.resolution)[None],
                             manipulate.variations(model, r, n=4, seed=i)])
             for i, (s, r) in enumerate(zip(scenes, renders))]
-    manipulate.write_grid([np.asarray(r, np.uint8) for r in rows], workdir / "variations.png")
+    save_grid([np.asarray(r, np.uint8) for r in rows], workdir / "variations.png")
     if _writer():
         out.write_text(json.dumps(scores, indent=2) + "\n")
     return scores
@@ -362,7 +364,9 @@ def recipe(workdir: Path) -> dict:
     return out
 
 
-def _markdown(report: dict, clip_cfg) -> str:
+def report_markdown(report: dict, clip_cfg) -> str:
+    """``report.md``: the CLIP's zero-shot table, the stage wall times and the sample scores of
+    a demo ``report`` (``clip_cfg``: the CLIP run's config, for its data and budget)."""
     ev = report.get("clip_eval", {})
     lines = [
         "# unclip_jax demo report", "",

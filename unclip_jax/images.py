@@ -1,4 +1,5 @@
-"""Robust image loading and square resizing, shared by the dataset builders and the CLI.
+"""Image loading, square resizing, the [-1, 1] ↔ pixel conversions and PNG grids: shared by the
+dataset builders, the CLI, the pipelines and the training samples.
 
 ``load_image`` turns a path or encoded bytes into an 8-bit RGB ``PIL.Image`` or raises
 ``ImageLoadError(path, reason, kind)``; it never lets a decoder exception or a
@@ -20,6 +21,9 @@ CMYK                        ``convert("RGB")`` (naive, no ICC colour management)
 EXIF orientation is applied. Multi-frame files (GIF, TIFF) give their first frame.
 Images larger than ``max_pixels`` (default: PIL's ``Image.MAX_IMAGE_PIXELS``) are refused from
 the header alone, before any pixel is decoded.
+
+``to_float`` / ``to_uint8`` are the one pair of conversions between uint8 pixels and model
+images in [-1, 1]; ``image_grid`` / ``save_grid`` lay rows of images out as one picture.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +43,7 @@ _DEFAULT_MAX_PIXELS = 89_478_485   # PIL's own default for Image.MAX_IMAGE_PIXEL
 
 
 class ImageLoadError(Exception):
-    """An image that cannot be used. ``kind`` is ``"unreadable"``, ``"too large"`` or ``"missing"``."""
+    """An image that cannot be used; ``kind``: ``"unreadable"``, ``"too large"``, ``"missing"``."""
 
     def __init__(self, path: str, reason: str, kind: str = "unreadable"):
         self.path = str(path)
@@ -159,3 +164,58 @@ def to_float(img: Image.Image | np.ndarray) -> np.ndarray:
     """``[H, W, 3]`` float32 in [-1, 1] from an RGB image or a uint8 array."""
     arr = np.asarray(to_rgb(img) if isinstance(img, Image.Image) else img, dtype=np.float32)
     return arr * (2.0 / 255.0) - 1.0
+
+
+def to_uint8(images) -> np.ndarray:
+    """Model images in [-1, 1] (any shape, e.g. ``[B, H, W, 3]``) → uint8 pixels:
+    ``(x + 1) · 127.5`` in float32, rounded half to even, clipped to [0, 255]."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
+        np.uint8)
+
+
+def image_grid(rows: Sequence[np.ndarray], gap: int = 0) -> np.ndarray:
+    """One uint8 picture ``[R·(H + gap), N·(W + gap), 3]`` of ``R`` rows of images
+    ``[N_r, H, W, 3]`` (``N`` = the longest row). Rows are uint8, or float in [-1, 1]
+    (converted with :func:`to_uint8`); gaps and the cells of shorter rows are white."""
+    rows = [np.asarray(r) for r in rows]
+    rows = [r if r.dtype == np.uint8 else to_uint8(r) for r in rows]
+    if not rows or not any(len(r) for r in rows):
+        raise ValueError("image_grid got no images")
+    if any(r.ndim != 4 for r in rows if len(r)):
+        raise ValueError(f"image_grid takes rows of [N, H, W, C] images, got shapes "
+                         f"{[r.shape for r in rows]}")
+    h, w, c = next(r for r in rows if len(r)).shape[1:]
+    n = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (h + gap), n * (w + gap), c), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            grid[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = im
+    return grid
+
+
+def save_grid(images: np.ndarray | Sequence[np.ndarray], path: str | os.PathLike,
+              columns: int | None = None, gap: int = 2) -> Path:
+    """Save images as one PNG grid with ``gap`` px white gaps; returns the path.
+
+    ``images``: an array ``[N, H, W, 3]`` (uint8, or float in [-1, 1]) laid out ``columns``
+    per row (default: all in one row), or a sequence of such rows (``columns`` unused). Several
+    processes: only process 0 writes (every process holds the same images).
+    """
+    import jax
+
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or not (images.dtype == np.uint8
+                                    or np.issubdtype(images.dtype, np.floating)):
+            raise ValueError(f"save_grid takes uint8 (or [-1, 1] float) [N, H, W, 3], got "
+                             f"{images.dtype} {images.shape}")
+        cols = columns or len(images)
+        rows = [images[i:i + cols] for i in range(0, len(images), cols)]
+    else:
+        rows = [np.asarray(r) for r in images]
+    if not rows or not any(len(r) for r in rows):
+        raise ValueError("save_grid got no images")
+    grid = image_grid(rows, gap)
+    if jax.process_index() == 0:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+    return Path(path)

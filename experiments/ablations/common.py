@@ -76,7 +76,7 @@ def renders(scenes: Sequence, size: int) -> np.ndarray:
 
 def trained(workdir: str | os.PathLike) -> bool:
     """Whether a training run finished: its config's last step has a complete checkpoint."""
-    from unclip_jax.demo import _trained
+    from unclip_jax.demo import is_trained as _trained
 
     cfg = Path(workdir) / "config.json"
     if not cfg.is_file():

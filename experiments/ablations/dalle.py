@@ -29,6 +29,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from unclip_jax.images import to_uint8  # noqa: E402
+
 BATCH = 16
 # The demo chain's stage wall times as measured by `make demo` (RESULTS.md, "Demo chain"),
 # used when runs/demo keeps no times file.
@@ -111,8 +113,7 @@ def main(argv=None) -> dict:
                                              prompts[sl], jax.random.PRNGKey(1000 * seed + b),
                                              num_candidates=args.candidates,
                                              guidance_scale=args.guidance)
-                px = np.clip(np.round((np.asarray(out.images) + 1) * 127.5), 0,
-                             255).astype(np.uint8)
+                px = to_uint8(out.images)
                 k0 = np.argmax(np.asarray(out.order) == 0, axis=1)
                 first.update(px[np.arange(len(px)), k0], prompts[sl], ref.text_feats[sl], seed)
                 best.update(px[:, 0], prompts[sl], ref.text_feats[sl], seed)

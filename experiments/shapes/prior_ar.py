@@ -1,4 +1,5 @@
-"""AR prior (unCLIP §2.2) on the shapes CLIP's cached embeddings (CPU scale, ~5 min on a loaded 2-core CPU).
+"""AR prior (unCLIP §2.2) on the shapes CLIP's cached embeddings (CPU scale, ~5 min on a loaded
+2-core CPU).
 
 Needs the embedding cache: ``unclip-jax embed --clip runs/demo/clip --split train --out
 runs/demo/embeddings`` (and ``--split validation`` for the evaluation).

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def _sample_dalle(args) -> None:
     import jax
     import numpy as np
-    from PIL import Image
 
+    from unclip_jax.images import save_grid
     from unclip_jax.pipelines.dalle import load_pipeline
 
     prompts = list(args.prompt)
@@ -24,11 +22,7 @@ def _sample_dalle(args) -> None:
                                  top_p=args.top_p)
     images, scores = np.asarray(out.images), np.asarray(out.scores)
     shown = images[:, :args.show] if args.show else images
-    grid = np.concatenate([np.concatenate(list(row), axis=1) for row in shown], axis=0)
-    grid = np.clip(np.round((grid + 1) * 127.5), 0, 255).astype(np.uint8)
-    if jax.process_index() == 0:            # several processes: one writer
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(args.out)
+    save_grid(list(shown), args.out, gap=0)     # several processes: process 0 writes
     for p, s, o in zip(prompts, scores, np.asarray(out.order)):
         print(f"{p!r}: CLIP scores best→worst {np.round(s, 2).tolist()} "
               f"(drawing order {o.tolist()})")

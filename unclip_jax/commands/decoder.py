@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from unclip_jax.images import save_grid, to_uint8  # noqa: F401  (also re-exported: old home)
+
 
 def add_commands(subparsers) -> None:
     q = subparsers.add_parser("sample-decoder",
@@ -31,31 +33,6 @@ def add_commands(subparsers) -> None:
                    help="use the raw params, not the EMA (short runs: the EMA still lags)")
     q.add_argument("--out", required=True, help="PNG grid path (a JSON of scores beside it)")
     q.set_defaults(fn=_sample_decoder)
-
-
-def to_uint8(images) -> np.ndarray:
-    """``[B, H, W, 3]`` in [-1, 1] → uint8."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
-        np.uint8)
-
-
-def save_grid(rows: list[np.ndarray], path: str | Path) -> None:
-    """Save rows of uint8 images ``[N, H, W, 3]`` (same H, W) as one PNG with 2 px gaps.
-    Several processes: process 0 writes (every process holds the same images)."""
-    import jax
-    from PIL import Image
-
-    if jax.process_index() != 0:
-        return
-
-    n = max(len(r) for r in rows)
-    h, w = rows[0].shape[1:3]
-    grid = np.full((len(rows) * (h + 2), n * (w + 2), 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            grid[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = im
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
 
 
 def _sample_decoder(args) -> None:

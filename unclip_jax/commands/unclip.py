@@ -154,7 +154,7 @@ def _run_manipulation(fn):
 
 def _sample(args) -> None:
     from unclip_jax import shapes
-    from unclip_jax.pipelines import manipulate as M
+    from unclip_jax.images import save_grid
     from unclip_jax.pipelines import unclip as U
 
     prompts = U.check_prompts(args.prompt)
@@ -168,7 +168,7 @@ def _sample(args) -> None:
     batch = [p for p in prompts for _ in range(args.num)]
     images = U.generate(model, batch, args.seed, prior_guidance=args.prior_guidance,
                         decoder_guidance=args.decoder_guidance, **settings)
-    M.write_grid(images, args.out, columns=args.num if args.num > 1 else min(8, len(batch)))
+    save_grid(images, args.out, columns=args.num if args.num > 1 else min(8, len(batch)))
     _done(args.out, images)
     try:
         for p in batch:
@@ -186,17 +186,19 @@ def _sample(args) -> None:
 
 
 def _variations(args) -> None:
+    from unclip_jax.images import save_grid
     from unclip_jax.pipelines import manipulate as M
 
     model = _load(args)
     images = _run_manipulation(lambda: M.variations(
         model, args.image, args.num, args.eta, args.seed, from_inversion=not args.fresh_noise,
         **_manipulation_options(args)))
-    M.write_grid(images, args.out, columns=min(8, len(images)))
+    save_grid(images, args.out, columns=min(8, len(images)))
     _done(args.out, images)
 
 
 def _interpolate(args) -> None:
+    from unclip_jax.images import save_grid
     from unclip_jax.pipelines import manipulate as M
 
     if len(args.image) != 2:
@@ -205,16 +207,17 @@ def _interpolate(args) -> None:
     images = _run_manipulation(lambda: M.interpolate(
         model, args.image[0], args.image[1], args.frames, args.seed, args.fix_noise,
         **_manipulation_options(args)))
-    M.write_grid(images, args.out)
+    save_grid(images, args.out)
     _done(args.out, images)
 
 
 def _text_diff(args) -> None:
+    from unclip_jax.images import save_grid
     from unclip_jax.pipelines import manipulate as M
 
     model = _load(args)
     images = _run_manipulation(lambda: M.text_diff(
         model, args.image, args.caption_from, args.caption_to, args.frames, args.max_angle,
         **_manipulation_options(args)))
-    M.write_grid(images, args.out)
+    save_grid(images, args.out)
     _done(args.out, images)

@@ -16,22 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
-def read_state_dict(path: str | os.PathLike) -> dict:
-    """``{key: float32 numpy array}`` from ``.npz`` (``np.savez``; read without pickles), or
-    anything :func:`unclip_jax.convert.clip.load_state_dict` reads (``.safetensors``, torch
-    files with ``weights_only=True``). ``.npz`` needs neither torch nor safetensors."""
-    import numpy as np
-
-    from unclip_jax.convert.clip import load_state_dict, normalize_state_dict
-
-    path = Path(path)
-    if path.suffix != ".npz":
-        return load_state_dict(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {str(path)!r}")
-    with np.load(path, allow_pickle=False) as f:
-        return normalize_state_dict({k: f[k] for k in f.files})
+from unclip_jax.weights import read_state_dict  # noqa: F401  (the one weights reader)
 
 
 def save_workdir(model_cfg: Any, params: Mapping, out_dir: str | os.PathLike, *,

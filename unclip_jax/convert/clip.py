@@ -37,6 +37,9 @@ import numpy as np
 
 from unclip_jax.convert import save_workdir  # noqa: F401  (re-exported: a CLIP workdir)
 from unclip_jax.models.clip import CLIPConfig
+# The weights reader lives in the core layer (unclip_jax.weights); re-exported from here.
+from unclip_jax.weights import (ConversionError, load_state_dict,  # noqa: F401
+                                normalize_state_dict)
 
 # OpenAI CLIP's preprocessing constants (also open_clip's OPENAI_DATASET_MEAN/STD).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,63 +50,6 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IGNORED_KEYS = frozenset({"input_resolution", "context_length", "vocab_size", "attn_mask"})
 
 _BLOCK = re.compile(r"^(visual\.transformer|transformer)\.resblocks\.(\d+)\.")
-
-
-class ConversionError(ValueError):
-    """The state dict does not map onto the CLIP param tree; the message lists every key."""
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """``{key: float32 numpy array}`` from a ``.safetensors`` file or a torch checkpoint.
-
-    Torch files are read with ``weights_only=True`` (torch imported only here). A
-    ``{"state_dict": ...}`` wrapper and a ``module.`` prefix (DDP) are removed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {str(path)!r}")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.numpy import load_file
-        except ImportError as e:
-            raise ImportError("reading .safetensors needs the `safetensors` package "
-                              "(pip install safetensors)") from e
-        raw: Mapping[str, Any] = load_file(str(path))
-    else:
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"{str(path)!r} is a torch checkpoint: reading it needs torch; "
-                              "or convert it to .safetensors first") from e
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(raw, Mapping):
-            raise ConversionError(f"{str(path)!r} holds a {type(raw).__name__}, not a state "
-                                  "dict")
-    return normalize_state_dict(raw)
-
-
-def normalize_state_dict(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Unwrap ``state_dict``, strip ``module.``, turn every tensor into a float32 array."""
-    if "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
-        raw = raw["state_dict"]
-    out = {}
-    for key, value in raw.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
-        out[key] = _to_numpy(value)
-    return out
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor (bf16/fp16 included)
-        import torch
-
-        return value.detach().to(torch.float32).cpu().numpy()
-    arr = np.asarray(value)
-    return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
 
 
 # ----------------------------------------------------------------------------- config
@@ -256,10 +202,12 @@ def param_spec(cfg: CLIPConfig) -> dict:
     return {"visual": visual, "text": text, "logit_scale": ("logit_scale", np.squeeze)}
 
 
-def _leaves(tree: dict, path: tuple = ()):
+def spec_leaves(tree: dict, path: tuple = ()):
+    """``(path, entry)`` of every leaf of a nested conversion spec (or params) dict, in order;
+    ``path`` is the tuple of keys, ``entry`` the leaf (a spec's ``(their key, map)``)."""
     for name, node in tree.items():
         if isinstance(node, dict):
-            yield from _leaves(node, path + (name,))
+            yield from spec_leaves(node, path + (name,))
         else:
             yield path + (name,), node
 
@@ -301,7 +249,7 @@ def convert(sd: Mapping[str, Any], cfg: CLIPConfig | None = None, *,
     want = expected_shapes(cfg)
     params: dict = {}
     used, missing, misshaped, problems = set(), [], [], []
-    for path, (key, fn) in _leaves(spec):
+    for path, (key, fn) in spec_leaves(spec):
         if key not in sd:
             missing.append(key)
             continue
@@ -317,7 +265,7 @@ def convert(sd: Mapping[str, Any], cfg: CLIPConfig | None = None, *,
             continue
         _set(params, path, value)
     unknown = sorted(set(sd) - used - IGNORED_KEYS)
-    unfilled = sorted("/".join(p) for p in set(want) - {p for p, _ in _leaves(spec)})
+    unfilled = sorted("/".join(p) for p in set(want) - {p for p, _ in spec_leaves(spec)})
     for title, items in (("missing keys", sorted(set(missing))), ("unknown keys", unknown),
                          ("mis-shaped keys", misshaped), ("params with no source", unfilled)):
         if items:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from unclip_jax.convert import read_state_dict
-from unclip_jax.convert.clip import ConversionError, normalize_state_dict
+from unclip_jax.convert.clip import ConversionError, _set, normalize_state_dict, spec_leaves
 from unclip_jax.models.dvae import DVAEConfig
 
 PARTS = ("encoder", "decoder")
@@ -226,20 +226,6 @@ def param_spec(cfg: DVAEConfig) -> dict:
     return spec
 
 
-def _leaves(tree: dict, path: tuple = ()):
-    for name, node in tree.items():
-        if isinstance(node, dict):
-            yield from _leaves(node, path + (name,))
-        else:
-            yield path + (name,), node
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def expected_shapes(cfg: DVAEConfig) -> dict[tuple, tuple]:
     """``{param path: shape}`` of ``DVAE(cfg)`` (``jax.eval_shape``: nothing allocated)."""
     import flax.linen as nn
@@ -273,7 +259,7 @@ def convert(encoder_sd: Mapping[str, Any], decoder_sd: Mapping[str, Any],
     want = expected_shapes(cfg)
     params: dict = {}
     used, missing, misshaped = set(), [], []
-    for path, (key, fn) in _leaves(spec):
+    for path, (key, fn) in spec_leaves(spec):
         if key not in sd:
             missing.append(key)
             continue
@@ -285,7 +271,7 @@ def convert(encoder_sd: Mapping[str, Any], decoder_sd: Mapping[str, Any],
             continue
         _set(params, path, value)
     unknown = sorted(set(sd) - used)
-    unfilled = sorted("/".join(p) for p in set(want) - {p for p, _ in _leaves(spec)})
+    unfilled = sorted("/".join(p) for p in set(want) - {p for p, _ in spec_leaves(spec)})
     problems = [f"{title} ({len(items)}):\n" + "\n".join(f"  {k}" for k in items)
                 for title, items in (("missing keys", sorted(missing)),
                                      ("unknown keys", unknown),
@@ -315,7 +301,7 @@ def to_state_dicts(params: Mapping, cfg: DVAEConfig) -> tuple[dict, dict]:
 
     params = jax.tree_util.tree_map(np.asarray, dict(params))
     out: dict[str, dict] = {p: {} for p in PARTS}
-    for path, (key, _) in _leaves(param_spec(cfg)):
+    for path, (key, _) in spec_leaves(param_spec(cfg)):
         node = params
         for name in path:
             node = node[name]

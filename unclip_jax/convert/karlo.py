@@ -4,10 +4,11 @@ Input: a diffusers ``UnCLIPPipeline`` folder (``kakaobrain/karlo-v1-alpha``): ``
 (``PriorTransformer``), ``text_proj/`` (``UnCLIPTextProjModel``), ``decoder/`` (the 64 px
 ``UNet2DConditionModel``), ``super_res_first/`` and ``super_res_last/`` (``UNet2DModel``), each
 with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (``.bin`` read with
-``weights_only=True``; ``.npz`` from ``np.savez`` needs neither torch nor safetensors). Output: one workdir per stage (``prior``, ``decoder``,
-``super_res_first``, ``super_res_last``), each a ``config.json`` plus ``checkpoints/0`` as a
-training run writes them, so :func:`unclip_jax.runs.load_prior`,
-:func:`unclip_jax.runs.load_decoder` / ``load_upsampler`` read them.
+``weights_only=True``; ``.npz`` from ``np.savez`` needs neither torch nor safetensors). Output:
+one workdir per stage (``prior``, ``decoder``, ``super_res_first``, ``super_res_last``), each a
+``config.json`` plus ``checkpoints/0`` as a training run writes them, so
+:func:`unclip_jax.runs.load_prior`, :func:`unclip_jax.runs.load_decoder` / ``load_upsampler``
+read them.
 
 Every tensor must land on exactly one of our params with the right shape; otherwise a
 :class:`ConversionError` lists the missing, unknown and mis-shaped keys (never a partial load).
@@ -58,8 +59,9 @@ from typing import Any
 
 import numpy as np
 
-from unclip_jax.convert.clip import (ConversionError, _leaves, _set,
-                                     normalize_state_dict)
+from unclip_jax.convert.clip import ConversionError, _set, normalize_state_dict, spec_leaves
+# Karlo's sampling schedule lives in the diffusion core (re-exported from its old home here).
+from unclip_jax.diffusion.schedule import karlo_schedule, karlo_timesteps  # noqa: F401
 from unclip_jax.models.decoder import DecoderConfig, UpsamplerConfig
 from unclip_jax.models.prior import PriorConfig
 
@@ -169,7 +171,7 @@ def _fill(spec: Spec, sd: Mapping[str, np.ndarray], want: dict[tuple, tuple], wh
     """
     params: dict = {}
     used, missing, misshaped = set(), [], []
-    for path, (key, fn) in _leaves(spec):
+    for path, (key, fn) in spec_leaves(spec):
         if key not in sd:
             missing.append(key)
             continue
@@ -191,7 +193,7 @@ def _fill(spec: Spec, sd: Mapping[str, np.ndarray], want: dict[tuple, tuple], wh
                              f"{want.get(path)}")
         _set(params, path, value)
     unknown = sorted(k for k in set(sd) - used - ignore if k.startswith(prefix))
-    covered = {p for p, _ in _leaves(spec)} | set(dict(synth))
+    covered = {p for p, _ in spec_leaves(spec)} | set(dict(synth))
     unfilled = sorted("/".join(p) for p in set(want) - covered)
     problems = []
     for title, items in (("missing keys", sorted(set(missing))), ("unknown keys", unknown),
@@ -318,8 +320,8 @@ def _resnet(prefix: str, has_skip: bool) -> Spec:
     return spec
 
 
-def _unet_spec(sd: Mapping, levels: int, num_res: int, attn_levels: set[int],
-               head_dim: int, mid_attention: bool) -> tuple[Spec, dict]:
+def unet_spec(sd: Mapping, levels: int, num_res: int, attn_levels: set[int],
+              head_dim: int, mid_attention: bool) -> tuple[Spec, dict]:
     """Our ``UNet`` params from a diffusers U-Net with ResnetDown/UpsampleBlock2D-style
     resampling; returns ``(spec, synthesised gates)``."""
     spec: Spec = {"time_fc1": _dense("time_embedding.linear_1"),
@@ -437,8 +439,8 @@ def decoder_spec(cfg: DecoderConfig, sd: Mapping) -> tuple[Spec, dict]:
     ds = {cfg.image_size // r for r in cfg.attention_resolutions}
     levels = len(cfg.channel_mult)
     attn_levels = {lv for lv in range(levels) if 2 ** lv in ds}
-    unet, gates = _unet_spec({k[len("decoder."):]: v for k, v in sd.items()
-                              if k.startswith("decoder.")}, levels, cfg.num_res_blocks,
+    unet, gates = unet_spec({k[len("decoder."):]: v for k, v in sd.items()
+                             if k.startswith("decoder.")}, levels, cfg.num_res_blocks,
                              attn_levels, cfg.head_channels, True)
     unet = _prefixed(unet, "decoder.")
     n, width = cfg.num_clip_tokens, cfg.context_dim
@@ -519,39 +521,9 @@ def convert_upsampler(config: Mapping, sd: Mapping[str, Any],
     """``(UpsamplerConfig, params)`` of a Karlo super-resolution ``UNet2DModel``."""
     sd = normalize_state_dict(sd)
     cfg = upsampler_config(config, **options)
-    spec, gates = _unet_spec(sd, len(cfg.channel_mult), cfg.num_res_blocks, set(), 0, False)
+    spec, gates = unet_spec(sd, len(cfg.channel_mult), cfg.num_res_blocks, set(), 0, False)
     assert not gates
     return cfg, _fill({"unet": spec}, sd, upsampler_shapes(cfg), "super-resolution U-Net")
-
-
-# ----------------------------------------------------------------------------- sampling schedule
-
-
-def karlo_timesteps(num_steps: int, num_timesteps: int = 1000) -> np.ndarray:
-    """The increasing timesteps diffusers' ``UnCLIPScheduler.set_timesteps`` visits:
-    ``round(k · (T − 1)/(n − 1))`` for k = 0 … n − 1 (both ends included; our default
-    respacing spaces them differently)."""
-    if num_steps < 2 or num_steps > num_timesteps:
-        raise ValueError(f"num_steps must be in [2, {num_timesteps}], got {num_steps}")
-    return np.unique(np.round(np.arange(num_steps) * (num_timesteps - 1) / (num_steps - 1))
-                     .astype(np.int64))
-
-
-def karlo_schedule(num_steps: int, num_timesteps: int = 1000, kind: str = "cosine"):
-    """Our ``kind`` :class:`~unclip_jax.diffusion.Schedule` (Karlo: cosine) respaced onto
-    Karlo's timesteps, so
-    the shared sampler's ``method="ddpm"`` takes exactly ``UnCLIPScheduler``'s steps (β of a
-    skip = 1 − ᾱ_t/ᾱ_prev, posterior mean and variance, x̂₀ clipping via ``clip_x0``)."""
-    from unclip_jax.diffusion.schedule import base_betas, from_betas
-
-    base = base_betas(kind, num_timesteps)
-    ac = np.cumprod(1.0 - base)
-    kept = karlo_timesteps(num_steps, num_timesteps)
-    betas, prev = [], -1
-    for t in kept:
-        betas.append(base[t] if t == prev + 1 else 1.0 - ac[t] / (ac[prev] if prev >= 0 else 1))
-        prev = t
-    return from_betas(np.array(betas), kept, kind="custom", base_num_timesteps=num_timesteps)
 
 
 # ----------------------------------------------------------------------------- pipeline folder

@@ -227,7 +227,8 @@ def check_row(row: Row, max_pixels: int | None) -> str | None:
     return None
 
 
-def make_example(row: Row, resolution: int, max_pixels: int | None) -> tuple[dict | None, str | None]:
+def make_example(row: Row, resolution: int,
+                 max_pixels: int | None) -> tuple[dict | None, str | None]:
     """``({"image": png_bytes, "caption": str}, None)`` or ``(None, skip_reason)``."""
     caption, why = decode_caption(row.caption)
     if why:
@@ -288,7 +289,8 @@ class Builder(tfds.core.GeneratorBasedBuilder,
             return Path(dl_manager.manual_dir)
         except (AssertionError, ValueError) as e:
             raise ValueError(f"image_captions config {self.builder_config.name!r} has no source: "
-                             f"set ImageCaptionsConfig(source=...) or pass --manual_dir ({e})") from None
+                             f"set ImageCaptionsConfig(source=...) or pass --manual_dir "
+                             f"({e})") from None
 
     def _split_generators(self, dl_manager) -> dict[str, Iterator]:
         cfg = self.builder_config

@@ -194,7 +194,8 @@ class ShardIndex:
         self.urls = list(urls)
         self.images = images
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)
-        # one entry per usable sample: (shard, group offset, (image start, size), (text start, size))
+        # one entry per usable sample:
+        # (shard, group offset, (image start, size), (text start, size))
         rows: list[tuple[int, int, tuple[int, int], tuple[int, int]]] = []
         for s, url in enumerate(self.urls):
             groups, broken = _tar_members(url)

@@ -1,8 +1,9 @@
 """Objectives: what a denoiser predicts (ε, x₀ or v), the exact conversions, and the losses.
 
 Shapes: ``x0``, ``x_t``, ``eps`` are ``[B, …]`` (``[B, D]`` embeddings or ``[B, H, W, C]``
-images); ``i`` is ``[B]`` int32 *step indices* into a :class:`~unclip_jax.diffusion.schedule.Schedule`
-(for a training schedule these equal the timesteps). All arithmetic is float32.
+images); ``i`` is ``[B]`` int32 *step indices* into a
+:class:`~unclip_jax.diffusion.schedule.Schedule` (for a training schedule these equal the
+timesteps). All arithmetic is float32.
 
 Parameterisations (α = √ᾱ_i, σ = √(1 − ᾱ_i), x_t = α x₀ + σ ε):
   * ``eps``: ε;  ``x0``: x₀;  ``v`` = α ε − σ x₀ (Salimans & Ho), so x₀ = α x_t − σ v and
@@ -126,7 +127,8 @@ def _approx_std_normal_cdf(x):
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
-    """log p(x) of 8-bit data ``x ∈ [-1, 1]`` (bins of width 2/255) under N(mean, e^{2 log_scale})."""
+    """log p(x) of 8-bit data ``x ∈ [-1, 1]`` (bins of width 2/255) under
+    N(mean, e^{2 log_scale})."""
     centered = x - mean
     inv_std = jnp.exp(-log_scale)
     cdf_plus = _approx_std_normal_cdf(inv_std * (centered + 1.0 / 255.0))

@@ -1,4 +1,5 @@
-"""Noise schedules: betas, ᾱ, the forward process q(x_t | x_0), its posterior, and respacing.
+"""Noise schedules: betas, ᾱ, the forward process q(x_t | x_0), its posterior, and respacing
+(ours, and Karlo's / diffusers' ``UnCLIPScheduler`` grid: :func:`karlo_schedule`).
 
 Conventions. A schedule has ``N`` steps indexed ``i = 0 … N-1`` (``N = T`` for a base schedule).
 Every array of a :class:`Schedule` is indexed by that *step index*; ``timesteps[i]`` is the
@@ -263,6 +264,31 @@ def respace(schedule: Schedule, spec: str | int) -> Schedule:
                       base_num_timesteps=schedule.base_num_timesteps)
 
 
+def karlo_timesteps(num_steps: int, num_timesteps: int = 1000) -> np.ndarray:
+    """The increasing timesteps diffusers' ``UnCLIPScheduler.set_timesteps`` visits:
+    ``round(k · (T − 1)/(n − 1))`` for k = 0 … n − 1 (both ends included; our default
+    respacing spaces them differently)."""
+    if num_steps < 2 or num_steps > num_timesteps:
+        raise ValueError(f"num_steps must be in [2, {num_timesteps}], got {num_steps}")
+    return np.unique(np.round(np.arange(num_steps) * (num_timesteps - 1) / (num_steps - 1))
+                     .astype(np.int64))
+
+
+def karlo_schedule(num_steps: int, num_timesteps: int = 1000,
+                   kind: str = "cosine") -> Schedule:
+    """Our ``kind`` :class:`Schedule` (Karlo: cosine) respaced onto Karlo's timesteps, so the
+    shared sampler's ``method="ddpm"`` takes exactly ``UnCLIPScheduler``'s steps (β of a
+    skip = 1 − ᾱ_t/ᾱ_prev, posterior mean and variance, x̂₀ clipping via ``clip_x0``)."""
+    base = base_betas(kind, num_timesteps)
+    ac = np.cumprod(1.0 - base)
+    kept = karlo_timesteps(num_steps, num_timesteps)
+    betas, prev = [], -1
+    for t in kept:
+        betas.append(base[t] if t == prev + 1 else 1.0 - ac[t] / (ac[prev] if prev >= 0 else 1))
+        prev = t
+    return from_betas(np.array(betas), kept, kind="custom", base_num_timesteps=num_timesteps)
+
+
 # ----------------------------------------------------------------------------- forward process
 
 
@@ -282,7 +308,8 @@ def q_sample(schedule: Schedule, x0: jnp.ndarray, i: jnp.ndarray, noise: jnp.nda
 
 
 def q_posterior(schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, i: jnp.ndarray):
-    """Mean, variance and clipped log-variance of q(x_{i-1} | x_i, x_0), each ``[B, …]``-broadcastable."""
+    """Mean, variance and clipped log-variance of q(x_{i-1} | x_i, x_0), each broadcastable to
+    ``[B, …]``."""
     nd = x_t.ndim
     mean = (extract(schedule.posterior_mean_coef1, i, nd) * x0
             + extract(schedule.posterior_mean_coef2, i, nd) * x_t)

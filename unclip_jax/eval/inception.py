@@ -268,7 +268,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     suffix = path.suffix.lower()
     if suffix in (".npz", ".safetensors", ".pth", ".pt", ".bin"):
         # The one weights reader (torch imported lazily there, weights_only=True).
-        from unclip_jax.convert import read_state_dict as read_weights
+        from unclip_jax.weights import read_state_dict as read_weights
 
         return read_weights(path)
     raise ValueError(f"unknown weights format {suffix!r} of {path.name}; accepted: .pth, .pt, "

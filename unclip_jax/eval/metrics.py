@@ -4,7 +4,7 @@ The API the ablation scripts use::
 
     from unclip_jax.eval import metrics
 
-    clip = metrics.ClipFeatures.from_workdir("runs/demo/clip")     # or ClipFeatures(cfg, params, tok)
+    clip = metrics.ClipFeatures.from_workdir("runs/demo/clip")   # or ClipFeatures(cfg, params, tok)
     real, fake = metrics.FeatureStats(), metrics.FeatureStats()
     for chunk in chunks_of_generated_uint8_images:                  # stream: nothing is kept
         fake.update(clip.images(chunk))

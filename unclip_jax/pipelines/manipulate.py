@@ -30,16 +30,15 @@ the image embedding's norm); for unit embeddings this is the plain slerp. Invert
 decoded without clipping x̂₀ (the inversion does not clip, so the two stay exact inverses), then
 every output goes through the upsampler stages (Karlo: ``super_res_first`` with
 ``super_res_last`` on the final step). Every function returns uint8 ``[N, H, W, 3]`` at the
-output resolution; :func:`write_grid` saves a PNG grid. A caption-conditioned decoder gets its
-learned null caption throughout; one reading CLIP text features (Karlo) the empty caption's
-encoding in both guidance branches.
+output resolution; :func:`write_grid` (that is :func:`unclip_jax.images.save_grid`) saves a
+PNG grid. A caption-conditioned decoder gets its learned null caption throughout; one reading
+CLIP text features (Karlo) the empty caption's encoding in both guidance branches.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -48,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from unclip_jax import diffusion, images as images_lib, sharding
-from unclip_jax.commands.decoder import save_grid, to_uint8
+from unclip_jax.images import save_grid, to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.models.clip import FrozenCLIP
 from unclip_jax.pipelines import unclip as U
@@ -377,24 +376,8 @@ def text_diff(unclip: U.UnCLIP, image: ImageLike, caption_from: str, caption_to:
 # ============================================================================ output, scores
 
 
-def write_grid(images: np.ndarray | Sequence[np.ndarray], path: str | os.PathLike,
-               columns: int | None = None) -> Path:
-    """Save uint8 images ``[N, H, W, 3]`` (or a list of such rows) as one PNG grid of
-    ``columns`` per row (default: all in one row). Returns the path. Several processes: only
-    process 0 writes (every process holds the same images)."""
-    if isinstance(images, np.ndarray):
-        if images.ndim != 4 or images.dtype != np.uint8:
-            raise ValueError(f"write_grid takes uint8 [N, H, W, 3], got {images.dtype} "
-                             f"{images.shape}")
-        cols = columns or len(images)
-        rows = [images[i:i + cols] for i in range(0, len(images), cols)]
-    else:
-        rows = [np.asarray(r) for r in images]
-    if not rows or not any(len(r) for r in rows):
-        raise ValueError("write_grid got no images")
-    if jax.process_index() == 0:
-        save_grid(rows, path)
-    return Path(path)
+# The pipelines' name for the one grid writer (kept for callers of this module).
+write_grid = save_grid
 
 
 def _judged_pairs(image: np.ndarray) -> list[tuple[str, str]]:

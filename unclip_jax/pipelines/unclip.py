@@ -1,21 +1,24 @@
 """unCLIP text → image (Ramesh et al. 2022) as one pure function under one ``jax.jit``.
 
-The chain (DESIGN §3): caption tokens ``[B, L]`` → CLIP text tower (token states ``[B, L, W]``
-and unit-norm text embedding ``[B, E]``) → diffusion prior (the shared sampler, classifier-free
+The chain: caption tokens ``[B, L]`` → CLIP text tower (token states ``[B, L, W]`` and
+unit-norm text embedding ``[B, E]``) → diffusion prior (the shared sampler, classifier-free
 guidance, ``k`` candidates per caption, the one with the highest dot product with the text
 embedding kept) → decoder (the shared sampler, guided against its learned nulls) →
 upsampler(s) (the shared sampler, few-step DDIM, no guidance) → images ``[B, H, W, 3]`` in
 [-1, 1]. Each stage samples with its config's method and timestep spacing (``sample_method``,
-``sample_spacing``) unless :class:`Settings` overrides them. Every stage is a pure function of its params; :func:`make_text_to_image` composes them
-into ``fn(params, tokens, rng, guidance)``. Static (one compile per value and input shape):
-step counts, methods, η, ``num_candidates``. Traced: ``guidance = (prior_scale,
-decoder_scale)``, so new guidance scales never recompile.
+``sample_spacing``) unless :class:`Settings` overrides them. Every stage is a pure function of
+its params; :func:`make_text_to_image` composes them into ``fn(params, tokens, rng,
+guidance)``. Static (one compile per value and input shape): step counts, methods, η,
+``num_candidates``. Traced: ``guidance = (prior_scale, decoder_scale)``, so new guidance scales
+never recompile.
 
-From a notebook, three lines::
+From a notebook, three calls::
 
     from unclip_jax.pipelines import unclip
-    model = unclip.load_unclip("runs/demo/clip", "runs/demo/tokenizer.model", "runs/demo/prior", "runs/demo/decoder", ["runs/demo/upsampler"])
-    images = unclip.generate(model, ["a big red circle above a small blue square"], seed=0)  # uint8 [1, H, W, 3]
+    model = unclip.load_unclip("runs/demo/clip", "runs/demo/tokenizer.model",
+                               "runs/demo/prior", "runs/demo/decoder", ["runs/demo/upsampler"])
+    images = unclip.generate(model, ["a big red circle above a small blue square"], seed=0)
+    # images: uint8 [1, H, W, 3]
 
 For full control: ``fn = unclip.make_text_to_image(model, unclip.Settings(decoder_steps=25))``
 then ``fn(model.params, tokens, jax.random.PRNGKey(0), (prior_scale, decoder_scale))``.
@@ -55,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax import diffusion, runs, sharding
-from unclip_jax.commands.decoder import to_uint8
+from unclip_jax.images import to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
 from unclip_jax.models.clip import CLIPConfig, FrozenCLIP, eos_positions
@@ -373,7 +376,7 @@ def stage_schedule(kind: str, num_timesteps: int, steps: int, spacing: str = "ev
     """A stage's sampling schedule: ``steps`` of the ``kind`` schedule, spaced "even" (our
     :func:`~unclip_jax.diffusion.respace`, ``round(k·(T−1)/(n−1))``), "unclip" (diffusers'
     ``UnCLIPScheduler``: the same rule in its float arithmetic, which rounds some ties — e.g.
-    499.5 at 27 steps — the other way; :func:`unclip_jax.convert.karlo.karlo_schedule`) or
+    499.5 at 27 steps — the other way; :func:`unclip_jax.diffusion.karlo_schedule`) or
     "logsnr" (evenly in log-SNR, ``respace(…, "logsnrN")``) or "dpm" (diffusers'
     ``DPMSolverMultistepScheduler`` grid, ``respace(…, "dpmN")``): the grids the multistep
     DPM-Solver++ samplers want at few steps (docs/solvers.md)."""
@@ -381,9 +384,7 @@ def stage_schedule(kind: str, num_timesteps: int, steps: int, spacing: str = "ev
     if spacing in ("logsnr", "dpm"):
         return diffusion.make_schedule(kind, num_timesteps, f"{spacing}{int(steps)}")
     if spacing == "unclip":
-        from unclip_jax.convert.karlo import karlo_schedule
-
-        return karlo_schedule(int(steps), num_timesteps, kind)
+        return diffusion.karlo_schedule(int(steps), num_timesteps, kind)
     return diffusion.make_schedule(kind, num_timesteps, str(int(steps)))
 
 
@@ -493,8 +494,8 @@ def upsampler_schedules(cfgs: Sequence[D.UpsamplerConfig], steps: Sequence[int])
                  for st, n in zip(upsampler_stages(cfgs), steps))
 
 
-def _stage_denoiser(cfgs: Sequence[D.UpsamplerConfig], stage: tuple[int, ...],
-                    schedule: diffusion.Schedule):
+def stage_denoiser(cfgs: Sequence[D.UpsamplerConfig], stage: tuple[int, ...],
+                   schedule: diffusion.Schedule):
     """The denoiser of one upsampler stage; with a last-step network, ``params`` is the pair
     and the network switches at the schedule's first timestep (the final sampling step), one
     branch evaluated per step (``lax.cond``)."""
@@ -527,7 +528,7 @@ def upsample_chain(cfgs: Sequence[D.UpsamplerConfig], params: Sequence, x: jax.A
         s = cfg.image_size
         p = params[i] if len(stage) == 1 else tuple(params[j] for j in stage)
         x = diffusion.sample(
-            _stage_denoiser(cfgs, stage, sched), p, schedule=sched,
+            stage_denoiser(cfgs, stage, sched), p, schedule=sched,
             rng=jax.random.fold_in(rng, k), shape=(x.shape[0], s, s, 3), cond={"low_res": x},
             method=method or cfg.sample_method, eta=eta, model_output=cfg.model_output,
             variance="learned" if cfg.learned_variance else "fixed_small",
@@ -726,5 +727,5 @@ __all__ = ["ClipBPE", "Settings", "UnCLIP", "check_chain", "check_prompts", "che
            "generate", "load_tokenizer", "load_unclip", "make_text_to_image",
            "needs_empty_caption", "prior_embeddings", "prior_schedule", "replicated_params",
            "place_batch", "sampling_mesh", "spans_processes", "score_prompts",
-           "settings_from", "stage_schedule", "text_mask", "to_uint8", "unit",
+           "settings_from", "stage_denoiser", "stage_schedule", "text_mask", "to_uint8", "unit",
            "upsample_chain", "upsampler_schedules", "upsampler_stages", "with_empty_caption"]

@@ -143,7 +143,8 @@ class Checkpointer:
                   f"(saved in {self.directory / str(step) / 'config'}).")
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """Restore ``(state, data, config)``; the state takes the shardings of ``abstract_state``."""
+        """Restore ``(state, data, config)``; the state takes the shardings of
+        ``abstract_state``."""
         self.check_compatible(step, abstract_state)
         out = self._manager.restore(
             step,
