@@ -204,18 +204,27 @@ def to_model_range(images) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def batched_apply(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
+def batched_apply(fn: Callable, x: np.ndarray, batch_size: int, mesh=None) -> np.ndarray:
     """``fn`` over the leading axis in batches of exactly ``batch_size`` (the last one padded
-    by repeating its final row), so a jitted ``fn`` compiles once per input shape."""
+    by repeating its final row), so a jitted ``fn`` compiles once per input shape.
+
+    ``mesh`` (a one-axis mesh, :func:`unclip_jax.sharding.rows_mesh`): each batch is split
+    over its devices (``batch_size`` must divide by their number; with several processes
+    every process passes the same ``x`` and gets every row back)."""
     n = x.shape[0]
     if n == 0:
         raise ValueError("no inputs: batched_apply got an empty array")
+    if mesh is not None and batch_size % mesh.size:
+        raise ValueError(f"batch_size {batch_size} does not split over the {mesh.size} devices "
+                         f"of the mesh; give a multiple of {mesh.size}")
     out = []
     for start in range(0, n, batch_size):
         chunk = x[start:start + batch_size]
         keep = chunk.shape[0]
         if keep < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - keep, axis=0)])
+        if mesh is not None:
+            chunk = sharding.put_rows(chunk, mesh)
         out.append(sharding.fetch(fn(chunk))[:keep])
     return np.concatenate(out)
 
@@ -241,13 +250,17 @@ def _clip_fns(cfg):
 class ClipFeatures:
     """A frozen CLIP as a feature extractor: unit-norm image and caption embeddings, each
     computed in fixed-size batches under one ``jax.jit`` (params are arguments, not
-    constants). Images of another size are resized (antialiased bilinear) to the CLIP's."""
+    constants). Images of another size are resized (antialiased bilinear) to the CLIP's.
+    ``mesh`` (:func:`unclip_jax.sharding.rows_mesh`): every batch split over its devices, the
+    params copied to each once (``batch_size`` must divide by the device count)."""
 
-    def __init__(self, cfg, params, tokenizer=None, batch_size: int = 64):
+    def __init__(self, cfg, params, tokenizer=None, batch_size: int = 64, mesh=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if mesh is not None:
+            params = sharding.put_replicated(params, mesh)
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
-        self.batch_size = batch_size
+        self.batch_size, self.mesh = batch_size, mesh
         self._image_fn, self._text_fn = _clip_fns(cfg)
 
     @classmethod
@@ -262,9 +275,9 @@ class ClipFeatures:
         return cls(cfg, jax.tree.map(jnp.asarray, params), tok, batch_size)
 
     @classmethod
-    def from_unclip(cls, unclip, batch_size: int = 64) -> "ClipFeatures":
+    def from_unclip(cls, unclip, batch_size: int = 64, mesh=None) -> "ClipFeatures":
         """The CLIP inside a loaded :class:`unclip_jax.pipelines.unclip.UnCLIP`."""
-        return cls(unclip.clip, unclip.params["clip"], unclip.tokenizer, batch_size)
+        return cls(unclip.clip, unclip.params["clip"], unclip.tokenizer, batch_size, mesh)
 
     @property
     def dim(self) -> int:
@@ -274,7 +287,7 @@ class ClipFeatures:
         """uint8 or [-1, 1] float ``[N, H, W, 3]`` → ``[N, E]`` float32 unit norm."""
         x = to_model_range(images)
         return batched_apply(functools.partial(self._image_fn, self.params), x,
-                             self.batch_size)
+                             self.batch_size, self.mesh)
 
     def texts(self, captions: Sequence[str]) -> np.ndarray:
         """Captions → ``[N, E]`` float32 unit norm."""
@@ -285,7 +298,7 @@ class ClipFeatures:
             raise ValueError("no captions given")
         tokens = np.asarray(self.tokenizer.encode(captions, self.cfg.context_length), np.int32)
         return batched_apply(functools.partial(self._text_fn, self.params), tokens,
-                             self.batch_size)
+                             self.batch_size, self.mesh)
 
     __call__ = images
 
