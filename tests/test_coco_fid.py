@@ -127,7 +127,6 @@ def test_end_to_end_and_resume_equals_uninterrupted(setup, full_run, capsys):
                 np.testing.assert_array_equal(a[name], b[name])
 
 
-@pytest.mark.slow       # compiles the chain, the Inception and the CLIP again for 2 devices
 def test_two_devices_equal_one(setup, full_run):
     out = setup / "two"
     args = _args(setup, out)

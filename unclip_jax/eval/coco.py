@@ -384,19 +384,20 @@ def summarize(out_dir: str | os.PathLike, num_chunks: int) -> dict:
     """FID and mean CLIP score from the saved chunks, in chunk order (the real and sample
     :class:`~unclip_jax.eval.metrics.FeatureStats` are saved beside them by process 0)."""
     out_dir = Path(out_dir)
-    real, fake, scores = metrics.FeatureStats(), metrics.FeatureStats(), []
+    real, fake, scores = [], [], []
     for k in range(num_chunks):
         with np.load(chunk_path(out_dir, k), allow_pickle=False) as z:
-            real.update(z["real"])
-            fake.update(z["fake"])
+            real.append(z["real"])
+            fake.append(z["fake"])
             scores.append(z["clip_score"])
+    real, fake = np.concatenate(real), np.concatenate(fake)
     if sharding.is_main_process():
-        real.save(out_dir / "real_stats.npz")
-        fake.save(out_dir / "fake_stats.npz")
+        metrics.FeatureStats.of(real).save(out_dir / "real_stats.npz")
+        metrics.FeatureStats.of(fake).save(out_dir / "fake_stats.npz")
     clip_scores = np.concatenate(scores).astype(np.float64)
-    return {"fid": metrics.frechet_distance(real, fake),
+    return {"fid": metrics.frechet_distance_of_features(real, fake),
             "clip_score": None if np.isnan(clip_scores).all() else float(clip_scores.mean()),
-            "num_samples": int(fake.count)}
+            "num_samples": int(fake.shape[0])}
 
 
 __all__ = ["CocoCaption", "CocoFolder", "Sampler", "captions_digest", "check_manifest",

@@ -190,6 +190,34 @@ def frechet_distance(stats_a: FeatureStats, stats_b: FeatureStats) -> float:
     return frechet_distance_from_moments(stats_a.mean, stats_a.cov, stats_b.mean, stats_b.cov)
 
 
+def frechet_distance_of_features(features_a, features_b) -> float:
+    """Fréchet distance between the Gaussians fitted to two feature sets ``[N1, D]`` and
+    ``[N2, D]``: :func:`frechet_distance` of their :class:`FeatureStats`, up to round-off.
+
+    With fewer samples than dimensions (``N1 + N2 ≤ D``, e.g. a quick FID of a few hundred
+    samples on 2048-d Inception features) the covariances have rank < N and the distance is
+    computed from ``N``-sized matrices instead of ``D × D`` eigendecompositions: with
+    ``Σᵢ = AᵢAᵢᵀ``, ``Aᵢ = (Xᵢ − μᵢ)ᵀ / sqrt(Nᵢ − 1)``, the eigenvalues of
+    ``Σ₁^½ Σ₂ Σ₁^½`` are the squared singular values of ``A₁ᵀA₂`` ``[N1, N2]``, so
+    ``tr((Σ₁^½ Σ₂ Σ₁^½)^½)`` is its nuclear norm and ``tr Σᵢ = ‖Aᵢ‖²_F``."""
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"features must be [N1, D] and [N2, D] with one D, got {a.shape} and "
+                         f"{b.shape}")
+    if min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {a.shape[0]} and "
+                         f"{b.shape[0]}")
+    if a.shape[0] + b.shape[0] > a.shape[1]:
+        return frechet_distance(FeatureStats.of(a), FeatureStats.of(b))
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    ca = (a - mu_a) / np.sqrt(a.shape[0] - 1)           # Aᵀ: [N1, D]
+    cb = (b - mu_b) / np.sqrt(b.shape[0] - 1)
+    tr_sqrt = float(np.linalg.svd(ca @ cb.T, compute_uv=False).sum())
+    diff = mu_a - mu_b
+    fd = float(diff @ diff + np.sum(ca * ca) + np.sum(cb * cb) - 2.0 * tr_sqrt)
+    return max(fd, 0.0)
+
+
 # ============================================================================ feature extractors
 
 
@@ -412,4 +440,5 @@ def feature_stats(extract: Callable[[np.ndarray], np.ndarray],
 
 __all__ = ["ClipFeatures", "FeatureStats", "batched_apply", "clip_score", "clip_scores",
            "feature_stats", "frechet_distance", "frechet_distance_from_moments",
+           "frechet_distance_of_features",
            "judge_scores", "mean_pairwise_distance", "to_model_range"]
