@@ -10,6 +10,7 @@ The API the ablation scripts use::
         fake.update(clip.images(chunk))
     real.update(clip.images(real_renders))
     fd = metrics.frechet_distance(real, fake)                       # float
+    fd = metrics.frechet_distance_of_features(real_feats, fake_feats)  # the same from arrays
     cs = metrics.clip_score(clip, images, captions)                 # 100·max(cos, 0), mean
     per = metrics.clip_scores(clip.images(chunk), clip.texts(caps))  # per sample, to stream
     div = metrics.mean_pairwise_distance(clip.images(images))       # mean ‖f_i − f_j‖, i < j
