@@ -55,6 +55,23 @@ def test_fd_near_singular_and_identical_sets():
                                rel=1e-6)
 
 
+def test_fd_of_few_features_equals_the_moments_route():
+    """Fewer samples than dimensions: the Gram-matrix route equals FeatureStats' D × D one;
+    more samples: it is the FeatureStats route."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(10, 64)) * rng.uniform(0.5, 2.0, 64)
+    y = rng.normal(size=(13, 64)) + 0.3
+    want = M.frechet_distance(M.FeatureStats.of(x), M.FeatureStats.of(y))
+    # (the D × D route adds sqrt of the ~1e-14 round-off eigenvalues of the null space)
+    assert M.frechet_distance_of_features(x, y) == pytest.approx(want, rel=1e-7)
+    assert M.frechet_distance_of_features(x, x) == pytest.approx(0.0, abs=1e-9)
+    big_x, big_y = rng.normal(size=(40, 16)), rng.normal(size=(50, 16)) + 0.1
+    assert M.frechet_distance_of_features(big_x, big_y) == M.frechet_distance(
+        M.FeatureStats.of(big_x), M.FeatureStats.of(big_y))
+    with pytest.raises(ValueError, match="one D"):
+        M.frechet_distance_of_features(x, y[:, :32])
+
+
 def test_streaming_stats_equal_one_shot():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(101, 5)) * [1, 2, 3, 4, 5] + 7.0

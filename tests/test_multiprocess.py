@@ -459,3 +459,40 @@ def test_shard_stream_is_split_over_processes_by_shard(tmp_path, launched):
         assert sorted(read[0] + read[1]) == sorted((s, i) for s in range(4) for i in range(6))
     assert out[0]["state"] == out[1]["state"] and out[0]["state"]["readers"] == [2, 1]
     assert out[0]["skipped"] == out[1]["skipped"] == dict.fromkeys(shards.SKIP_REASONS, 0)
+
+
+# ----------------------------------------------------------------------------- coco-fid
+
+
+def test_coco_fid_is_the_same_on_two_processes(tmp_path, launched):
+    """``coco-fid`` on 2 processes × 2 devices (stopped after one chunk, then resumed) gives
+    the chunks and FID of 1 process × 4; each process decodes only its share of the real
+    images (gathered), process 0 writes."""
+    import test_coco_fid as cf
+    from tiny import write_tiny_unclip
+
+    cf._write_coco(tmp_path / "coco")
+    chain = write_tiny_unclip(tmp_path / "chain")
+    np.savez(tmp_path / "inception.npz", **cf.random_inception())
+
+    def argv(out, *extra):
+        return ["python", "-m", "unclip_jax.cli", "coco-fid", "--coco", str(tmp_path / "coco"),
+                "--inception", str(tmp_path / "inception.npz"), "--clip", str(chain / "clip"),
+                "--prior", str(chain / "prior"), "--decoder", str(chain / "decoder"),
+                "--upsampler", str(chain / "upsampler"), "--num", "6", "--chunk-size", "4",
+                "--batch-size", "4", "--resolution", "32", "--inception-size", str(cf.SIZE),
+                "--out", str(out), *extra]
+
+    launched(argv(tmp_path / "one"), "1x4", timeout=900)
+    launched(argv(tmp_path / "two", "--max-chunks", "1"), "2x2", timeout=900)
+    assert not (tmp_path / "two" / "results.json").exists()
+    launched(argv(tmp_path / "two"), "2x2", timeout=900)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["settings"] == two["settings"] and one["num_samples"] == two["num_samples"] == 6
+    for k in range(2):
+        with np.load(tmp_path / f"one/chunk_{k:05d}.npz") as a, \
+                np.load(tmp_path / f"two/chunk_{k:05d}.npz") as b:
+            np.testing.assert_array_equal(a["image_id"], b["image_id"])
+            np.testing.assert_allclose(b["real"], a["real"], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(b["clip_score"], a["clip_score"], atol=0.5)
+    assert two["fid"] == pytest.approx(one["fid"], rel=0.02)

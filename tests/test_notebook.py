@@ -1,20 +1,11 @@
 """experiments/notebooks/quickstart.ipynb runs headless (nbclient) against tiny random-init
 checkpoints written to disk in the layout of `make demo` and shows its images."""
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from unclip_jax import config as config_lib
-from unclip_jax.train.checkpoint import Checkpointer
-
-from tiny import TINY_CLIP as CLIP_CFG
-from tiny import TINY_DECODER as DEC_CFG
-from tiny import TINY_PRIOR as PRIOR_CFG
-from tiny import TINY_UPSAMPLER as UPS_CFG
-from tiny import unclip_params
+from tiny import write_tiny_unclip
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -22,26 +13,9 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOK = Path(__file__).parents[1] / "experiments" / "notebooks" / "quickstart.ipynb"
 
 
-def _write_run(workdir: Path, model_cfg, params) -> None:
-    """A training run's on-disk layout: config.json and one complete checkpoint (no EMA)."""
-    workdir.mkdir(parents=True)
-    (workdir / "config.json").write_text(json.dumps(
-        {"model": config_lib.to_dict(model_cfg), "train": {"ema_decay": 0.0}}))
-    ckpt = Checkpointer(workdir, async_save=False)
-    ckpt.save(1, {"params": params}, {"position": 0}, {})
-    ckpt.close()
-
-
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory, shapes_tokenizer):
-    root = tmp_path_factory.mktemp("tiny_demo")
-    shutil.copyfile(shapes_tokenizer.path, root / "tokenizer.model")
-    params = unclip_params()
-    for name, cfg, p in (("clip", CLIP_CFG, params["clip"]), ("prior", PRIOR_CFG, params["prior"]),
-                         ("decoder", DEC_CFG, params["decoder"]),
-                         ("upsampler", UPS_CFG, params["upsamplers"][0])):
-        _write_run(root / name, cfg, p)
-    return root
+    return write_tiny_unclip(tmp_path_factory.mktemp("tiny_demo"), shapes_tokenizer.path)
 
 
 @pytest.mark.slow       # ≈ 130 s on the shared 2-core CPU: a kernel start and ~8 compiles

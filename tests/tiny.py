@@ -75,3 +75,44 @@ def unclip_params() -> dict:
     ups = random_params(jax.eval_shape(
         lambda: D.init_upsampler(TINY_UPSAMPLER, jax.random.PRNGKey(3))), 3)
     return {"clip": clip, "prior": prior, "decoder": dec, "upsamplers": (ups,)}
+
+
+def write_run(workdir, model_cfg, params) -> None:
+    """A training run's on-disk layout: config.json and one complete checkpoint (no EMA)."""
+    import json
+    from pathlib import Path
+
+    from unclip_jax import config as config_lib
+    from unclip_jax.train.checkpoint import Checkpointer
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(
+        {"model": config_lib.to_dict(model_cfg), "train": {"ema_decay": 0.0}}))
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(1, {"params": params}, {"position": 0}, {})
+    ckpt.close()
+
+
+def write_tiny_unclip(root, tokenizer_path=None):
+    """``root/{tokenizer.model, clip, prior, decoder, upsampler}``: the tiny chain of
+    :func:`unclip_params` in the layout of ``make demo`` (what the notebook, the commands and
+    coco-fid load); the shapes tokenizer copied from ``tokenizer_path`` or trained."""
+    import shutil
+    from pathlib import Path
+
+    from unclip_jax.text import Tokenizer
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, root / "tokenizer.model")
+    else:
+        Tokenizer.train(shapes_captions(), root / "tokenizer.model", SHAPES_VOCAB)
+    params = unclip_params()
+    for name, cfg, p in (("clip", TINY_CLIP, params["clip"]),
+                         ("prior", TINY_PRIOR, params["prior"]),
+                         ("decoder", TINY_DECODER, params["decoder"]),
+                         ("upsampler", TINY_UPSAMPLER, params["upsamplers"][0])):
+        write_run(root / name, cfg, p)
+    return root

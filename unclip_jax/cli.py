@@ -114,6 +114,7 @@ COMMAND_MODULES = (
     "unclip_jax.commands.describe",
     "unclip_jax.commands.convert",
     "unclip_jax.commands.launch",
+    "unclip_jax.commands.coco",
 )
 
 

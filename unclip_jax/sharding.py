@@ -283,6 +283,48 @@ def from_host(tree: Any, sharding: jax.sharding.Sharding | Any) -> Any:
     return jax.tree.map(put, tree)
 
 
+def rows_mesh(devices_per_process: int | None = None) -> Mesh:
+    """A one-axis ``("data",)`` mesh to split rows of work over (sampling or feature batches):
+    every process's devices, or the first ``devices_per_process`` of each process's, in process
+    order. Every process must make the same call."""
+    by_process: dict[int, list] = {}
+    for d in jax.devices():
+        by_process.setdefault(d.process_index, []).append(d)
+    if devices_per_process is not None:
+        have = min(len(v) for v in by_process.values())
+        if not 1 <= devices_per_process <= have:
+            raise ValueError(f"devices_per_process = {devices_per_process}, but a process has "
+                             f"{have} device(s); accepted: 1 to {have}")
+    devices = [d for p in sorted(by_process)
+               for d in sorted(by_process[p], key=lambda d: d.id)[:devices_per_process]]
+    return Mesh(np.array(devices), ("data",), axis_types=(AxisType.Auto,))
+
+
+def spans_processes(mesh: Mesh | None) -> bool:
+    """Whether ``mesh`` holds other processes' devices (arrays on it are then placed with
+    :func:`from_host` and read with :func:`fetch`)."""
+    return mesh is not None and any(d.process_index != jax.process_index()
+                                    for d in mesh.devices.flat)
+
+
+def put_rows(x: Any, mesh: Mesh) -> Any:
+    """A host array (the same on every process when ``mesh`` spans processes) split along axis
+    0 over ``mesh``'s first axis; axis 0 must divide by that axis's size."""
+    axis = mesh.axis_names[0]
+    split = lambda ndim: NamedSharding(mesh, P(axis, *([None] * (ndim - 1))))  # noqa: E731
+    if spans_processes(mesh):
+        return from_host(x, split)
+    return jax.device_put(x, split(np.ndim(x)))
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """A pytree (params; the same on every process) copied onto every device of ``mesh``."""
+    everywhere = NamedSharding(mesh, P())
+    if spans_processes(mesh):
+        return from_host(tree, everywhere)
+    return jax.device_put(tree, everywhere)
+
+
 def gather_process_rows(tree: Any) -> Any:
     """Concatenate each process's rows of a pytree of host arrays, in process order (every
     process gets the whole). Leaves are numpy arrays with a leading row axis whose other axes

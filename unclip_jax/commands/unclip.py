@@ -44,7 +44,7 @@ class _Workdirs(argparse.Action):
         setattr(namespace, self.dest, items + list(values))
 
 
-def _add_model_args(q) -> None:
+def _add_model_args(q, out_help: str = "PNG grid path") -> None:
     q.add_argument("--clip", default="runs/demo/clip", help="CLIP workdir")
     q.add_argument("--tokenizer", default=None,
                    help="sentencepiece model (default: the CLIP run's, e.g. "
@@ -62,7 +62,7 @@ def _add_model_args(q) -> None:
                    help="decoder guidance scale (config default)")
     q.add_argument("--upsampler-steps", type=int, nargs="*", default=None)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--out", required=True, help="PNG grid path")
+    q.add_argument("--out", required=True, help=out_help)
 
 
 def _add_manipulation_args(q) -> None:

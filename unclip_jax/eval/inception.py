@@ -300,17 +300,25 @@ class InceptionFeatures:
     """``images → [N, 2048]`` pool3 features, batched under one ``jax.jit``; a drop-in
     extractor for :func:`unclip_jax.eval.metrics.feature_stats`.
 
-    ``size``: the working resolution (299 for FID; smaller sizes ≥ 75 only for tests)."""
+    ``size``: the working resolution (299 for FID; smaller sizes ≥ 75 only for tests).
+    ``mesh`` (:func:`unclip_jax.sharding.rows_mesh`): every batch split over its devices, the
+    weights copied to each once (``batch_size`` must divide by the device count)."""
 
-    def __init__(self, variables: dict, batch_size: int = 32, size: int = INPUT_SIZE):
+    def __init__(self, variables: dict, batch_size: int = 32, size: int = INPUT_SIZE,
+                 mesh=None):
         if size < 75:
             raise ValueError(f"Inception-v3 needs inputs of at least 75×75, got size={size}")
-        self.variables, self.batch_size, self.size = variables, batch_size, size
+        if mesh is not None:
+            from unclip_jax import sharding
+
+            variables = sharding.put_replicated(variables, mesh)
+        self.variables, self.batch_size, self.size, self.mesh = variables, batch_size, size, mesh
         self._fn = _features_fn(size)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, batch_size: int = 32) -> "InceptionFeatures":
-        return cls(load_variables(path), batch_size)
+    def from_file(cls, path: str | os.PathLike, batch_size: int = 32, size: int = INPUT_SIZE,
+                  mesh=None) -> "InceptionFeatures":
+        return cls(load_variables(path), batch_size, size, mesh)
 
     dim = FEATURE_DIM
 
@@ -319,7 +327,7 @@ class InceptionFeatures:
         from unclip_jax.eval.metrics import batched_apply, to_model_range
 
         return batched_apply(functools.partial(self._fn, self.variables),
-                             to_model_range(images), self.batch_size)
+                             to_model_range(images), self.batch_size, self.mesh)
 
     __call__ = images
 

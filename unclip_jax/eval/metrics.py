@@ -10,6 +10,7 @@ The API the ablation scripts use::
         fake.update(clip.images(chunk))
     real.update(clip.images(real_renders))
     fd = metrics.frechet_distance(real, fake)                       # float
+    fd = metrics.frechet_distance_of_features(real_feats, fake_feats)  # the same from arrays
     cs = metrics.clip_score(clip, images, captions)                 # 100·max(cos, 0), mean
     per = metrics.clip_scores(clip.images(chunk), clip.texts(caps))  # per sample, to stream
     div = metrics.mean_pairwise_distance(clip.images(images))       # mean ‖f_i − f_j‖, i < j
@@ -189,6 +190,34 @@ def frechet_distance(stats_a: FeatureStats, stats_b: FeatureStats) -> float:
     return frechet_distance_from_moments(stats_a.mean, stats_a.cov, stats_b.mean, stats_b.cov)
 
 
+def frechet_distance_of_features(features_a, features_b) -> float:
+    """Fréchet distance between the Gaussians fitted to two feature sets ``[N1, D]`` and
+    ``[N2, D]``: :func:`frechet_distance` of their :class:`FeatureStats`, up to round-off.
+
+    With fewer samples than dimensions (``N1 + N2 ≤ D``, e.g. a quick FID of a few hundred
+    samples on 2048-d Inception features) the covariances have rank < N and the distance is
+    computed from ``N``-sized matrices instead of ``D × D`` eigendecompositions: with
+    ``Σᵢ = AᵢAᵢᵀ``, ``Aᵢ = (Xᵢ − μᵢ)ᵀ / sqrt(Nᵢ − 1)``, the eigenvalues of
+    ``Σ₁^½ Σ₂ Σ₁^½`` are the squared singular values of ``A₁ᵀA₂`` ``[N1, N2]``, so
+    ``tr((Σ₁^½ Σ₂ Σ₁^½)^½)`` is its nuclear norm and ``tr Σᵢ = ‖Aᵢ‖²_F``."""
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"features must be [N1, D] and [N2, D] with one D, got {a.shape} and "
+                         f"{b.shape}")
+    if min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {a.shape[0]} and "
+                         f"{b.shape[0]}")
+    if a.shape[0] + b.shape[0] > a.shape[1]:
+        return frechet_distance(FeatureStats.of(a), FeatureStats.of(b))
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    ca = (a - mu_a) / np.sqrt(a.shape[0] - 1)           # Aᵀ: [N1, D]
+    cb = (b - mu_b) / np.sqrt(b.shape[0] - 1)
+    tr_sqrt = float(np.linalg.svd(ca @ cb.T, compute_uv=False).sum())
+    diff = mu_a - mu_b
+    fd = float(diff @ diff + np.sum(ca * ca) + np.sum(cb * cb) - 2.0 * tr_sqrt)
+    return max(fd, 0.0)
+
+
 # ============================================================================ feature extractors
 
 
@@ -203,18 +232,27 @@ def to_model_range(images) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def batched_apply(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
+def batched_apply(fn: Callable, x: np.ndarray, batch_size: int, mesh=None) -> np.ndarray:
     """``fn`` over the leading axis in batches of exactly ``batch_size`` (the last one padded
-    by repeating its final row), so a jitted ``fn`` compiles once per input shape."""
+    by repeating its final row), so a jitted ``fn`` compiles once per input shape.
+
+    ``mesh`` (a one-axis mesh, :func:`unclip_jax.sharding.rows_mesh`): each batch is split
+    over its devices (``batch_size`` must divide by their number; with several processes
+    every process passes the same ``x`` and gets every row back)."""
     n = x.shape[0]
     if n == 0:
         raise ValueError("no inputs: batched_apply got an empty array")
+    if mesh is not None and batch_size % mesh.size:
+        raise ValueError(f"batch_size {batch_size} does not split over the {mesh.size} devices "
+                         f"of the mesh; give a multiple of {mesh.size}")
     out = []
     for start in range(0, n, batch_size):
         chunk = x[start:start + batch_size]
         keep = chunk.shape[0]
         if keep < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - keep, axis=0)])
+        if mesh is not None:
+            chunk = sharding.put_rows(chunk, mesh)
         out.append(sharding.fetch(fn(chunk))[:keep])
     return np.concatenate(out)
 
@@ -235,13 +273,17 @@ def _clip_fns(cfg):
 class ClipFeatures:
     """A frozen CLIP as a feature extractor: unit-norm image and caption embeddings, each
     computed in fixed-size batches under one ``jax.jit`` (params are arguments, not
-    constants). Images of another size are resized (antialiased bilinear) to the CLIP's."""
+    constants). Images of another size are resized (antialiased bilinear) to the CLIP's.
+    ``mesh`` (:func:`unclip_jax.sharding.rows_mesh`): every batch split over its devices, the
+    params copied to each once (``batch_size`` must divide by the device count)."""
 
-    def __init__(self, cfg, params, tokenizer=None, batch_size: int = 64):
+    def __init__(self, cfg, params, tokenizer=None, batch_size: int = 64, mesh=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if mesh is not None:
+            params = sharding.put_replicated(params, mesh)
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
-        self.batch_size = batch_size
+        self.batch_size, self.mesh = batch_size, mesh
         self._image_fn, self._text_fn = _clip_fns(cfg)
 
     @classmethod
@@ -256,9 +298,9 @@ class ClipFeatures:
         return cls(clip.config, clip.params, tok, batch_size)
 
     @classmethod
-    def from_unclip(cls, unclip, batch_size: int = 64) -> "ClipFeatures":
+    def from_unclip(cls, unclip, batch_size: int = 64, mesh=None) -> "ClipFeatures":
         """The CLIP inside a loaded :class:`unclip_jax.pipelines.unclip.UnCLIP`."""
-        return cls(unclip.clip, unclip.params["clip"], unclip.tokenizer, batch_size)
+        return cls(unclip.clip, unclip.params["clip"], unclip.tokenizer, batch_size, mesh)
 
     @property
     def dim(self) -> int:
@@ -268,7 +310,7 @@ class ClipFeatures:
         """uint8 or [-1, 1] float ``[N, H, W, 3]`` → ``[N, E]`` float32 unit norm."""
         x = to_model_range(images)
         return batched_apply(functools.partial(self._image_fn, self.params), x,
-                             self.batch_size)
+                             self.batch_size, self.mesh)
 
     def texts(self, captions: Sequence[str]) -> np.ndarray:
         """Captions → ``[N, E]`` float32 unit norm."""
@@ -279,7 +321,7 @@ class ClipFeatures:
             raise ValueError("no captions given")
         tokens = np.asarray(self.tokenizer.encode(captions, self.cfg.context_length), np.int32)
         return batched_apply(functools.partial(self._text_fn, self.params), tokens,
-                             self.batch_size)
+                             self.batch_size, self.mesh)
 
     __call__ = images
 
@@ -393,4 +435,5 @@ def feature_stats(extract: Callable[[np.ndarray], np.ndarray],
 
 __all__ = ["ClipFeatures", "FeatureStats", "batched_apply", "clip_score", "clip_scores",
            "feature_stats", "frechet_distance", "frechet_distance_from_moments",
+           "frechet_distance_of_features",
            "judge_scores", "mean_pairwise_distance", "to_model_range"]

@@ -558,16 +558,13 @@ def sampling_mesh(batch: int) -> jax.sharding.Mesh | None:
 def spans_processes(mesh: jax.sharding.Mesh | None) -> bool:
     """Whether ``mesh`` holds other processes' devices (its arrays are placed with
     :func:`unclip_jax.sharding.from_host` and read with :func:`unclip_jax.sharding.fetch`)."""
-    return mesh is not None and any(d.process_index != jax.process_index()
-                                    for d in mesh.devices.flat)
+    return sharding.spans_processes(mesh)
 
 
 def place_batch(x, mesh: jax.sharding.Mesh):
     """Host (or this process's) array ``x`` split over ``mesh``'s ``data`` axis (every process
     passes the same ``x`` when the mesh spans processes)."""
-    if spans_processes(mesh):
-        return sharding.from_host(sharding.fetch(x), batch_shardings(mesh))
-    return jax.device_put(x, batch_shardings(mesh)(np.ndim(x)))
+    return sharding.put_rows(sharding.fetch(x) if spans_processes(mesh) else x, mesh)
 
 
 def batch_shardings(mesh: jax.sharding.Mesh | None):
@@ -587,10 +584,7 @@ def replicated_params(unclip: UnCLIP, mesh: jax.sharding.Mesh):
     key = (id(unclip.params), mesh)
     if key not in _REPLICATED:
         _REPLICATED.clear()             # one model's copies at a time
-        everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        _REPLICATED[key] = (unclip.params, sharding.from_host(unclip.params, everywhere)
-                            if spans_processes(mesh)
-                            else jax.device_put(unclip.params, everywhere))
+        _REPLICATED[key] = (unclip.params, sharding.put_replicated(unclip.params, mesh))
     return _REPLICATED[key][1]
 
 
@@ -677,16 +671,22 @@ def check_prompts(captions: Sequence[str] | str) -> list[str]:
 
 def generate(unclip: UnCLIP, captions: Sequence[str], seed: int = 0, *,
              prior_guidance: float | None = None, decoder_guidance: float | None = None,
-             split: bool = True, **settings) -> np.ndarray:
+             split: bool = True, mesh: jax.sharding.Mesh | None = None,
+             **settings) -> np.ndarray:
     """uint8 images ``[B, H, W, 3]`` for ``captions`` (tokenized on the host, then the jitted
     chain). ``settings``: the fields of :class:`Settings`; guidance defaults to the configs'.
     ``split``: spread the batch over the devices when it divides evenly (:func:`sampling_mesh`:
     with several processes, over every process's devices — each process must then make the
-    same call; the same images as on one device)."""
+    same call; the same images as on one device). ``mesh``: split over this one-axis mesh
+    instead (e.g. :func:`unclip_jax.sharding.rows_mesh`; the batch must divide by its size)."""
     captions = check_prompts(captions)
     if unclip.tokenizer is None:
         raise ValueError("this UnCLIP has no tokenizer; pass token ids to make_text_to_image")
-    mesh = sampling_mesh(len(captions)) if split else None
+    if mesh is None:
+        mesh = sampling_mesh(len(captions)) if split else None
+    elif len(captions) % mesh.size:
+        raise ValueError(f"{len(captions)} captions do not split over the {mesh.size} devices "
+                         f"of the mesh; give a multiple of {mesh.size}")
     fn = make_text_to_image(unclip, settings_from(**settings), mesh)
     tokens = unclip.tokenizer.encode(captions, unclip.clip.context_length)
     params = unclip.params
