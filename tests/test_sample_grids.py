@@ -284,3 +284,24 @@ def test_bad_evals_are_refused(setup, tmp_path, task, train, data, message):
     cfg = dataclasses.replace(cfg, task=task, model=model)
     with pytest.raises(ValueError, match=message):
         tasks.build_task(cfg, tmp_path)
+
+
+def test_grid_rows_that_do_not_split_over_the_devices(setup, tmp_path):
+    """3 samples on a 4-device mesh: the rows are padded to 4 for the sampler and the grid
+    shows the 3 asked for (the first 3 of what a 4-row call draws)."""
+    from unclip_jax.models import decoder as D
+
+    root, data, clip_dir = setup
+    cfg, state = _train(decoder_cfg(data, clip_dir, steps=2, ckpt_every=2, sample_count=3),
+                        tmp_path)
+    grid = _grid(tmp_path, "decoder", 2)
+    assert grid.shape == (2 * RES, 3 * RES, 3)
+    val = input_pipeline.make_batches(cfg.data, "validation", batch_size=4,
+                                      tokenizer=Tokenizer.load(data.tokenizer),
+                                      train=False).local_numpy(0)
+    rows = {k: np.concatenate([val[k][:3], val[k][2:3]]) for k in ("image", "tokens")}
+    emb = runs.load_clip(clip_dir).embed_images(rows["image"])
+    want = D.sample_images(jax.device_get(state.params), cfg.model, emb, rows["tokens"],
+                           rng=jax.random.PRNGKey(cfg.train.seed))
+    expect = tasks.image_grid([val["image"][:3], np.asarray(want)[:3]])
+    assert np.abs(grid.astype(int) - expect).max() <= 1

@@ -113,14 +113,19 @@ def ema_or_raw(cfg, state):
 
 
 def sample_placer(cfg, n: int):
-    """``place(tree)``: host arrays of a sample grid's ``n`` rows split over the run's mesh as
-    a training batch is (left whole when ``n`` does not split over it), so grids sample with
-    every device."""
+    """``place(tree)``: host arrays of ``n`` rows (a sample grid's, an evaluation's) split over
+    the run's mesh as a training batch is, so they sample with every device; when ``n`` does not
+    split over the mesh the rows are padded (the last one repeated) to the next multiple, and
+    the caller keeps the first ``n`` rows of the output."""
     mesh = sharding.make_mesh(cfg.mesh)
-    if n % sharding.batch_divisor(mesh):
-        return lambda tree: tree
-    return lambda tree: sharding.from_host(tree, lambda ndim: sharding.batch_sharding(mesh,
-                                                                                       ndim))
+    m = -(-n // sharding.batch_divisor(mesh)) * sharding.batch_divisor(mesh)
+
+    def place(tree):
+        tree = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], m - n, 0)])
+                            if m > n else x, tree)
+        return sharding.from_host(tree, lambda ndim: sharding.batch_sharding(mesh, ndim))
+
+    return place
 
 
 def validation_rows(cfg, n: int, tokenizer=None) -> dict:

@@ -166,7 +166,7 @@ def dalle_generate(cfg, workdir: str | Path, n: int):
 
     def generate(state) -> Generated:
         out = draw(ema_or_raw(cfg, state), text, jax.random.PRNGKey(cfg.train.seed))
-        return Generated(sharding.fetch(out), [str(c) for c in batch["caption"]],
+        return Generated(sharding.fetch(out)[:n], [str(c) for c in batch["caption"]],
                          real=batch["image"])
 
     return generate

@@ -137,7 +137,8 @@ def decoder_generate(cfg: ExperimentConfig, workdir: str | Path, n: int):
                               clip_text=place(clip_text) if clip_text is not None else None,
                               uncond_clip_text=(place(uncond_text) if uncond_text is not None
                                                 else None))
-        return Generated(sharding.fetch(out), [str(c) for c in batch["caption"]], real=images)
+        return Generated(sharding.fetch(out)[:n], [str(c) for c in batch["caption"]],
+                         real=images)
 
     return generate
 
@@ -167,7 +168,7 @@ def upsampler_generate(cfg: ExperimentConfig, workdir: str | Path, n: int):
     def generate(state) -> Generated:
         out = D.upsample_images(ema_or_raw(cfg, state), mcfg, place(low),
                                 rng=jax.random.PRNGKey(cfg.train.seed))
-        return Generated(sharding.fetch(out), [str(c) for c in batch["caption"]], real=real,
+        return Generated(sharding.fetch(out)[:n], [str(c) for c in batch["caption"]], real=real,
                          inputs=low)
 
     return generate

@@ -18,7 +18,7 @@ from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
 from unclip_jax.models import prior_ar as PA
 from unclip_jax.train.loop import Task
-from unclip_jax.train.tasks.common import ema_or_raw, image_grid
+from unclip_jax.train.tasks.common import ema_or_raw, image_grid, sample_placer
 from unclip_jax.train.tasks.evals import Generated
 
 
@@ -167,17 +167,21 @@ def prior_generate(cfg, workdir: str | Path, n: int):
     else:
         def draw(params, inputs, rng):
             return P.PriorSampler(P.DiffusionPrior(mcfg), params)(inputs, rng)
-    tokens = D.fit_tokens(jnp.asarray(inputs["text_tokens"]), dcfg.context_length,
-                          dcfg.pad_id) if dcfg.use_text else None
-    tokens2 = None if tokens is None else jnp.concatenate([tokens, tokens])
     m = len(true_emb)
+    place, place_both = sample_placer(cfg, m), sample_placer(cfg, 2 * m)
+    tokens = None
+    if dcfg.use_text:          # the captions' tokens for both rows: true, then sampled
+        fitted = np.asarray(D.fit_tokens(jnp.asarray(inputs["text_tokens"]),
+                                         dcfg.context_length, dcfg.pad_id))
+        tokens = place_both(np.concatenate([fitted, fitted]))
+    inputs = place(inputs)
 
     def generate(state) -> Generated:
         rng = jax.random.PRNGKey(cfg.train.seed)
-        emb = sharding.fetch(draw(ema_or_raw(cfg, state), inputs, rng))
-        images = sharding.fetch(D.sample_images(dec_params, dcfg,
-                                                np.concatenate([true_emb, emb]), tokens2,
-                                                rng=jax.random.fold_in(rng, 1)))
+        emb = sharding.fetch(draw(ema_or_raw(cfg, state), inputs, rng))[:m]
+        images = sharding.fetch(D.sample_images(
+            dec_params, dcfg, place_both(np.concatenate([true_emb, emb])), tokens,
+            rng=jax.random.fold_in(rng, 1)))[:2 * m]
         return Generated(images[m:], [str(c) for c in val["caption"]], real=images[:m],
                          real_features=true_emb)
 
