@@ -183,6 +183,7 @@ def sampler_case(quick: bool) -> dict:
     import jax.numpy as jnp
 
     from unclip_jax.models import decoder as D
+    from unclip_jax.models import sampling as S
 
     _, mcfg = _decoder_cfg(quick)
     b, steps = (2, 4) if quick else (SAMPLE_BATCH, SAMPLE_STEPS)
@@ -195,7 +196,7 @@ def sampler_case(quick: bool) -> dict:
     tokens = jnp.asarray(r.integers(1, mcfg.vocab_size, (b, mcfg.context_length)), jnp.int32)
 
     def run(scale):
-        return D.sample_images(params, mcfg, emb, tokens, jax.random.key(2),
+        return S.sample_images(params, mcfg, emb, tokens, jax.random.key(2),
                                guidance_scale=scale, steps=steps, method="ddim")
 
     _log(f"sampler: compiling + first run ({b} images, {steps} steps)")

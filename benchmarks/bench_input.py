@@ -183,7 +183,7 @@ def writer_overhead(root: Path, steps: int = 8, rounds: int = 3) -> dict:
     j.close()
     # one sample grid (train.sample_count images through the shared sampler, as
     # tasks.decoder_sample_grid does), compiled first
-    from unclip_jax.models import decoder as D
+    from unclip_jax.models import sampling as S
     from unclip_jax.train.tasks import image_grid
 
     _, mcfg, *_ = _bench_mfu().decoder_inputs()
@@ -192,7 +192,7 @@ def writer_overhead(root: Path, steps: int = 8, rounds: int = 3) -> dict:
     images = np.asarray(batch["image"][:n])
 
     def grid():
-        out = D.sample_images(state.params, mcfg, emb, tokens if mcfg.use_text else None,
+        out = S.sample_images(state.params, mcfg, emb, tokens if mcfg.use_text else None,
                               rng=jax.random.PRNGKey(0))
         return image_grid([images, np.asarray(out)])
 

@@ -11,6 +11,7 @@ import pytest
 
 from unclip_jax import sharding
 from unclip_jax.models import decoder as D
+from unclip_jax.models import sampling as S
 
 CFG = D.DecoderConfig(image_size=8, clip_dim=6, base_channels=8, channel_mult=(1, 2),
                       num_res_blocks=1, attention_resolutions=(4,), head_channels=8,
@@ -173,7 +174,7 @@ def test_clip_noise_perturbs_only_the_embedding(params, monkeypatch):
 
 def test_sampler_runs_four_ddim_steps(params):
     # sample_images → diffusion.make_sampler → diffusion.sample, guided against the nulls
-    out = D.sample_images(params, CFG, EMB, TOK, jax.random.PRNGKey(1), guidance_scale=3.0,
+    out = S.sample_images(params, CFG, EMB, TOK, jax.random.PRNGKey(1), guidance_scale=3.0,
                           steps=4, method="ddim", eta=0.5)
     assert out.shape == (2, 8, 8, 3) and np.all(np.isfinite(out))
     assert float(jnp.abs(out).max()) <= 1.0 + 1e-5
@@ -231,13 +232,13 @@ def test_upsampler_size_mismatch_errors(ups_params):
     deeper = dataclasses.replace(UPS, channel_mult=(1, 2, 2))
     with pytest.raises(ValueError, match=r"target 10×10 \(low-res × 2\) is not divisible by "
                                          r"the U-Net's downsampling factor 4"):
-        D.upsample_images(ups_params, deeper, jnp.zeros((1, 5, 5, 3)), steps=2)
+        S.upsample_images(ups_params, deeper, jnp.zeros((1, 5, 5, 3)), steps=2)
     with pytest.raises(ValueError, match="integer multiple"):
         D.check_upsampler_config(dataclasses.replace(UPS, low_res_size=6))
 
 
 def test_upsampler_samples(ups_params):
-    out = D.upsample_images(ups_params, UPS, jnp.zeros((2, 8, 8, 3)), jax.random.PRNGKey(0))
+    out = S.upsample_images(ups_params, UPS, jnp.zeros((2, 8, 8, 3)), jax.random.PRNGKey(0))
     assert out.shape == (2, 16, 16, 3) and np.all(np.isfinite(out))
 
 

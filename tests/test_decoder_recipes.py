@@ -11,6 +11,7 @@ from scipy import stats
 
 from unclip_jax import diffusion
 from unclip_jax.models import decoder as D
+from unclip_jax.models import sampling as S
 from unclip_jax.nn.unet import UNet, depth_to_space, space_to_depth
 from unclip_jax.pipelines import unclip as U
 
@@ -59,7 +60,7 @@ def test_patched_decoder_trains_and_samples():
                                                                           keepdims=True),
                                    None, jax.random.key(3))
     assert np.isfinite(float(loss)) and "vlb" in metrics
-    out = D.sample_images(params, cfg, emb, steps=2)
+    out = S.sample_images(params, cfg, emb, steps=2)
     assert out.shape == (4, 16, 16, 3)
 
 

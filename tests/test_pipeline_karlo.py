@@ -32,6 +32,7 @@ from unclip_jax import cli
 from unclip_jax.convert import clip as convert_clip
 from unclip_jax.convert import karlo
 from unclip_jax.models import decoder as D
+from unclip_jax.models import sampling as S
 from unclip_jax.models import prior as P
 from unclip_jax.models.clip import CLIP
 from unclip_jax.pipelines import unclip as U
@@ -213,13 +214,39 @@ def test_chain_errors(stack):
     with pytest.raises(ValueError, match="params\\['empty_caption'\\] is missing"):
         U.generate(bare, ["hello"], **STEPS)
     with pytest.raises(ValueError, match="has no learned nulls \\(uncond='empty_caption'\\)"):
-        P.PriorSampler(P.DiffusionPrior(p), model.params["prior"])(
+        S.PriorSampler(P.DiffusionPrior(p), model.params["prior"])(
             {"text_emb": jnp.zeros((1, E)), "text_states": jnp.zeros((1, L, E)),
              "text_tokens": jnp.ones((1, L), jnp.int32)}, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="no learned null text: pass uncond_clip_text"):
-        D.sample_images(model.params["decoder"], d, jnp.zeros((1, E)), steps=2,
+        S.sample_images(model.params["decoder"], d, jnp.zeros((1, E)), steps=2,
                         clip_text={"emb": jnp.zeros((1, E)), "states": jnp.zeros((1, L, E)),
                                    "valid": jnp.ones((1, L), bool)})
+
+
+def test_model_level_prior_sampler_is_the_pipelines_prior_stage(stack):
+    """The one sampling stack: ``PriorSampler`` follows the prior's ``sample_spacing`` (Karlo:
+    diffusers' UnCLIPScheduler grid) and takes Karlo's unconditional input (the empty
+    caption's encoding), drawing what the text → image chain's prior stage draws."""
+    _, model = stack
+    c, p, d, _ = model.configs
+    tokens = jnp.asarray(model.tokenizer.encode(["hello the", "the"], c.context_length))
+    states, raw = U.encode_text(c, model.params["clip"], tokens, normalize=False)
+    mask = U.text_mask(c, tokens)
+    null = model.params["empty_caption"]
+    uncond = D.batched({"text_emb": null["emb"], "text_states": null["states"],
+                        "text_mask": null["valid"]}, 2)
+    sampler = S.PriorSampler(P.DiffusionPrior(p), model.params["prior"], sample_steps=3)
+    schedule = U.prior_schedule(p, 3)
+    assert p.sample_spacing == "unclip"
+    np.testing.assert_array_equal(sampler.schedule.timesteps, schedule.timesteps)
+    rng = jax.random.PRNGKey(4)
+    got = sampler({"text_emb": raw, "text_states": states, "text_tokens": tokens,
+                   "text_mask": mask}, rng, uncond=uncond)
+    want = U.prior_embeddings(p, model.params["prior"], raw, states, tokens, rng,
+                              sampler.guidance_scale, schedule=schedule, method=sampler.method,
+                              eta=sampler.eta, num_candidates=sampler.num_candidates,
+                              text_mask=mask, uncond=uncond)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_tokenizer_errors(stack, tmp_path):

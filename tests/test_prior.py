@@ -11,6 +11,7 @@ import pytest
 
 from unclip_jax import diffusion, runs
 from unclip_jax.models import prior as P
+from unclip_jax.models import sampling as S
 from unclip_jax.train.tasks import prior as prior_tasks
 
 E, W, L, B = 8, 12, 6, 4
@@ -161,7 +162,7 @@ def test_rerank_picks_max_dot_product():
 
 def test_sampler_shapes_unit_norm_and_candidates(setup):
     model, params, inp, cond, x, t = setup
-    s = P.PriorSampler(model, params, num_candidates=3, guidance_scale=2.0)
+    s = S.PriorSampler(model, params, num_candidates=3, guidance_scale=2.0)
     out = s(inp, jax.random.PRNGKey(0))
     assert out.shape == (B, E)
     np.testing.assert_allclose(np.linalg.norm(out, axis=-1), 1.0, rtol=1e-5)

@@ -75,7 +75,7 @@ def decoder_cfg(data, clip_dir, **train):
 def test_decoder_grids_are_the_samplers_output(setup, tmp_path):
     from test_writers import read_events
 
-    from unclip_jax.models import decoder as D
+    from unclip_jax.models import sampling as S
 
     root, data, clip_dir = setup
     cfg, task = tasks.build_task(decoder_cfg(data, clip_dir), tmp_path)
@@ -90,7 +90,7 @@ def test_decoder_grids_are_the_samplers_output(setup, tmp_path):
                                       tokenizer=Tokenizer.load(data.tokenizer),
                                       train=False).local_numpy(0)
     emb = runs.load_clip(clip_dir).embed_images(val["image"])
-    want = D.sample_images(jax.device_get(state.params), cfg.model, emb,
+    want = S.sample_images(jax.device_get(state.params), cfg.model, emb,
                            val["tokens"] if cfg.model.use_text else None,
                            rng=jax.random.PRNGKey(cfg.train.seed))
     expect = tasks.image_grid([val["image"], np.asarray(want)])
@@ -120,6 +120,7 @@ def _train(cfg, workdir):
 
 def test_upsampler_grid_is_the_samplers_output(setup, tmp_path):
     from unclip_jax.models import decoder as D
+    from unclip_jax.models import sampling as S
 
     root, data, clip_dir = setup
     model = D.UpsamplerConfig(low_res_size=RES // 2, base_channels=16, channel_mult=(1,),
@@ -130,7 +131,7 @@ def test_upsampler_grid_is_the_samplers_output(setup, tmp_path):
     real = input_pipeline.make_batches(cfg.data, "validation", batch_size=4,
                                        train=False).local_numpy(0)["image"]
     low = D.box_downsample(real, 2)
-    want = D.upsample_images(jax.device_get(state.params), cfg.model, low,
+    want = S.upsample_images(jax.device_get(state.params), cfg.model, low,
                              rng=jax.random.PRNGKey(cfg.train.seed))
     expect = tasks.image_grid([np.repeat(np.repeat(low, 2, 1), 2, 2), want, real])
     assert grid.shape == expect.shape == (3 * RES, 4 * RES, 3)
@@ -170,6 +171,7 @@ def test_dalle_grid_is_the_samplers_output(setup, tmp_path):
 
 def test_prior_grid_renders_true_and_sampled_embeddings(setup, tmp_path):
     from unclip_jax.models import decoder as D
+    from unclip_jax.models import sampling as S
     from unclip_jax.models import prior as P
 
     root, data, clip_dir = setup
@@ -188,10 +190,10 @@ def test_prior_grid_renders_true_and_sampled_embeddings(setup, tmp_path):
     val = {k: v[:4] for k, v in embeddings.load_split(tmp_path / "emb", "validation").items()}
     inputs = {k: val[k] for k in ("text_emb", "text_states", "text_tokens")}
     rng = jax.random.PRNGKey(cfg.train.seed)
-    emb = P.PriorSampler(P.DiffusionPrior(cfg.model), jax.device_get(state.params))(inputs, rng)
+    emb = S.PriorSampler(P.DiffusionPrior(cfg.model), jax.device_get(state.params))(inputs, rng)
     dec_params, dcfg = runs.load_decoder(tmp_path / "decoder")
     tokens = D.fit_tokens(val["text_tokens"], dcfg.context_length, dcfg.pad_id)
-    want = D.sample_images(dec_params, dcfg, np.concatenate([val["image_emb"], emb]),
+    want = S.sample_images(dec_params, dcfg, np.concatenate([val["image_emb"], emb]),
                            np.concatenate([tokens, tokens]), rng=jax.random.fold_in(rng, 1))
     expect = tasks.image_grid([want[:4], want[4:]])
     assert grid.shape == expect.shape == (2 * RES, 4 * RES, 3)
@@ -289,7 +291,7 @@ def test_bad_evals_are_refused(setup, tmp_path, task, train, data, message):
 def test_grid_rows_that_do_not_split_over_the_devices(setup, tmp_path):
     """3 samples on a 4-device mesh: the rows are padded to 4 for the sampler and the grid
     shows the 3 asked for (the first 3 of what a 4-row call draws)."""
-    from unclip_jax.models import decoder as D
+    from unclip_jax.models import sampling as S
 
     root, data, clip_dir = setup
     cfg, state = _train(decoder_cfg(data, clip_dir, steps=2, ckpt_every=2, sample_count=3),
@@ -301,7 +303,7 @@ def test_grid_rows_that_do_not_split_over_the_devices(setup, tmp_path):
                                       train=False).local_numpy(0)
     rows = {k: np.concatenate([val[k][:3], val[k][2:3]]) for k in ("image", "tokens")}
     emb = runs.load_clip(clip_dir).embed_images(rows["image"])
-    want = D.sample_images(jax.device_get(state.params), cfg.model, emb, rows["tokens"],
+    want = S.sample_images(jax.device_get(state.params), cfg.model, emb, rows["tokens"],
                            rng=jax.random.PRNGKey(cfg.train.seed))
     expect = tasks.image_grid([val["image"][:3], np.asarray(want)[:3]])
     assert np.abs(grid.astype(int) - expect).max() <= 1

@@ -177,9 +177,10 @@ def load_dalle(workdir: str | os.PathLike):
 
 
 def load_prior(workdir: str | os.PathLike, **settings):
-    """The diffusion prior of a run as a :class:`~unclip_jax.models.prior.PriorSampler`
+    """The diffusion prior of a run as a :class:`~unclip_jax.models.sampling.PriorSampler`
     (``settings``: its sampling settings; defaults from the run's config)."""
-    from unclip_jax.models.prior import DiffusionPrior, PriorSampler
+    from unclip_jax.models.prior import DiffusionPrior
+    from unclip_jax.models.sampling import PriorSampler
 
     run = load_run(workdir, PriorConfig)
     return PriorSampler(DiffusionPrior(run.model), run.params, **settings)

@@ -41,6 +41,7 @@ def _sample_decoder(args) -> None:
 
     from unclip_jax import input_pipeline, runs, shapes
     from unclip_jax.models import decoder as D
+    from unclip_jax.models import sampling as S
     from unclip_jax.text import Tokenizer
 
     run = runs.load_run(args.workdir, D.DecoderConfig, ema=False if args.raw_params else None)
@@ -58,14 +59,14 @@ def _sample_decoder(args) -> None:
         text = {"clip_text": D.decoder_text_features(clip.encode_text(batch["tokens"])),
                 "uncond_clip_text": D.batched(D.empty_caption_features(
                     clip, tok, cfg.context_length), len(emb))}
-    out = D.sample_images(params, cfg, emb, batch.get("tokens") if cfg.use_text else None,
+    out = S.sample_images(params, cfg, emb, batch.get("tokens") if cfg.use_text else None,
                           rng, guidance_scale=args.guidance, steps=args.steps,
                           method=args.method, eta=args.eta, **text)
     rows_ref, rows_out = [to_uint8(batch["image"])], [to_uint8(out)]
     if args.upsampler:
         up_params, up_cfg = runs.load_upsampler(args.upsampler,
                                                 ema=False if args.raw_params else None)
-        out = D.upsample_images(up_params, up_cfg, out, jax.random.fold_in(rng, 1),
+        out = S.upsample_images(up_params, up_cfg, out, jax.random.fold_in(rng, 1),
                                 steps=args.upsampler_steps)
         ref = D.resize_to(jnp.asarray(batch["image"]), out.shape[1], "nearest")
         rows_ref, rows_out = [to_uint8(ref)], [to_uint8(out)]

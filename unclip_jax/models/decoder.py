@@ -445,48 +445,6 @@ def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array
         timestep_loc=cfg.timestep_loc, timestep_scale=cfg.timestep_scale)
 
 
-@functools.lru_cache(maxsize=16)
-def _decoder_sampler(cfg: DecoderConfig, steps: int, method: str, batch: int):
-    return diffusion.make_sampler(
-        make_denoiser(cfg), schedule=diffusion.make_schedule(cfg.schedule, cfg.num_timesteps,
-                                                             steps),
-        shape=(batch, cfg.image_size, cfg.image_size, 3), method=method,
-        model_output=cfg.model_output,
-        variance="learned" if cfg.learned_variance else "fixed_small", clip_x0=(-1.0, 1.0))
-
-
-def sample_images(params, cfg: DecoderConfig, image_emb: jax.Array,
-                  tokens: jax.Array | None = None, rng: jax.Array | None = None,
-                  guidance_scale: float | None = None, steps: int | None = None,
-                  method: str = "ddim", eta: float = 0.0,
-                  x_T: jax.Array | None = None, clip_text: dict | None = None,
-                  uncond_clip_text: dict | None = None) -> jax.Array:
-    """Images ``[B, S, S, 3]`` in [-1, 1] from CLIP image embeddings ``[B, E]`` (and caption
-    tokens ``[B, L]`` when the decoder has a caption encoder), through the shared jitted sampler
-    with classifier-free guidance against the learned nulls. ``guidance_scale`` and ``eta`` are
-    traced (no recompilation); ``steps`` respaces the schedule (default ``cfg.sample_steps``).
-    A ``clip_text_width > 0`` decoder (Karlo) also takes the CLIP text features ``clip_text``
-    (``{"emb": [B, E] raw, "states": [B, L, W], "valid": [B, L]}``) and their unconditional
-    counterpart ``uncond_clip_text`` (Karlo: the empty caption's encoding; it has no learned
-    null text). The text → image pipeline samples with ``cfg.sample_method``/``sample_spacing``.
-    """
-    image_emb = jnp.asarray(image_emb, jnp.float32)
-    if image_emb.ndim != 2 or image_emb.shape[1] != cfg.clip_dim:
-        raise ValueError(f"image_emb has shape {image_emb.shape}; expected [B, {cfg.clip_dim}]")
-    b = image_emb.shape[0]
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    cond = make_cond(params, cfg, image_emb, tokens, clip_text)
-    uncond = batched(null_cond(params, cfg), b)
-    if cfg.clip_text_width > 0:
-        if uncond_clip_text is None:
-            raise ValueError("this decoder has no learned null text: pass uncond_clip_text "
-                             "(the empty caption's CLIP encoding, batched)")
-        uncond["clip_text"] = uncond_clip_text
-    sampler = _decoder_sampler(cfg, int(steps or cfg.sample_steps), method, b)
-    scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
-    return sampler(params, cond, uncond, rng, guidance_scale=scale, eta=eta, x_T=x_T)
-
-
 # ============================================================================ upsampler model
 
 
@@ -663,35 +621,6 @@ def upsampler_loss(params, cfg: UpsamplerConfig, images: jax.Array, rng: jax.Arr
         vlb_weight=cfg.vlb_weight, min_snr_gamma=cfg.min_snr_gamma)
 
 
-@functools.lru_cache(maxsize=16)
-def _upsampler_sampler(cfg: UpsamplerConfig, steps: int, method: str, shape: tuple):
-    return diffusion.make_sampler(
-        make_upsampler_denoiser(cfg), schedule=diffusion.make_schedule(
-            cfg.schedule, cfg.num_timesteps, steps), shape=shape, method=method,
-        model_output=cfg.model_output,
-        variance="learned" if cfg.learned_variance else "fixed_small", clip_x0=(-1.0, 1.0),
-        guidance=False)
-
-
-def upsample_images(params, cfg: UpsamplerConfig, low_res: jax.Array,
-                    rng: jax.Array | None = None, steps: int | None = None,
-                    method: str = "ddim", eta: float = 0.0,
-                    x_T: jax.Array | None = None) -> jax.Array:
-    """``[B, h, w, 3]`` in [-1, 1] → ``[B, f·h, f·w, 3]`` by the shared sampler (DDIM with
-    ``cfg.sample_steps`` by default), run fully convolutionally on the whole image."""
-    low_res = jnp.asarray(low_res, jnp.float32)
-    if low_res.ndim != 4 or low_res.shape[-1] != 3:
-        raise ValueError(f"low_res must be [B, h, w, 3], got {low_res.shape}")
-    shape = (low_res.shape[0], low_res.shape[1] * cfg.factor, low_res.shape[2] * cfg.factor, 3)
-    d = 2 ** (len(cfg.channel_mult) - 1)
-    if shape[1] % d or shape[2] % d:
-        raise ValueError(f"target {shape[1]}×{shape[2]} (low-res × {cfg.factor}) is not "
-                         f"divisible by the U-Net's downsampling factor {d}")
-    sampler = _upsampler_sampler(cfg, int(steps or cfg.sample_steps), method, shape)
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    return sampler(params, {"low_res": low_res}, None, rng, eta=eta, x_T=x_T)
-
-
 # ============================================================================ frozen CLIP text
 
 
@@ -717,6 +646,6 @@ __all__ = [
     "encode_caption", "fit_tokens", "gaussian_blur", "init_decoder",
     "init_upsampler", "jpeg_like",
     "make_cond", "make_denoiser", "make_upsampler_denoiser",
-    "null_cond", "random_crops", "sample_images", "upsample_images",
+    "null_cond", "random_crops",
     "upsampler_loss",
 ]

@@ -295,63 +295,6 @@ def rerank(candidates, text_emb):
     return jnp.take_along_axis(candidates, best[None, :, None], axis=0)[0]
 
 
-class PriorSampler:
-    """``sampler(inputs, rng) -> [B, E]`` image embeddings (unit norm with ``renormalize``).
-
-    ``inputs``: ``text_emb [B, E]``, ``text_states [B, L, W]``, ``text_tokens [B, L]``. Runs the
-    shared diffusion sampler (one jitted scan per batch size; ``guidance_scale`` and ``eta``
-    are traced) on ``num_candidates · B`` draws and keeps the best per caption.
-    """
-
-    def __init__(self, model: DiffusionPrior, params, *, sample_steps: int | None = None,
-                 sample_method: str | None = None, eta: float | None = None,
-                 guidance_scale: float | None = None, num_candidates: int | None = None,
-                 renormalize: bool | None = None):
-        cfg = model.config
-        pick = lambda v, d: d if v is None else v  # noqa: E731
-        self.model, self.params, self.cfg = model, params, cfg
-        self.steps = int(pick(sample_steps, cfg.sample_steps))
-        self.method = pick(sample_method, cfg.sample_method)
-        self.eta = float(pick(eta, cfg.eta))
-        self.guidance_scale = float(pick(guidance_scale, cfg.guidance_scale))
-        self.num_candidates = int(pick(num_candidates, cfg.num_candidates))
-        self.renormalize = bool(pick(renormalize, cfg.renormalize))
-        if self.num_candidates < 1:
-            raise ValueError(f"num_candidates must be ≥ 1, got {self.num_candidates}")
-        self.schedule = diffusion.respace(base_schedule(cfg), str(self.steps))
-        self._samplers: dict[tuple[int, bool], diffusion.Sampler] = {}
-
-    def sampler(self, n: int, guided: bool = True) -> diffusion.Sampler:
-        """The jitted shared sampler for ``n`` draws (``guided``: with the uncond branch)."""
-        if (n, guided) not in self._samplers:
-            self._samplers[(n, guided)] = diffusion.make_sampler(
-                make_denoiser(self.model), schedule=self.schedule,
-                shape=(n, self.cfg.embed_dim), method=self.method, model_output="x0",
-                guidance=guided, clip_x0=clip_range(self.cfg))
-        return self._samplers[(n, guided)]
-
-    def __call__(self, inputs: dict, rng, guidance_scale=None, eta=None) -> jax.Array:
-        """Embeddings ``[B, E]``. ``guidance_scale``/``eta`` override the defaults (traced: new
-        values reuse the compiled sampler). A guidance scale of exactly 1 given as a Python
-        number skips the unconditional half of the batch (same result, half the work)."""
-        k = self.num_candidates
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        guided = not (isinstance(scale, (int, float)) and scale == 1.0)
-        if guided and self.cfg.uncond != "learned":
-            raise ValueError(f"this prior has no learned nulls (uncond={self.cfg.uncond!r}); "
-                             f"guide it with unclip_jax.pipelines.unclip, which passes the "
-                             f"empty caption's CLIP encoding as the unconditional input")
-        cond = condition(self.cfg, inputs)
-        b = cond["text_emb"].shape[0]
-        cond_k = repeat_candidates(cond, k)
-        uncond = uncondition(self.params, self.cfg, cond_k) if guided else None
-        x = self.sampler(k * b, guided)(
-            self.params, cond_k, uncond, rng, guidance_scale=scale if guided else 1.0,
-            eta=self.eta if eta is None else eta)
-        emb = from_model_space(self.cfg, x, self.renormalize)
-        return rerank(emb.reshape(k, b, -1), cond["text_emb"])
-
-
 # ----------------------------------------------------------------------------- training task
 
 

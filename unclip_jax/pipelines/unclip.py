@@ -57,13 +57,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import diffusion, runs, sharding
+from unclip_jax import runs, sharding
 from unclip_jax.images import to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
 from unclip_jax.models.clip import CLIPConfig, FrozenCLIP, eos_positions
+from unclip_jax.models.sampling import (  # noqa: F401  (the stages, re-exported here)
+    SPACINGS, check_choice, decode, decoder_conds, decoder_schedule, prior_embeddings,
+    prior_schedule, stage_denoiser, stage_schedule, upsample_chain, upsample_stage,
+    upsampler_schedules, upsampler_stages)
 
-SPACINGS = ("even", "unclip", "logsnr", "dpm")  # sample_spacing values (see stage_schedule)
 UNCONDS = ("learned", "empty_caption")  # PriorConfig.uncond values
 RESIZES = ("linear", "cubic")           # UpsamplerConfig.low_res_resize values
 
@@ -98,47 +101,15 @@ class UnCLIP:
         return self.upsamplers[-1].image_size if self.upsamplers else self.decoder.image_size
 
 
-def _check_choice(what: str, value, accepted: tuple) -> None:
-    if value not in accepted:
-        raise ValueError(f"{what} = {value!r} is not supported; accepted: "
-                         f"{', '.join(map(repr, accepted))}")
-
-
-def upsampler_stages(upsamplers: Sequence[D.UpsamplerConfig]) -> tuple[tuple[int, ...], ...]:
-    """The sampling stages of an upsampler list: indices ``(i,)``, or ``(i, i + 1)`` where
-    upsampler ``i + 1`` has ``last_step`` (it takes over stage ``i``'s final step; both must
-    have the same sizes and outputs). ValueError for a ``last_step`` upsampler with no stage
-    (or a stage that already has one) before it."""
-    stages: list[tuple[int, ...]] = []
-    for i, up in enumerate(upsamplers):
-        if not up.last_step:
-            stages.append((i,))
-            continue
-        if not stages or len(stages[-1]) == 2:
-            raise ValueError(f"upsampler {i} runs only the last step of the stage before it "
-                             f"(last_step=True), but no upsampler stage precedes it; accepted: "
-                             f"it right after its stage's main upsampler (Karlo: "
-                             f"super_res_first, then super_res_last)")
-        main = upsamplers[stages[-1][0]]
-        mine = (up.low_res_size, up.image_size, up.learned_variance, up.model_output)
-        theirs = (main.low_res_size, main.image_size, main.learned_variance, main.model_output)
-        if mine != theirs:
-            raise ValueError(f"upsampler {i} (last_step) has low_res_size, image_size, "
-                             f"learned_variance, model_output = {mine}, its stage's upsampler "
-                             f"{stages[-1][0]} has {theirs}; they must agree")
-        stages[-1] = stages[-1] + (i,)
-    return tuple(stages)
-
-
 def check_chain(clip: CLIPConfig, prior: P.PriorConfig, decoder: D.DecoderConfig,
                 upsamplers: Sequence[D.UpsamplerConfig]) -> None:
     """Raise ValueError unless the models' sizes and sampling options fit together."""
-    _check_choice("prior uncond", prior.uncond, UNCONDS)
-    _check_choice("prior sample_spacing", prior.sample_spacing, SPACINGS)
-    _check_choice("decoder sample_spacing", decoder.sample_spacing, SPACINGS)
+    check_choice("prior uncond", prior.uncond, UNCONDS)
+    check_choice("prior sample_spacing", prior.sample_spacing, SPACINGS)
+    check_choice("decoder sample_spacing", decoder.sample_spacing, SPACINGS)
     for i, up in enumerate(upsamplers):
-        _check_choice(f"upsampler {i} sample_spacing", up.sample_spacing, SPACINGS)
-        _check_choice(f"upsampler {i} low_res_resize", up.low_res_resize, RESIZES)
+        check_choice(f"upsampler {i} sample_spacing", up.sample_spacing, SPACINGS)
+        check_choice(f"upsampler {i} low_res_resize", up.low_res_resize, RESIZES)
     if decoder.clip_text_width and decoder.clip_text_width != clip.text_width:
         raise ValueError(f"the decoder reads CLIP token states of width "
                          f"{decoder.clip_text_width}, the CLIP's text tower has width "
@@ -370,170 +341,6 @@ def text_mask(clip_cfg: CLIPConfig, tokens: jax.Array) -> jax.Array:
     ``attention_mask``); rows without one: up to the last non-pad token."""
     last = eos_positions(tokens, clip_cfg.eos_id, clip_cfg.pad_id)
     return jnp.arange(tokens.shape[1])[None] <= last[:, None]
-
-
-def stage_schedule(kind: str, num_timesteps: int, steps: int, spacing: str = "even"):
-    """A stage's sampling schedule: ``steps`` of the ``kind`` schedule, spaced "even" (our
-    :func:`~unclip_jax.diffusion.respace`, ``round(k·(T−1)/(n−1))``), "unclip" (diffusers'
-    ``UnCLIPScheduler``: the same rule in its float arithmetic, which rounds some ties — e.g.
-    499.5 at 27 steps — the other way; :func:`unclip_jax.diffusion.karlo_schedule`) or
-    "logsnr" (evenly in log-SNR, ``respace(…, "logsnrN")``) or "dpm" (diffusers'
-    ``DPMSolverMultistepScheduler`` grid, ``respace(…, "dpmN")``): the grids the multistep
-    DPM-Solver++ samplers want at few steps (docs/solvers.md)."""
-    _check_choice("sample_spacing", spacing, SPACINGS)
-    if spacing in ("logsnr", "dpm"):
-        return diffusion.make_schedule(kind, num_timesteps, f"{spacing}{int(steps)}")
-    if spacing == "unclip":
-        return diffusion.karlo_schedule(int(steps), num_timesteps, kind)
-    return diffusion.make_schedule(kind, num_timesteps, str(int(steps)))
-
-
-def prior_schedule(cfg: P.PriorConfig, steps: int) -> diffusion.Schedule:
-    """The prior's sampling schedule (``cfg.sample_spacing``; "even" is what
-    :class:`PriorSampler` uses)."""
-    return stage_schedule(cfg.schedule, cfg.num_timesteps, steps, cfg.sample_spacing)
-
-
-def prior_embeddings(cfg: P.PriorConfig, params, text_emb, text_states, tokens, rng, guidance,
-                     *, schedule, method: str, eta: float, num_candidates: int,
-                     text_mask: jax.Array | None = None, uncond: dict | None = None,
-                     batch_sharding=None) -> jax.Array:
-    """Image embeddings ``[B, E]`` (unit norm with ``cfg.renormalize``): ``k`` guided draws
-    per caption through the shared sampler, the best by dot product with ``text_emb`` kept.
-    ``text_emb`` in the prior's convention (``cfg.unit_text_emb``); ``text_mask`` None: the
-    non-pad tokens. ``uncond`` (``text_emb``, ``text_states``, ``text_mask``, batched like the
-    captions): the guidance's unconditional input; None = the learned nulls, which a prior with
-    ``uncond="empty_caption"`` does not have (ValueError). Schedules are built outside ``jit``
-    (respacing runs in numpy)."""
-    k = num_candidates
-    cond = P.condition(cfg, {"text_emb": text_emb, "text_states": text_states,
-                             "text_tokens": tokens})
-    if text_mask is not None:
-        cond["text_mask"] = jnp.asarray(text_mask, jnp.bool_)
-    cond_k = P.repeat_candidates(cond, k)
-    if uncond is None:
-        if cfg.uncond != "learned":
-            raise ValueError(f"this prior has no learned nulls (uncond={cfg.uncond!r}): pass "
-                             f"uncond, the empty caption's CLIP encoding")
-        uncond_k = P.uncondition(params, cfg, cond_k)
-    else:
-        uncond_k = P.repeat_candidates(
-            {"text_emb": jnp.asarray(uncond["text_emb"], jnp.float32),
-             "text_states": jnp.asarray(uncond["text_states"], jnp.float32),
-             "text_mask": jnp.asarray(uncond["text_mask"], jnp.bool_)}, k)
-    x = diffusion.sample(
-        P.make_denoiser(P.DiffusionPrior(cfg)), params,
-        schedule=schedule, rng=rng,
-        shape=(k * text_emb.shape[0], cfg.embed_dim), cond=cond_k,
-        uncond=uncond_k, method=method, eta=eta,
-        guidance_scale=guidance, model_output="x0", clip_x0=P.clip_range(cfg),
-        batch_sharding=batch_sharding and batch_sharding(2))
-    emb = P.from_model_space(cfg, x, cfg.renormalize)
-    return P.rerank(emb.reshape(k, text_emb.shape[0], -1), text_emb)
-
-
-def decoder_conds(cfg: D.DecoderConfig, params, image_emb: jax.Array,
-                  tokens: jax.Array | None = None, clip_text: dict | None = None,
-                  uncond_clip_text: dict | None = None,
-                  empty_caption: dict | None = None) -> tuple[dict, dict]:
-    """``(cond, uncond)`` of the decoder for embeddings ``[B, E]``. Without ``tokens`` a
-    caption-conditioned decoder gets its learned null caption in both branches. A decoder
-    reading CLIP text features (``clip_text_width > 0``, Karlo) needs ``clip_text`` and
-    ``uncond_clip_text`` (``{"emb": [B, E] raw, "states": [B, L, W], "valid": [B, L]}``; Karlo's
-    uncond is the empty caption's encoding), or, with no caption (image manipulations),
-    ``empty_caption`` (``params["empty_caption"]``, unbatched) for both."""
-    b = image_emb.shape[0]
-    if cfg.clip_text_width > 0 and clip_text is None and empty_caption is not None:
-        clip_text = uncond_clip_text = D.batched(empty_caption, b)
-    uncond = D.batched(D.null_cond(params, cfg), b)
-    cond = {"image_emb": jnp.asarray(image_emb, jnp.float32)}
-    if cfg.use_text:
-        cond["text"] = (uncond["text"] if tokens is None else D.encode_caption(
-            params, cfg, D.fit_tokens(tokens, cfg.context_length, cfg.pad_id)))
-    if cfg.clip_text_width > 0:
-        if clip_text is None or uncond_clip_text is None:
-            raise ValueError("this decoder reads CLIP text features (clip_text_width > 0): "
-                             "pass clip_text and uncond_clip_text (the caption's and the "
-                             "empty caption's CLIP encodings)")
-        cond["clip_text"], uncond["clip_text"] = clip_text, uncond_clip_text
-    return cond, uncond
-
-
-def decode(cfg: D.DecoderConfig, params, image_emb, rng, guidance, *, schedule,
-           method: str = "ddim", eta=0.0, tokens=None, x_T=None,
-           clip_x0: tuple[float, float] | None = (-1.0, 1.0), clip_text: dict | None = None,
-           uncond_clip_text: dict | None = None, empty_caption: dict | None = None,
-           batch_sharding=None) -> jax.Array:
-    """Decoder images ``[B, S, S, 3]`` from embeddings ``[B, E]`` (guided, shared sampler).
-    ``batch_sharding``: None, or ``ndim -> Sharding`` splitting the batch axis (see
-    :func:`sampling_mesh`)."""
-    cond, uncond = decoder_conds(cfg, params, image_emb, tokens, clip_text, uncond_clip_text,
-                                 empty_caption)
-    s = cfg.image_size
-    return diffusion.sample(
-        D.make_denoiser(cfg), params, schedule=schedule, rng=rng,
-        shape=None if x_T is not None else (image_emb.shape[0], s, s, 3), x_T=x_T, cond=cond,
-        uncond=uncond, method=method, eta=eta, guidance_scale=guidance,
-        model_output=cfg.model_output,
-        variance="learned" if cfg.learned_variance else "fixed_small", clip_x0=clip_x0,
-        batch_sharding=batch_sharding and batch_sharding(4))
-
-
-def decoder_schedule(cfg: D.DecoderConfig, steps: int | str):
-    """The decoder's schedule: ``steps`` spaced by ``cfg.sample_spacing``; a string is a
-    :func:`~unclip_jax.diffusion.respace` spec (e.g. "ddim50")."""
-    if isinstance(steps, str) and not steps.isdigit():
-        return diffusion.make_schedule(cfg.schedule, cfg.num_timesteps, steps)
-    return stage_schedule(cfg.schedule, cfg.num_timesteps, int(steps), cfg.sample_spacing)
-
-
-def upsampler_schedules(cfgs: Sequence[D.UpsamplerConfig], steps: Sequence[int]) -> tuple:
-    """One schedule per upsampler stage (:func:`upsampler_stages`), its main upsampler's."""
-    return tuple(stage_schedule(cfgs[st[0]].schedule, cfgs[st[0]].num_timesteps, int(n),
-                                cfgs[st[0]].sample_spacing)
-                 for st, n in zip(upsampler_stages(cfgs), steps))
-
-
-def stage_denoiser(cfgs: Sequence[D.UpsamplerConfig], stage: tuple[int, ...],
-                   schedule: diffusion.Schedule):
-    """The denoiser of one upsampler stage; with a last-step network, ``params`` is the pair
-    and the network switches at the schedule's first timestep (the final sampling step), one
-    branch evaluated per step (``lax.cond``)."""
-    main = D.make_upsampler_denoiser(cfgs[stage[0]])
-    if len(stage) == 1:
-        return main
-    last = D.make_upsampler_denoiser(cfgs[stage[1]])
-
-    def denoiser(params, x_t, t, cond):
-        return jax.lax.cond(t[0] == schedule.timesteps[0],
-                            lambda: last(params[1], x_t, t, cond),
-                            lambda: main(params[0], x_t, t, cond))
-
-    return denoiser
-
-
-def upsample_chain(cfgs: Sequence[D.UpsamplerConfig], params: Sequence, x: jax.Array, rng, *,
-                   schedules: Sequence[diffusion.Schedule], method: str | None = None,
-                   eta=0.0, batch_sharding=None) -> jax.Array:
-    """Run the upsampler stages in order on ``[B, h, h, 3]`` in [-1, 1] (``schedules`` from
-    :func:`upsampler_schedules`, one per stage; ``method`` None: each stage's
-    ``sample_method``); each input must have its stage's ``low_res_size`` (ValueError
-    otherwise). Stage ``k`` draws its noise from ``fold_in(rng, k)``."""
-    for k, (stage, sched) in enumerate(zip(upsampler_stages(cfgs), schedules)):
-        i, cfg = stage[0], cfgs[stage[0]]
-        if x.ndim != 4 or x.shape[1:] != (cfg.low_res_size, cfg.low_res_size, 3):
-            raise ValueError(f"upsampler {i} got input of shape {tuple(x.shape)}; its config "
-                             f"takes [B, {cfg.low_res_size}, {cfg.low_res_size}, 3] "
-                             f"({cfg.low_res_size} → {cfg.image_size})")
-        s = cfg.image_size
-        p = params[i] if len(stage) == 1 else tuple(params[j] for j in stage)
-        x = diffusion.sample(
-            stage_denoiser(cfgs, stage, sched), p, schedule=sched,
-            rng=jax.random.fold_in(rng, k), shape=(x.shape[0], s, s, 3), cond={"low_res": x},
-            method=method or cfg.sample_method, eta=eta, model_output=cfg.model_output,
-            variance="learned" if cfg.learned_variance else "fixed_small",
-            clip_x0=(-1.0, 1.0), batch_sharding=batch_sharding and batch_sharding(4))
-    return x
 
 
 # ============================================================================ the chain

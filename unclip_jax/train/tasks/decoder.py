@@ -12,6 +12,7 @@ import numpy as np
 from unclip_jax import embeddings, input_pipeline, runs, sharding
 from unclip_jax.config import ExperimentConfig
 from unclip_jax.models import decoder as D
+from unclip_jax.models import sampling as S
 from unclip_jax.models.clip import FrozenCLIP
 from unclip_jax.text import Tokenizer
 from unclip_jax.train.loop import Task
@@ -131,7 +132,7 @@ def decoder_generate(cfg: ExperimentConfig, workdir: str | Path, n: int):
     place = sample_placer(cfg, n)
 
     def generate(state) -> Generated:
-        out = D.sample_images(ema_or_raw(cfg, state), mcfg, place(emb),
+        out = S.sample_images(ema_or_raw(cfg, state), mcfg, place(emb),
                               place(tokens) if mcfg.use_text else None,
                               rng=jax.random.PRNGKey(cfg.train.seed),
                               clip_text=place(clip_text) if clip_text is not None else None,
@@ -166,7 +167,7 @@ def upsampler_generate(cfg: ExperimentConfig, workdir: str | Path, n: int):
     place = sample_placer(cfg, n)
 
     def generate(state) -> Generated:
-        out = D.upsample_images(ema_or_raw(cfg, state), mcfg, place(low),
+        out = S.upsample_images(ema_or_raw(cfg, state), mcfg, place(low),
                                 rng=jax.random.PRNGKey(cfg.train.seed))
         return Generated(sharding.fetch(out)[:n], [str(c) for c in batch["caption"]], real=real,
                          inputs=low)

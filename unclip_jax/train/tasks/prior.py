@@ -15,6 +15,7 @@ import numpy as np
 from unclip_jax import embeddings, input_pipeline, sharding
 from unclip_jax import runs
 from unclip_jax.models import decoder as D
+from unclip_jax.models import sampling as S
 from unclip_jax.models import prior as P
 from unclip_jax.models import prior_ar as PA
 from unclip_jax.train.loop import Task
@@ -51,7 +52,7 @@ def prior_task(cfg, workdir):
     n_eval = min(256, len(val["index"]))
 
     def evaluate(state, step) -> dict:
-        sampler = P.PriorSampler(model, ema_or_raw(cfg, state))
+        sampler = S.PriorSampler(model, ema_or_raw(cfg, state))
         inputs = {k: val[k][:n_eval] for k in ("text_emb", "text_states", "text_tokens")}
         emb = sharding.fetch(sampler(inputs, jax.random.PRNGKey(step)))   # whole, every host
         true = val["image_emb"][:n_eval]
@@ -166,7 +167,7 @@ def prior_generate(cfg, workdir: str | Path, n: int):
         draw = PA.make_sampler(mcfg, pca, sim)
     else:
         def draw(params, inputs, rng):
-            return P.PriorSampler(P.DiffusionPrior(mcfg), params)(inputs, rng)
+            return S.PriorSampler(P.DiffusionPrior(mcfg), params)(inputs, rng)
     m = len(true_emb)
     place, place_both = sample_placer(cfg, m), sample_placer(cfg, 2 * m)
     tokens = None
@@ -179,7 +180,7 @@ def prior_generate(cfg, workdir: str | Path, n: int):
     def generate(state) -> Generated:
         rng = jax.random.PRNGKey(cfg.train.seed)
         emb = sharding.fetch(draw(ema_or_raw(cfg, state), inputs, rng))[:m]
-        images = sharding.fetch(D.sample_images(
+        images = sharding.fetch(S.sample_images(
             dec_params, dcfg, place_both(np.concatenate([true_emb, emb])), tokens,
             rng=jax.random.fold_in(rng, 1)))[:2 * m]
         return Generated(images[m:], [str(c) for c in val["caption"]], real=images[:m],
