@@ -85,7 +85,7 @@ def test_decoder_grids_are_the_samplers_output(setup, tmp_path):
     grid = np.asarray(Image.open(tmp_path / "samples" / "decoder_0000004.png"))
     assert grid.shape == (2 * RES, 4 * RES, 3)
     # row 0: the first 4 evaluation images; row 1: the sampler's output for the final params
-    # (what models.decoder.sample_images gives for the same embeddings, captions and seed)
+    # (what models.sampling.sample_images gives for the same embeddings, captions and seed)
     val = input_pipeline.make_batches(cfg.data, "validation", batch_size=4,
                                       tokenizer=Tokenizer.load(data.tokenizer),
                                       train=False).local_numpy(0)

@@ -116,7 +116,7 @@ def decoder_generate(cfg: ExperimentConfig, workdir: str | Path, n: int):
     """``generate(state) -> Generated``: the decoder's samples from the CLIP image embeddings
     (and captions) of the first ``n`` validation images, with a fixed seed (``train.seed``)
     and the model's own sampling settings (``sample_steps``, guidance), through
-    ``models.decoder.sample_images`` (the shared jitted sampler) with the batch sharded as the
+    ``models.sampling.sample_images`` (the shared jitted sampler) with the batch sharded as the
     training batch is (EMA params when the run keeps them)."""
     mcfg = cfg.model
     clip = runs.load_clip(mcfg.clip_workdir)
