@@ -183,8 +183,8 @@ def writer_overhead(root: Path, steps: int = 8, rounds: int = 3) -> dict:
     j.close()
     # one sample grid (train.sample_count images through the shared sampler, as
     # tasks.decoder_sample_grid does), compiled first
+    from unclip_jax.images import image_grid
     from unclip_jax.models import sampling as S
-    from unclip_jax.train.tasks import image_grid
 
     _, mcfg, *_ = _bench_mfu().decoder_inputs()
     n = cfg.train.sample_count

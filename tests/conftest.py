@@ -35,13 +35,13 @@ def shapes_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip_params():
     """``(tiny.TINY_CLIP, params)``: the params ``CLIP.init`` draws with ``PRNGKey(0)``,
-    unboxed."""
+    unboxed (init jitted: one compile instead of one per operation)."""
     import flax.linen as nn
     import tiny
     from unclip_jax.models.clip import CLIP, dummy_inputs
 
     cfg = tiny.TINY_CLIP
-    variables = CLIP(cfg).init(jax.random.PRNGKey(0), *dummy_inputs(cfg, 1).values())
+    variables = jax.jit(CLIP(cfg).init)(jax.random.PRNGKey(0), *dummy_inputs(cfg, 1).values())
     return cfg, nn.meta.unbox(variables["params"])
 
 

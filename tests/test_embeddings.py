@@ -30,8 +30,8 @@ def clip_run(tmp_path_factory, shapes_data, shapes_tokenizer):
     shutil.copyfile(tok.path, root / "tok.model")
     cfg = dataclasses.replace(TINY_CLIP, image_size=RES, patch_size=8,
                               vocab_size=tok.vocab_size)
-    params = nn.meta.unbox(CLIP(cfg).init(jax.random.PRNGKey(0),
-                                          *dummy_inputs(cfg, 2).values())["params"])
+    params = nn.meta.unbox(jax.jit(CLIP(cfg).init)(jax.random.PRNGKey(0),
+                                                   *dummy_inputs(cfg, 2).values())["params"])
     workdir = root / "clip"
     run_cfg = {"model": config_lib.to_dict(cfg), "data": config_lib.to_dict(data_cfg),
                "train": {"ema_decay": 0.0}}

@@ -15,6 +15,7 @@ from PIL import Image
 from unclip_jax import config as config_lib
 from unclip_jax import input_pipeline, runs
 from unclip_jax.config import DataConfig
+from unclip_jax.images import image_grid
 from unclip_jax.models.clip import CLIP, dummy_inputs
 from unclip_jax.sharding import MeshConfig
 from unclip_jax.text import Tokenizer
@@ -43,8 +44,8 @@ def setup(tmp_path_factory, shapes_tokenizer):
                       tokenizer=tok.path, shuffle_buffer=4)
     ccfg = dataclasses.replace(TINY_CLIP, image_size=RES, patch_size=8, context_length=8,
                                vocab_size=tok.vocab_size)
-    params = nn.meta.unbox(CLIP(ccfg).init(jax.random.PRNGKey(0),
-                                           *dummy_inputs(ccfg, 2).values())["params"])
+    params = nn.meta.unbox(jax.jit(CLIP(ccfg).init)(jax.random.PRNGKey(0),
+                                                    *dummy_inputs(ccfg, 2).values())["params"])
     clip_dir = root / "clip"
     run_cfg = {"model": config_lib.to_dict(ccfg), "data": config_lib.to_dict(data),
                "train": {"ema_decay": 0.0}}
@@ -93,7 +94,7 @@ def test_decoder_grids_are_the_samplers_output(setup, tmp_path):
     want = S.sample_images(jax.device_get(state.params), cfg.model, emb,
                            val["tokens"] if cfg.model.use_text else None,
                            rng=jax.random.PRNGKey(cfg.train.seed))
-    expect = tasks.image_grid([val["image"], np.asarray(want)])
+    expect = image_grid([val["image"], np.asarray(want)])
     np.testing.assert_array_equal(grid[:RES], expect[:RES])
     assert np.abs(grid[RES:].astype(int) - expect[RES:]).max() <= 1   # 4 devices vs 1: rounding
     images = [(e.step, v.tag) for e in read_events(tmp_path / "tensorboard")

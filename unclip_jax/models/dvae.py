@@ -445,9 +445,3 @@ def with_step(position: int, raw: dict) -> dict:
             "step": np.full((len(raw["image"]),), position, np.int32)}
 
 
-def image_grid(rows: list[np.ndarray]) -> np.ndarray:
-    """Rows of ``[N, H, W, 3]`` images in [-1, 1] → one ``[R·H, N·W, 3]`` uint8 picture."""
-    grid = np.concatenate([np.concatenate(list(np.asarray(r)), axis=1) for r in rows], axis=0)
-    return np.clip(np.round((grid + 1) * 127.5), 0, 255).astype(np.uint8)
-
-

@@ -16,6 +16,7 @@ import numpy as np
 
 from unclip_jax import input_pipeline, sharding
 from unclip_jax.config import DataConfig
+from unclip_jax.images import image_grid  # noqa: F401  (re-exported)
 from unclip_jax.text import Tokenizer, train_tokenizer_from_dataset
 
 
@@ -99,12 +100,6 @@ def _train_tokenizer(data_cfg: DataConfig, path: Path) -> Tokenizer:
           flush=True)
     return train_tokenizer_from_dataset(input_pipeline.open_source(data_cfg, "train"), path,
                                         data_cfg.vocab_size, max_captions=TOKENIZER_CAPTIONS)
-
-
-def image_grid(rows: list[np.ndarray]) -> np.ndarray:
-    """``uint8 [R·S, N·S, 3]`` of ``R`` rows of ``N`` images ``[N, S, S, 3]`` in [-1, 1]."""
-    out = [np.concatenate(list(np.asarray(r, np.float32)), axis=1) for r in rows]
-    return np.clip(np.rint((np.concatenate(out, axis=0) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 def ema_or_raw(cfg, state):

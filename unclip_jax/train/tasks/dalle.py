@@ -74,7 +74,7 @@ def dvae_task(cfg, workdir):
         p = counts / max(counts.sum(), 1)
         entropy = -float(np.sum(p[p > 0] * np.log(p[p > 0])))
         if first is not None and jax.process_index() == 0:
-            Image.fromarray(V.image_grid(list(first))).save(workdir / f"recon_{step}.png")
+            Image.fromarray(image_grid(list(first))).save(workdir / f"recon_{step}.png")
         return {"mse": mse, "psnr": float(V.psnr(mse)), "code_perplexity": math.exp(entropy),
                 "used_fraction": float(np.mean(counts > 0))}
 
