@@ -28,6 +28,8 @@ def test_expected_keys_are_pytorch_fid_names():
 
 
 def test_random_weights_forward_and_npz_round_trip(variables, tmp_path):
+    # a fresh jitted function: other files' tests (coco-fid) in this process share the cached one
+    I._features_fn.cache_clear()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
     feats = I.InceptionFeatures(variables, batch_size=2, size=SIZE)

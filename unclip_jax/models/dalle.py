@@ -69,6 +69,7 @@ import numpy as np
 import optax
 
 from unclip_jax import ar, sharding
+from unclip_jax.images import to_uint8
 from unclip_jax.nn.layers import dtype as to_dtype
 from unclip_jax.nn.layers import layer_norm
 from unclip_jax.nn.transformer import Transformer
@@ -386,7 +387,7 @@ def shapes_accuracy(cfg: DalleConfig, params, tok, dvae_model, dvae_params, *,
     codes = sharding.fetch(sample(cfg, params, text, jax.random.PRNGKey(seed), **settings))
     images = sharding.fetch(dvae_lib.jit(lambda c: dvae_lib.decode(dvae_model, dvae_params, c))(
         codes))
-    pixels = np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8)
+    pixels = to_uint8(images)
     ok = [all(shapes.score_caption(im, p)["colour_shape_correct"])
           for im, p in zip(pixels, prompts)]
     return {"test_colour_shape": float(np.mean(ok))}

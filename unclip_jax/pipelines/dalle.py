@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.images import to_uint8
 from unclip_jax.models import dalle as dalle_lib
 from unclip_jax.models import dvae as dvae_lib
 
@@ -140,8 +141,7 @@ def evaluate_shapes(pipe: DallePipeline, params: dict, *, num_prompts: int = 64,
         out = pipe.generate_reranked(params["dalle"], params["dvae"], params["clip"], part,
                                      jax.random.fold_in(jax.random.PRNGKey(seed), start),
                                      num_candidates=num_candidates, **settings)
-        pixels = np.clip(np.round((np.asarray(out.images) + 1) * 127.5), 0, 255).astype(
-            np.uint8)
+        pixels = to_uint8(out.images)
         order = np.asarray(out.order)
         for p, row, o in zip(part, pixels, order):
             judged = [shapes.score_caption(im, p) for im in row]
