@@ -15,6 +15,7 @@ from tiny import write_tiny_unclip
 
 from unclip_jax import cli, shapes
 from unclip_jax.eval import coco
+from unclip_jax.convert import inception as CI
 from unclip_jax.eval import inception as I
 
 NUM_IMAGES = 12
@@ -158,7 +159,7 @@ def test_real_vs_real_fid_is_zero_and_zips_read_as_folder(setup, tmp_path):
     np.testing.assert_array_equal(coco.load_real(zipped, chosen, 32),
                                   coco.load_real(folder, chosen, 32))
 
-    feats = I.InceptionFeatures(I.load_variables(setup / "inception.npz"), 4, SIZE)
+    feats = I.InceptionFeatures(CI.load_variables(setup / "inception.npz"), 4, SIZE)
     real = lambda items, k: coco.load_real(folder, items, 32)  # noqa: E731
     res = coco.run(zipped, chosen, tmp_path / "out", sample=real, inception=feats,
                    settings={"test": 1}, chunk_size=4, resolution=32)

@@ -5,6 +5,7 @@ torch.nn.functional statement of the same network on the same weights."""
 import numpy as np
 import pytest
 
+from unclip_jax.convert import inception as CI
 from unclip_jax.eval import inception as I
 
 SIZE = 75            # the smallest input the network takes (299 is the FID size; slow on CPU)
@@ -42,7 +43,7 @@ def test_random_weights_forward_and_npz_round_trip(variables, tmp_path):
     sd["fc.bias"] = np.zeros((1008,), np.float32)
     sd["Conv2d_1a_3x3.bn.num_batches_tracked"] = np.array(0)
     np.savez(tmp_path / "w.npz", **sd)
-    loaded = I.load_variables(tmp_path / "w.npz")
+    loaded = CI.load_variables(tmp_path / "w.npz")
     again = I.InceptionFeatures(loaded, batch_size=2, size=SIZE).images(images)
     np.testing.assert_array_equal(out, again)
     assert feats._fn._cache_size() == 1                 # the same jitted function, one compile
@@ -61,10 +62,10 @@ def test_bad_state_dicts_fail_listing_keys(variables, tmp_path):
     assert "wrong shape: Mixed_5b.branch1x1.bn.running_mean is (65,), want (64,)" in msg
     assert "unexpected: AuxLogits.fc.weight (1000, 768)" in msg
     with pytest.raises(FileNotFoundError, match="no weights file"):
-        I.read_state_dict(tmp_path / "absent.pth")
+        CI.read_state_dict(tmp_path / "absent.pth")
     (tmp_path / "w.h5").write_bytes(b"x")
     with pytest.raises(ValueError, match="unknown weights format '.h5'.*accepted: .pth"):
-        I.read_state_dict(tmp_path / "w.h5")
+        CI.read_state_dict(tmp_path / "w.h5")
     with pytest.raises(ValueError, match="at least 75×75, got size=64"):
         I.InceptionFeatures(variables, size=64)
 

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "unclip_jax"
 # low to high; a top-level module or subpackage of unclip_jax -> its layer
 LAYERS = {
     "core": ("config", "sharding", "images", "text", "shapes", "augment", "ar", "diffusion",
-             "nn", "weights"),
+             "nn"),
     "models": ("models",),
     "data": ("datasets", "input_pipeline"),
     "training and runs": ("train", "eval", "embeddings", "runs"),

@@ -80,6 +80,7 @@ def _coco_fid(args) -> None:
 
     from unclip_jax import sharding
     from unclip_jax.commands.unclip import _load
+    from unclip_jax.convert import inception as convert_inception
     from unclip_jax.eval import coco, inception, metrics
     from unclip_jax.pipelines import unclip as U
 
@@ -90,7 +91,7 @@ def _coco_fid(args) -> None:
         raise ValueError(f"--max-chunks must be ≥ 0, got {args.max_chunks}")
     folder = coco.CocoFolder(args.coco, args.split)
     chosen = coco.select_captions(folder, args.num, args.subset_seed)
-    weights = inception.load_variables(args.inception)       # its own clear errors
+    weights = convert_inception.load_variables(args.inception)       # its own clear errors
     mesh = sharding.rows_mesh(args.devices)
     if args.chunk_size % mesh.size:
         raise ValueError(f"--chunk-size {args.chunk_size} does not split over the {mesh.size} "

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from unclip_jax.weights import read_state_dict  # noqa: F401  (the one weights reader)
+from unclip_jax.convert.weights import read_state_dict  # noqa: F401  (the one weights reader)
 
 
 def save_workdir(model_cfg: Any, params: Mapping, out_dir: str | os.PathLike, *,

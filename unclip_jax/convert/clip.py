@@ -37,8 +37,8 @@ import numpy as np
 
 from unclip_jax.convert import save_workdir  # noqa: F401  (re-exported: a CLIP workdir)
 from unclip_jax.models.clip import CLIPConfig
-# The weights reader lives in the core layer (unclip_jax.weights); re-exported from here.
-from unclip_jax.weights import (ConversionError, load_state_dict,  # noqa: F401
+# The one weights reader lives in unclip_jax.convert.weights; re-exported from here.
+from unclip_jax.convert.weights import (ConversionError, load_state_dict,  # noqa: F401
                                 normalize_state_dict)
 
 # OpenAI CLIP's preprocessing constants (also open_clip's OPENAI_DATASET_MEAN/STD).

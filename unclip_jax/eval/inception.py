@@ -8,9 +8,9 @@ blocks exclude the padding from the mean (``count_include_pad=False``), the last
 pools with a max instead of an average, and the classifier has 1008 classes (unused here:
 features are taken after the global average pool, before ``fc``).
 
-No weights are downloaded or shipped. :func:`load_variables` reads a state dict with the
-pytorch-fid key names (``Conv2d_1a_3x3.conv.weight``, ``Mixed_5b.branch1x1.bn.running_mean``,
-…) from a ``.pth`` (only when torch is installed; read with ``weights_only=True``), an
+No weights are downloaded or shipped. :func:`unclip_jax.convert.inception.load_variables`
+reads a state dict with the pytorch-fid key names (``Conv2d_1a_3x3.conv.weight``,
+``Mixed_5b.branch1x1.bn.running_mean``, …) from a ``.pth`` (only when torch is installed; read with ``weights_only=True``), an
 ``.npz`` or a ``.safetensors`` file, and checks it all-or-nothing: every missing key,
 unexpected key and wrong shape is listed in one error. ``fc.*`` and BatchNorm's
 ``num_batches_tracked`` are accepted and ignored.
@@ -21,15 +21,14 @@ differ slightly; compare numbers only within one implementation.
 
 Usage::
 
-    feats = InceptionFeatures.from_file("pt_inception-2015-12-05-6726825d.pth")
+    from unclip_jax.convert.inception import load_variables   # the weights file (commands)
+    feats = InceptionFeatures(load_variables("pt_inception-2015-12-05-6726825d.pth"))
     stats = metrics.feature_stats(feats, batches_of_uint8_images)
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -258,28 +257,6 @@ def state_dict_from_variables(variables: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Tensors of a ``.pth``/``.pt`` (torch required), ``.npz`` or ``.safetensors`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {str(path)!r}; download the pytorch-fid "
-                                f"weights yourself (pt_inception-2015-12-05-*.pth) and pass "
-                                f"their path")
-    suffix = path.suffix.lower()
-    if suffix in (".npz", ".safetensors", ".pth", ".pt", ".bin"):
-        # The one weights reader (torch imported lazily there, weights_only=True).
-        from unclip_jax.weights import read_state_dict as read_weights
-
-        return read_weights(path)
-    raise ValueError(f"unknown weights format {suffix!r} of {path.name}; accepted: .pth, .pt, "
-                     f".bin (torch), .npz, .safetensors")
-
-
-def load_variables(path: str | os.PathLike) -> dict:
-    """Checked flax variables of the FID Inception-v3 from a user-supplied weights file."""
-    return variables_from_state_dict(read_state_dict(path))
-
-
 # ============================================================================ extractor
 
 
@@ -315,11 +292,6 @@ class InceptionFeatures:
         self.variables, self.batch_size, self.size, self.mesh = variables, batch_size, size, mesh
         self._fn = _features_fn(size)
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, batch_size: int = 32, size: int = INPUT_SIZE,
-                  mesh=None) -> "InceptionFeatures":
-        return cls(load_variables(path), batch_size, size, mesh)
-
     dim = FEATURE_DIM
 
     def images(self, images) -> np.ndarray:
@@ -333,5 +305,5 @@ class InceptionFeatures:
 
 
 __all__ = ["FEATURE_DIM", "FIDInceptionV3", "InceptionFeatures", "check_state_dict",
-           "expected_shapes", "init_variables", "load_variables", "read_state_dict",
+           "expected_shapes", "init_variables",
            "state_dict_from_variables", "variables_from_state_dict"]
