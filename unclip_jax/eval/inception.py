@@ -11,9 +11,9 @@ features are taken after the global average pool, before ``fc``).
 No weights are downloaded or shipped. :func:`unclip_jax.convert.inception.load_variables`
 reads a state dict with the pytorch-fid key names (``Conv2d_1a_3x3.conv.weight``,
 ``Mixed_5b.branch1x1.bn.running_mean``, …) from a ``.pth`` (only when torch is installed;
-read with ``weights_only=True``), an ``.npz`` or a ``.safetensors`` file, and checks it all-or-nothing: every missing key,
-unexpected key and wrong shape is listed in one error. ``fc.*`` and BatchNorm's
-``num_batches_tracked`` are accepted and ignored.
+read with ``weights_only=True``), an ``.npz`` or a ``.safetensors`` file, and checks it
+all-or-nothing: every missing key, unexpected key and wrong shape is listed in one error.
+``fc.*`` and BatchNorm's ``num_batches_tracked`` are accepted and ignored.
 
 Preprocessing follows pytorch-fid: bilinear resize to 299×299 without antialiasing
 (``align_corners=False``), inputs in [-1, 1]. TF-FID resizes differently, so FIDs from the two
