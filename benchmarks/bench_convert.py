@@ -1,7 +1,8 @@
 """Forward speed of converted models against their PyTorch references, same weights and inputs.
 
 For each model: a randomly initialised reference (torch, CPU, float32, ``torch.inference_mode``,
-``torch.set_num_threads(THREADS)``) is converted with ``unclip_jax.convert``; both run the same
+``torch.set_num_threads(THREADS)``) is converted with ``unclip_jax.pipelines.convert``; both run
+the same
 inputs. Ours is one ``jax.jit`` of the forward (float32), timed after its compile. The two are
 timed alternately (reference, ours, reference, …) so that load from other processes hits both
 alike; the table gives the medians and ratio = reference ÷ ours (goal ≥ 1.0), plus the max
@@ -127,9 +128,9 @@ def bench_clip(name: str, batch: int, repeats: int) -> dict:
     import torch
     import transformers
 
-    from unclip_jax.convert import clip as convert_clip
-    from unclip_jax.convert.clip import OPENAI_MEAN, OPENAI_STD
     from unclip_jax.models.clip import CLIP
+    from unclip_jax.pipelines.convert import clip as convert_clip
+    from unclip_jax.pipelines.convert.clip import OPENAI_MEAN, OPENAI_STD
 
     vw, vl, patch, image, tw, tl, vocab, ctx, embed = CLIP_SIZES[name]
     common = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -186,8 +187,8 @@ def bench_dvae(size: int, repeats: int, n_hid: int = 256, vocab: int = 8192,
     import jax.numpy as jnp
     import torch
 
-    from unclip_jax.convert import dvae as convert_dvae
     from unclip_jax.models import dvae
+    from unclip_jax.pipelines.convert import dvae as convert_dvae
 
     enc = _randomise(torch, dall_e.Encoder(n_hid=n_hid, n_blk_per_group=blocks,
                                            vocab_size=vocab), 0)
@@ -236,11 +237,11 @@ def bench_dvae(size: int, repeats: int, n_hid: int = 256, vocab: int = 8192,
 
 def bench_karlo(repeats: int) -> list[dict] | str:
     """Karlo-shaped diffusers models (a scaled-down width/depth; the real prior alone is
-    ~1B parameters) converted by ``unclip_jax.convert.karlo``."""
+    ~1B parameters) converted by ``unclip_jax.pipelines.convert.karlo``."""
     try:
-        from unclip_jax.convert import karlo
+        from unclip_jax.pipelines.convert import karlo
     except ImportError as e:
-        return f"skipped: unclip_jax.convert.karlo is not importable ({e})"
+        return f"skipped: unclip_jax.pipelines.convert.karlo is not importable ({e})"
     import jax
     import jax.numpy as jnp
     import torch
@@ -381,7 +382,8 @@ def run(quick: bool = False, device: str = "cpu") -> str:
     lines = [
         "## Converted models: forward time vs the PyTorch reference",
         "",
-        f"Same random weights (converted by `unclip_jax.convert`), same inputs, float32, CPU. "
+        f"Same random weights (converted by `unclip_jax.pipelines.convert`), same inputs, "
+        f"float32, CPU. "
         f"Reference: torch {torch.__version__} with `torch.inference_mode()` and "
         f"{THREADS} threads (`torch.set_num_threads`); ours: one `jax.jit` of the forward "
         f"(jax {jax.__version__}, XLA CPU), timed after compile. Runs alternate between the "

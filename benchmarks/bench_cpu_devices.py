@@ -36,7 +36,7 @@ def child(n: int) -> dict:
     import flax.linen as nn
     import jax
 
-    from unclip_jax import sharding
+    from unclip_jax.core import sharding
     from unclip_jax.train import loop
     from unclip_jax.train.optim import make_optimizer
     from unclip_jax.train.state import TrainState

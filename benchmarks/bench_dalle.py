@@ -2,7 +2,7 @@
 
 The shapes-scale transformer (width 128, 4 layers, 24 text + 16×16 = 256 image tokens, random
 weights — speed does not depend on them) samples the 256 image tokens of a batch of 8 captions,
-either with :func:`unclip_jax.ar.generate` (text prefilled, one cached token per step) or with
+either with :func:`unclip_jax.core.ar.generate` (text prefilled, one cached token per step) or with
 :func:`unclip_jax.models.dalle.sample_uncached` (the whole stream recomputed every step), both
 jitted, compile excluded. Reported: image tokens per second (batch × 256 / time), median of
 REPEATS runs.

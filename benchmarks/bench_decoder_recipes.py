@@ -57,8 +57,8 @@ def child(name: str, clip: str, emb: str) -> dict:
     import numpy as np
 
     from bench_mfu import time_step
-    from unclip_jax import config as config_lib
-    from unclip_jax import sharding
+    from unclip_jax.core import config as config_lib
+    from unclip_jax.core import sharding
     from unclip_jax.train import loop, tasks
     from unclip_jax.train.optim import make_optimizer
     from unclip_jax.train.state import TrainState

@@ -97,7 +97,7 @@ def bf16_matmul_peak(sizes=(4096, 8192)) -> tuple[float, int]:
 def prior_case(quick: bool) -> dict:
     import jax.numpy as jnp
 
-    from unclip_jax import config as config_lib
+    from unclip_jax.core import config as config_lib
     from unclip_jax.models import prior as P
 
     mfu = _mfu_module()
@@ -132,7 +132,7 @@ def prior_case(quick: bool) -> dict:
 
 
 def _decoder_cfg(quick: bool):
-    from unclip_jax import config as config_lib
+    from unclip_jax.core import config as config_lib
 
     cfg = config_lib.load_config(ROOT / "experiments/paper/decoder.py")
     mcfg = dataclasses.replace(cfg.model, **DECODER_OVERRIDES)

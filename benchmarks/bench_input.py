@@ -105,9 +105,9 @@ def images_per_s(make) -> float:
 
 
 def input_rows(root: Path) -> list[dict]:
-    from unclip_jax.config import DataConfig
-    from unclip_jax.datasets.image_captions import build_image_captions
-    from unclip_jax.input_pipeline import make_batches
+    from unclip_jax.core.config import DataConfig
+    from unclip_jax.data.image_captions import build_image_captions
+    from unclip_jax.data.input_pipeline import make_batches
 
     shard_dir, src = write_data(root)
     rows = []
@@ -183,7 +183,7 @@ def writer_overhead(root: Path, steps: int = 8, rounds: int = 3) -> dict:
     j.close()
     # one sample grid (train.sample_count images through the shared sampler, as
     # tasks.decoder_sample_grid does), compiled first
-    from unclip_jax.images import image_grid
+    from unclip_jax.core.images import image_grid
     from unclip_jax.models import sampling as S
 
     _, mcfg, *_ = _bench_mfu().decoder_inputs()

@@ -1,4 +1,4 @@
-"""Accuracy of the captioned-shapes judge (`unclip_jax.shapes.judge`) on fresh renders.
+"""Accuracy of the captioned-shapes judge (`unclip_jax.core.shapes.judge`) on fresh renders.
 
     python benchmarks/bench_judge.py [--num 2000] [--resolutions 32 64 128]
         [--noise 0] [--blur 0] [--json]
@@ -19,7 +19,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from unclip_jax import shapes
+from unclip_jax.core import shapes
 
 
 def measure(resolution: int, num_objects: int, num: int, *, seed: int = 0, split: str = "train",

@@ -5,7 +5,8 @@ machine's time nor needs to, the layers are the same) with random weights: a CLI
 layers, ViT 128 × 2 layers / 16 px patches at 64 px), the prior (width 256 × 4 layers, 77
 tokens, 256-d embeddings), the 64 px decoder + text_proj (widths 32/64/96) and the 64 → 256 px
 super-resolution pair (widths 16/32/48/64). The diffusers modules are saved as a Karlo pipeline
-folder and converted by ``unclip_jax.convert.karlo`` (the CLIP through the OpenAI layout, as
+folder and converted by ``unclip_jax.pipelines.convert.karlo`` (the CLIP through the OpenAI layout,
+as
 ``unclip-jax convert clip`` reads it), so both sides hold the same weights.
 
 Rows: text → image (``UnCLIPPipeline`` vs ``pipelines.unclip.make_text_to_image``) and image
@@ -60,10 +61,10 @@ def build(tmp: Path):
     from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
-    from unclip_jax.convert import clip as convert_clip
-    from unclip_jax.convert import karlo
     from unclip_jax.models.clip import CLIPConfig
     from unclip_jax.pipelines import unclip as U
+    from unclip_jax.pipelines.convert import clip as convert_clip
+    from unclip_jax.pipelines.convert import karlo
 
     bench = _module(ROOT / "benchmarks" / "bench_convert.py", "_karlo_chain_convert")
     tk = _module(ROOT / "tests" / "test_pipeline_karlo.py", "_karlo_chain_tests")
@@ -194,9 +195,9 @@ def measure(repeats: int = REPEATS) -> list[dict]:
     import jax.numpy as jnp
     import torch
 
-    from unclip_jax.convert.clip import OPENAI_MEAN, OPENAI_STD
     from unclip_jax.pipelines import manipulate as M
     from unclip_jax.pipelines import unclip as U
+    from unclip_jax.pipelines.convert.clip import OPENAI_MEAN, OPENAI_STD
 
     bench = _module(ROOT / "benchmarks" / "bench_convert.py", "_karlo_chain_race")
     with tempfile.TemporaryDirectory() as tmp:

@@ -53,7 +53,7 @@ COMMON = {"train.steps": STEPS, "train.log_every": 1, "train.ckpt_every": 2,
 
 
 def _synthetic_cache(path: Path, n: int = 256, e: int = 16, length: int = 8, w: int = 16) -> None:
-    """An embedding cache in the layout of :mod:`unclip_jax.embeddings` (no CLIP needed)."""
+    """An embedding cache in the layout of :mod:`unclip_jax.train.embeddings` (no CLIP needed)."""
     rng = np.random.default_rng(0)
     text = rng.normal(size=(n, e)).astype(np.float32)
     text /= np.linalg.norm(text, axis=-1, keepdims=True)
@@ -75,7 +75,7 @@ def _synthetic_cache(path: Path, n: int = 256, e: int = 16, length: int = 8, w: 
 
 def prepare(root: Path) -> dict[str, tuple[str, dict]]:
     """``{model: (config file, overrides)}`` with the data they need built under ``root``."""
-    from unclip_jax.datasets.captioned_shapes import build_captioned_shapes, dataset_name
+    from unclip_jax.data.captioned_shapes import build_captioned_shapes, dataset_name
 
     data_dir = root / "data"
     build_captioned_shapes(data_dir, resolution=32, **SIZES)
@@ -94,7 +94,7 @@ def prepare(root: Path) -> dict[str, tuple[str, dict]]:
 
 def command(config: str, workdir: Path, sets: dict) -> list[str]:
     exe = Path(sys.executable).with_name("unclip-jax")
-    head = [str(exe)] if exe.is_file() else [sys.executable, "-m", "unclip_jax.cli"]
+    head = [str(exe)] if exe.is_file() else [sys.executable, "-m", "unclip_jax.commands.cli"]
     out = head + ["train", config, "--workdir", str(workdir)]
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]

@@ -112,7 +112,7 @@ def _step_and_state(init, loss, batch, cfg, hlo_flops: bool = False):
 def clip_case():
     import jax.numpy as jnp
 
-    from unclip_jax import config as config_lib
+    from unclip_jax.core import config as config_lib
     from unclip_jax.models import clip
 
     cfg = config_lib.load_config(ROOT / "experiments/shapes/clip.py")
@@ -160,7 +160,7 @@ def decoder_inputs():
     batch (CLIP embeddings fed directly)."""
     import jax.numpy as jnp
 
-    from unclip_jax import config as config_lib
+    from unclip_jax.core import config as config_lib
     from unclip_jax.models import decoder as D
 
     cfg = config_lib.load_config(ROOT / "experiments/shapes/decoder.py")

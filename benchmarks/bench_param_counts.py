@@ -1,6 +1,6 @@
 """Parameter counts of the paper-scale configs (``experiments/paper``) next to the papers' own.
 
-Counted with ``unclip_jax.describe`` (``jax.eval_shape`` of each model's init; nothing is
+Counted with ``unclip_jax.pipelines.describe`` (``jax.eval_shape`` of each model's init; nothing is
 allocated), so the section takes seconds on any machine.
 """
 
@@ -31,13 +31,14 @@ def _fmt(n: float) -> str:
 
 
 def run() -> str:
-    from unclip_jax import config as config_lib
-    from unclip_jax.describe import describe
+    from unclip_jax.core import config as config_lib
+    from unclip_jax.pipelines.describe import describe
 
     lines = [
         "## Parameter counts of the paper-scale configs",
         "",
-        "Ours: `unclip_jax.describe` on `experiments/paper/<config>.py` (eval_shape of the "
+        "Ours: `unclip_jax.pipelines.describe` on `experiments/paper/<config>.py` "
+        "(eval_shape of the "
         "model's init, exact). Paper: the published figure and where it comes from. Each "
         "config's docstring states its architecture sources and assumptions.",
         "",

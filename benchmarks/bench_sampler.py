@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.diffusion import make_sampler, make_schedule, respace
+from unclip_jax.core.diffusion import make_sampler, make_schedule, respace
 
 BATCH, RES, CH = 8, 32, 3
 STEPS = 25

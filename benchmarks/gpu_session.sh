@@ -39,7 +39,7 @@ decoder)
   # data, tokenizer, CLIP, prior and the decoder at DEC_STEPS steps (the demo's 2000 × 10),
   # every other setting as the demo's; then the per-stage judge rows of diagnose_chain.py
   W=/tmp/gpu_demo
-  timeout 420 python3 -m unclip_jax.cli demo --workdir $W --until decoder \
+  timeout 420 python3 -m unclip_jax.commands.cli demo --workdir $W --until decoder \
     --set decoder:train.steps=$DEC_STEPS --set decoder:train.ckpt_every=$DEC_STEPS \
     --set decoder:train.log_every=500 --set decoder:data.num_workers=8 2>&1 \
     | grep -v "it/s" | tail -40

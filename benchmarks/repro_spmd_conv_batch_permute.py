@@ -16,7 +16,7 @@ images (8×8) or batches (16) make the partitioner pick another strategy and com
 This is exactly the input gradient of a conv whose kernel is stored ``[.., fsdp, model]`` (the
 ``fsdp_tp`` layout of ``conv_in``/``conv_out``), which is how the dVAE's gradients on the full
 3-axis mesh came out wrong (``tests/test_sharded_models.py``). The workaround,
-:func:`unclip_jax.sharding.gathered_kernel_conv`, gathers the kernel's fsdp shards explicitly
+:func:`unclip_jax.core.sharding.gathered_kernel_conv`, gathers the kernel's fsdp shards explicitly
 before the conv, so no conv ever sees a kernel split over a batch axis; the last line checks it.
 
 Run: ``python benchmarks/repro_spmd_conv_batch_permute.py`` (CPU, a few seconds). Exits 1 when
@@ -62,7 +62,7 @@ def main() -> int:
     # conv with the transposed kernel [.., model, fsdp]. Two stacked convs, scaled and
     # constrained to the batch split (as a residual branch is), differentiated; then the same
     # with the workaround, which gathers the kernels' fsdp shards before each conv.
-    from unclip_jax import sharding
+    from unclip_jax.core import sharding
 
     k1, k2 = (r.normal(size=(3, 3, 8, 8)).astype(np.float32) for _ in range(2))
     w = r.normal(size=x.shape).astype(np.float32)

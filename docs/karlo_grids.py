@@ -1,7 +1,8 @@
 """Write the README's Karlo manipulation grids (docs/karlo_*.png) from a tiny converted stack.
 
 The stack is the test suite's (``tests/test_pipeline_karlo.py``): a diffusers-layout Karlo
-folder of small *random* tensors converted by ``unclip_jax.convert.karlo``, and a random CLIP
+folder of small *random* tensors converted by ``unclip_jax.pipelines.convert.karlo``, and a random
+CLIP
 saved as ``unclip-jax convert clip`` saves one — so the pictures show the shapes of the outputs
 and that every stage runs (decoder 8 px → super-resolution 32 px), not what Karlo draws. Each
 grid's first column is the input at the output resolution. Run from the repository root:
@@ -37,7 +38,7 @@ class _Tmp:
 def main() -> int:
     import test_pipeline_karlo as T
 
-    from unclip_jax import shapes
+    from unclip_jax.core import shapes
     from unclip_jax.pipelines import manipulate as M
 
     with tempfile.TemporaryDirectory() as tmp:

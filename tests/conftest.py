@@ -26,7 +26,7 @@ def shapes_tokenizer(tmp_path_factory):
     """A sentencepiece tokenizer (vocabulary ``tiny.SHAPES_VOCAB``) trained on
     ``tiny.shapes_captions()``; its model file is ``.path``."""
     import tiny
-    from unclip_jax.text import Tokenizer
+    from unclip_jax.core.text import Tokenizer
 
     return Tokenizer.train(tiny.shapes_captions(), tmp_path_factory.mktemp("tokenizer")
                            / "shapes.model", tiny.SHAPES_VOCAB)
@@ -50,8 +50,8 @@ def shapes_data(tmp_path_factory):
     """The ``DataConfig`` of a captioned-shapes build of ``tiny.SHAPES_RES`` px with
     ``tiny.SHAPES_SIZES`` examples, read at that size with 12-token captions (no tokenizer)."""
     import tiny
-    from unclip_jax.config import DataConfig
-    from unclip_jax.datasets.captioned_shapes import build_captioned_shapes, dataset_name
+    from unclip_jax.core.config import DataConfig
+    from unclip_jax.data.captioned_shapes import build_captioned_shapes, dataset_name
 
     data_dir = build_captioned_shapes(tmp_path_factory.mktemp("shapes_data"),
                                       resolution=tiny.SHAPES_RES, **tiny.SHAPES_SIZES)

@@ -1,4 +1,4 @@
-"""What every process of a multi-process test runs (started by :mod:`unclip_jax.launch`).
+"""What every process of a multi-process test runs (started by :mod:`unclip_jax.commands.launcher`).
 
 ``python tests/multiprocess_scenario.py ACTION WORKDIR DATA_DIR``, ACTION one of
 
@@ -34,7 +34,7 @@ SIZES = dict(num_train=128, num_validation=32, num_test=32)
 
 
 def data_name(resolution: int) -> str:
-    from unclip_jax.datasets.captioned_shapes import dataset_name
+    from unclip_jax.data.captioned_shapes import dataset_name
 
     return dataset_name(resolution, **SIZES)
 
@@ -42,7 +42,7 @@ def data_name(resolution: int) -> str:
 def build_data(data_dir: str | Path) -> None:
     """The two tiny datasets (16 px for the chain, 32 px for the upsampler); run once, in the
     test process, before any launch."""
-    from unclip_jax.datasets.captioned_shapes import build_captioned_shapes
+    from unclip_jax.data.captioned_shapes import build_captioned_shapes
 
     for resolution in (16, 32):
         build_captioned_shapes(data_dir, resolution=resolution, **SIZES)
@@ -90,7 +90,7 @@ def record_rows(workdir: Path) -> None:
 
     import jax
 
-    from unclip_jax import input_pipeline
+    from unclip_jax.data import input_pipeline
 
     seen: list = []
     original = input_pipeline.Batches.local_numpy
@@ -119,7 +119,7 @@ def record_rows(workdir: Path) -> None:
 
 
 def run(argv: list[str]) -> None:
-    from unclip_jax import cli
+    from unclip_jax.commands import cli
 
     code = cli.main(argv)
     if code:
@@ -130,7 +130,7 @@ def pipelines(workdir: Path) -> None:
     """Text → image and the manipulations with the batch split over every process."""
     import jax
 
-    from unclip_jax import shapes
+    from unclip_jax.core import shapes
     from unclip_jax.pipelines import manipulate, unclip
 
     model = unclip.load_unclip(workdir / "clip", workdir / "tokenizer.model", workdir / "prior",
@@ -178,8 +178,8 @@ SHARD_STREAM = dict(batch_size=8, image_size=8, shuffle_buffer=4, seed=3)
 def read_shards(workdir: Path, shard_dir: str) -> None:
     import jax
 
-    from unclip_jax import input_pipeline, sharding
-    from unclip_jax.datasets import shards
+    from unclip_jax.core import sharding
+    from unclip_jax.data import input_pipeline, shards
 
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import ar
-from unclip_jax.nn.layers import layer_norm
-from unclip_jax.nn.transformer import Transformer
+from unclip_jax.core import ar
+from unclip_jax.core.nn.layers import layer_norm
+from unclip_jax.core.nn.transformer import Transformer
 
 V, W, P, N, B = 13, 16, 3, 6, 2
 

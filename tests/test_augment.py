@@ -6,10 +6,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from unclip_jax import augment
-from unclip_jax import shapes as S
-from unclip_jax.config import DataConfig, ExperimentConfig
-from unclip_jax.input_pipeline import Batches
+from unclip_jax.core import augment
+from unclip_jax.core import shapes as S
+from unclip_jax.core.config import DataConfig, ExperimentConfig
+from unclip_jax.data.input_pipeline import Batches
 
 
 def _example(seed, index, split="train", resolution=16):

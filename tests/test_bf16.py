@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import config as config_lib
+from unclip_jax.core import config as config_lib
 from unclip_jax.models import prior
 from unclip_jax.train import loop
 from unclip_jax.train.optim import make_optimizer

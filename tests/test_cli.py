@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from unclip_jax import cli
+from unclip_jax.commands import cli
 from unclip_jax.train.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,7 +15,7 @@ CLIP_CFG = str(REPO / "experiments/shapes/clip.py")
 
 
 def tiny_overrides(data_dir, steps):
-    from unclip_jax.datasets.captioned_shapes import dataset_name
+    from unclip_jax.data.captioned_shapes import dataset_name
 
     return ["--set", f"data.data_dir={data_dir}", "--set",
             f"data.name={dataset_name(32, **SIZES)}", "--set", "train.ema_decay=0.9",
@@ -53,7 +53,7 @@ SIZES = dict(num_train=256, num_validation=32, num_test=32)
 @pytest.fixture(scope="module")
 def tiny_shapes(tmp_path_factory):
     """A small 32 px captioned_shapes build in a temp data dir."""
-    from unclip_jax.datasets.captioned_shapes import build_captioned_shapes
+    from unclip_jax.data.captioned_shapes import build_captioned_shapes
 
     return build_captioned_shapes(tmp_path_factory.mktemp("data"), resolution=32, **SIZES)
 
@@ -62,7 +62,7 @@ def tiny_shapes(tmp_path_factory):
 def test_cli_train_kill_and_resume_is_bitwise_identical(tiny_shapes, tmp_path):
     """Interrupted after step 7 (latest checkpoint 6), resumed: same params, EMA, optimizer
     state and data position as the uninterrupted 9-step run."""
-    from unclip_jax import config as config_lib
+    from unclip_jax.core import config as config_lib
     from unclip_jax.train import loop, tasks
 
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"

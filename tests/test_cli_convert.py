@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import cli
+from unclip_jax.commands import cli
 from unclip_jax.commands import convert as convert_cmd
-from unclip_jax.convert import clip as convert_clip
-from unclip_jax.convert import dvae as convert_dvae
 from unclip_jax.models import dvae
 from unclip_jax.models.clip import CLIP, CLIPConfig
+from unclip_jax.pipelines.convert import clip as convert_clip
+from unclip_jax.pipelines.convert import dvae as convert_dvae
 
 CLIP_CFG = CLIPConfig(embed_dim=32, image_size=16, patch_size=8, vision_width=64,
                       vision_layers=1, vision_heads=1, vocab_size=50, context_length=8,
@@ -53,7 +53,7 @@ def _main(argv, capsys):
 
 
 def test_clip_through_the_cli_loads_with_load_clip(tmp_path, clip_sd, capsys):
-    from unclip_jax.runs import load_clip
+    from unclip_jax.train.runs import load_clip
 
     np.savez(tmp_path / "clip.npz", **clip_sd)
     rc, out, err = _main(["convert", "clip", tmp_path / "clip.npz", "--out", tmp_path / "run"],
@@ -83,7 +83,7 @@ def test_clip_through_the_cli_loads_with_load_clip(tmp_path, clip_sd, capsys):
 
 
 def test_dvae_through_the_cli_loads_with_load_dvae(tmp_path, dvae_sds, capsys):
-    from unclip_jax.runs import load_dvae
+    from unclip_jax.train.runs import load_dvae
 
     enc, dec = dvae_sds
     np.savez(tmp_path / "enc.npz", **enc)
@@ -125,8 +125,8 @@ def test_unknown_kind_is_refused(tmp_path, capsys):
 
 def test_absent_converter_module_is_reported(monkeypatch):
     monkeypatch.setitem(convert_cmd.CONVERTERS, "karlo",
-                        "unclip_jax.convert.not_a_module:convert_checkpoint")
-    with pytest.raises(ValueError, match=r"the karlo converter \(unclip_jax.convert."
+                        "unclip_jax.pipelines.convert.not_a_module:convert_checkpoint")
+    with pytest.raises(ValueError, match=r"the karlo converter \(unclip_jax.pipelines.convert."
                                          r"not_a_module\) is not available"):
         convert_cmd.resolve("karlo")
 

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from unclip_jax import sharding
-from unclip_jax.eval import zero_shot
+from unclip_jax.core import sharding
+from unclip_jax.train.eval import zero_shot
 from unclip_jax.models.clip import (CLIP, CLIPConfig, contrastive_loss, dummy_inputs,
                                     eos_positions, loss_fn)
 
@@ -359,7 +359,7 @@ def test_loss_fn_shares_positives_between_equal_captions(model_and_params, monke
 
 
 def test_late_chroma_blocks_before_it_are_colour_blind():
-    from unclip_jax import shapes as S
+    from unclip_jax.core import shapes as S
 
     cfg = dataclasses.replace(TINY, vision_colour_blocks=1)
     model = CLIP(cfg)

@@ -13,10 +13,12 @@ import pytest
 from PIL import Image
 from tiny import write_tiny_unclip
 
-from unclip_jax import cli, shapes
-from unclip_jax.eval import coco
-from unclip_jax.convert import inception as CI
-from unclip_jax.eval import inception as I
+from unclip_jax.commands import cli
+
+from unclip_jax.core import shapes
+from unclip_jax.train.eval import coco
+from unclip_jax.pipelines.convert import inception as CI
+from unclip_jax.train.eval import inception as I
 
 NUM_IMAGES = 12
 SIZE = 75                       # the smallest Inception input (299 is FID's; slow on CPU)

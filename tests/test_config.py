@@ -6,8 +6,8 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from unclip_jax import config as config_lib
-from unclip_jax import sharding
+from unclip_jax.core import config as config_lib
+from unclip_jax.core import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ def test_wrong_type_is_an_error():
 
 def test_load_config_file_and_json(tmp_path):
     path = tmp_path / "cfg.py"
-    path.write_text("from unclip_jax.config import ExperimentConfig\n"
+    path.write_text("from unclip_jax.core.config import ExperimentConfig\n"
                     "def get_config():\n    return ExperimentConfig(name='x', model=None)\n")
     cfg = config_lib.load_config(path, ["train.batch_size=16"])
     assert cfg.name == "x" and cfg.train.batch_size == 16
@@ -96,7 +96,7 @@ def test_from_dict_inverts_to_dict_for_every_model_config():
     """``config.from_dict(to_dict(cfg)) == cfg`` for the shipped configs of every family (the
     run loader's inverse), tuples included; a config.json from an older version (unknown field,
     a group without ``__type__``) still loads."""
-    from unclip_jax import runs
+    from unclip_jax.train import runs
 
     for path in ("clip", "prior", "prior_ar", "decoder", "upsampler", "dvae", "dalle"):
         cfg = config_lib.load_config(f"experiments/shapes/{path}.py")
@@ -113,7 +113,7 @@ def test_from_dict_inverts_to_dict_for_every_model_config():
 def test_renamed_config_key_keeps_working_with_a_deprecation():
     """The prior's embedding cache is ``embeddings_dir`` as everywhere else; the old spelling
     ``cache_dir`` still works on the command line and in saved configs, with a warning."""
-    from unclip_jax import runs
+    from unclip_jax.train import runs
     from unclip_jax.models.prior import PriorConfig
 
     cfg = config_lib.load_config("experiments/shapes/prior.py")

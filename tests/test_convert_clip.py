@@ -17,10 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from unclip_jax.convert import clip as convert_clip
-from unclip_jax.convert.clip import OPENAI_MEAN, OPENAI_STD, ConversionError
-from unclip_jax.convert.clip_bpe import ClipBPETokenizer
 from unclip_jax.models.clip import CLIP, CLIPConfig, dummy_inputs
+from unclip_jax.pipelines.convert import clip as convert_clip
+from unclip_jax.pipelines.convert.clip import OPENAI_MEAN, OPENAI_STD, ConversionError
+from unclip_jax.pipelines.convert.clip_bpe import ClipBPETokenizer
 
 # Heads follow OpenAI's width // 64 rule, so infer_config recovers this config exactly.
 SMALL = CLIPConfig(embed_dim=48, image_size=32, patch_size=8, vision_width=128,
@@ -154,7 +154,7 @@ def test_resnet_checkpoints_are_refused():
 
 
 def test_workdir_loads_with_load_clip(tmp_path, small):
-    from unclip_jax.runs import load_clip
+    from unclip_jax.train.runs import load_clip
 
     params, sd = small
     cfg, converted = convert_clip.convert(sd, image_mean=None)
@@ -223,7 +223,7 @@ def test_tokenizer_mechanics_on_a_tiny_vocabulary(tmp_path):
     assert rows[1, 1:-1].tolist() == [hello] * 6
     assert tok.encode("<start_of_text>") == [tok.sot_id]
     # CLIP's pre-tokenizer: letters group, numbers split one per token (\p{N}, not just \d)
-    assert tok._pattern.findall("abc²³ ½7 don't") == ["abc", "²", "³", "½", "7", "don", "'t"]
+    assert tok.pattern.findall("abc²³ ½7 don't") == ["abc", "²", "³", "½", "7", "don", "'t"]
 
 
 # ----------------------------------------------------------------------------- parity

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax.convert import dvae as convert_dvae
-from unclip_jax.convert.clip import ConversionError
 from unclip_jax.models import dvae
+from unclip_jax.pipelines.convert import dvae as convert_dvae
+from unclip_jax.pipelines.convert.clip import ConversionError
 
 # Two groups of two blocks: id_path convs appear in the encoder's second group and the
 # decoder's first block (init width 4 -> 16), like the released model's.
@@ -165,7 +165,7 @@ def test_load_state_dict_reads_safetensors(tmp_path, small):
 
 
 def test_workdir_loads_with_load_dvae(tmp_path, small):
-    from unclip_jax.runs import load_dvae
+    from unclip_jax.train.runs import load_dvae
 
     params, (enc, dec) = small
     np.savez(tmp_path / "encoder.npz", **enc)

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import runs
-from unclip_jax.convert import karlo
-from unclip_jax.convert.clip import ConversionError
+from unclip_jax.pipelines.convert import karlo
+from unclip_jax.pipelines.convert.clip import ConversionError
+from unclip_jax.train import runs
 
 # Karlo-shaped, tiny: widths divisible by the GroupNorm groups, one attention level.
 PRIOR_CFG = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=12,
@@ -412,7 +412,7 @@ def test_parity_guided_prior_sampling_with_unclip_scheduler(monkeypatch):
     from diffusers import PriorTransformer, UnCLIPScheduler
     from diffusers.schedulers import scheduling_unclip
 
-    from unclip_jax import diffusion
+    from unclip_jax.core import diffusion
     from unclip_jax.models import prior as P
 
     ref = _randomise(torch, PriorTransformer(**PRIOR_CFG), 0)
@@ -474,7 +474,7 @@ def test_parity_guided_decoder_sampling_with_unclip_scheduler(monkeypatch):
     from diffusers import UnCLIPScheduler
     from diffusers.schedulers import scheduling_unclip
 
-    from unclip_jax import diffusion
+    from unclip_jax.core import diffusion
     from unclip_jax.models import decoder as D
 
     unet, tp = _decoder_ref(torch)

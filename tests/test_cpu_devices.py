@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from unclip_jax import sharding
+from unclip_jax.core import sharding
 
 SCRIPT = ("import jax; from unclip_jax import sharding; n = sharding.split_cpu_cores(); "
           "print(n, len(jax.devices('cpu')))")

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from unclip_jax import sharding
+from unclip_jax.core import sharding
 from unclip_jax.models import decoder as D
 from unclip_jax.models import sampling as S
 

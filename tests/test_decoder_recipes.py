@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from unclip_jax import diffusion
+from unclip_jax.core import diffusion
+from unclip_jax.core.nn.unet import UNet, depth_to_space, space_to_depth
 from unclip_jax.models import decoder as D
 from unclip_jax.models import sampling as S
-from unclip_jax.nn.unet import UNet, depth_to_space, space_to_depth
 from unclip_jax.pipelines import unclip as U
 
 CFG = D.DecoderConfig(image_size=16, clip_dim=8, base_channels=8, channel_mult=(1, 2),

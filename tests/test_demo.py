@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from unclip_jax import demo, shapes
-from unclip_jax.config import DataConfig, ExperimentConfig, TrainConfig
+from unclip_jax.commands import demo
+from unclip_jax.core import shapes
+from unclip_jax.core.config import DataConfig, ExperimentConfig, TrainConfig
 
 
 def test_stage_time_is_kept_from_the_run_that_did_the_work(tmp_path):
@@ -103,7 +104,7 @@ def test_a_bad_stage_override_fails_before_anything_runs(tmp_path):
 
 
 def test_report_states_the_recipe_each_stage_ran_with(tmp_path):
-    from unclip_jax import config as config_lib
+    from unclip_jax.core import config as config_lib
     from unclip_jax.models.decoder import DecoderConfig
 
     cfg = ExperimentConfig(name="d", task="decoder",

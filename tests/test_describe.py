@@ -7,13 +7,13 @@ from pathlib import Path
 import jax
 import pytest
 
-from unclip_jax import config as config_lib
-from unclip_jax import sharding
 from unclip_jax.commands.describe import parse_mesh
-from unclip_jax.config import ExperimentConfig
-from unclip_jax.describe import abstract_params, describe, per_device_param_elements
+from unclip_jax.core import config as config_lib
+from unclip_jax.core import sharding
+from unclip_jax.core.config import ExperimentConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.clip import CLIP, CLIPConfig, dummy_inputs
-from unclip_jax.sharding import MeshConfig
+from unclip_jax.pipelines.describe import abstract_params, describe, per_device_param_elements
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,7 +81,7 @@ def test_fsdp8_is_about_an_eighth():
 
 def test_uneven_dims_round_up():
     # 3 over an axis of 2 → 2 per device; replicated dims untouched.
-    from unclip_jax.describe import shard_elements
+    from unclip_jax.pipelines.describe import shard_elements
 
     assert shard_elements((3, 5), ("fsdp", None), {"fsdp": 2}) == 10
     assert shard_elements((8, 6), ("fsdp", "model"), {"fsdp": 4, "model": 4}) == 4

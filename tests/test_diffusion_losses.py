@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax.diffusion import (
+from unclip_jax.core.diffusion import (
     drop_condition,
     learned_log_variance,
     make_schedule,
@@ -15,7 +15,7 @@ from unclip_jax.diffusion import (
     training_loss,
     x0_eps_to_output,
 )
-from unclip_jax.diffusion.losses import min_snr_weight, normal_kl, x0_to_eps
+from unclip_jax.core.diffusion.losses import min_snr_weight, normal_kl, x0_to_eps
 
 S = make_schedule("cosine", 1000)
 

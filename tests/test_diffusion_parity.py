@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from unclip_jax.diffusion import make_schedule, respace
+from unclip_jax.core.diffusion import make_schedule, respace
 
 pytestmark = pytest.mark.parity
 
@@ -89,7 +89,7 @@ def ours(kind: str, spec: str, method: str, model_output: str, x_T, **kw) -> np.
     import jax
     import jax.numpy as jnp
 
-    from unclip_jax.diffusion import sample
+    from unclip_jax.core.diffusion import sample
 
     base = make_schedule(kind, 1000)
     sched = respace(base, spec)

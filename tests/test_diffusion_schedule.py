@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax.diffusion import make_schedule, q_posterior, q_sample, respace, space_timesteps
-from unclip_jax.diffusion.schedule import base_betas
+from unclip_jax.core.diffusion import make_schedule, q_posterior, q_sample, respace, space_timesteps
+from unclip_jax.core.diffusion.schedule import base_betas
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])

@@ -154,7 +154,7 @@ def test_step_batches_carry_the_update_index():
             self.position += 1
             return {"image": np.zeros((3, 16, 16, 3), np.float32), "mask": np.ones(3, bool)}
 
-    from unclip_jax.input_pipeline import MappedBatches
+    from unclip_jax.data.input_pipeline import MappedBatches
 
     it = MappedBatches(Stream(), dvae.with_step)
     first, second = next(it), next(it)
@@ -261,6 +261,6 @@ def test_dvae_jit_matches_plain_jit(tiny):
     """dvae.jit (on CPU: YNNPACK conv fusions off) computes what jax.jit computes."""
     model, params, images = tiny
     fwd = lambda p, x: model.apply({"params": p}, x, method=dvae.DVAE.encode_logits)  # noqa
-    assert dvae._compiler_options() == dvae._CPU_OPTIONS    # this CPU's XLA knows the option
+    assert dvae.compiler_options() == dvae._CPU_OPTIONS    # this CPU's XLA knows the option
     np.testing.assert_allclose(dvae.jit(fwd)(params, images), jax.jit(fwd)(params, images),
                                rtol=1e-5, atol=1e-5)

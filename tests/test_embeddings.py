@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from unclip_jax import config as config_lib
-from unclip_jax import embeddings, runs
+from unclip_jax.core import config as config_lib
+from unclip_jax.train import embeddings, runs
 from unclip_jax.models.clip import CLIP, dummy_inputs
 from unclip_jax.train.checkpoint import Checkpointer
 
@@ -135,9 +135,9 @@ def _decoder_task(clip_run, workdir, **model):
 
     import flax.linen as nn
 
-    from unclip_jax.config import ExperimentConfig, TrainConfig
+    from unclip_jax.core.config import ExperimentConfig, TrainConfig
     from unclip_jax.models import decoder as D
-    from unclip_jax.sharding import MeshConfig
+    from unclip_jax.core.sharding import MeshConfig
     from unclip_jax.train import tasks
 
     clip_dir, data_cfg, *_ = clip_run
@@ -188,7 +188,7 @@ def test_decoder_cache_of_another_clip_or_augmented_images_is_an_error(clip_run,
 
 
 def test_row_features_join_by_source_row(clip_run):
-    from unclip_jax import input_pipeline
+    from unclip_jax.data import input_pipeline
 
     _, data_cfg, *_ = clip_run
     rows = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)

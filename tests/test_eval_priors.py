@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unclip_jax import shapes
+from unclip_jax.core import shapes
 
 _PATH = Path(__file__).resolve().parents[1] / "experiments" / "shapes" / "eval_priors.py"
 _spec = importlib.util.spec_from_file_location("eval_priors", _PATH)

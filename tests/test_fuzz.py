@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from unclip_jax import config as config_lib
-from unclip_jax.images import ImageLoadError, load_image
+from unclip_jax.core import config as config_lib
+from unclip_jax.core.images import ImageLoadError, load_image
 
 settings.register_profile("fuzz-local", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import config as config_lib
-from unclip_jax import sharding
-from unclip_jax.diffusion.schedule import q_sample
+from unclip_jax.core import config as config_lib
+from unclip_jax.core import sharding
+from unclip_jax.core.diffusion.schedule import q_sample
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models import prior, prior_ar
-from unclip_jax.sharding import MeshConfig
 from unclip_jax.train import loop
 from unclip_jax.train.optim import make_optimizer
 from unclip_jax.train.state import TrainState
@@ -70,7 +70,7 @@ def prior_batch(seed=0, n=B):
 def ar_task():
     model = prior_ar.ARPrior(AR_CFG)
     # rng=None: the real loss without caption dropout (a mean of per-example terms).
-    return (lambda rng, b: model.init(rng, b["tokens"], prior_ar._cond(b)),
+    return (lambda rng, b: model.init(rng, b["tokens"], prior_ar.cond_inputs(b)),
             lambda p, b, rng: prior_ar.loss_fn(model, p, b, None))
 
 

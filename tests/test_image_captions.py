@@ -11,8 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from unclip_jax.datasets.image_captions import build_image_captions, read_source
-from unclip_jax.images import ImageLoadError, load_image, resize_center_crop, to_float
+from unclip_jax.core.images import ImageLoadError, load_image, resize_center_crop, to_float
+from unclip_jax.data.image_captions import build_image_captions, read_source
 
 # ----------------------------------------------------------------------------- file makers
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax import images
+from unclip_jax.core import images
 
 
 def test_to_uint8_rounds_half_to_even_and_clips():

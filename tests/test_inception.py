@@ -5,8 +5,8 @@ torch.nn.functional statement of the same network on the same weights."""
 import numpy as np
 import pytest
 
-from unclip_jax.convert import inception as CI
-from unclip_jax.eval import inception as I
+from unclip_jax.pipelines.convert import inception as CI
+from unclip_jax.train.eval import inception as I
 
 SIZE = 75            # the smallest input the network takes (299 is the FID size; slow on CPU)
 
@@ -30,7 +30,7 @@ def test_expected_keys_are_pytorch_fid_names():
 
 def test_random_weights_forward_and_npz_round_trip(variables, tmp_path):
     # a fresh jitted function: other files' tests (coco-fid) in this process share the cached one
-    I._features_fn.cache_clear()
+    I.features_fn.cache_clear()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
     feats = I.InceptionFeatures(variables, batch_size=2, size=SIZE)
@@ -46,7 +46,7 @@ def test_random_weights_forward_and_npz_round_trip(variables, tmp_path):
     loaded = CI.load_variables(tmp_path / "w.npz")
     again = I.InceptionFeatures(loaded, batch_size=2, size=SIZE).images(images)
     np.testing.assert_array_equal(out, again)
-    assert feats._fn._cache_size() == 1                 # the same jitted function, one compile
+    assert feats.fn._cache_size() == 1                 # the same jitted function, one compile
 
 
 def test_bad_state_dicts_fail_listing_keys(variables, tmp_path):

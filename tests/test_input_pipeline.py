@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax.datasets.image_captions import build_image_captions
-from unclip_jax.config import DataConfig
-from unclip_jax.input_pipeline import Batches, FastExamples, make_batches, open_source
-from unclip_jax.sharding import MeshConfig, make_mesh
-from unclip_jax.text import Tokenizer
+from unclip_jax.data.image_captions import build_image_captions
+from unclip_jax.core.config import DataConfig
+from unclip_jax.data.input_pipeline import Batches, FastExamples, make_batches, open_source
+from unclip_jax.core.sharding import MeshConfig, make_mesh
+from unclip_jax.core.text import Tokenizer
 
 N = 20           # examples in the built dataset (train + validation)
 COLOURS = ["red", "green", "blue", "yellow"]

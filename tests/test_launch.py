@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from unclip_jax import launch, sharding
+from unclip_jax.commands import launcher as launch
+from unclip_jax.core import sharding
 
 SHOW_ENV = ("import os; print('id', os.environ['JAX_PROCESS_ID'], 'of', "
             "os.environ['JAX_NUM_PROCESSES'], os.environ['JAX_COORDINATOR_ADDRESS'], "
@@ -82,7 +83,7 @@ def test_kill_sends_the_signal_to_one_process(tmp_path):
 
 def test_command_resolution_and_empty_command():
     assert launch.resolve_command(["unclip-jax", "train"])[:3] == [sys.executable, "-m",
-                                                                   "unclip_jax.cli"]
+                                                                   "unclip_jax.commands.cli"]
     assert launch.resolve_command(["python", "x.py"]) == [sys.executable, "x.py"]
     with pytest.raises(ValueError, match="no command to launch"):
         launch.resolve_command([])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from unclip_jax import shapes
-from unclip_jax.eval import metrics as M
+from unclip_jax.core import shapes
 from unclip_jax.models.clip import CLIP
+from unclip_jax.train.eval import metrics as M
 
 # ---------------------------------------------------------------------------- Fréchet distance
 
@@ -191,7 +191,7 @@ def test_clip_features_batched_jit_equals_direct(tiny_clip):
     x = jax.image.resize(imgs.astype(np.float32) / 127.5 - 1, (6, 8, 8, 3), "linear")
     direct = CLIP(tiny_clip.cfg).apply({"params": tiny_clip.params}, x, method="encode_image")
     np.testing.assert_allclose(emb, direct, atol=1e-5)
-    assert tiny_clip._image_fn._cache_size() == 1        # 6 rows in padded batches of 4
+    assert tiny_clip.image_fn._cache_size() == 1        # 6 rows in padded batches of 4
     t = tiny_clip.texts(caps)
     want = np.mean(M.clip_scores(emb, t))
     assert M.clip_score(tiny_clip, imgs, caps) == pytest.approx(want, rel=1e-6)

@@ -1,6 +1,7 @@
 """Several JAX processes on this machine give what one process gives (``make test-multiprocess``).
 
-Every test starts real processes with :mod:`unclip_jax.launch` (2 processes × 2 CPU devices
+Every test starts real processes with :mod:`unclip_jax.commands.launcher` (2 processes × 2 CPU
+devices
 against 1 process × 4, gloo collectives between them), as the hosts of a pod slice run:
 
 * the chain (``tests/multiprocess_scenario.py chain``): ``demo`` (CLIP, zero-shot eval,
@@ -31,7 +32,7 @@ import jax
 import numpy as np
 import pytest
 
-from unclip_jax import launch
+from unclip_jax.commands import launcher as launch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -59,7 +60,8 @@ def run_processes(argv, layout, log_dir, check=True, timeout=1200, **kwargs):
 def launched(tmp_path):
     """``launched(argv, layout="2x2", **options) -> [ProcessResult]``: ``argv`` run in every
     process of ``layout`` ("1x4", "2x2" or ``(processes, devices)``), logs under
-    ``tmp_path/launch_<k>``; raises :class:`~unclip_jax.launch.LaunchError` (naming the failed
+    ``tmp_path/launch_<k>``; raises :class:`~unclip_jax.commands.launcher.LaunchError` (naming the
+    failed
     or stuck process) unless ``check=False``."""
     count = iter(range(1000))
 
@@ -81,7 +83,7 @@ def tokenizer(data_dir, tmp_path_factory) -> Path:
     """The tiny CLIP's tokenizer, trained here (for the runs that fail before training)."""
     import dataclasses
 
-    from unclip_jax.config import DataConfig
+    from unclip_jax.core.config import DataConfig
     from unclip_jax.train.tasks import ensure_tokenizer, tokenizer_path
 
     workdir = tmp_path_factory.mktemp("tok")
@@ -187,7 +189,7 @@ def test_every_model_trains_and_evaluates_the_same_on_two_processes(chains):
 
 
 def test_embedding_cache_is_the_same_and_split_over_the_processes(chains):
-    from unclip_jax import embeddings
+    from unclip_jax.train import embeddings
 
     for split in ("train", "validation"):
         one = embeddings.load_split(chains["1x4"] / "embeddings", split)
@@ -409,7 +411,7 @@ def test_unreachable_coordinator_fails_in_bounded_time_naming_it(tmp_path):
     env = launch.process_env(1, 2, 1, f"127.0.0.1:{port}")
     env["UNCLIP_JAX_INIT_TIMEOUT"] = "3"
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "unclip_jax.cli", "train",
+    proc = subprocess.run([sys.executable, "-m", "unclip_jax.commands.cli", "train",
                            str(scenario.SHAPES / "clip.py"), "--workdir", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -427,8 +429,8 @@ def test_shard_stream_is_split_over_processes_by_shard(tmp_path, launched):
     workers, the union over one epoch is every sample once, and every process saves the same
     data state (gathered from both)."""
     import test_webdataset as wds
-    from unclip_jax.datasets import shards
-    from unclip_jax.input_pipeline import StreamBatches
+    from unclip_jax.data import shards
+    from unclip_jax.data.input_pipeline import StreamBatches
 
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
@@ -476,7 +478,8 @@ def test_coco_fid_is_the_same_on_two_processes(tmp_path, launched):
     np.savez(tmp_path / "inception.npz", **cf.random_inception())
 
     def argv(out, *extra):
-        return ["python", "-m", "unclip_jax.cli", "coco-fid", "--coco", str(tmp_path / "coco"),
+        return ["python", "-m", "unclip_jax.commands.cli", "coco-fid",
+                "--coco", str(tmp_path / "coco"),
                 "--inception", str(tmp_path / "inception.npz"), "--clip", str(chain / "clip"),
                 "--prior", str(chain / "prior"), "--decoder", str(chain / "decoder"),
                 "--upsampler", str(chain / "upsampler"), "--num", "6", "--chunk-size", "4",

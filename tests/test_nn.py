@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax.nn import MultiHeadAttention, Transformer, VisionTransformer, causal_mask
+from unclip_jax.core.nn import MultiHeadAttention, Transformer, VisionTransformer, causal_mask
 
 B, L, D, H = 2, 6, 32, 2
 
@@ -219,7 +219,7 @@ def _model_case(name):
                                          num_buckets=16, sim_buckets=4, width=32, depth=2,
                                          num_heads=4, scan_layers=scan, remat=remat)
             m = prior_ar.ARPrior(cfg)
-            return (lambda k: m.init(k, batch["tokens"], prior_ar._cond(batch)),
+            return (lambda k: m.init(k, batch["tokens"], prior_ar.cond_inputs(batch)),
                     lambda p: prior_ar.loss_fn(m, p, batch, jax.random.key(3))[0])
     elif name == "dalle":
         batch = {"text": toks, "image_tokens": r.integers(0, 32, (n, 4)).astype(np.int32)}

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax.nn.unet import GroupNorm
+from unclip_jax.core.nn.unet import GroupNorm
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 8, 8, 64), 32), ((1, 16, 8, 96), 32),
@@ -40,7 +40,7 @@ def test_group_norm_rejects_indivisible_channels():
 @pytest.mark.parametrize("kernel,stride,padding", [(1, 1, "SAME"), (1, 1, "VALID"),
                                                    (1, 2, "SAME"), (3, 1, "SAME")])
 def test_conv_general_dilated_matches_lax_conv(kernel, stride, padding):
-    from unclip_jax.nn.layers import conv_general_dilated
+    from unclip_jax.core.nn.layers import conv_general_dilated
 
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 6, 6, 16)), jnp.float32)

@@ -28,9 +28,9 @@ from PIL import Image
 from test_convert_karlo import (DECODER_CFG, PRIOR_CFG, SR_CFG, TEXT_PROJ_CFG, _decoder_sd,
                                 _prior_sd, _synthetic)
 
-from unclip_jax import cli
-from unclip_jax.convert import clip as convert_clip
-from unclip_jax.convert import karlo
+from unclip_jax.commands import cli
+from unclip_jax.pipelines.convert import clip as convert_clip
+from unclip_jax.pipelines.convert import karlo
 from unclip_jax.models import decoder as D
 from unclip_jax.models import sampling as S
 from unclip_jax.models import prior as P
@@ -302,7 +302,7 @@ MANIP = dict(steps=4, fixed_point_iters=1, decoder_steps=3, upsampler_steps=(3,)
 @pytest.fixture(scope="module")
 def photo():
     """A 40×36 RGB image (an odd size: resized and centre-cropped on the way in)."""
-    from unclip_jax import shapes
+    from unclip_jax.core import shapes
 
     return shapes.render(shapes.sample_scene(0, 3), 40)[:, 2:38]
 
@@ -432,7 +432,7 @@ def test_image_tower_of_another_width_is_refused(stack):
 
 def test_image_modes_and_sizes(tmp_path, monkeypatch):
     """Grey, RGBA and CMYK inputs are converted to RGB; tiny and huge ones are refused."""
-    from unclip_jax.images import ImageLoadError
+    from unclip_jax.core.images import ImageLoadError
     from unclip_jax.pipelines import manipulate as M
 
     rng = np.random.default_rng(0)
@@ -744,7 +744,7 @@ def test_parity_image_variation_with_unclip_image_variation_pipeline(tmp_path, m
     from diffusers.schedulers import scheduling_unclip
     from test_convert_karlo import _float64, _NoiseQueue, _randomise, rel
 
-    from unclip_jax.convert.clip import OPENAI_MEAN, OPENAI_STD
+    from unclip_jax.pipelines.convert.clip import OPENAI_MEAN, OPENAI_STD
     from unclip_jax.pipelines import manipulate as M
 
     src = tmp_path / "karlo"
@@ -769,7 +769,7 @@ def test_parity_image_variation_with_unclip_image_variation_pipeline(tmp_path, m
     model = U.load_unclip(tmp_path / "clip", vocab, tmp_path / "prior_out" / "prior",
                           out / "decoder", [out / "super_res_first", out / "super_res_last"])
 
-    from unclip_jax import shapes
+    from unclip_jax.core import shapes
 
     photos = [shapes.render(shapes.sample_scene(0, i), 40)[:, 2:38] for i in (3, 4)]
     b, steps, scale, seed = len(photos), (3, 3), 8.0, 5

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax import diffusion, shapes
-from unclip_jax.images import ImageLoadError
+from unclip_jax.core import diffusion, shapes
+from unclip_jax.core.images import ImageLoadError
 from unclip_jax.models import decoder as D
 from unclip_jax.models.clip import FrozenCLIP
 from unclip_jax.pipelines import manipulate as M
 from unclip_jax.pipelines import unclip as U
-from unclip_jax.text import EOS_ID
+from unclip_jax.core.text import EOS_ID
 
 from tiny import TINY_CLIP as CLIP_CFG
 from tiny import TINY_DECODER as DEC_CFG

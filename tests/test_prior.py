@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import diffusion, runs
+from unclip_jax.core import diffusion
 from unclip_jax.models import prior as P
 from unclip_jax.models import sampling as S
+from unclip_jax.train import runs
 from unclip_jax.train.tasks import prior as prior_tasks
 
 E, W, L, B = 8, 12, 6, 4
@@ -174,10 +175,9 @@ def test_sampler_shapes_unit_norm_and_candidates(setup):
 def test_load_sampler_from_a_trained_run(tmp_path):
     """A short real training run on synthetic embeddings: the loss falls, and the workdir's
     ``runs.load_prior`` returns ``[B, E]`` embeddings."""
-    from unclip_jax import embeddings
-    from unclip_jax.config import ExperimentConfig, OptimConfig, TrainConfig
-    from unclip_jax.sharding import MeshConfig
-    from unclip_jax.train import loop
+    from unclip_jax.core.config import ExperimentConfig, OptimConfig, TrainConfig
+    from unclip_jax.core.sharding import MeshConfig
+    from unclip_jax.train import embeddings, loop
 
     # Synthetic cache: the image embedding is a fixed linear map of the text embedding.
     rng = np.random.default_rng(0)

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from unclip_jax import ar, input_pipeline
+from unclip_jax.core import ar
+from unclip_jax.data import input_pipeline
 from unclip_jax.models import prior_ar as pa
 
 E, L, W, K, NB = 16, 5, 8, 6, 32
@@ -115,12 +116,12 @@ def params():
         # The head starts at zero; perturb every weight so the logits are informative.
         return jax.tree.map(lambda x: x + 0.3 * jax.random.normal(rng, x.shape), p)
 
-    return init(jax.random.PRNGKey(0), b["tokens"], pa._cond(b))
+    return init(jax.random.PRNGKey(0), b["tokens"], pa.cond_inputs(b))
 
 
 @jax.jit
 def _logits(params, batch, keep=None):
-    return pa.ARPrior(CFG).apply({"params": params}, batch["tokens"], pa._cond(batch, keep))
+    return pa.ARPrior(CFG).apply({"params": params}, batch["tokens"], pa.cond_inputs(batch, keep))
 
 
 def test_causal_and_padding_masked(params):
@@ -149,8 +150,8 @@ def test_cached_decoding_equals_full_recompute(params):
     b = _batch(seed=1)
     module = pa.ARPrior(CFG, decode=True)
     model = ar.linen_model(module, lambda n: (jnp.zeros((n, K + 1), jnp.int32),
-                                              pa._cond(pa.dummy_inputs(CFG, n))))
-    cond = {k: jnp.asarray(v) for k, v in pa._cond(b).items()}
+                                              pa.cond_inputs(pa.dummy_inputs(CFG, n))))
+    cond = {k: jnp.asarray(v) for k, v in pa.cond_inputs(b).items()}
     codes, logits = ar.generate(model, params, jnp.asarray(b["tokens"][:, :1]),
                                 jax.random.PRNGKey(0), num_tokens=K, cond=cond,
                                 return_logits=True)
@@ -185,13 +186,13 @@ def test_short_training_reduces_loss():
     cfg = dataclasses.replace(CFG, num_buckets=16)
     pca = pa.PCAQuantizer.fit(image_emb, K, 16)
     sim = pa.SimilarityBuckets.fit(pa.similarities(data), 4)
-    arrays = pa._model_arrays(data, pca, sim)
+    arrays = pa.model_arrays(data, pca, sim)
     model = pa.ARPrior(cfg)
     batches = input_pipeline.EmbeddingBatches(arrays, 64, seed=0)
     again = input_pipeline.EmbeddingBatches(arrays, 64, seed=0)
     np.testing.assert_array_equal(batches.batch(5)["tokens"], again.batch(5)["tokens"])
     params = jax.jit(model.init)(jax.random.PRNGKey(0), arrays["tokens"][:2],
-                        pa._cond({k: v[:2] for k, v in arrays.items()}))["params"]
+                        pa.cond_inputs({k: v[:2] for k, v in arrays.items()}))["params"]
     tx = optax.adam(3e-3)
     opt = tx.init(params)
 

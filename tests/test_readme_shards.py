@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax import cli, shapes
+from unclip_jax.commands import cli
+from unclip_jax.core import shapes
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEADING = "### Train on img2dataset / webdataset shards"

@@ -23,9 +23,9 @@ from PIL import Image
 from test_train_loop import Batches, make_cfg
 from test_train_loop import make_task as toy_task
 
-from unclip_jax import sharding
-from unclip_jax.diffusion import make_sampler, make_schedule, respace, sample
-from unclip_jax.images import ImageLoadError, load_image
+from unclip_jax.core import sharding
+from unclip_jax.core.diffusion import make_sampler, make_schedule, respace, sample
+from unclip_jax.core.images import ImageLoadError, load_image
 from unclip_jax.train import loop
 from unclip_jax.train.checkpoint import Checkpointer, CheckpointWriteError
 

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax import config as config_lib
-from unclip_jax import input_pipeline, runs
-from unclip_jax.config import DataConfig
-from unclip_jax.images import image_grid
+from unclip_jax.core import config as config_lib
+from unclip_jax.data import input_pipeline
+from unclip_jax.train import runs
+from unclip_jax.core.config import DataConfig
+from unclip_jax.core.images import image_grid
 from unclip_jax.models.clip import CLIP, dummy_inputs
-from unclip_jax.sharding import MeshConfig
-from unclip_jax.text import Tokenizer
+from unclip_jax.core.sharding import MeshConfig
+from unclip_jax.core.text import Tokenizer
 from unclip_jax.train import loop, tasks
 from unclip_jax.train.checkpoint import Checkpointer
 
@@ -186,7 +187,7 @@ def test_prior_grid_renders_true_and_sampled_embeddings(setup, tmp_path):
         base.train, sample_decoder=str(tmp_path / "decoder")))
     cfg, state = _train(cfg, tmp_path / "prior")
     grid = _grid(tmp_path / "prior", "prior", 4)
-    from unclip_jax import embeddings
+    from unclip_jax.train import embeddings
 
     val = {k: v[:4] for k, v in embeddings.load_split(tmp_path / "emb", "validation").items()}
     inputs = {k: val[k] for k in ("text_emb", "text_states", "text_tokens")}
@@ -208,8 +209,8 @@ def test_generator_evals_on_closed_forms(setup):
     """The evaluators' wiring on known answers: samples equal to the real images give
     FD_CLIP 0 and the CLIP score of the real images; rendered scenes judged against their own
     captions score 1, against captions with another colour 0."""
-    from unclip_jax import shapes
-    from unclip_jax.eval import metrics
+    from unclip_jax.core import shapes
+    from unclip_jax.train.eval import metrics
     from unclip_jax.train.tasks import evals
 
     root, data, clip_dir = setup

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax.diffusion import (
+from unclip_jax.core.diffusion import (
     ddim_invert,
     learned_log_variance,
     make_sampler,
@@ -24,7 +24,7 @@ from unclip_jax.diffusion import (
     x0_eps_to_output,
     x0_to_eps,
 )
-from unclip_jax.sharding import MeshConfig, batch_sharding, make_mesh
+from unclip_jax.core.sharding import MeshConfig, batch_sharding, make_mesh
 
 MU, SIG = 1.5, 0.5
 B, D = 4096, 2

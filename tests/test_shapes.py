@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from unclip_jax import shapes as S
+from unclip_jax.core import shapes as S
 
 
 
@@ -232,7 +232,7 @@ def test_score_caption():
 
 def test_build_tiny_dataset_and_read_back(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from unclip_jax.datasets.captioned_shapes import build_captioned_shapes, dataset_name
+    from unclip_jax.data.captioned_shapes import build_captioned_shapes, dataset_name
 
     sizes = dict(num_train=16, num_validation=8, num_test=8)
     data_dir = build_captioned_shapes(tmp_path, resolution=32, **sizes)

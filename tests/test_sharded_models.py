@@ -2,7 +2,7 @@
 
 For the prior, AR prior, decoder, upsampler, dVAE and DALL·E (CLIP has its own test in
 ``test_train_clip.py``): a tiny config, two updates through the real ``loop.train_step`` with
-the state shardings ``loop._state_layout`` derives from the logical axes (preset
+the state shardings ``loop.state_layout`` derives from the logical axes (preset
 ``fsdp_tp``), on 8 fake CPU devices and on one device; losses, updated params and EMA agree
 to 1e-5 relative (float32), and the params are really split (per-device bytes = total / 4
 for leaves over fsdp × model, at least one leaf per model over "model"). The losses are the
@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import config as config_lib
-from unclip_jax import input_pipeline, sharding
+from unclip_jax.core import config as config_lib
+from unclip_jax.core import sharding
+from unclip_jax.data import input_pipeline
 from unclip_jax.models import dalle, dvae, prior, prior_ar
 from unclip_jax.models import decoder as D
-from unclip_jax.sharding import MeshConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.train import loop
 from unclip_jax.train.optim import make_optimizer
 
@@ -90,7 +91,7 @@ def prior_ar_case():
                 "text_states": r.normal(size=(B, 6, 16)).astype(np.float32),
                 "text_tokens": _tokens(r, B, 6, 30), "text_emb": _unit(r.normal(size=(B, 8)))}
 
-    init = lambda rng, b: model.init(rng, b["tokens"], prior_ar._cond(b))  # noqa: E731
+    init = lambda rng, b: model.init(rng, b["tokens"], prior_ar.cond_inputs(b))  # noqa: E731
     loss = lambda p, b, rng: prior_ar.loss_fn(model, p, b, rng)  # noqa: E731
     return init, loss, batch
 
@@ -173,7 +174,7 @@ def run_steps(init, loss, batch, mesh_cfg: MeshConfig):
     tx = make_optimizer(OPTIM, STEPS)
     task = loop.Task(init=init, loss=loss, batches=None, example=batch(0))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        make_state, rng, _, state_sh = loop._state_layout(cfg, task, tx, mesh, rules)
+        make_state, rng, _, state_sh = loop.state_layout(cfg, task, tx, mesh, rules)
         state = jax.jit(lambda r: nn.meta.unbox(make_state(r)), out_shardings=state_sh)(rng)
         batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, np.ndim(x)), batch(0))
         step = jax.jit(functools.partial(loop.train_step, loss_fn=loss, tx=tx, ema_decay=0.5),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from unclip_jax.text import Tokenizer, train_tokenizer_from_dataset
+from unclip_jax.core.text import Tokenizer, train_tokenizer_from_dataset
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star"]

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from unclip_jax import config as config_lib
+from unclip_jax.core import config as config_lib
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models import clip
-from unclip_jax.sharding import MeshConfig
 from unclip_jax.train import loop
 
 TINY = clip.CLIPConfig(embed_dim=16, image_size=16, patch_size=4, vision_width=32,

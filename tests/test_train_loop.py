@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import config as config_lib
-from unclip_jax.sharding import MeshConfig
+from unclip_jax.core import config as config_lib
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.train import loop, optim
 from unclip_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import sharding
-from unclip_jax.nn.unet import UNet, timestep_embedding
+from unclip_jax.core import sharding
+from unclip_jax.core.nn.unet import UNet, timestep_embedding
 
 NET = UNet(out_channels=6, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
            attention_ds=(2,), head_channels=8, resblock_updown=True)

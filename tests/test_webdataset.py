@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax import config as config_lib
-from unclip_jax.config import DataConfig
-from unclip_jax.datasets import shards
-from unclip_jax.input_pipeline import (STREAM_FIELDS, Batches, ShardStream, StreamBatches,
+from unclip_jax.core import config as config_lib
+from unclip_jax.core.config import DataConfig
+from unclip_jax.data import shards
+from unclip_jax.data.input_pipeline import (STREAM_FIELDS, Batches, ShardStream, StreamBatches,
                                        make_batches, open_source)
 
 NUM_SHARDS, PER_SHARD = 8, 6
@@ -142,7 +142,7 @@ def test_batches_mixed_sizes_and_modes_are_rgb_at_the_size(good):
             np.testing.assert_array_equal(img[..., 0], img[..., 1])
             np.testing.assert_array_equal(img[..., 0], img[..., 2])
         if i % 3 == 0 and MODES[(s + i) % len(MODES)] == "RGB":
-            from unclip_jax.images import resize_center_crop
+            from unclip_jax.core.images import resize_center_crop
 
             want = np.asarray(resize_center_crop(sample_image(s, i), 16), np.float32)
             np.testing.assert_allclose(img, want * (2 / 255) - 1, atol=1e-6)
@@ -306,7 +306,7 @@ def test_eval_split_reads_by_random_access_and_masks_undecodable(bad):
 def test_eval_batches_equal_the_arrayrecord_path(good, tmp_path):
     """The same PNG images and captions through an image_captions build (ArrayRecord) and
     through shards: identical model inputs, caption by caption."""
-    from unclip_jax.datasets.image_captions import build_image_captions
+    from unclip_jax.data.image_captions import build_image_captions
 
     src = tmp_path / "src"
     src.mkdir()
@@ -342,7 +342,7 @@ def test_loop_resumes_a_shard_stream_exactly_and_logs_skips(bad, tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from unclip_jax.sharding import MeshConfig
+    from unclip_jax.core.sharding import MeshConfig
     from unclip_jax.train import loop
     from unclip_jax.train.checkpoint import Checkpointer
 

@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import sharding, shapes
+from unclip_jax.core import shapes, sharding
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
 from unclip_jax.models.clip import CLIP, CLIPConfig
-from unclip_jax.text import EOS_ID, PAD_ID
+from unclip_jax.core.text import EOS_ID, PAD_ID
 
 # 8 px images in 2×2 patches of 4 px, one layer of width 16 per tower, 8-d embeddings, 12 tokens
 # over a vocabulary of 64 (room for the shapes tokenizer's 60).
@@ -82,7 +82,7 @@ def write_run(workdir, model_cfg, params) -> None:
     import json
     from pathlib import Path
 
-    from unclip_jax import config as config_lib
+    from unclip_jax.core import config as config_lib
     from unclip_jax.train.checkpoint import Checkpointer
 
     workdir = Path(workdir)
@@ -101,7 +101,7 @@ def write_tiny_unclip(root, tokenizer_path=None):
     import shutil
     from pathlib import Path
 
-    from unclip_jax.text import Tokenizer
+    from unclip_jax.core.text import Tokenizer
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -3,13 +3,14 @@
 Every ablation measures the same things the same way, so its rows are comparable with the
 other ablations' rows:
 
-* **prompts**: the demo's held-out prompt set (``unclip_jax.demo.held_out_scenes``: test-split
+* **prompts**: the demo's held-out prompt set (``unclip_jax.commands.demo.held_out_scenes``:
+test-split
   scenes, every one containing a colour–shape pair never seen in training), the first
   ``n`` single-object and the first ``n`` two-object scenes of scene seed 7;
 * **images** are judged at the decoder's own resolution (32 px, no upsampler): the ablations
   are about the prior, the decoder's guidance and the sampler, and the 32→64 upsampler would
   only add time and its own errors to every row;
-* **metrics** (``unclip_jax.eval.metrics``, the demo CLIP as feature extractor): the judge's
+* **metrics** (``unclip_jax.train.eval.metrics``, the demo CLIP as feature extractor): the judge's
   prompt fidelity / binding / relation fractions with their binomial standard errors, CLIP
   score (mean ± s.e.), FD_CLIP against renders of the prompts' own scenes (with the floor: FD
   between those renders and renders of other held-out scenes at the same count), and
@@ -56,7 +57,7 @@ DECODER_ORIGINS = {
 def held_out(num_per_kind: int, seed: int = PROMPT_SEED) -> tuple[list[str], list]:
     """``num_per_kind`` single-object then ``num_per_kind`` two-object test-split scenes and
     their captions (the demo's prompt set, cut to size)."""
-    from unclip_jax import shapes
+    from unclip_jax.core import shapes
 
     if num_per_kind < 1:
         raise ValueError(f"num_per_kind must be ≥ 1, got {num_per_kind}")
@@ -66,7 +67,7 @@ def held_out(num_per_kind: int, seed: int = PROMPT_SEED) -> tuple[list[str], lis
 
 
 def renders(scenes: Sequence, size: int) -> np.ndarray:
-    from unclip_jax import shapes
+    from unclip_jax.core import shapes
 
     return np.stack([shapes.render(s, size) for s in scenes])
 
@@ -76,7 +77,7 @@ def renders(scenes: Sequence, size: int) -> np.ndarray:
 
 def trained(workdir: str | os.PathLike) -> bool:
     """Whether a training run finished: its config's last step has a complete checkpoint."""
-    from unclip_jax.demo import is_trained as _trained
+    from unclip_jax.commands.demo import is_trained as _trained
 
     cfg = Path(workdir) / "config.json"
     if not cfg.is_file():
@@ -105,8 +106,8 @@ class Chain:
 def load_chain(workdir: str | os.PathLike = DEMO, decoder: str | os.PathLike | None = None
                ) -> Chain:
     """The CLIP, tokenizer and decoder of ``workdir`` (``decoder``: another decoder run)."""
-    from unclip_jax import runs
-    from unclip_jax.text import Tokenizer
+    from unclip_jax.core.text import Tokenizer
+    from unclip_jax.train import runs
 
     workdir = Path(workdir)
     dec_dir = Path(decoder) if decoder else workdir / "decoder"
@@ -126,7 +127,7 @@ def load_chain(workdir: str | os.PathLike = DEMO, decoder: str | os.PathLike | N
 
 
 @functools.lru_cache(maxsize=4)
-def _text_fn(clip_cfg):
+def text_fn(clip_cfg):
     from unclip_jax.pipelines.unclip import encode_text
 
     return jax.jit(functools.partial(encode_text, clip_cfg))
@@ -137,7 +138,7 @@ def text_inputs(chain: Chain, prompts: Sequence[str]) -> dict:
     and the unit-norm ``text_emb [B, E]`` of the CLIP text tower."""
     tokens = np.asarray(chain.tokenizer.encode(list(prompts), chain.clip_cfg.context_length),
                         np.int32)
-    states, emb = _text_fn(chain.clip_cfg)(chain.clip_params, tokens)
+    states, emb = text_fn(chain.clip_cfg)(chain.clip_params, tokens)
     return {"text_tokens": tokens, "text_states": np.asarray(states, np.float32),
             "text_emb": np.asarray(emb, np.float32)}
 
@@ -148,7 +149,7 @@ def prior_batches(chain: Chain, prompts: Sequence[str], seeds: Sequence[int], ba
     the diffusion prior's embeddings (``prior_settings`` override its sampling, e.g.
     ``num_candidates``), drawn once so every decoder setting of a sweep decodes the same ones.
     The prior's key is ``PRNGKey(1000·seed + b)``, the decoder's is the same number."""
-    from unclip_jax import runs
+    from unclip_jax.train import runs
 
     sampler = runs.load_prior(chain.prior_workdir, **prior_settings)
     out = []
@@ -223,7 +224,7 @@ class RowMetrics:
 
     def update(self, images: np.ndarray, prompts: Sequence[str], text_feats: np.ndarray,
                seed: int) -> "RowMetrics":
-        from unclip_jax.eval import metrics
+        from unclip_jax.train.eval import metrics
 
         f = self.clip.images(images)
         self.feats.append(f)
@@ -252,7 +253,7 @@ class RowMetrics:
         return float(np.mean(np.concatenate(dists))) if dists else float("nan")
 
     def result(self, real_stats) -> dict:
-        from unclip_jax.eval import metrics
+        from unclip_jax.train.eval import metrics
 
         feats = np.concatenate(self.feats)
         scores = np.concatenate(self.scores)
@@ -290,7 +291,7 @@ def setup(num_per_kind: int, seeds, decoder=None):
     (with ``decoder`` in place of the demo's when given), its CLIP as the metrics' feature
     extractor, the held-out prompts and scenes, and the features of their renders repeated
     once per seed (the FD_CLIP reference)."""
-    from unclip_jax.eval import metrics
+    from unclip_jax.train.eval import metrics
 
     chain = load_chain(decoder=decoder)
     clip = metrics.ClipFeatures(chain.clip_cfg, chain.clip_params, chain.tokenizer)
@@ -303,7 +304,7 @@ def reference(clip, prompts: Sequence[str], scenes: Sequence, size: int,
     """FD target = the prompts' own renders (repeated ``repeats`` times, one per seed, so the
     generated and real sets have the same count); floor = FD between those and renders of
     other held-out scenes (scene seed 8) at the same count."""
-    from unclip_jax.eval import metrics
+    from unclip_jax.train.eval import metrics
 
     n = len(scenes) // 2
     real = clip.images(renders(scenes, size))

@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from unclip_jax.images import to_uint8  # noqa: E402
+from unclip_jax.core.images import to_uint8  # noqa: E402
 
 BATCH = 16
 # The demo chain's stage wall times as measured by `make demo` (RESULTS.md, "Demo chain"),
@@ -50,7 +50,7 @@ def budget(workdir: Path) -> dict:
             secs = int(a) * 60 + int(b) if not c else int(a) * 3600 + int(b) * 60 + int(c)
             out["minutes"] = secs / 60
     else:
-        from unclip_jax.demo import read_times
+        from unclip_jax.commands.demo import read_times
 
         t = read_times(workdir.parent).get(workdir.name, DEMO_SECONDS.get(workdir.name))
         out["minutes"] = None if t is None else t / 60

@@ -45,7 +45,7 @@ FAMILIES = {"unCLIP": "image+caption", "GLIDE": "caption"}
 
 
 def with_decoder(chain: common.Chain, workdir: str) -> common.Chain:
-    from unclip_jax import runs
+    from unclip_jax.train import runs
 
     params, cfg = runs.load_decoder(workdir, None)
     return dataclasses.replace(chain, dec_cfg=cfg, dec_params=jax.tree.map(jnp.asarray, params),

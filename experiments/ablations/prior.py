@@ -35,7 +35,7 @@ BATCH = 32
 
 def embed_fns(chain, ar_dir: Path):
     """name -> fn(text_inputs, rng) -> [B, E] image embeddings (or None for caption-only)."""
-    from unclip_jax import runs
+    from unclip_jax.train import runs
 
     fns = {}
     diffusion_prior = runs.load_prior(chain.prior_workdir)

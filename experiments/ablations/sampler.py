@@ -3,7 +3,7 @@
 The diffusion prior's embeddings are drawn once; the decoder (guidance 3) then samples them
 with each method at each step count. Respacing: DDPM and DDIM take evenly spaced steps (the
 pipeline's default ``"N"``); the DPM-Solver++ rows use the log-SNR-uniform ``"logsnrN"``
-spacing that :mod:`unclip_jax.diffusion.sampler` recommends for the multistep solvers. DDPM
+spacing that :mod:`unclip_jax.core.diffusion.sampler` recommends for the multistep solvers. DDPM
 uses the decoder's learned variance, DDIM η = 0 (deterministic). Wall time per image is taken
 over the batches after the first (which pays the compile), on a shared, loaded CPU: compare
 it between rows of one run only. Writes ``experiments/ablations/sampler.png``.

@@ -16,9 +16,9 @@ across the rest; full rematerialisation of each block (257 tokens × width 1280 
 
 import dataclasses
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.clip import PRESETS
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

@@ -13,9 +13,9 @@ tensor parallelism only adds collectives); activations rematerialised keeping ma
 
 import dataclasses
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.clip import PRESETS
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

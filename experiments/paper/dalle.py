@@ -14,9 +14,9 @@ Sharding: FSDP over 32 × tensor parallel over 2 (62 heads divide by 2 only; the
 (1279 tokens × 3968 per example).
 """
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.dalle import DalleConfig
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

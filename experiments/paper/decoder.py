@@ -17,9 +17,9 @@ Sharding: FSDP over 32 devices (conv kernels shard over their input channels), d
 across the rest; the U-Net has no tensor-parallel layout worth its collectives at 512 channels.
 """
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.decoder import DecoderConfig
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

@@ -13,9 +13,9 @@ Sharding: data parallel with FSDP over 4 (the model is ~100M; the 256 px feature
 
 import dataclasses
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.dvae import PRESETS
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

@@ -15,9 +15,9 @@ Sharding: FSDP over 8 × tensor parallel over 4 (32 heads, MLP 8192 divide evenl
 across the rest; 81 tokens per example, so activations are small and no remat is needed.
 """
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.prior import PriorConfig
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

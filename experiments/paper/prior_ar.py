@@ -18,9 +18,9 @@ Sharding: FSDP over 8 × tensor parallel over 2 (26 heads are divisible by 2, no
 parallel across the rest; sequence 77 + 2 + 319 = 398 tokens, full remat of each block.
 """
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.prior_ar import ARPriorConfig
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

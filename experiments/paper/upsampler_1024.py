@@ -9,9 +9,9 @@ Sharding: FSDP over 8 devices, data parallel across the rest (the model is small
 activations of 256×256 crops at 192 channels dominate, see ``unclip-jax describe``).
 """
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.decoder import UpsamplerConfig
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

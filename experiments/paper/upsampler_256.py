@@ -10,9 +10,9 @@ concatenated on channels (GLIDE's upsampler recipe).
 Sharding: FSDP over 16 devices, data parallel across the rest.
 """
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.decoder import UpsamplerConfig
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

@@ -7,9 +7,9 @@ zero-shot shape accuracy on held-out colour-shape pairs stays near 0.78; with la
 is above 0.9 (experiments/RESULTS.md).
 """
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.clip import CLIPConfig
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

@@ -28,9 +28,9 @@ demo CLIP; ``pipelines.dalle.evaluate_shapes``):
   the 8 right 88.7 %.
 """
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.dalle import DalleConfig
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

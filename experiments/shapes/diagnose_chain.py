@@ -31,11 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import demo, shapes
-from unclip_jax.eval import metrics
+from unclip_jax.commands import demo
+from unclip_jax.core import shapes
 from unclip_jax.models import decoder as D
 from unclip_jax.models.clip import FrozenCLIP
 from unclip_jax.pipelines import unclip as U
+from unclip_jax.train.eval import metrics
 
 BATCH = 16
 SCORES = ("single_colour_shape", "two_both_colour_shape", "relation", "exact")

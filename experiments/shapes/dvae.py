@@ -80,9 +80,9 @@ perplexity 49.8, 93.0 % used, judged **82.8 %** (256 scenes: big 100 %, small 59
 are small crosses read as diamonds and small diamonds read as circles).
 """
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.dvae import DVAEConfig
-from unclip_jax.sharding import MeshConfig
 
 STEPS = 3000
 

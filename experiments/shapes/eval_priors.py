@@ -10,7 +10,7 @@ from the caption's CLIP text features. Metrics against the cached true image emb
 * ``retr_colour_shape``: the same with colour and shape only (and the object count).
 
 Methods: the diffusion prior (``--prior``), the AR prior (``--prior-ar``, through
-``unclip_jax.runs.load_prior_ar`` when that workdir exists), and the
+``unclip_jax.train.runs.load_prior_ar`` when that workdir exists), and the
 baseline that uses the CLIP *text* embedding itself as the image embedding.
 
     python experiments/shapes/eval_priors.py --cache runs/demo/embeddings \\
@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from unclip_jax import embeddings
+from unclip_jax.train import embeddings
 
 COND_KEYS = ("text_emb", "text_states", "text_tokens")
 
@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
                                                "retr_colour_shape": float(oracle_cs.mean())}
 
     if args.prior:
-        from unclip_jax import runs
+        from unclip_jax.train import runs
 
         settings = {k: v for k, v in dict(guidance_scale=args.guidance_scale,
                                           num_candidates=args.num_candidates).items()

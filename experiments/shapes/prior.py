@@ -5,9 +5,9 @@ built from it on first use. Train with
 ``unclip-jax train experiments/shapes/prior.py --workdir runs/demo/prior``.
 """
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.prior import PriorConfig
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

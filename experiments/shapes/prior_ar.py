@@ -16,9 +16,9 @@ Sizes (chosen for a loaded 2-core CPU; measured on the demo CLIP's cache, E = 64
   text–image similarities, 10% caption dropout.
 """
 
-from unclip_jax.config import ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.prior_ar import ARPriorConfig
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

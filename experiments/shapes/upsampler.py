@@ -10,9 +10,9 @@ each; experiments/shapes/decoder_curve.py ``upsampler``). Predicts v (see
 green background that the low-res conditioning never corrected).
 """
 
-from unclip_jax.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from unclip_jax.core.sharding import MeshConfig
 from unclip_jax.models.decoder import UpsamplerConfig
-from unclip_jax.sharding import MeshConfig
 
 
 def get_config() -> ExperimentConfig:

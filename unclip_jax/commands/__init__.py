@@ -1,1 +1,3 @@
-"""Sub-commands of `unclip-jax` contributed by each model family (see cli.COMMAND_MODULES)."""
+"""Layer 6, commands: the ``unclip-jax`` CLI (:mod:`.cli`; each family's sub-commands in its
+own module, ``cli.COMMAND_MODULES``), the demo (:mod:`.demo`) and the local multi-process
+launcher (:mod:`.launcher`)."""

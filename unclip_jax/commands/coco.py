@@ -7,7 +7,7 @@
         --num 30000 --out runs/coco_fid/karlo
 
 The chain is loaded as ``unclip-jax sample`` loads it (the same model flags); the evaluation is
-:mod:`unclip_jax.eval.coco` (layout, caption selection, real-image preprocessing, chunks and
+:mod:`unclip_jax.train.eval.coco` (layout, caption selection, real-image preprocessing, chunks and
 resume are described there). Chunk ``k`` is sampled with the seed
 ``SeedSequence((seed, k))``, so the samples depend on ``--seed`` and ``--chunk-size`` only, not
 on the number of devices or processes.
@@ -78,11 +78,11 @@ def _model_settings(args) -> dict:
 def _coco_fid(args) -> None:
     import numpy as np
 
-    from unclip_jax import sharding
     from unclip_jax.commands.unclip import _load
-    from unclip_jax.convert import inception as convert_inception
-    from unclip_jax.eval import coco, inception, metrics
+    from unclip_jax.core import sharding
     from unclip_jax.pipelines import unclip as U
+    from unclip_jax.pipelines.convert import inception as convert_inception
+    from unclip_jax.train.eval import coco, inception, metrics
 
     for name in ("num", "chunk_size", "batch_size", "resolution"):
         if getattr(args, name) < 1:

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 CONVERTERS = {
-    "clip": "unclip_jax.convert.clip:convert_checkpoint",
-    "dvae": "unclip_jax.convert.dvae:convert_checkpoint",
-    "karlo": "unclip_jax.convert.karlo:convert_checkpoint",
+    "clip": "unclip_jax.pipelines.convert.clip:convert_checkpoint",
+    "dvae": "unclip_jax.pipelines.convert.dvae:convert_checkpoint",
+    "karlo": "unclip_jax.pipelines.convert.karlo:convert_checkpoint",
 }
 
 

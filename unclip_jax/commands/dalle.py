@@ -7,7 +7,7 @@ def _sample_dalle(args) -> None:
     import jax
     import numpy as np
 
-    from unclip_jax.images import save_grid
+    from unclip_jax.core.images import save_grid
     from unclip_jax.pipelines.dalle import load_pipeline
 
     prompts = list(args.prompt)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unclip_jax.images import save_grid, to_uint8  # noqa: F401  (also re-exported: old home)
+from unclip_jax.core.images import save_grid, to_uint8  # noqa: F401  (also re-exported: old home)
 
 
 def add_commands(subparsers) -> None:
@@ -39,10 +39,12 @@ def _sample_decoder(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from unclip_jax import input_pipeline, runs, shapes
+    from unclip_jax.core import shapes
+    from unclip_jax.core.text import Tokenizer
+    from unclip_jax.data import input_pipeline
     from unclip_jax.models import decoder as D
     from unclip_jax.models import sampling as S
-    from unclip_jax.text import Tokenizer
+    from unclip_jax.train import runs
 
     run = runs.load_run(args.workdir, D.DecoderConfig, ema=False if args.raw_params else None)
     params, cfg = jax.tree.map(jnp.asarray, run.params), run.model

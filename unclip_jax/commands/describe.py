@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from unclip_jax.sharding import MESH_AXES, PRESETS
+from unclip_jax.core.sharding import MESH_AXES, PRESETS
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -27,8 +27,8 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 
 def _describe(args) -> None:
-    from unclip_jax import config as config_lib
-    from unclip_jax.describe import describe, format_table
+    from unclip_jax.core import config as config_lib
+    from unclip_jax.pipelines.describe import describe, format_table
 
     cfg = config_lib.load_config(args.config, args.set)
     mesh = parse_mesh(args.mesh) if args.mesh else None

@@ -1,5 +1,5 @@
 """``unclip-jax launch -n N -d M -- COMMAND …``: COMMAND in N JAX processes on this machine,
-M CPU devices each — a pod slice's hosts, simulated (:mod:`unclip_jax.launch`)."""
+M CPU devices each — a pod slice's hosts, simulated (:mod:`unclip_jax.commands.launcher`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 
 def _launch(args) -> None:
-    from unclip_jax import launch
+    from unclip_jax.commands import launcher as launch
 
     command = list(args.command)
     if command and command[0] == "--":

@@ -8,7 +8,7 @@ from pathlib import Path
 def _embed(args) -> None:
     import dataclasses
 
-    from unclip_jax import embeddings, runs
+    from unclip_jax.train import embeddings, runs
     from unclip_jax.train.tasks import ensure_dataset
 
     data = runs.load_config(args.clip).data
@@ -29,8 +29,8 @@ def _sample_prior(args) -> None:
     import jax
     import numpy as np
 
-    from unclip_jax import runs
-    from unclip_jax.text import Tokenizer
+    from unclip_jax.core.text import Tokenizer
+    from unclip_jax.train import runs
 
     captions = list(args.caption)
     if args.captions_file:

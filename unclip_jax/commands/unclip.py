@@ -144,7 +144,7 @@ def _done(path, images) -> None:
 
 def _run_manipulation(fn):
     """Undecodable images become ValueErrors (the CLI prints them as errors)."""
-    from unclip_jax.images import ImageLoadError
+    from unclip_jax.core.images import ImageLoadError
 
     try:
         return fn()
@@ -153,8 +153,8 @@ def _run_manipulation(fn):
 
 
 def _sample(args) -> None:
-    from unclip_jax import shapes
-    from unclip_jax.images import save_grid
+    from unclip_jax.core import shapes
+    from unclip_jax.core.images import save_grid
     from unclip_jax.pipelines import unclip as U
 
     prompts = U.check_prompts(args.prompt)
@@ -186,7 +186,7 @@ def _sample(args) -> None:
 
 
 def _variations(args) -> None:
-    from unclip_jax.images import save_grid
+    from unclip_jax.core.images import save_grid
     from unclip_jax.pipelines import manipulate as M
 
     model = _load(args)
@@ -198,7 +198,7 @@ def _variations(args) -> None:
 
 
 def _interpolate(args) -> None:
-    from unclip_jax.images import save_grid
+    from unclip_jax.core.images import save_grid
     from unclip_jax.pipelines import manipulate as M
 
     if len(args.image) != 2:
@@ -212,7 +212,7 @@ def _interpolate(args) -> None:
 
 
 def _text_diff(args) -> None:
-    from unclip_jax.images import save_grid
+    from unclip_jax.core.images import save_grid
     from unclip_jax.pipelines import manipulate as M
 
     model = _load(args)

@@ -18,11 +18,11 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from unclip_jax import sharding
-from unclip_jax.nn.layers import dtype as to_dtype
-from unclip_jax.nn.layers import layer_norm
-from unclip_jax.nn.transformer import Transformer
-from unclip_jax.nn.vit import VisionTransformer
+from unclip_jax.core import sharding
+from unclip_jax.core.nn.layers import dtype as to_dtype
+from unclip_jax.core.nn.layers import layer_norm
+from unclip_jax.core.nn.transformer import Transformer
+from unclip_jax.core.nn.vit import VisionTransformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +50,10 @@ class CLIPConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
     # Conv-stem channels, one stride-2 3×3 conv each (so log2(patch_size) of them), or () for
-    # the linear patch embedding (see ``unclip_jax.nn.vit``).
+    # the linear patch embedding (see ``unclip_jax.core.nn.vit``).
     vision_stem: tuple[int, ...] = ()
     # > 0: only the last ``vision_colour_blocks`` ViT blocks see colour, the ones before see a
-    # colour-blind image (see ``unclip_jax.nn.vit``); 0: plain RGB ViT.
+    # colour-blind image (see ``unclip_jax.core.nn.vit``); 0: plain RGB ViT.
     vision_colour_blocks: int = 0
     # Loss: treat every pair of rows with identical tokens as positives (a uniform target over
     # them) instead of only the diagonal. Small captioned datasets repeat captions within a
@@ -286,7 +286,7 @@ class FrozenCLIP:
 
     A pytree (params are leaves, the config is static), so it can be passed into ``jax.jit``
     as an argument or closed over. Gradients never flow into it (``stop_gradient``).
-    Load a trained run's with :func:`unclip_jax.runs.load_clip`."""
+    Load a trained run's with :func:`unclip_jax.train.runs.load_clip`."""
 
     config: CLIPConfig = struct.field(pytree_node=False)
     params: Any

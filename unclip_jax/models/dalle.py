@@ -10,7 +10,7 @@ writes them (BOS … EOS, then ``pad_id``), image code ``k`` as ``V_text + k``. 
 covers all ``V`` ids, and every logit row is restricted (set to ``ar.NEG_INF``) to the
 vocabulary of the token it predicts: row ``t`` predicts position ``t + 1``, a text token when
 ``t + 1 < L``, an image code otherwise. So the loss is a softmax over the right vocabulary and
-:func:`unclip_jax.ar.generate` can only ever sample image codes at image positions (no
+:func:`unclip_jax.core.ar.generate` can only ever sample image codes at image positions (no
 ``vocab_mask`` is needed; the restriction is part of the model).
 
 Embeddings (paper §2.2 and appendix B.1): separate token tables for text and image; text
@@ -49,7 +49,7 @@ Between image tokens ``p`` (query) and ``p' ≤ p`` (key), raster indices:
 ``attention`` is one kind for every layer, a comma-separated list with one kind per layer, or
 ``"paper"``: row attention except every fourth layer column attention, and the last layer
 conv (the paper's 64-layer layout scaled to ``depth``). Consecutive layers of one kind form
-one :class:`~unclip_jax.nn.transformer.Transformer` stack (so ``scan_layers`` scans each run).
+one :class:`~unclip_jax.core.nn.transformer.Transformer` stack (so ``scan_layers`` scans each run).
 
 The frozen dVAE turns images into codes inside the input iterator (one jitted encode per batch,
 outside the gradient), not in a pre-encoded cache: the shapes data are infinite-ish and cheap
@@ -68,11 +68,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from unclip_jax import ar, sharding
-from unclip_jax.images import to_uint8
-from unclip_jax.nn.layers import dtype as to_dtype
-from unclip_jax.nn.layers import layer_norm
-from unclip_jax.nn.transformer import Transformer
+from unclip_jax.core import ar, sharding
+from unclip_jax.core.images import to_uint8
+from unclip_jax.core.nn.layers import dtype as to_dtype
+from unclip_jax.core.nn.layers import layer_norm
+from unclip_jax.core.nn.transformer import Transformer
 
 MASK_KINDS = ("full", "row", "column", "conv")
 
@@ -298,7 +298,7 @@ def loss_fn(model: DalleTransformer, params, batch: dict, rng: jax.Array | None 
 
 @functools.lru_cache(maxsize=None)
 def ar_model(cfg: DalleConfig) -> ar.ARModel:
-    """The decode-mode model for :func:`unclip_jax.ar.generate` (one object per config, so
+    """The decode-mode model for :func:`unclip_jax.core.ar.generate` (one object per config, so
     generate's compilation cache hits across calls)."""
     def example(b):
         return (jnp.zeros((b, cfg.seq_length), jnp.int32), {"keep": jnp.ones((b,), jnp.bool_)})
@@ -369,7 +369,7 @@ def sample_uncached(cfg: DalleConfig, params, text: jax.Array, rng: jax.Array, *
 
 def heldout_prompts(num_prompts: int, seed: int = 0) -> list[str]:
     """Captions of held-out single-object test scenes (every one a held-out colour+shape)."""
-    from unclip_jax import shapes
+    from unclip_jax.core import shapes
 
     return [shapes.caption(shapes.sample_scene(seed, i, "test", num_objects=1))
             for i in range(num_prompts)]
@@ -379,7 +379,7 @@ def shapes_accuracy(cfg: DalleConfig, params, tok, dvae_model, dvae_params, *,
                     num_prompts: int = 32, seed: int = 0, **settings) -> dict:
     """Fraction of samples (one per held-out single-object prompt) whose judged colour and
     shape match the caption."""
-    from unclip_jax import shapes
+    from unclip_jax.core import shapes
     from unclip_jax.models import dvae as dvae_lib
 
     prompts = heldout_prompts(num_prompts)

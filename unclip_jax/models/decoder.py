@@ -1,5 +1,5 @@
 """unCLIP's decoder (a GLIDE/ADM U-Net conditioned on CLIP image embeddings) and the diffusion
-upsamplers. Both sample through the shared :mod:`unclip_jax.diffusion` sampler.
+upsamplers. Both sample through the shared :mod:`unclip_jax.core.diffusion` sampler.
 
 Decoder conditioning (Ramesh et al. 2022, §2.1), ``cond`` of the denoiser::
 
@@ -20,7 +20,8 @@ Decoder conditioning (Ramesh et al. 2022, §2.1), ``cond`` of the denoiser::
   replaced, never ``x_t``. At sampling the same nulls are the ``uncond``.
 
 CLIP-text conditioning (``clip_text_width > 0``, Karlo's decoder; see
-:mod:`unclip_jax.convert.karlo`): ``cond["clip_text"] = {"emb": [B, E] CLIP text embedding,
+:mod:`unclip_jax.pipelines.convert.karlo`): ``cond["clip_text"] = {"emb": [B, E] CLIP text
+embedding,
 "states": [B, L, W] CLIP text-tower token states, "valid": [B, L] bool}``. The text embedding is
 projected and added to the timestep embedding next to the image embedding's projection, and
 the token states are projected to the context width, LayerNorm-ed and concatenated after the
@@ -55,12 +56,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import diffusion
-from unclip_jax.nn.attention import padding_mask
-from unclip_jax.nn.layers import dtype as to_dtype
-from unclip_jax.nn.layers import layer_norm
-from unclip_jax.nn.transformer import Transformer
-from unclip_jax.nn.unet import UNet, dense
+from unclip_jax.core import diffusion
+from unclip_jax.core.nn.attention import padding_mask
+from unclip_jax.core.nn.layers import dtype as to_dtype
+from unclip_jax.core.nn.layers import layer_norm
+from unclip_jax.core.nn.transformer import Transformer
+from unclip_jax.core.nn.unet import UNet, dense
 
 AUGMENTATIONS = ("none", "blur", "bsr")
 

@@ -12,7 +12,8 @@ layers at a quarter of the output width (encoder 3×3,3×3,3×3,1×1; decoder 1�
 With G groups the grid is ``image_size / 2^(G-1)`` (paper: 256 px, G=4 → 32×32, K=8192).
 This is exactly the network of OpenAI's ``dall_e`` package (same kernels, gains, pooling and
 upsampling), so its released weights load without approximation: ``unclip-jax convert dvae``
-(:mod:`unclip_jax.convert.dvae`; parity with ``dall_e`` in ``tests/test_convert_dvae.py``).
+(:mod:`unclip_jax.pipelines.convert.dvae`; parity with ``dall_e`` in
+``tests/test_convert_dvae.py``).
 
 Objective (paper §3.1 and A.2), per image, in nats:
 ``NLL(x | decoder(z̃)) + β · KL(q(z|x) ‖ uniform)``, with z̃ a gumbel-softmax relaxed sample at
@@ -41,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.nn.layers import conv_general_dilated
-from unclip_jax.nn.layers import dtype as to_dtype
+from unclip_jax.core.nn.layers import conv_general_dilated
+from unclip_jax.core.nn.layers import dtype as to_dtype
 
 SCHEDULES = ("cosine", "linear", "exponential")
 LIKELIHOODS = ("logit_laplace", "gaussian")
@@ -214,7 +215,7 @@ def _conv(features: int, kernel: int, dtype, name: str, in_axis: str = "conv_in"
     """A 'SAME' conv with fan-in normal init (the release's), kernel ``[k, k, in, out]``;
     ``init_std > 0`` draws the kernel from N(0, init_std²) instead. The kernel's FSDP shards
     (``conv_in``) are gathered before the conv, and a 1×1 conv runs as a matmul: see
-    :func:`unclip_jax.nn.layers.conv_general_dilated`."""
+    :func:`unclip_jax.core.nn.layers.conv_general_dilated`."""
     init = (nn.initializers.normal(init_std) if init_std > 0
             else nn.initializers.variance_scaling(1.0, "fan_in", "normal"))
     compute_in = None if in_axis == "conv_in" else in_axis
@@ -343,7 +344,7 @@ _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.lru_cache(maxsize=1)
-def _compiler_options() -> dict | None:
+def compiler_options() -> dict | None:
     """``_CPU_OPTIONS`` on a CPU backend whose XLA knows them, else None (plain ``jax.jit``)."""
     if jax.default_backend() != "cpu":
         return None
@@ -357,7 +358,7 @@ def _compiler_options() -> dict | None:
 def jit(fn, **kwargs):
     """``jax.jit`` for dVAE forwards: on CPU compiled without the YNNPACK conv fusions (see
     ``_CPU_OPTIONS``); numerics are those of ``jax.jit`` (tested to float32 round-off)."""
-    options = _compiler_options()
+    options = compiler_options()
     if options is not None:
         kwargs.setdefault("compiler_options", options)
     return jax.jit(fn, **kwargs)

@@ -7,7 +7,7 @@ A decoder-only causal transformer reads, in order (``L + 4`` positions)::
 (the CLIP text tower's final-LN token states and its embedding, each linearly projected to
 the model width; a sinusoidal-then-MLP timestep embedding; the noised embedding x_t
 projected; a learned query). The output at the final query is projected to ``E`` and predicts
-the **un-noised** embedding x₀ (MSE, ``model_output="x0"`` in :mod:`unclip_jax.diffusion`).
+the **un-noised** embedding x₀ (MSE, ``model_output="x0"`` in :mod:`unclip_jax.core.diffusion`).
 Padding text tokens are masked out as keys. Cosine schedule, 1000 steps; sampling runs the
 shared sampler on a 64-step respacing.
 
@@ -15,7 +15,7 @@ Classifier-free guidance: in training the text conditioning — token states *an
 embedding, one draw per example — is replaced with probability ``cond_drop_prob`` (10%) by
 learned null embeddings (``null_text_states`` ``[L, W]``, ``null_text_emb`` ``[E]``, all
 null tokens visible). Only the conditioning is replaced: the noised-embedding token and the
-timestep go in unchanged, in training (:func:`unclip_jax.diffusion.training_loss`) and in
+timestep go in unchanged, in training (:func:`unclip_jax.core.diffusion.training_loss`) and in
 the sampler's ``[cond; uncond]`` batch alike.
 
 Embedding scale ("Known traps": unit-norm embeddings are badly scaled for diffusion). The
@@ -26,7 +26,7 @@ coordinate a standard deviation of ≈ 0.54 — so ``embed_scale = 0`` means ``0
 with μ, σ measured on the training cache (stored in the config as ``embed_mean``/``embed_std``).
 Samples are mapped back (÷ s, or ·σ + μ) and, with ``renormalize``, put back on the unit sphere.
 
-Options for imported weights (Karlo, :mod:`unclip_jax.convert.karlo`): ``text_emb_scale``
+Options for imported weights (Karlo, :mod:`unclip_jax.pipelines.convert.karlo`): ``text_emb_scale``
 (0 = √E, our unit-norm convention; Karlo feeds raw CLIP text embeddings: 1), ``time_embed_dim``
 (hidden width of the timestep MLP, 0 = width), ``norm_in`` (a LayerNorm on the sequence before
 the transformer) and ``clip_sample_range`` (clip every predicted x₀ to ±range while sampling;
@@ -34,7 +34,7 @@ the transformer) and ``clip_sample_range`` (clip every predicted x₀ to ±range
 honours: ``uncond`` (the guidance's unconditional input: the learned nulls, or — Karlo, which
 has none — the CLIP encoding of the empty caption), ``unit_text_emb`` (False: the raw projected
 CLIP text feature goes in, as Karlo was trained) and ``sample_spacing`` ("even": our
-:func:`~unclip_jax.diffusion.respace`; "unclip": diffusers' ``UnCLIPScheduler`` timesteps).
+:func:`~unclip_jax.core.diffusion.respace`; "unclip": diffusers' ``UnCLIPScheduler`` timesteps).
 
 At sampling ``num_candidates = k`` embeddings are drawn per caption and the one with the
 highest dot product with the caption's text embedding is kept (paper: k = 2).
@@ -49,11 +49,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unclip_jax import diffusion
-from unclip_jax.nn.attention import padding_mask
-from unclip_jax.nn.layers import dtype as to_dtype
-from unclip_jax.nn.layers import layer_norm
-from unclip_jax.nn.transformer import Transformer
+from unclip_jax.core import diffusion
+from unclip_jax.core.nn.attention import padding_mask
+from unclip_jax.core.nn.layers import dtype as to_dtype
+from unclip_jax.core.nn.layers import layer_norm
+from unclip_jax.core.nn.transformer import Transformer
 
 NORMALIZATIONS = ("scale", "standardize")
 PAPER_SCALE_PER_SQRT_DIM = 0.54      # 17.2 / √1024 (unCLIP's scale for 1024-d embeddings)
@@ -268,7 +268,7 @@ def base_schedule(cfg: PriorConfig) -> diffusion.Schedule:
 
 def loss_fn(model: DiffusionPrior, params, batch: dict, rng, *, schedule=None, denoiser=None):
     """x₀-MSE diffusion loss of a batch (``image_emb``, ``text_emb``, ``text_states``,
-    ``text_tokens``) through :func:`unclip_jax.diffusion.training_loss`."""
+    ``text_tokens``) through :func:`unclip_jax.core.diffusion.training_loss`."""
     cfg = model.config
     schedule = base_schedule(cfg) if schedule is None else schedule
     return diffusion.training_loss(

@@ -15,7 +15,7 @@ sampling time it is set to the bucket of a chosen percentile of the training sim
 (the paper samples from the top half; ``sim_percentile`` = 50 is its boundary). The caption
 (states and embedding) is dropped with probability ``caption_dropout`` for classifier-free
 guidance: its states are masked out and its embedding replaced by a learned null vector.
-Sampling runs :func:`unclip_jax.ar.generate`; codes → bucket centres → inverse PCA →
+Sampling runs :func:`unclip_jax.core.ar.generate`; codes → bucket centres → inverse PCA →
 re-normalised to unit norm.
 
 Quantization choice: ``"uniform"`` (default) splits ``[min, max]`` of each coefficient over the
@@ -41,12 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from unclip_jax import ar
+from unclip_jax.core import ar
+from unclip_jax.core.nn.attention import padding_mask
+from unclip_jax.core.nn.layers import dtype as to_dtype
+from unclip_jax.core.nn.layers import layer_norm
+from unclip_jax.core.nn.transformer import Transformer
 from unclip_jax.models.prior import repeat_candidates, rerank
-from unclip_jax.nn.attention import padding_mask
-from unclip_jax.nn.layers import dtype as to_dtype
-from unclip_jax.nn.layers import layer_norm
-from unclip_jax.nn.transformer import Transformer
 
 QUANTIZER_FILE = "ar_prior_quantizer.npz"
 QUANTIZATIONS = ("uniform", "quantile")
@@ -303,7 +303,9 @@ def dummy_inputs(cfg: ARPriorConfig, batch_size: int = 1) -> dict[str, np.ndarra
             "text_emb": np.zeros((batch_size, cfg.embed_dim), np.float32)}
 
 
-def _cond(batch: dict, keep=None) -> dict:
+def cond_inputs(batch: dict, keep=None) -> dict:
+    """The model's conditioning from a batch: the caption's states and tokens and its CLIP text
+    embedding, plus ``keep`` (rows whose caption is kept; caption dropout) when given."""
     cond = {k: batch[k] for k in ("text_states", "text_tokens", "text_emb")}
     if keep is not None:
         cond["keep"] = keep
@@ -317,7 +319,7 @@ def loss_fn(model: ARPrior, params, batch: dict, rng: jax.Array | None = None):
     keep = None
     if rng is not None and model.config.caption_dropout > 0:
         keep = jax.random.uniform(rng, tokens.shape[:1]) >= model.config.caption_dropout
-    logits = model.apply({"params": params}, tokens, _cond(batch, keep))[:, :-1]
+    logits = model.apply({"params": params}, tokens, cond_inputs(batch, keep))[:, :-1]
     targets = tokens[:, 1:]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     acc = jnp.mean(jnp.argmax(logits, -1) == targets)
@@ -353,7 +355,7 @@ def make_sampler(cfg: ARPriorConfig, pca: PCAQuantizer, sim: SimilarityBuckets, 
 
     def example(b):
         d = dummy_inputs(cfg, b)
-        return jnp.asarray(d["tokens"]), _cond(d, jnp.ones((b,), jnp.bool_))
+        return jnp.asarray(d["tokens"]), cond_inputs(d, jnp.ones((b,), jnp.bool_))
 
     model = ar.linen_model(module, example)
 
@@ -364,7 +366,7 @@ def make_sampler(cfg: ARPriorConfig, pca: PCAQuantizer, sim: SimilarityBuckets, 
         if k > 1:
             inputs = repeat_candidates(inputs, k)
         b = inputs["text_emb"].shape[0]
-        cond = _cond(inputs, jnp.ones((b,), jnp.bool_))
+        cond = cond_inputs(inputs, jnp.ones((b,), jnp.bool_))
         cond["text_states"] = cond["text_states"].astype(jnp.float32)
         uncond = dict(cond, keep=jnp.zeros((b,), jnp.bool_)) if guided else None
         prompt = jnp.full((b, 1), sim_token, jnp.int32)
@@ -382,7 +384,10 @@ def make_sampler(cfg: ARPriorConfig, pca: PCAQuantizer, sim: SimilarityBuckets, 
 # ----------------------------------------------------------------------------- training task
 
 
-def _model_arrays(data: dict, pca: PCAQuantizer, sim: SimilarityBuckets) -> dict:
+def model_arrays(data: dict, pca: PCAQuantizer, sim: SimilarityBuckets) -> dict:
+    """The model's arrays from cached embeddings: the image embedding as its code sequence
+    (PCA codes then the similarity bucket, :func:`encode_sequences`) and the caption's
+    features."""
     return {"tokens": encode_sequences(data, pca, sim),
             "text_states": np.asarray(data["text_states"], np.float32),
             "text_tokens": np.asarray(data["text_tokens"], np.int32),

@@ -1,6 +1,6 @@
 """The one place where the unCLIP stages are sampled: the prior's image embeddings, the
 decoder's images, the upsampler stages — pure functions of configs, params and inputs over the
-shared diffusion sampler (:mod:`unclip_jax.diffusion`), so the text → image pipelines
+shared diffusion sampler (:mod:`unclip_jax.core.diffusion`), so the text → image pipelines
 (:mod:`unclip_jax.pipelines.unclip`, inside one ``jit``), the training tasks' sample grids and
 evaluations, and the model-level helpers below all draw the same samples for the same inputs.
 
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from unclip_jax import diffusion
+from unclip_jax.core import diffusion
 from unclip_jax.models import decoder as D
 from unclip_jax.models.decoder import (DecoderConfig, UpsamplerConfig, batched, encode_caption,
                                        fit_tokens, null_cond, make_upsampler_denoiser)
@@ -66,9 +66,9 @@ def upsampler_stages(upsamplers: Sequence[UpsamplerConfig]) -> tuple[tuple[int, 
 
 def stage_schedule(kind: str, num_timesteps: int, steps: int, spacing: str = "even"):
     """A stage's sampling schedule: ``steps`` of the ``kind`` schedule, spaced "even" (our
-    :func:`~unclip_jax.diffusion.respace`, ``round(k·(T−1)/(n−1))``), "unclip" (diffusers'
+    :func:`~unclip_jax.core.diffusion.respace`, ``round(k·(T−1)/(n−1))``), "unclip" (diffusers'
     ``UnCLIPScheduler``: the same rule in its float arithmetic, which rounds some ties — e.g.
-    499.5 at 27 steps — the other way; :func:`unclip_jax.diffusion.karlo_schedule`) or
+    499.5 at 27 steps — the other way; :func:`unclip_jax.core.diffusion.karlo_schedule`) or
     "logsnr" (evenly in log-SNR, ``respace(…, "logsnrN")``) or "dpm" (diffusers'
     ``DPMSolverMultistepScheduler`` grid, ``respace(…, "dpmN")``): the grids the multistep
     DPM-Solver++ samplers want at few steps (docs/solvers.md)."""
@@ -175,7 +175,7 @@ def decode(cfg: DecoderConfig, params, image_emb, rng, guidance, *, schedule,
 
 def decoder_schedule(cfg: DecoderConfig, steps: int | str):
     """The decoder's schedule: ``steps`` spaced by ``cfg.sample_spacing``; a string is a
-    :func:`~unclip_jax.diffusion.respace` spec (e.g. "ddim50")."""
+    :func:`~unclip_jax.core.diffusion.respace` spec (e.g. "ddim50")."""
     if isinstance(steps, str) and not steps.isdigit():
         return diffusion.make_schedule(cfg.schedule, cfg.num_timesteps, steps)
     return stage_schedule(cfg.schedule, cfg.num_timesteps, int(steps), cfg.sample_spacing)

@@ -1,1 +1,3 @@
-"""Text-to-image pipelines: compositions of trained models as pure, jitted functions."""
+"""Layer 5, using trained models: text-to-image pipelines as pure, jitted functions (the one
+place stages are sampled: :mod:`unclip_jax.models.sampling` holds the stages), import of
+pretrained weights (:mod:`.convert`) and :mod:`.describe`."""

@@ -1,7 +1,7 @@
 """DALL·E text → image with CLIP reranking (Ramesh et al. 2021, §2.3 and §3).
 
 For every caption, ``N`` candidates are drawn from the transformer (one batch of ``B·N``
-streams through :func:`unclip_jax.ar.generate`), decoded by the dVAE, and scored by CLIP:
+streams through :func:`unclip_jax.core.ar.generate`), decoded by the dVAE, and scored by CLIP:
 ``score = 100 · cos(CLIP image embedding, CLIP caption embedding)`` (the embeddings are unit
 norm, so this is the dot product × 100). Images are resized (bilinear, antialiased) to the
 CLIP's resolution when it differs from the dVAE's. The candidates come back sorted by score,
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.images import to_uint8
+from unclip_jax.core.images import to_uint8
 from unclip_jax.models import dalle as dalle_lib
 from unclip_jax.models import dvae as dvae_lib
 
@@ -107,9 +107,9 @@ def load_pipeline(dalle_workdir: str | Path, clip_workdir: str | Path | None = N
                   ) -> tuple[DallePipeline, dict[str, Any]]:
     """``(pipeline, params)`` of trained runs; ``params`` has ``dalle``, ``dvae``, ``clip``.
     ``clip_workdir`` defaults to the DALL·E config's ``clip_workdir``."""
-    from unclip_jax import runs
+    from unclip_jax.core.text import Tokenizer
     from unclip_jax.models.clip import CLIP
-    from unclip_jax.text import Tokenizer
+    from unclip_jax.train import runs
 
     cfg, params, tok, dvae_model, dvae_params = runs.load_dalle(dalle_workdir)
     clip_workdir = clip_workdir or cfg.clip_workdir
@@ -132,7 +132,7 @@ def evaluate_shapes(pipe: DallePipeline, params: dict, *, num_prompts: int = 64,
     ``*_shape`` count the shape alone."""
     import numpy as np
 
-    from unclip_jax import shapes
+    from unclip_jax.core import shapes
 
     prompts = dalle_lib.heldout_prompts(num_prompts, seed)
     best, first, oracle, best_shape, first_shape = [], [], [], [], []

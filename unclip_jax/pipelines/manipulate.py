@@ -8,7 +8,7 @@ array; see :func:`load_pixels`) is encoded as
   projected feature for a decoder that reads raw embeddings (``clip_emb_scale > 0``: Karlo,
   whose ``UnCLIPImageVariationPipeline`` feeds ``CLIPVisionModelWithProjection.image_embeds``);
 * ``x_T`` ``[S, S, 3]``: the DDIM inversion of the decoder conditioned on ``z_i``, from the image
-  at the decoder's resolution (:func:`unclip_jax.diffusion.ddim_invert` on a *strided* "ddimN"
+  at the decoder's resolution (:func:`unclip_jax.core.diffusion.ddim_invert` on a *strided* "ddimN"
   schedule — the evenly spaced one ends at t ≈ T−1 where ᾱ ≈ 0 and the fixed point barely
   converges — with fixed-point refinement).
 
@@ -30,7 +30,7 @@ the image embedding's norm); for unit embeddings this is the plain slerp. Invert
 decoded without clipping x̂₀ (the inversion does not clip, so the two stay exact inverses), then
 every output goes through the upsampler stages (Karlo: ``super_res_first`` with
 ``super_res_last`` on the final step). Every function returns uint8 ``[N, H, W, 3]`` at the
-output resolution; :func:`write_grid` (that is :func:`unclip_jax.images.save_grid`) saves a
+output resolution; :func:`write_grid` (that is :func:`unclip_jax.core.images.save_grid`) saves a
 PNG grid. A caption-conditioned decoder gets its learned null caption throughout; one reading
 CLIP text features (Karlo) the empty caption's encoding in both guidance branches.
 """
@@ -46,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from unclip_jax import diffusion, images as images_lib, sharding
-from unclip_jax.images import save_grid, to_uint8
+from unclip_jax.core import diffusion, images as images_lib, sharding
+from unclip_jax.core.images import save_grid, to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.models.clip import FrozenCLIP
 from unclip_jax.pipelines import unclip as U
@@ -81,10 +81,10 @@ def _as_image(image: ImageLike) -> Image.Image:
 def load_pixels(image: ImageLike, size: int) -> np.ndarray:
     """One image → ``[size, size, 3]`` float32 in [-1, 1] (resize so the shorter side is
     ``size``, centre crop). Any mode is converted to RGB (grey replicated, RGBA / LA / P with
-    transparency composited on white, CMYK converted; see :mod:`unclip_jax.images`). Refused
+    transparency composited on white, CMYK converted; see :mod:`unclip_jax.core.images`). Refused
     with a ValueError: an image whose shorter side is under ``MIN_IMAGE_SIDE`` px, or one over
     PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``; a file that large is
-    refused from its header, :class:`unclip_jax.images.ImageLoadError`). A file that cannot be
+    refused from its header, :class:`unclip_jax.core.images.ImageLoadError`). A file that cannot be
     decoded raises ImageLoadError naming its path."""
     img = _as_image(image)
     w, h = img.size
@@ -381,7 +381,7 @@ write_grid = save_grid
 
 
 def _judged_pairs(image: np.ndarray) -> list[tuple[str, str]]:
-    from unclip_jax import shapes
+    from unclip_jax.core import shapes
 
     return sorted((o.colour, o.shape) for o in shapes.judge(image).objects)
 

@@ -24,7 +24,7 @@ For full control: ``fn = unclip.make_text_to_image(model, unclip.Settings(decode
 then ``fn(model.params, tokens, jax.random.PRNGKey(0), (prior_scale, decoder_scale))``.
 Only the diffusion prior runs inside the jitted chain (the AR prior has its own token loop).
 
-Converted Karlo stacks (:mod:`unclip_jax.convert.karlo`, with an OpenAI ViT-L/14 CLIP from
+Converted Karlo stacks (:mod:`unclip_jax.pipelines.convert.karlo`, with an OpenAI ViT-L/14 CLIP from
 ``unclip-jax convert clip`` and its BPE vocabulary) run through the same chain; their configs
 say what differs from ours, and the chain follows them:
 
@@ -57,8 +57,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import runs, sharding
-from unclip_jax.images import to_uint8
+from unclip_jax.core import sharding
+
+from unclip_jax.train import runs
+from unclip_jax.core.images import to_uint8
 from unclip_jax.models import decoder as D
 from unclip_jax.models import prior as P
 from unclip_jax.models.clip import CLIPConfig, FrozenCLIP, eos_positions
@@ -79,7 +81,7 @@ class UnCLIP:
 
     ``params = {"clip": …, "prior": …, "decoder": …, "upsamplers": (…, …)}``, plus
     ``"empty_caption"`` (see :func:`with_empty_caption`) where a config asks for it;
-    ``tokenizer`` is a :class:`unclip_jax.text.Tokenizer` or :class:`ClipBPE` (None: only the
+    ``tokenizer`` is a :class:`unclip_jax.core.text.Tokenizer` or :class:`ClipBPE` (None: only the
     token-level API works).
     """
 
@@ -198,14 +200,15 @@ def clip_hint(decoder_workdir: str | os.PathLike) -> str:
 
 
 class ClipBPE:
-    """CLIP's byte-level BPE (:class:`unclip_jax.convert.clip_bpe.ClipBPETokenizer`) behind the
-    interface the pipelines use — that of :class:`unclip_jax.text.Tokenizer`:
+    """CLIP's byte-level BPE (:class:`unclip_jax.pipelines.convert.clip_bpe.ClipBPETokenizer`)
+    behind the
+    interface the pipelines use — that of :class:`unclip_jax.core.text.Tokenizer`:
     ``encode(texts, context_length)``, ``pad_id``, ``eos_id``, ``vocab_size``."""
 
     pad_id = 0
 
     def __init__(self, vocab_path: str | os.PathLike):
-        from unclip_jax.convert.clip_bpe import ClipBPETokenizer
+        from unclip_jax.pipelines.convert.clip_bpe import ClipBPETokenizer
 
         self.bpe = ClipBPETokenizer(vocab_path)
         self.path = str(vocab_path)
@@ -224,9 +227,10 @@ BPE_SUFFIXES = (".txt", ".txt.gz")
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """A sentencepiece :class:`~unclip_jax.text.Tokenizer` (``.model``), or :class:`ClipBPE` for
+    """A sentencepiece :class:`~unclip_jax.core.text.Tokenizer` (``.model``), or :class:`ClipBPE`
+    for
     CLIP's BPE vocabulary (a merges file, ``.txt`` or ``.txt.gz``)."""
-    from unclip_jax.text import Tokenizer
+    from unclip_jax.core.text import Tokenizer
 
     if str(path).endswith(BPE_SUFFIXES):
         return ClipBPE(path)
@@ -353,7 +357,7 @@ def sampling_mesh(batch: int) -> jax.sharding.Mesh | None:
     splits over all of them (every process must then make the same call, with the same
     prompts: the samples are computed once, split over the hosts, and gathered), else this
     process's own. On a CPU split into one device per core
-    (:func:`unclip_jax.sharding.split_cpu_cores`) this keeps every core busy while sampling."""
+    (:func:`unclip_jax.core.sharding.split_cpu_cores`) this keeps every core busy while sampling."""
     if jax.process_count() > 1 and batch % jax.device_count() == 0:
         return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     devices = jax.local_devices()
@@ -364,7 +368,8 @@ def sampling_mesh(batch: int) -> jax.sharding.Mesh | None:
 
 def spans_processes(mesh: jax.sharding.Mesh | None) -> bool:
     """Whether ``mesh`` holds other processes' devices (its arrays are placed with
-    :func:`unclip_jax.sharding.from_host` and read with :func:`unclip_jax.sharding.fetch`)."""
+    :func:`unclip_jax.core.sharding.from_host` and read with
+    :func:`unclip_jax.core.sharding.fetch`)."""
     return sharding.spans_processes(mesh)
 
 
@@ -485,7 +490,7 @@ def generate(unclip: UnCLIP, captions: Sequence[str], seed: int = 0, *,
     ``split``: spread the batch over the devices when it divides evenly (:func:`sampling_mesh`:
     with several processes, over every process's devices — each process must then make the
     same call; the same images as on one device). ``mesh``: split over this one-axis mesh
-    instead (e.g. :func:`unclip_jax.sharding.rows_mesh`; the batch must divide by its size)."""
+    instead (e.g. :func:`unclip_jax.core.sharding.rows_mesh`; the batch must divide by its size)."""
     captions = check_prompts(captions)
     if unclip.tokenizer is None:
         raise ValueError("this UnCLIP has no tokenizer; pass token ids to make_text_to_image")
@@ -513,14 +518,14 @@ def generate(unclip: UnCLIP, captions: Sequence[str], seed: int = 0, *,
 def score_prompts(unclip: UnCLIP, prompts: Sequence[str], seed: int = 0, *,
                   batch_size: int = 16, **settings) -> dict:
     """Generate one image per captioned-shapes prompt and read it back with the judge
-    (:func:`unclip_jax.shapes.score_caption` at the output resolution).
+    (:func:`unclip_jax.core.shapes.score_caption` at the output resolution).
 
     Returns fractions ``single_colour_shape`` (one-object prompts: colour and shape right),
     ``two_both_colour_shape`` (two-object prompts: both objects' colour and shape right),
     ``relation`` (two-object prompts: the relation right), ``exact``, and the counts
     ``num_single`` / ``num_two``; a fraction is None where no prompt of its kind was given.
     """
-    from unclip_jax.eval.metrics import judge_scores
+    from unclip_jax.train.eval.metrics import judge_scores
 
     prompts = check_prompts(prompts)
     images = np.concatenate([

@@ -25,8 +25,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from unclip_jax import config as config_lib
-from unclip_jax import sharding
+from unclip_jax.core import config as config_lib
+from unclip_jax.core import sharding
 from unclip_jax.train.checkpoint import Checkpointer
 from unclip_jax.train.optim import learning_rate_schedule, make_optimizer
 from unclip_jax.train.state import TrainState, ema_update
@@ -168,7 +168,7 @@ def _leaf_names(tree) -> list[str]:
             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _state_layout(cfg, task: Task, tx, mesh, rules):
+def state_layout(cfg, task: Task, tx, mesh, rules):
     """``(make_state, rng, abstract_state, state_shardings)`` without allocating anything."""
     def make_state(rng):
         init_rng, run_rng = jax.random.split(rng)
@@ -265,7 +265,7 @@ def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, task: Task, workdir: s
         raise FileNotFoundError(f"no complete checkpoint under {ckpt.directory}")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         tx = make_optimizer(cfg.optim, cfg.train.steps)
-        _, _, abstract, _ = _state_layout(cfg, task, tx, mesh, rules)
+        _, _, abstract, _ = state_layout(cfg, task, tx, mesh, rules)
         state, _, _ = ckpt.restore(step, abstract)
         metrics = task.evaluate(state, step)
     ckpt.close()
@@ -315,7 +315,7 @@ def _train(cfg, task, workdir, ckpt, config_dict, mesh, rules, tx, lr_at, *, sto
     tcfg = cfg.train
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # --- abstract init → shardings
-        make_state, rng, abstract, state_sh = _state_layout(cfg, task, tx, mesh, rules)
+        make_state, rng, abstract, state_sh = state_layout(cfg, task, tx, mesh, rules)
         batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, np.ndim(x)), task.example)
 
         # --- init or restore

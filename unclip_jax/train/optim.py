@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import optax
 
-from unclip_jax.config import OptimConfig
+from unclip_jax.core.config import OptimConfig
 
 SCHEDULES = ("cosine", "constant")
 

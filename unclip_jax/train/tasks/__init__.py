@@ -16,7 +16,7 @@ import dataclasses
 import importlib
 from pathlib import Path
 
-from unclip_jax.config import ExperimentConfig
+from unclip_jax.core.config import ExperimentConfig
 from unclip_jax.train.loop import Task
 from unclip_jax.train.tasks import evals
 from unclip_jax.train.tasks.common import (TOKENIZER_CAPTIONS, ema_or_raw, ensure_dataset,

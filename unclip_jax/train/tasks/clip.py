@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from unclip_jax import input_pipeline
-from unclip_jax.config import ExperimentConfig
-from unclip_jax.eval import shapes_eval, zero_shot
+from unclip_jax.core.config import ExperimentConfig
+from unclip_jax.data import input_pipeline
 from unclip_jax.models import clip
+from unclip_jax.train.eval import shapes_eval, zero_shot
 from unclip_jax.train.loop import Task
 from unclip_jax.train.tasks.common import ema_or_raw, ensure_dataset, ensure_tokenizer
 
 
 def _shapes_caption(example: dict, rng, p: float) -> str:
-    from unclip_jax import shapes
+    from unclip_jax.core import shapes
 
     return shapes.partial_caption(example, rng, p)
 
@@ -50,7 +50,7 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
         if not cfg.data.name.startswith("captioned_shapes"):
             raise ValueError("data.colour_drop applies to captioned_shapes only, not "
                              f"{cfg.data.name!r}")
-        from unclip_jax import augment
+        from unclip_jax.core import augment
 
         example_fn = functools.partial(augment.colour_drop, p=cfg.data.colour_drop)
 

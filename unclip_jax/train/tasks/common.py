@@ -14,10 +14,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from unclip_jax import input_pipeline, sharding
-from unclip_jax.config import DataConfig
-from unclip_jax.images import image_grid  # noqa: F401  (re-exported)
-from unclip_jax.text import Tokenizer, train_tokenizer_from_dataset
+from unclip_jax.core import sharding
+from unclip_jax.core.config import DataConfig
+from unclip_jax.core.images import image_grid  # noqa: F401  (re-exported)
+from unclip_jax.core.text import Tokenizer, train_tokenizer_from_dataset
+from unclip_jax.data import input_pipeline
 
 
 def ensure_dataset(data_cfg: DataConfig) -> None:
@@ -50,7 +51,7 @@ def _shapes_to_build(data_cfg: DataConfig) -> int | None:
 
 
 def _build_shapes(data_cfg: DataConfig, resolution: int) -> None:
-    from unclip_jax.datasets.captioned_shapes import build_captioned_shapes
+    from unclip_jax.data.captioned_shapes import build_captioned_shapes
 
     print(f"building {data_cfg.name} into {data_cfg.data_dir} ...", flush=True)
     build_captioned_shapes(data_cfg.data_dir, resolution=resolution)
@@ -89,7 +90,7 @@ TOKENIZER_CAPTIONS = 200_000    # captions a tokenizer is trained on (at most)
 def _train_tokenizer(data_cfg: DataConfig, path: Path) -> Tokenizer:
     path.parent.mkdir(parents=True, exist_ok=True)
     if data_cfg.shards:           # the first captions of the shards, in order (no index)
-        from unclip_jax.datasets import shards
+        from unclip_jax.data import shards
 
         print(f"training a {data_cfg.vocab_size}-token BPE tokenizer on the captions of "
               f"{data_cfg.shards} → {path}", flush=True)

@@ -13,11 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from unclip_jax import input_pipeline, runs, sharding
+from unclip_jax.core import sharding
+
+from unclip_jax.data import input_pipeline
+
+from unclip_jax.train import runs
 from unclip_jax.models import dalle as DL
 from unclip_jax.models import dvae as V
 from unclip_jax.train.loop import Task
-from unclip_jax.text import Tokenizer
+from unclip_jax.core.text import Tokenizer
 from unclip_jax.train.tasks.common import (ema_or_raw, ensure_dataset, ensure_tokenizer,
                                            image_grid, sample_placer, tokenizer_path,
                                            validation_rows)

@@ -9,12 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import embeddings, input_pipeline, runs, sharding
-from unclip_jax.config import ExperimentConfig
+from unclip_jax.core import sharding
+
+from unclip_jax.data import input_pipeline
+
+from unclip_jax.train import embeddings, runs
+from unclip_jax.core.config import ExperimentConfig
 from unclip_jax.models import decoder as D
 from unclip_jax.models import sampling as S
 from unclip_jax.models.clip import FrozenCLIP
-from unclip_jax.text import Tokenizer
+from unclip_jax.core.text import Tokenizer
 from unclip_jax.train.loop import Task
 from unclip_jax.train.tasks.common import (ema_or_raw, ensure_dataset, ensure_tokenizer,
                                            image_grid, sample_placer, tokenizer_path,

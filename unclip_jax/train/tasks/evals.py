@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from unclip_jax import runs
-from unclip_jax.eval import metrics
+from unclip_jax.train import runs
+from unclip_jax.train.eval import metrics
 
 CLIP_EVALS = ("retrieval", "zero_shot")
 GENERATOR_EVALS = ("clip_score", "fd_clip", "shapes_judge")
@@ -68,7 +68,7 @@ def generator_evaluate(cfg, generate: Callable, clip_workdir: str
                              f"CLIP, and the {cfg.task!r} model names none; set "
                              f"train.eval_clip to a trained CLIP run")
         frozen = runs.load_clip(clip_workdir)
-        from unclip_jax.text import Tokenizer
+        from unclip_jax.core.text import Tokenizer
 
         # host params: the evaluation runs inside the run's mesh, whatever device they are on
         clip = metrics.ClipFeatures(frozen.config, jax.device_get(frozen.params),

@@ -1,5 +1,6 @@
 """The two priors' tasks (unCLIP §2.2): both train on the frozen CLIP's embedding cache
-(:mod:`unclip_jax.embeddings`) through :class:`unclip_jax.input_pipeline.EmbeddingBatches`."""
+(:mod:`unclip_jax.train.embeddings`) through
+:class:`unclip_jax.data.input_pipeline.EmbeddingBatches`."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import embeddings, input_pipeline, sharding
-from unclip_jax import runs
+from unclip_jax.core import sharding
+
+from unclip_jax.data import input_pipeline
+
+from unclip_jax.train import embeddings
+from unclip_jax.train import runs
 from unclip_jax.models import decoder as D
 from unclip_jax.models import sampling as S
 from unclip_jax.models import prior as P
@@ -98,7 +103,7 @@ def prior_ar_task(cfg, workdir: str | Path):
         raise ValueError(f"{path} was fitted with pca_dims={pca.dims}, num_buckets="
                          f"{pca.num_buckets}, sim_buckets={sim.num_buckets}; the config "
                          "differs — use another workdir")
-    arrays = PA._model_arrays(train, pca, sim)
+    arrays = PA.model_arrays(train, pca, sim)
     model = PA.ARPrior(mcfg)
     try:
         val = embeddings.load_split(mcfg.embeddings_dir, "validation")
@@ -111,7 +116,7 @@ def prior_ar_task(cfg, workdir: str | Path):
         params = ema_or_raw(cfg, state)
         m = min(len(val["index"]), 256)
         part = {k: v[:m] for k, v in val.items()}
-        va = PA._model_arrays(part, pca, sim)
+        va = PA.model_arrays(part, pca, sim)
         loss, metrics = sharding.fetch(jax.jit(functools.partial(PA.loss_fn, model))(params, va))
         out = {"val_loss": float(loss), "val_code_accuracy": float(metrics["code_accuracy"])}
         sample = PA.make_sampler(mcfg, pca, sim)
@@ -127,7 +132,7 @@ def prior_ar_task(cfg, workdir: str | Path):
         return out
 
     task = Task(
-        init=lambda rng, b: model.init(rng, b["tokens"], PA._cond(b)),
+        init=lambda rng, b: model.init(rng, b["tokens"], PA.cond_inputs(b)),
         loss=lambda params, batch, rng: PA.loss_fn(model, params, batch, rng),
         batches=lambda start, mesh: input_pipeline.EmbeddingBatches(
             arrays, cfg.train.batch_size, seed=cfg.train.seed, start=start, mesh=mesh),

@@ -1,0 +1,93 @@
+"""Zero-shot attribute accuracy of a CLIP on fresh captioned-shapes renders.
+
+The classes are every single-object caption "a {size} {colour} {shape}" (80 with the default
+vocabulary). An image's distribution over them is the softmax of its CLIP logits (cosine ×
+the model's learned temperature); the zero-shot prediction of an attribute is the value with the
+largest *marginal* probability, i.e. summed over the captions that agree on that attribute.
+No image of the evaluation set is needed to build the classifier, and the held-out
+(colour, shape) captions of the test split are never seen in training.
+
+Averaging the template embeddings per class instead (CLIP's prompt ensembling) was measured
+first and is kept as ``method="ensemble"``: on these captions the averaged class embeddings of
+the five shapes end up nearly parallel (cosine ≈ 0.95), because colour and size dominate the
+text embedding, and shape accuracy collapses (0.26 in distribution vs 0.90 with the marginal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from unclip_jax.core import shapes
+from unclip_jax.train.eval import zero_shot
+
+ATTRIBUTES = ("colour", "shape", "size")
+
+
+def _templates(attribute: str) -> list[Callable[[str], str]]:
+    """Prompt templates for ``attribute``: one per combination of the other two attributes."""
+    if attribute == "colour":
+        return [lambda c, z=z, s=s: f"a {z} {c} {s}" for z in shapes.SIZES for s in shapes.SHAPES]
+    if attribute == "shape":
+        return [lambda s, z=z, c=c: f"a {z} {c} {s}" for z in shapes.SIZES for c in shapes.COLOURS]
+    if attribute == "size":
+        return [lambda z, c=c, s=s: f"a {z} {c} {s}" for c in shapes.COLOURS for s in shapes.SHAPES]
+    raise ValueError(f"unknown attribute {attribute!r}; accepted: {', '.join(ATTRIBUTES)}")
+
+
+def classes(attribute: str) -> tuple[str, ...]:
+    return {"colour": shapes.COLOURS, "shape": shapes.SHAPES, "size": shapes.SIZES}[attribute]
+
+
+def render_eval_set(image_size: int, num: int, split: str = "test", seed: int = 1234):
+    """``(images [N, S, S, 3] float32 in [-1, 1], scenes)``: fresh single-object renders."""
+    scenes = [shapes.sample_scene(seed, i, split, num_objects=1) for i in range(num)]
+    images = np.stack([shapes.render(s, image_size) for s in scenes]).astype(np.float32)
+    return images / 127.5 - 1.0, scenes
+
+
+CAPTIONS = tuple((z, c, s) for z in shapes.SIZES for c in shapes.COLOURS for s in shapes.SHAPES)
+
+
+def marginal_predictions(img_emb: np.ndarray, txt_emb: np.ndarray, scale: float) -> dict:
+    """``{attribute: [N] int}``: per attribute, the value with the largest marginal probability
+    under ``softmax(scale · img_emb @ txt_emb.T)`` over the captions of :data:`CAPTIONS`."""
+    logits = scale * (np.asarray(img_emb, np.float64) @ np.asarray(txt_emb, np.float64).T)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    out = {}
+    for k, attribute in enumerate(("size", "colour", "shape")):
+        names = classes(attribute)
+        member = np.array([[cap[k] == name for name in names] for cap in CAPTIONS], np.float64)
+        out[attribute] = np.argmax(probs @ member, axis=1)
+    return out
+
+
+def zero_shot_accuracy(model, params, tokenize: Callable[[list[str]], np.ndarray], *,
+                       image_size: int, num: int = 500, split: str = "test", seed: int = 1234,
+                       method: str = "marginal") -> dict[str, float]:
+    """``{"zs_colour": acc, "zs_shape": acc, "zs_size": acc}`` in [0, 1] on ``num`` fresh
+    single-object renders of ``split`` (the test split holds only held-out colour–shape pairs).
+
+    ``method``: "marginal" (default, see the module docstring) or "ensemble" (prompt-ensembled
+    class embeddings per attribute)."""
+    if method not in ("marginal", "ensemble"):
+        raise ValueError(f"unknown zero-shot method {method!r}; accepted: marginal, ensemble")
+    images, scenes = render_eval_set(image_size, num, split, seed)
+    img_emb = zero_shot.encode_images(model, params, images)
+    labels = {a: np.array([classes(a).index(getattr(s.objects[0], a)) for s in scenes])
+              for a in ATTRIBUTES}
+    if method == "marginal":
+        txt_emb = zero_shot.encode_texts(
+            model, params, tokenize([f"a {z} {c} {s}" for z, c, s in CAPTIONS]))
+        scale = float(model.apply({"params": params}, method="scale"))
+        preds = marginal_predictions(img_emb, txt_emb, scale)
+        return {f"zs_{a}": float(np.mean(preds[a] == labels[a])) for a in ATTRIBUTES}
+    out = {}
+    for attribute in ATTRIBUTES:
+        classifier = zero_shot.build_classifier(model, params, tokenize, classes(attribute),
+                                                _templates(attribute))
+        out[f"zs_{attribute}"] = float(zero_shot.accuracy(img_emb, labels[attribute],
+                                                          classifier))
+    return out
