@@ -1,3 +1,3 @@
 """`tfds build data/captioned_shapes` entry point; the builder lives in the package."""
 
-from unclip_jax.datasets.captioned_shapes import CaptionedShapes  # noqa: F401 (registers it)
+from unclip_jax.data.captioned_shapes import CaptionedShapes  # noqa: F401 (registers it)

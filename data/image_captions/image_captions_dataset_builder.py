@@ -1,3 +1,3 @@
 """`tfds build data/image_captions` entry point; the builder lives in the package."""
 
-from unclip_jax.datasets.image_captions import Builder  # noqa: F401 (registers it)
+from unclip_jax.data.image_captions import Builder  # noqa: F401 (registers it)
