@@ -9,7 +9,7 @@ import pytest
 
 from unclip_jax.core import sharding
 
-SCRIPT = ("import jax; from unclip_jax import sharding; n = sharding.split_cpu_cores(); "
+SCRIPT = ("import jax; from unclip_jax.core import sharding; n = sharding.split_cpu_cores(); "
           "print(n, len(jax.devices('cpu')))")
 
 
