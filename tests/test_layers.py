@@ -122,3 +122,22 @@ def test_unmoved_paths_are_not_aliased():
     assert unclip_jax.moved_to("unclip_jax.core.config") is None
     with pytest.raises(ModuleNotFoundError):
         __import__("unclip_jax.nothing_here")
+
+
+def test_tests_experiments_and_benchmarks_use_todays_paths():
+    """Only users outside the repo should ever see the deprecation: the repo's own scripts and
+    tests import every module at its layer folder's path."""
+    old = []
+    for folder in ("tests", "experiments", "benchmarks", "docs", "data"):
+        for path in sorted((PACKAGE.parent / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names]
+                                             if node.module == "unclip_jax" else [])
+                old += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {n}"
+                        for n in names if top_level(n) not in (None, *RANK, "MOVED",
+                                                                "moved_to")]
+    assert not old, "old module paths:\n" + "\n".join(old)
