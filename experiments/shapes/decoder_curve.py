@@ -41,7 +41,7 @@ METRICS = ("single_colour_shape", "two_both_colour_shape", "relation", "variatio
 BASE = ["model.patch_size=1", "model.timestep_sampling=uniform", "model.timestep_loc=0.0",
         "model.timestep_scale=1.0", "model.text_class_emb=false", "model.embeddings_dir=",
         "model.sample_method=ddim", "model.sample_spacing=even", "model.sample_steps=50",
-        "model.guidance_scale=3.0"]
+        "model.guidance_scale=3.0", "train.batch_size=32", "optim.learning_rate=1e-3"]
 # name -> overrides of experiments/shapes/decoder.py ({emb}: the demo's embedding cache)
 _P2 = ["model.embeddings_dir={emb}", "model.patch_size=2"]
 _LN = _P2 + ["model.timestep_sampling=logit_normal"]
@@ -117,7 +117,7 @@ def workdir(recipe: str, seed: int, steps: int) -> Path:
 
 
 def train(recipe: str, steps: int, seed: int, demo: Path, extra: list[str]) -> Path:
-    from unclip_jax import config as config_lib
+    from unclip_jax.core import config as config_lib
     from unclip_jax.train import loop, tasks
 
     wd = workdir(recipe, seed, steps)
@@ -158,7 +158,7 @@ def with_samplers(model, decoder: str | None, upsampler: str | None,
 def judge(decoder: Path, demo: Path, num: int, num_variations: int,
           decoder_sampler: str | None = None, upsampler_sampler: str | None = None,
           guidance: float | None = None) -> dict:
-    from unclip_jax import demo as demo_lib
+    from unclip_jax.commands import demo as demo_lib
     from unclip_jax.pipelines import unclip
 
     model = unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
@@ -189,10 +189,10 @@ def upsampler_check(demo: Path, specs: list[str], num: int, upsampler: Path | No
 
     import jax
 
-    from unclip_jax import demo as demo_lib
-    from unclip_jax import shapes
-    from unclip_jax.eval import metrics
-    from unclip_jax import runs
+    from unclip_jax.commands import demo as demo_lib
+    from unclip_jax.core import shapes
+    from unclip_jax.train.eval import metrics
+    from unclip_jax.train import runs
     from unclip_jax.pipelines import unclip
 
     params, cfg = runs.load_upsampler(upsampler or demo / "upsampler")
