@@ -14,8 +14,31 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+# One XLA compilation cache per test run, shared by the xdist workers: the tiny models' steps and
+# samplers are compiled by many tests with the same shapes, and compiling is most of the suite's
+# time. It starts empty (results never depend on an earlier run) and goes when the run ends
+# (``pytest_sessionfinish``); a torn read between workers only warns and compiles again.
+# UNCLIP_TEST_XLA_CACHE=0 turns it off; tests that count compiles also count cache hits.
+if os.environ.get("UNCLIP_TEST_XLA_CACHE", "1") != "0":
+    import tempfile
+
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    XLA_CACHE = os.path.join(tempfile.gettempdir(), f"unclip_jax_test_xla_cache_{run_id}")
+    jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+else:
+    XLA_CACHE = None
+
 
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if XLA_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):    # the controller, at the end
+        import shutil
+
+        shutil.rmtree(XLA_CACHE, ignore_errors=True)
 
 # The shared objects are built in the fixtures, so collecting a test that uses none of them
 # imports no model (``tiny`` imports the CLIP, prior and decoder modules).
