@@ -41,7 +41,8 @@ METRICS = ("single_colour_shape", "two_both_colour_shape", "relation", "variatio
 BASE = ["model.patch_size=1", "model.timestep_sampling=uniform", "model.timestep_loc=0.0",
         "model.timestep_scale=1.0", "model.text_class_emb=false", "model.embeddings_dir=",
         "model.sample_method=ddim", "model.sample_spacing=even", "model.sample_steps=50",
-        "model.guidance_scale=3.0", "train.batch_size=32", "optim.learning_rate=1e-3"]
+        "model.guidance_scale=3.0", "train.batch_size=32", "optim.learning_rate=1e-3",
+        "model.text_drop_prob=0.5"]
 # name -> overrides of experiments/shapes/decoder.py ({emb}: the demo's embedding cache)
 _P2 = ["model.embeddings_dir={emb}", "model.patch_size=2"]
 _LN = _P2 + ["model.timestep_sampling=logit_normal"]
@@ -82,6 +83,12 @@ RECIPES = {
     # the demo's recipe with the caption dropped 20 % instead of 50 % (binding reads the caption)
     "p2ln_cls_b64_lr3e3_tdrop02": _LN + ["model.text_class_emb=true", "train.batch_size=64",
                                         "optim.learning_rate=3e-3", "model.text_drop_prob=0.2"],
+    # the next demo's recipe (caption drop 20 %) at a higher rate, and at batch 128
+    "p2ln_cls_b64_lr5e3_tdrop02": _LN + ["model.text_class_emb=true", "train.batch_size=64",
+                                        "optim.learning_rate=5e-3", "model.text_drop_prob=0.2"],
+    "p2ln_cls_b128_lr5e3_tdrop02": _LN + ["model.text_class_emb=true", "train.batch_size=128",
+                                         "optim.learning_rate=5e-3",
+                                         "model.text_drop_prob=0.2"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -102,6 +109,8 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_attn16": "patch2_attn16", "p2ln_cls_b64": "patch2_b64",
              "p2ln_cls_b64_lr2e3": "patch2_b64", "p2ln_cls_b64_lr3e3": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02": "patch2_b64",
+             "p2ln_cls_b64_lr5e3_tdrop02": "patch2_b64",
+             "p2ln_cls_b128_lr5e3_tdrop02": "patch2_b128",
              "p2ln_cls_lr2e3": "patch2_cls",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
