@@ -89,6 +89,12 @@ RECIPES = {
     "p2ln_cls_b128_lr5e3_tdrop02": _LN + ["model.text_class_emb=true", "train.batch_size=128",
                                          "optim.learning_rate=5e-3",
                                          "model.text_drop_prob=0.2"],
+    # ... and without the learned variance (the demo's 3M and DDIM samplers never read it;
+    # the hybrid loss's VLB term takes part of every step's gradient)
+    "p2ln_cls_b64_lr3e3_tdrop02_nolv": _LN + ["model.text_class_emb=true",
+                                             "train.batch_size=64", "optim.learning_rate=3e-3",
+                                             "model.text_drop_prob=0.2",
+                                             "model.learned_variance=false"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -110,6 +116,7 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr2e3": "patch2_b64", "p2ln_cls_b64_lr3e3": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02": "patch2_b64",
              "p2ln_cls_b64_lr5e3_tdrop02": "patch2_b64",
+             "p2ln_cls_b64_lr3e3_tdrop02_nolv": "patch2_b64",
              "p2ln_cls_b128_lr5e3_tdrop02": "patch2_b128",
              "p2ln_cls_lr2e3": "patch2_cls",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
