@@ -69,7 +69,7 @@ def test_sample_metrics_and_report_markdown():
     assert (m["num_samples"], m["feature_dim"]) == (6, 3)
 
     samples = dict(m, single_colour_shape=0.5, two_both_colour_shape=0.25, relation=0.75,
-                   exact=0.1, variation_consistency=0.0, num_single=3, num_two=3,
+                   exact=0.1, variation_consistency=0.0, num_varied=5, num_single=3, num_two=3,
                    resolution=16, generate_8_after_compile_s=1.5)
     report = {"clip_eval": {"zs_colour": 1.0}, "samples": samples,
               "wall_s": {"clip": 845.0, "prior": None, "samples": 12.0, "total": 857.0},
@@ -82,6 +82,7 @@ def test_sample_metrics_and_report_markdown():
     assert f"| CLIP score (100·max(cos, 0), mean) | {m['clip_score']:.2f} |" in md
     assert "| Fréchet distance to the prompts' renders (FD_CLIP) | 0.0000 |" in md
     assert "binding: two objects, both colour+shape) | 0.250 |" in md
+    assert "(variations keep the judged objects, 5 renders × 4) | 0.000 |" in md
     assert "| clip | 845.0 | 1.1 |" in md and "| prior | — | 0.9 |" in md
     assert "| samples | 12.0 |  |" in md and "| this run | | 14.0 |" in md
     assert "Note: copied from the first run" in md

@@ -144,6 +144,18 @@ def test_inversion_reconstructs_and_manipulations(model, image_path, monkeypatch
     np.testing.assert_array_equal(diff[0], rec[0])
     assert np.abs(diff[-1].astype(int) - rec[0]).max() > 0
 
+    # variation consistency is the judged agreement of exactly these variations (a stand-in
+    # judge: the dominant channel), from the inversion or from fresh noise
+    monkeypatch.setattr(M, "_judged_pairs", lambda im: int(np.argmax(im.mean((0, 1)))))
+    images = [image_path, b]
+    for inv in (True, False):
+        outs = [M.variations(u, im, n=2, seed=3 + k, from_inversion=inv, **opts)
+                for k, im in enumerate(images)]
+        wants = [M._judged_pairs(U.to_uint8(m.pixels([im])[0])) for im in images]
+        manual = np.mean([M._judged_pairs(o) == w for w, out in zip(wants, outs) for o in out])
+        assert M.variation_consistency(u, images, n=2, seed=3, from_inversion=inv,
+                                       **opts) == manual
+
 
 def test_grid(tmp_path):
     images = np.zeros((6, 8, 8, 3), np.uint8)

@@ -387,18 +387,19 @@ def _judged_pairs(image: np.ndarray) -> list[tuple[str, str]]:
 
 
 def variation_consistency(unclip: U.UnCLIP, images: Sequence[ImageLike], n: int = 4,
-                          eta: float = 1.0, seed: int = 0, **options) -> float:
-    """Fraction of variations whose judged (colour, shape) objects equal the input's (the
-    input judged at the decoder's resolution, the variations at the output resolution)."""
+                          eta: float = 1.0, seed: int = 0, *, from_inversion: bool = True,
+                          **options) -> float:
+    """Fraction of the ``n`` :func:`variations` of each image (seed ``seed + k`` for the k-th)
+    whose judged (colour, shape) objects equal the input's (the input judged at the decoder's
+    resolution, the variations at the output resolution)."""
     if not len(images):
         raise ValueError("variation_consistency needs at least one image")
     m = _manipulator(unclip, options)
     same = []
     for k, image in enumerate(images):
-        x, z, x_T = m.encode([image])
-        want = _judged_pairs(to_uint8(x[0]))
-        outs = m.decode(jnp.repeat(z, n, axis=0), jnp.repeat(x_T, n, axis=0), seed=seed + k,
-                        eta=eta)
+        want = _judged_pairs(to_uint8(m.pixels([image])[0]))
+        outs = variations(unclip, image, n=n, eta=eta, seed=seed + k,
+                          from_inversion=from_inversion, **options)
         same += [_judged_pairs(o) == want for o in outs]
     return float(np.mean(same))
 

@@ -1,0 +1,103 @@
+"""Where the chain's variation consistency is lost (issue 20): one decoder, several ways.
+
+The demo's figure is :func:`~unclip_jax.pipelines.manipulate.variation_consistency`: held-out
+single-object renders, DDIM-inverted, 4 variations each with DDIM η = 1 at the decoder's
+guidance, judged at the output resolution. This script measures it on more renders, split by
+object size, next to the same decoder
+
+* reconstructing (η = 0 from the inversion: what the latents hold),
+* from fresh noise (the decoder's own sampler: what the embedding alone holds),
+* at other guidance scales,
+
+and appends one JSON row per way to ``runs/curve/variations.jsonl``::
+
+    python experiments/shapes/variation_diagnosis.py runs/curve/<decoder run> --renders 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import decoder_curve  # noqa: E402
+
+from unclip_jax.core import shapes  # noqa: E402
+from unclip_jax.pipelines import manipulate, unclip  # noqa: E402
+
+OUT = decoder_curve.CURVE / "variations.jsonl"
+# name -> (variation_consistency options; None = reconstruction instead of variations)
+WAYS = {
+    "demo (inversion, η 1, guidance 3)": dict(guidance_scale=3.0),
+    "reconstruction (inversion, η 0)": None,
+    "fresh noise (3M, guidance 3)": dict(guidance_scale=3.0, from_inversion=False),
+    "inversion, η 1, guidance 1": dict(guidance_scale=1.0),
+    "inversion, η 1, guidance 5": dict(guidance_scale=5.0),
+}
+
+
+def reconstruction_consistency(model, images) -> float:
+    """Fraction of images whose η = 0 reconstruction (guidance 3) is judged like the image."""
+    same = []
+    for image in images:
+        want = shapes.judge(image).objects
+        got = shapes.judge(manipulate.reconstruct(model, image, guidance_scale=3.0)[0]).objects
+        same.append(sorted((o.colour, o.shape) for o in got)
+                    == sorted((o.colour, o.shape) for o in want))
+    return float(np.mean(same))
+
+
+def diagnose(decoder: Path, demo: Path, renders: int, ways: list[str]) -> list[dict]:
+    model = unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
+                               decoder, [demo / "upsampler"])
+    model = decoder_curve.with_samplers(model, "dpmpp_3m:logsnr:20", "dpmpp_3m:logsnr:10")
+    scenes = [shapes.sample_scene(7, i, "test", num_objects=1) for i in range(renders)]
+    images = [shapes.render(s, model.decoder.image_size) for s in scenes]
+    sizes = sorted({s.objects[0].size for s in scenes})
+    rows = []
+    for name in ways:
+        options = WAYS[name]
+        t0 = time.perf_counter()
+        by_size = {}
+        for size in sizes:
+            group = [im for im, s in zip(images, scenes) if s.objects[0].size == size]
+            by_size[size] = (reconstruction_consistency(model, group) if options is None else
+                             manipulate.variation_consistency(model, group, n=4, **options))
+            by_size[size] = (by_size[size], len(group))
+        total = sum(v * n for v, n in by_size.values()) / len(images)
+        row = {"decoder": str(decoder), "way": name, "renders": renders,
+               "consistency": round(total, 4),
+               "by_size": {k: {"consistency": round(v, 4), "renders": n}
+                           for k, (v, n) in by_size.items()},
+               "wall_s": round(time.perf_counter() - t0, 1),
+               "load_average_1min": round(os.getloadavg()[0], 1)}
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        with open(OUT, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("decoder", type=Path, help="a decoder run (runs/curve/...)")
+    p.add_argument("--demo", type=Path, default=Path("runs/demo"),
+                   help="the demo run whose CLIP, prior and upsampler complete the chain")
+    p.add_argument("--renders", type=int, default=64, help="held-out single-object renders")
+    p.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
+    args = p.parse_args(argv)
+    if args.renders < 1:
+        p.error(f"--renders must be ≥ 1, got {args.renders}")
+    diagnose(args.decoder, args.demo, args.renders, args.ways)
+
+
+if __name__ == "__main__":
+    main()
