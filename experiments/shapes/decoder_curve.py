@@ -95,6 +95,13 @@ RECIPES = {
                                              "train.batch_size=64", "optim.learning_rate=3e-3",
                                              "model.text_drop_prob=0.2",
                                              "model.learned_variance=false"],
+    # ... and without Min-SNR weighting (it gives the low-noise steps, where small shapes'
+    # edges are drawn, γ/(SNR+1) of the v-loss's weight)
+    "p2ln_cls_b64_lr3e3_tdrop02_nosnr": _LN + ["model.text_class_emb=true",
+                                              "train.batch_size=64",
+                                              "optim.learning_rate=3e-3",
+                                              "model.text_drop_prob=0.2",
+                                              "model.min_snr_gamma=0"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -117,6 +124,7 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr3e3_tdrop02": "patch2_b64",
              "p2ln_cls_b64_lr5e3_tdrop02": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02_nolv": "patch2_b64",
+             "p2ln_cls_b64_lr3e3_tdrop02_nosnr": "patch2_b64",
              "p2ln_cls_b128_lr5e3_tdrop02": "patch2_b128",
              "p2ln_cls_lr2e3": "patch2_cls",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
