@@ -108,6 +108,12 @@ RECIPES = {
                                              "optim.learning_rate=3e-3",
                                              "model.text_drop_prob=0.2",
                                              "model.min_snr_gamma=2"],
+    # ... and γ = 1 (the weight peaks at SNR 1, where γ = 2 gained over 5)
+    "p2ln_cls_b64_lr3e3_tdrop02_snr1": _LN + ["model.text_class_emb=true",
+                                             "train.batch_size=64",
+                                             "optim.learning_rate=3e-3",
+                                             "model.text_drop_prob=0.2",
+                                             "model.min_snr_gamma=1"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -132,6 +138,7 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr3e3_tdrop02_nolv": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02_nosnr": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2": "patch2_b64",
+             "p2ln_cls_b64_lr3e3_tdrop02_snr1": "patch2_b64",
              "p2ln_cls_b128_lr5e3_tdrop02": "patch2_b128",
              "p2ln_cls_lr2e3": "patch2_cls",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
