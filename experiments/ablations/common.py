@@ -456,16 +456,42 @@ def _fmt(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.3g}"
 
 
+_MARKERS = ("circle", "square", "triangle", "diamond")
+
+
+def _marker(draw, kind: str, a: float, b: float, colour, r: float = 3.5) -> None:
+    if kind == "circle":
+        draw.ellipse([a - r, b - r, a + r, b + r], fill=colour)
+    elif kind == "square":
+        draw.rectangle([a - r, b - r, a + r, b + r], fill=colour)
+    elif kind == "triangle":
+        draw.polygon([(a, b - r - 1), (a - r - 1, b + r), (a + r + 1, b + r)], fill=colour)
+    else:
+        draw.polygon([(a, b - r - 1), (a + r + 1, b), (a, b + r + 1), (a - r - 1, b)],
+                     fill=colour)
+
+
 def plot_panels(path: str | os.PathLike, panels: Sequence[dict], width: int = 460,
-                height: int = 340) -> Path:
+                height: int = 340, legend: str = "panel") -> Path:
     """Line plots side by side, drawn with PIL (no plotting library in the environment).
 
     Each panel: ``title``, ``xlabel``, ``ylabel``, ``series`` = list of ``(label, xs, ys)``,
     optional ``log_x`` and ``annotate`` (list of per-point strings for the first series).
+    ``legend="panel"`` names the series inside each panel; ``"below"`` draws one legend for all
+    panels under them, in columns, and gives a label the same colour and marker in every panel
+    (for many series: colours cycle, and each cycle takes the next marker shape).
     """
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (width * len(panels), height), "white")
+    if legend not in ("panel", "below"):
+        raise ValueError(f"legend must be 'panel' or 'below', got {legend!r}")
+    labels = list(dict.fromkeys(lab for p in panels for lab, _, _ in p["series"]))
+    style = {lab: (_COLOURS[i % len(_COLOURS)], _MARKERS[(i // len(_COLOURS)) % len(_MARKERS)])
+             for i, lab in enumerate(labels)}
+    col_w, row_h = 230, 14
+    ncols = max(1, width * len(panels) // col_w)
+    legend_h = 0 if legend == "panel" else 10 + row_h * -(-len(labels) // ncols)
+    img = Image.new("RGB", (width * len(panels), height + legend_h), "white")
     draw = ImageDraw.Draw(img)
     left, right, top, bottom = 62, 16, 28, 46
     for k, panel in enumerate(panels):
@@ -506,20 +532,27 @@ def plot_panels(path: str | os.PathLike, panels: Sequence[dict], width: int = 46
                   + (" (log scale)" if log_x else ""), fill="black")
         draw.text((x0 + left + 4, top + 4), panel["ylabel"], fill=(90, 90, 90))
         for j, (label, xs, ys) in enumerate(series):
-            colour = _COLOURS[j % len(_COLOURS)]
+            colour, marker = style[label]
             pts = [(px(a), py(b)) for a, b in zip(xs, ys)]
             if len(pts) > 1:
                 draw.line(pts, fill=colour, width=2)
             for a, b in pts:
-                draw.ellipse([a - 3, b - 3, a + 3, b + 3], fill=colour)
+                _marker(draw, marker, a, b, colour)
             if j == 0 and panel.get("annotate"):
                 for (a, b), text in zip(pts, panel["annotate"]):
                     draw.text((a + 5, b - 12), text, fill=colour)
-            if len(series) > 1:
+            if legend == "panel" and len(series) > 1:
                 ly = top + 18 + 13 * j
                 draw.line([x0 + width - right - 110, ly + 6, x0 + width - right - 94, ly + 6],
                           fill=colour, width=2)
                 draw.text((x0 + width - right - 90, ly), label, fill=colour)
+    if legend == "below":
+        for i, label in enumerate(labels):
+            colour, marker = style[label]
+            lx, ly = 12 + col_w * (i % ncols), height + 4 + row_h * (i // ncols)
+            draw.line([lx, ly + 6, lx + 18, ly + 6], fill=colour, width=2)
+            _marker(draw, marker, lx + 9, ly + 6, colour)
+            draw.text((lx + 24, ly), label, fill=colour)
     path = Path(path)
     img.save(path)
     return path

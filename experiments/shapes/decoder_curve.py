@@ -331,7 +331,7 @@ def report(costs: Path | list[Path], png: Path = PNG, settings: dict | None = No
             series.append((recipe, xs, [np.mean([y for x2, y in pts if x2 == x]) for x in xs]))
         panels.append({"title": key.replace("_", " "), "xlabel": "decoder CPU min",
                        "ylabel": "fraction", "series": series, "log_x": True})
-    common.plot_panels(png, panels, width=420)
+    common.plot_panels(png, panels, width=420, legend="below")
     return "\n".join(lines)
 
 
