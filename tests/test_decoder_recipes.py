@@ -48,6 +48,28 @@ def test_patched_unet_is_the_unet_on_patches():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_res_blocks_per_level():
+    """An int is that many blocks at every level (same parameters, same output as the tuple);
+    a tuple puts its blocks level by level (the up path one more each)."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    t = jnp.array([3, 70])
+    shared, listed = UNet(3, 8, (1, 2), 1, (2,), groups=4), UNet(3, 8, (1, 2), (1, 1), (2,),
+                                                                  groups=4)
+    params = shared.init(jax.random.key(1), x, t)
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape),
+                          params)
+    np.testing.assert_array_equal(listed.apply(params, x, t), shared.apply(params, x, t))
+    names = set(UNet(3, 8, (1, 2), (2, 1), (2,), groups=4).init(
+        jax.random.key(1), x, t)["params"])
+    assert {"down_0_res_1", "up_0_res_2", "down_1_res_0", "up_1_res_1"} <= names
+    assert not {"down_1_res_1", "up_1_res_2", "up_0_res_3"} & names
+    # the config override parses a per-level list
+    from unclip_jax.core import config as config_lib
+    cfg = config_lib.apply_overrides(CFG, ["num_res_blocks=2,1"])
+    assert cfg.num_res_blocks == (2, 1)
+    assert config_lib.apply_overrides(CFG, ["num_res_blocks=3"]).num_res_blocks == 3
+
+
 def test_patched_decoder_trains_and_samples():
     cfg = dataclasses.replace(CFG, patch_size=2, timestep_sampling="logit_normal")
     D.check_decoder_config(cfg)
@@ -74,6 +96,10 @@ def test_patched_decoder_trains_and_samples():
     ({"timestep_sampling": "logit_normal", "timestep_scale": 0.0}, r"needs a scale > 0"),
     ({"patch_size": 2, "attention_resolutions": (16,)},
      r"attention_resolutions \[16\] are not feature-map sides .* accepted: 8, 4"),
+    ({"num_res_blocks": (2, 1, 1)}, r"num_res_blocks \(2, 1, 1\) does not fit a U-Net of 2 "
+                                    r"levels; accepted: one int ≥ 1 for every level, or 2 ints"),
+    ({"num_res_blocks": 0}, r"num_res_blocks 0 does not fit .* accepted: one int ≥ 1"),
+    ({"num_res_blocks": (2, 0)}, r"num_res_blocks \(2, 0\) does not fit"),
 ])
 def test_recipe_options_that_cannot_be_taken_name_the_accepted_values(change, match):
     with pytest.raises(ValueError, match=match):

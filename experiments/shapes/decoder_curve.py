@@ -114,6 +114,10 @@ RECIPES = {
                                              "optim.learning_rate=3e-3",
                                              "model.text_drop_prob=0.2",
                                              "model.min_snr_gamma=1"],
+    # capacity where the patched feature map is largest: a second residual block at 16 px
+    # (the up path gets a third), the other levels unchanged
+    "patch2_b64_res211": _P2 + ["train.batch_size=64", "model.num_res_blocks=2,1,1"],
+    "patch2_b64_res2": _P2 + ["train.batch_size=64", "model.num_res_blocks=2"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls

@@ -61,7 +61,7 @@ from unclip_jax.core.nn.attention import padding_mask
 from unclip_jax.core.nn.layers import dtype as to_dtype
 from unclip_jax.core.nn.layers import layer_norm
 from unclip_jax.core.nn.transformer import Transformer
-from unclip_jax.core.nn.unet import UNet, dense
+from unclip_jax.core.nn.unet import UNet, dense, res_blocks_per_level
 
 AUGMENTATIONS = ("none", "blur", "bsr")
 
@@ -80,7 +80,7 @@ class DecoderConfig:
     # U-Net
     base_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2
+    num_res_blocks: int | tuple[int, ...] = 2   # per level, or one count for every level
     attention_resolutions: tuple[int, ...] = (16, 8)   # feature-map sides with attention
     head_channels: int = 32
     dropout: float = 0.0
@@ -134,7 +134,7 @@ class UpsamplerConfig:
     low_res_size: int = 32                    # conditioning side; factor = image_size / this
     base_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2
+    num_res_blocks: int | tuple[int, ...] = 2   # per level, or one count for every level
     dropout: float = 0.0
     resblock_updown: bool = True
     groups: int = 32                          # GroupNorm groups of the U-Net
@@ -181,6 +181,7 @@ def _check_patch(what: str, patch: int, image_size: int, levels: int) -> None:
 def check_decoder_config(cfg: DecoderConfig) -> None:
     """ValueError naming the accepted values for a recipe option the decoder cannot take."""
     _check_patch("decoder", cfg.patch_size, cfg.image_size, len(cfg.channel_mult))
+    res_blocks_per_level(cfg.num_res_blocks, len(cfg.channel_mult))
     diffusion.check_timestep_sampling(cfg.timestep_sampling, cfg.timestep_scale)
     if cfg.text_class_emb and not cfg.use_text:
         raise ValueError("text_class_emb adds the caption encoder's final state to the "
@@ -205,6 +206,7 @@ def check_upsampler_config(cfg: UpsamplerConfig) -> None:
     if not 0 < cfg.crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be in (0, 1], got {cfg.crop_fraction}")
     _check_patch("upsampler", cfg.patch_size, cfg.image_size, len(cfg.channel_mult))
+    res_blocks_per_level(cfg.num_res_blocks, len(cfg.channel_mult))
 
 
 # ============================================================================ decoder model

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.core import sharding
+from unclip_jax.core.nn.unet import res_blocks_per_level
 
 GiB = 1024 ** 3
 
@@ -166,7 +167,7 @@ def _transformer_bytes(tokens: int, width: int, heads: int, seq: int, layers: in
     return tokens * (layers * per_layer + extra)
 
 
-def _unet_bytes(b: int, side: int, in_ch: int, base: int, mult, num_res: int, attn_ds,
+def _unet_bytes(b: int, side: int, in_ch: int, base: int, mult, num_res, attn_ds,
                 middle_attn: bool, head_ch: int, ctx_len: int) -> float:
     """Saved activation bytes of the ADM U-Net walk of ``unclip_jax.core.nn.unet.UNet``."""
     total = 0.0
@@ -178,13 +179,14 @@ def _unet_bytes(b: int, side: int, in_ch: int, base: int, mult, num_res: int, at
         n = max(1, c // head_ch)
         return 16 * r * r * c + 8 * n * r * r * (r * r + ctx_len)
 
+    blocks = res_blocks_per_level(num_res, len(mult))
     r, ds = side, 1
     ch = base * mult[0]
     total += r * r * (2 * in_ch + 2 * ch)
     skips = [ch]
     for level, m in enumerate(mult):
         out = base * m
-        for _ in range(num_res):
+        for _ in range(blocks[level]):
             total += res(r, ch, out)
             ch = out
             if ds in attn_ds:
@@ -198,7 +200,7 @@ def _unet_bytes(b: int, side: int, in_ch: int, base: int, mult, num_res: int, at
     total += 2 * res(r, ch, ch) + (attn(r, ch) if middle_attn else 0)
     for level in reversed(range(len(mult))):
         out = base * mult[level]
-        for _ in range(num_res + 1):
+        for _ in range(blocks[level] + 1):
             total += res(r, ch + skips.pop(), out)
             ch = out
             if ds in attn_ds:

@@ -226,6 +226,18 @@ class AttentionBlock(nn.Module):
         return _constrain(x + (h * gate.astype(self.dtype)).reshape(b, hgt, wid, c))
 
 
+def res_blocks_per_level(num_res_blocks: int | Sequence[int], levels: int) -> tuple[int, ...]:
+    """``num_res_blocks`` as one count per level (an int repeats); ValueError naming the
+    accepted values if it is not ≥ 1 blocks at each of the ``levels`` levels."""
+    blocks = ((num_res_blocks,) * levels if isinstance(num_res_blocks, int)
+              else tuple(num_res_blocks))
+    if len(blocks) != levels or any(not isinstance(n, int) or n < 1 for n in blocks):
+        raise ValueError(f"num_res_blocks {num_res_blocks!r} does not fit a U-Net of {levels} "
+                         f"levels; accepted: one int ≥ 1 for every level, or {levels} ints "
+                         f"≥ 1, one per level (first = the largest feature map)")
+    return blocks
+
+
 class UNet(nn.Module):
     """ADM/GLIDE U-Net ``[B, H, W, Cin] -> [B, H, W, out_channels]`` (see module docstring).
 
@@ -234,7 +246,8 @@ class UNet(nn.Module):
       base_channels: channels of the first level; level ``i`` has ``base · channel_mult[i]``.
       channel_mult: one multiplier per level; H and W must be divisible by
         ``2 ** (len(channel_mult) - 1)``.
-      num_res_blocks: residual blocks per level (the up path has one more).
+      num_res_blocks: residual blocks per level (the up path has one more): one int for every
+        level, or one per level (e.g. ``(2, 1, 1)``: capacity where the feature map is largest).
       attention_ds: downsampling factors (1, 2, 4, …) whose levels get attention blocks.
       middle_attention: an attention block between the middle residual blocks.
       head_channels: channels per attention head (heads = channels // head_channels).
@@ -249,7 +262,7 @@ class UNet(nn.Module):
     out_channels: int
     base_channels: int = 64
     channel_mult: Sequence[int] = (1, 2, 4)
-    num_res_blocks: int = 2
+    num_res_blocks: int | Sequence[int] = 2
     attention_ds: Sequence[int] = (2, 4)
     middle_attention: bool = True
     head_channels: int = 32
@@ -297,6 +310,7 @@ class UNet(nn.Module):
           ``[B, H, W, out_channels]`` float32.
         """
         self.check_input(x.shape[1], x.shape[2])
+        blocks = res_blocks_per_level(self.num_res_blocks, len(self.channel_mult))
         dt = self.dtype
         temb = timestep_embedding(t, self.base_channels)
         temb = dense(self.time_embed_dim, name="time_fc1")(temb)
@@ -329,7 +343,7 @@ class UNet(nn.Module):
         last = len(self.channel_mult) - 1
         for level, mult in enumerate(self.channel_mult):
             ch = self.base_channels * mult
-            for i in range(self.num_res_blocks):
+            for i in range(blocks[level]):
                 h = res(ch, f"down_{level}_res_{i}")(h, temb, deterministic)
                 if ds in self.attention_ds:
                     h = attention(h, f"down_{level}_attn_{i}")
@@ -350,7 +364,7 @@ class UNet(nn.Module):
 
         for level in reversed(range(len(self.channel_mult))):
             ch = self.base_channels * self.channel_mult[level]
-            for i in range(self.num_res_blocks + 1):
+            for i in range(blocks[level] + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = res(ch, f"up_{level}_res_{i}")(h, temb, deterministic)
                 if ds in self.attention_ds:
