@@ -118,6 +118,12 @@ RECIPES = {
     # (the up path gets a third), the other levels unchanged
     "patch2_b64_res211": _P2 + ["train.batch_size=64", "model.num_res_blocks=2,1,1"],
     "patch2_b64_res2": _P2 + ["train.batch_size=64", "model.num_res_blocks=2"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_res211": _LN + ["model.text_class_emb=true",
+                                                    "train.batch_size=64",
+                                                    "optim.learning_rate=3e-3",
+                                                    "model.text_drop_prob=0.2",
+                                                    "model.min_snr_gamma=2",
+                                                    "model.num_res_blocks=2,1,1"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -143,6 +149,7 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr3e3_tdrop02_nosnr": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02_snr1": "patch2_b64",
+             "p2ln_cls_b64_lr3e3_tdrop02_snr2_res211": "patch2_b64_res211",
              "p2ln_cls_b128_lr5e3_tdrop02": "patch2_b128",
              "p2ln_cls_lr2e3": "patch2_cls",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
