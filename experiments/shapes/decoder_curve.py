@@ -42,7 +42,7 @@ BASE = ["model.patch_size=1", "model.timestep_sampling=uniform", "model.timestep
         "model.timestep_scale=1.0", "model.text_class_emb=false", "model.embeddings_dir=",
         "model.sample_method=ddim", "model.sample_spacing=even", "model.sample_steps=50",
         "model.guidance_scale=3.0", "train.batch_size=32", "optim.learning_rate=1e-3",
-        "model.text_drop_prob=0.5"]
+        "model.text_drop_prob=0.5", "model.min_snr_gamma=5.0"]
 # name -> overrides of experiments/shapes/decoder.py ({emb}: the demo's embedding cache)
 _P2 = ["model.embeddings_dir={emb}", "model.patch_size=2"]
 _LN = _P2 + ["model.timestep_sampling=logit_normal"]
