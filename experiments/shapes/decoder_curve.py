@@ -108,6 +108,12 @@ RECIPES = {
                                              "optim.learning_rate=3e-3",
                                              "model.text_drop_prob=0.2",
                                              "model.min_snr_gamma=2"],
+    # ... and γ = 3 (between the paper's 5 and the demo's 2)
+    "p2ln_cls_b64_lr3e3_tdrop02_snr3": _LN + ["model.text_class_emb=true",
+                                             "train.batch_size=64",
+                                             "optim.learning_rate=3e-3",
+                                             "model.text_drop_prob=0.2",
+                                             "model.min_snr_gamma=3"],
     # ... and γ = 1 (the weight peaks at SNR 1, where γ = 2 gained over 5)
     "p2ln_cls_b64_lr3e3_tdrop02_snr1": _LN + ["model.text_class_emb=true",
                                              "train.batch_size=64",
@@ -149,6 +155,7 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr3e3_tdrop02_nosnr": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02_snr1": "patch2_b64",
+             "p2ln_cls_b64_lr3e3_tdrop02_snr3": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_res211": "patch2_b64_res211",
              "p2ln_cls_b128_lr5e3_tdrop02": "patch2_b128",
              "p2ln_cls_lr2e3": "patch2_cls",
