@@ -100,6 +100,10 @@ def test_patched_decoder_trains_and_samples():
                                     r"levels; accepted: one int ≥ 1 for every level, or 2 ints"),
     ({"num_res_blocks": 0}, r"num_res_blocks 0 does not fit .* accepted: one int ≥ 1"),
     ({"num_res_blocks": (2, 0)}, r"num_res_blocks \(2, 0\) does not fit"),
+    ({"guidance_interval": (1.0,)}, r"guidance_interval must be None or a \(sigma_lo, sigma_hi\) "
+                                   r"pair, got \(1.0,\)"),
+    ({"guidance_interval": (1.0, 0.5)}, r"needs 0 ≤ sigma_lo < sigma_hi"),
+    ({"guidance_interval": (-1.0, 2.0)}, r"needs 0 ≤ sigma_lo < sigma_hi"),
 ])
 def test_recipe_options_that_cannot_be_taken_name_the_accepted_values(change, match):
     with pytest.raises(ValueError, match=match):

@@ -261,6 +261,74 @@ def test_guidance_scale_one_and_zero(guided):
     assert calls == [(512, D)]
 
 
+def _x0_denoiser(params, x, t, cond):
+    """Predicts x₀ = cond["shift"] whatever x and t: DDIM (η = 0) then ends on the guided x₀
+    of its last step, uncond + s₀·(cond − uncond), with s₀ the scale at that step."""
+    return jnp.broadcast_to(cond["shift"][:, None], x.shape)
+
+
+def test_guidance_interval_guides_only_inside_it():
+    sched = respace(FULL, "25")
+    sigmas = np.asarray(sched.sqrt_recipm1_alphas_cumprod)      # σ of each step, rising
+    cond, uncond = {"shift": jnp.ones((8,))}, {"shift": jnp.zeros((8,))}
+
+    def run(interval, denoiser=_x0_denoiser, **kw):
+        return np.asarray(sample(denoiser, None, schedule=sched, rng=jax.random.key(0),
+                                 shape=(8, D), cond=cond, uncond=uncond, method="ddim",
+                                 guidance_scale=3.0, model_output="x0",
+                                 guidance_interval=interval, **kw))
+
+    # closed form: the last step (σ₀) guided (s = 3) or not (s = 1)
+    np.testing.assert_allclose(run(None), 3.0, rtol=1e-6)
+    np.testing.assert_allclose(run((0.0, float(sigmas[0]))), 3.0, rtol=1e-6)   # (lo, hi]
+    np.testing.assert_allclose(run((float(sigmas[0]), np.inf)), 1.0, rtol=1e-6)
+    # on the Gaussian denoiser: the whole range = no interval, none of it = the conditional,
+    # the upper half of the steps strictly between
+    f = gaussian_denoiser("x0", shift_key="shift")
+    x_T = jax.random.normal(jax.random.key(4), (8, D))
+    every = run(None, f, x_T=x_T)
+    np.testing.assert_array_equal(run((0.0, np.inf), f, x_T=x_T), every)
+    never = run((1e6, np.inf), f, x_T=x_T)
+    conditional = np.asarray(sample(f, None, schedule=sched, rng=jax.random.key(0), x_T=x_T,
+                                    cond=cond, method="ddim", model_output="x0"))
+    np.testing.assert_allclose(never, conditional, atol=1e-5)
+    half = run((float(sigmas[12]), np.inf), f, x_T=x_T)
+    assert np.all(conditional.mean(1) + 0.05 < half.mean(1))
+    assert np.all(half.mean(1) + 0.05 < every.mean(1))
+
+
+@pytest.mark.parametrize("interval, match", [
+    ((0.5, 0.2), r"guidance_interval \(sigma_lo, sigma_hi\) needs 0 ≤ sigma_lo < sigma_hi"),
+    ((1.0,), r"guidance_interval must be None or a \(sigma_lo, sigma_hi\) pair, got \(1.0,\)"),
+    ("ab", r"must be None or a \(sigma_lo, sigma_hi\) pair"),
+])
+def test_guidance_interval_bad_input(interval, match):
+    cond, uncond = {"shift": jnp.ones((2,))}, {"shift": jnp.zeros((2,))}
+    kw = dict(schedule=respace(FULL, "5"), cond=cond, uncond=uncond, guidance_scale=2.0,
+              model_output="x0", guidance_interval=interval)
+    with pytest.raises(ValueError, match=match):
+        sample(_x0_denoiser, None, rng=jax.random.key(0), shape=(2, D), **kw)
+    with pytest.raises(ValueError, match=match):
+        ddim_invert(_x0_denoiser, None, jnp.zeros((2, D)), **kw)
+
+
+def test_ddim_inversion_round_trip_with_a_guidance_interval():
+    # the inversion guides in the same interval as the decoding it inverts
+    sched = respace(FULL, "ddim50")
+    f = gaussian_denoiser("eps", shift_key="shift")
+    cond, uncond = {"shift": jnp.full((B,), 0.5)}, {"shift": jnp.zeros((B,))}
+    x0 = MU + 0.5 + SIG * jax.random.normal(jax.random.key(5), (B, D))
+    kw = dict(schedule=sched, cond=cond, uncond=uncond, guidance_scale=3.0)
+    interval = (float(sched.sqrt_recipm1_alphas_cumprod[20]), np.inf)
+    x_T = jax.jit(lambda x: ddim_invert(f, None, x, fixed_point_iters=6,
+                                        guidance_interval=interval, **kw))(x0)
+    back = sample(f, None, rng=jax.random.key(0), x_T=x_T, method="ddim",
+                  guidance_interval=interval, **kw)
+    assert float(jnp.max(jnp.abs(back - x0))) < 1e-3
+    guided_everywhere = sample(f, None, rng=jax.random.key(0), x_T=x_T, method="ddim", **kw)
+    assert float(jnp.mean(jnp.abs(guided_everywhere - x0))) > 1e-2
+
+
 def test_guidance_and_eta_changes_do_not_recompile(guided):
     sampler, _, cond, uncond, _ = guided
     compiles = []

@@ -202,14 +202,18 @@ def train(recipe: str, steps: int, seed: int, demo: Path, extra: list[str]) -> P
 
 
 def with_samplers(model, decoder: str | None, upsampler: str | None,
-                  guidance: float | None = None):
+                  guidance: float | None = None, interval: tuple[float, ...] | None = None):
     """``model`` with its decoder / upsampler sampling set from "method:spacing:steps" (e.g.
-    "dpmpp_3m:logsnr:20") and the decoder's guidance scale; None keeps the trained config's."""
+    "dpmpp_3m:logsnr:20"), the decoder's guidance scale and its guidance interval (σ_lo, σ_hi);
+    None keeps the trained config's."""
     import dataclasses
 
     if guidance is not None:
         model = dataclasses.replace(model, decoder=dataclasses.replace(
             model.decoder, guidance_scale=float(guidance)))
+    if interval is not None:
+        model = dataclasses.replace(model, decoder=dataclasses.replace(
+            model.decoder, guidance_interval=tuple(float(v) for v in interval)))
     def parse(spec):
         method, spacing, steps = spec.split(":")
         return {"sample_method": method, "sample_spacing": spacing, "sample_steps": int(steps)}
@@ -225,16 +229,18 @@ def with_samplers(model, decoder: str | None, upsampler: str | None,
 
 def judge(decoder: Path, demo: Path, num: int, num_variations: int,
           decoder_sampler: str | None = None, upsampler_sampler: str | None = None,
-          guidance: float | None = None) -> dict:
+          guidance: float | None = None, interval: tuple[float, ...] | None = None) -> dict:
     from unclip_jax.commands import demo as demo_lib
     from unclip_jax.pipelines import unclip
 
     model = unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
                                decoder, [demo / "upsampler"])
-    model = with_samplers(model, decoder_sampler, upsampler_sampler, guidance)
+    model = with_samplers(model, decoder_sampler, upsampler_sampler, guidance, interval)
     settings = {k: v for k, v in (("decoder", decoder_sampler),
                                   ("upsampler", upsampler_sampler)) if v is not None}
     settings["guidance"] = float(model.decoder.guidance_scale)
+    if model.decoder.guidance_interval:
+        settings["guidance_interval"] = list(model.decoder.guidance_interval)
     scores, _ = demo_lib.judge_chain(model, num=num, num_variations=num_variations)
     meta = json.loads((decoder / "recipe.json").read_text()) if (
         decoder / "recipe.json").is_file() else {"recipe": decoder.name}
@@ -377,6 +383,8 @@ def main(argv=None):
                    "dpmpp_3m:logsnr:20 (default: the decoder config's)")
     j.add_argument("--upsampler-sampler", default=None, help="method:spacing:steps")
     j.add_argument("--guidance", type=float, default=None, help="decoder guidance scale")
+    j.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide the decoder only where σ = √((1 − ᾱ)/ᾱ) is in (LO, HI]")
     u = sub.add_parser("upsampler", help="judge real renders through the upsampler")
     u.add_argument("specs", nargs="+", help="method:spacing:steps, e.g. ddim:even:27")
     u.add_argument("--num", type=int, default=128)
@@ -392,7 +400,9 @@ def main(argv=None):
         train(args.recipe, args.steps, args.seed, args.demo, args.set)
     elif args.cmd == "judge":
         judge(args.decoder, args.demo, args.num, args.variations, args.decoder_sampler,
-              args.upsampler_sampler, args.guidance)
+              args.upsampler_sampler, args.guidance,
+              None if args.guidance_interval is None
+              else tuple(float(v) for v in args.guidance_interval.split(",")))
     elif args.cmd == "upsampler":
         upsampler_check(args.demo, args.specs, args.num, args.upsampler)
     else:

@@ -119,6 +119,7 @@ class DecoderConfig:
     sample_method: str = "ddim"               # the text → image pipeline's default; Karlo: ddpm
     sample_spacing: str = "even"              # "even" | "unclip" (diffusers' Karlo) | "logsnr"
     guidance_scale: float = 3.0
+    guidance_interval: tuple[float, ...] = ()  # (σ_lo, σ_hi): guide only there; () = always
     dtype: str = "float32"
 
     @property
@@ -178,11 +179,17 @@ def _check_patch(what: str, patch: int, image_size: int, levels: int) -> None:
                          f"2^(levels − 1)); accepted here: {', '.join(map(str, ok))}")
 
 
+def guidance_interval(cfg: DecoderConfig) -> tuple[float, float] | None:
+    """The σ interval the decoder's sampler guides in (None: every step)."""
+    return tuple(cfg.guidance_interval) if cfg.guidance_interval else None
+
+
 def check_decoder_config(cfg: DecoderConfig) -> None:
     """ValueError naming the accepted values for a recipe option the decoder cannot take."""
     _check_patch("decoder", cfg.patch_size, cfg.image_size, len(cfg.channel_mult))
     res_blocks_per_level(cfg.num_res_blocks, len(cfg.channel_mult))
     diffusion.check_timestep_sampling(cfg.timestep_sampling, cfg.timestep_scale)
+    diffusion.check_guidance_interval(guidance_interval(cfg))
     if cfg.text_class_emb and not cfg.use_text:
         raise ValueError("text_class_emb adds the caption encoder's final state to the "
                          "timestep embedding and needs a caption encoder; accepted: "
@@ -644,7 +651,7 @@ def empty_caption_features(clip, tokenizer, context_length: int) -> dict:
 __all__ = [
     "AUGMENTATIONS", "Decoder", "DecoderConfig", "Upsampler", "UpsamplerConfig",
     "augment_low_res", "box_downsample", "bsr_degrade",
-    "check_decoder_config", "check_upsampler_config",
+    "check_decoder_config", "check_upsampler_config", "guidance_interval",
     "decoder_loss", "decoder_text_features", "empty_caption_features",
     "encode_caption", "fit_tokens", "gaussian_blur", "init_decoder",
     "init_upsampler", "jpeg_like",

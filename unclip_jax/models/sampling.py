@@ -170,7 +170,8 @@ def decode(cfg: DecoderConfig, params, image_emb, rng, guidance, *, schedule,
         uncond=uncond, method=method, eta=eta, guidance_scale=guidance,
         model_output=cfg.model_output,
         variance="learned" if cfg.learned_variance else "fixed_small", clip_x0=clip_x0,
-        batch_sharding=batch_sharding and batch_sharding(4))
+        batch_sharding=batch_sharding and batch_sharding(4),
+        guidance_interval=D.guidance_interval(cfg))
 
 
 def decoder_schedule(cfg: DecoderConfig, steps: int | str):

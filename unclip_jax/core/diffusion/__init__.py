@@ -30,6 +30,7 @@ from unclip_jax.core.diffusion.sampler import (
     METHODS,
     VARIANCES,
     Sampler,
+    check_guidance_interval,
     ddim_invert,
     make_sampler,
     sample,
@@ -50,7 +51,8 @@ from unclip_jax.core.diffusion.schedule import (
 
 __all__ = [
     "KINDS", "METHODS", "MODEL_OUTPUTS", "TIMESTEP_SAMPLINGS", "VARIANCES", "Sampler",
-    "Schedule", "base_betas", "check_timestep_sampling", "condition_keep_mask", "ddim_invert",
+    "Schedule", "base_betas", "check_guidance_interval", "check_timestep_sampling",
+    "condition_keep_mask", "ddim_invert",
     "drop_condition", "eps_to_x0", "from_betas", "karlo_schedule", "karlo_timesteps",
     "learned_log_variance", "make_sampler", "make_schedule", "output_to_x0_eps", "q_posterior",
     "q_sample", "respace", "sample", "sample_timesteps", "space_timesteps", "training_loss",

@@ -78,8 +78,34 @@ def _is_one(x) -> bool:
 # ----------------------------------------------------------------------------- the model call
 
 
-def _guided_model(denoiser, params, schedule, cond, uncond, guidance_scale, variance):
-    """``model(x, i) -> (mean_output, var_interp or None)`` with guidance folded in."""
+def check_guidance_interval(interval) -> None:
+    """``interval``: None (guide at every step) or ``(σ_lo, σ_hi)`` with 0 ≤ σ_lo < σ_hi."""
+    if interval is None:
+        return
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be None or a (sigma_lo, sigma_hi) pair, got "
+                         f"{interval!r}") from None
+    if not 0.0 <= lo < hi:
+        raise ValueError(f"guidance_interval (sigma_lo, sigma_hi) needs 0 ≤ sigma_lo < "
+                         f"sigma_hi (σ = √((1 − ᾱ)/ᾱ); inf allowed), got {interval!r}")
+
+
+def _step_scale(schedule, i, guidance_scale, interval):
+    """The guidance scale at step ``i``: ``guidance_scale`` where σ_i = √((1 − ᾱ_i)/ᾱ_i) lies in
+    ``interval = (σ_lo, σ_hi]``, else 1 (conditional only); everywhere when ``interval`` is None."""
+    if interval is None:
+        return guidance_scale
+    sigma = schedule.sqrt_recipm1_alphas_cumprod[i]
+    inside = (sigma > interval[0]) & (sigma <= interval[1])
+    return jnp.where(inside, guidance_scale, jnp.ones_like(guidance_scale))
+
+
+def _guided_model(denoiser, params, schedule, cond, uncond, guidance_scale, variance,
+                  interval=None):
+    """``model(x, i) -> (mean_output, var_interp or None)`` with guidance folded in (only in
+    the σ ``interval`` when one is given)."""
 
     def model(x, i):
         b, c = x.shape[0], x.shape[-1]
@@ -107,7 +133,8 @@ def _guided_model(denoiser, params, schedule, cond, uncond, guidance_scale, vari
         mean, var = split_variance(out, c) if has_var else (out, None)
         if uncond is not None:
             cond_m, uncond_m = mean[:b], mean[b:]
-            mean = uncond_m + guidance_scale * (cond_m - uncond_m)
+            scale = _step_scale(schedule, i, guidance_scale, interval)
+            mean = uncond_m + scale * (cond_m - uncond_m)
             var = None if var is None else var[:b]
         return mean, var
 
@@ -157,7 +184,8 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
            cond: Any = None, uncond: Any = None, method: str = "ddim", eta=0.0,
            guidance_scale=1.0, model_output: str = "eps", variance: str = "fixed_small",
            clip_x0: tuple[float, float] | None = None, dynamic_threshold: float | None = None,
-           batch_sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+           batch_sharding: jax.sharding.Sharding | None = None,
+           guidance_interval: tuple[float, float] | None = None) -> jax.Array:
     """Draw samples by running the reverse process over every step of ``schedule``.
 
     Pure; wrap it in ``jax.jit`` (or use :func:`make_sampler`). Static: the schedule's length,
@@ -180,6 +208,9 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
         compares them with the reference.
       eta: DDIM noise scale ≥ 0 (0 deterministic; 1 on the full schedule = DDPM posterior).
       guidance_scale: s in ``uncond + s·(cond − uncond)``; needs ``uncond`` unless it is 1.
+      guidance_interval: None, or ``(σ_lo, σ_hi)``: guide only at the steps whose noise level
+        σ = √((1 − ᾱ)/ᾱ) lies in ``(σ_lo, σ_hi]`` and take the conditional output (s = 1)
+        elsewhere (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"). Static.
       model_output: "eps" | "x0" | "v". Prefer "v" (or "x0") with the cosine schedule: its last
         step has ᾱ ≈ 2e-9, where x₀ from an ε output multiplies the output's error by σ/α ≈ 2·10⁴
         (clipped, a random ±1 pattern that DDIM then carries to the end).
@@ -193,6 +224,7 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
     _check_config(method, variance, model_output, clip_x0, dynamic_threshold)
     _check_eta(eta)
     _check_guidance(guidance_scale)
+    check_guidance_interval(guidance_interval)
     rng_init, rng_steps = jax.random.split(rng)
     if x_T is None:
         if shape is None:
@@ -216,7 +248,7 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
                  if batch_sharding is not None else (lambda v: v))
     s = schedule
     model = _guided_model(denoiser, params, s, cond, uncond,
-                          jnp.asarray(guidance_scale, jnp.float32), variance)
+                          jnp.asarray(guidance_scale, jnp.float32), variance, guidance_interval)
     eta = jnp.asarray(eta, jnp.float32)
     recompute_eps = clip_x0 is not None or dynamic_threshold is not None
 
@@ -335,9 +367,10 @@ def _check_batch(tree, batch, name):
 def ddim_invert(denoiser: Callable, params: Any, x0: jax.Array, *, schedule: Schedule,
                 cond: Any = None, uncond: Any = None, guidance_scale=1.0,
                 model_output: str = "eps", fixed_point_iters: int = 2,
-                batch_sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+                batch_sharding: jax.sharding.Sharding | None = None,
+                guidance_interval: tuple[float, float] | None = None) -> jax.Array:
     """Deterministic DDIM encoding x₀ → x_T, the inverse of ``sample(method="ddim", eta=0,
-    x_T=…)`` with the same schedule, conditioning and guidance.
+    x_T=…)`` with the same schedule, conditioning and guidance (``guidance_interval`` too).
 
     Each step solves the DDIM update for its input: x_i = √ᾱ_i (x_{i-1} − √(1−ᾱ_{i-1}) ε)/√ᾱ_{i-1}
     + √(1−ᾱ_i) ε with ε = ε(x_i, t_i). The usual inversion evaluates ε at x_{i-1} instead;
@@ -351,6 +384,7 @@ def ddim_invert(denoiser: Callable, params: Any, x0: jax.Array, *, schedule: Sch
     if callable(uncond):
         uncond = uncond(cond)
     _check_guidance(guidance_scale)
+    check_guidance_interval(guidance_interval)
     if uncond is None and not _is_one(guidance_scale):
         raise ValueError("guidance_scale ≠ 1 asks for classifier-free guidance, which needs an "
                          "uncond (the null conditioning, or a builder cond -> uncond)")
@@ -361,7 +395,8 @@ def ddim_invert(denoiser: Callable, params: Any, x0: jax.Array, *, schedule: Sch
                  if batch_sharding is not None else (lambda v: v))
     s = schedule
     model = _guided_model(denoiser, params, s, cond, uncond,
-                          jnp.asarray(guidance_scale, jnp.float32), "fixed_small")
+                          jnp.asarray(guidance_scale, jnp.float32), "fixed_small",
+                          guidance_interval)
 
     def eps_at(x, i):
         mean_out, _ = model(x, i)
