@@ -137,6 +137,17 @@ RECIPES = {
                                          "optim.learning_rate=2e-3",
                                          "model.text_drop_prob=0.2",
                                          "model.min_snr_gamma=2"],
+    # a full-resolution first level (16 channels at 32 px, no patching) in front of the
+    # patched recipe's U-Net (32 / 64 / 64 channels at 16 / 8 / 4 px): small crosses are lost
+    # at low noise, where 2 px detail is drawn (hypothesis: a full-res path keeps it)
+    "p1_w16_m1244_b64": ["model.embeddings_dir={emb}", "model.patch_size=1",
+                         "model.base_channels=16", "model.channel_mult=1,2,4,4",
+                         "train.batch_size=64"],
+    "p1_w16_m1244_demo": ["model.embeddings_dir={emb}", "model.patch_size=1",
+                          "model.base_channels=16", "model.channel_mult=1,2,4,4",
+                          "model.timestep_sampling=logit_normal", "model.text_class_emb=true",
+                          "train.batch_size=64", "optim.learning_rate=3e-3",
+                          "model.text_drop_prob=0.2", "model.min_snr_gamma=2"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -167,6 +178,7 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b128_lr5e3_tdrop02": "patch2_b128",
              "p2ln_cls_lr2e3": "patch2_cls",
              "p2ln_cls_lr2e3_tdrop02_snr2": "patch2_cls",
+             "p1_w16_m1244_demo": "p1_w16_m1244_b64",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
 
