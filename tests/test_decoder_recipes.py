@@ -48,6 +48,35 @@ def test_patched_unet_is_the_unet_on_patches():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_full_res_path_starts_as_the_patched_unet_and_reads_single_pixels():
+    """With ``full_res_channels`` the patched U-Net's parameters and, at init (the path's last
+    conv is zero), its output are unchanged; once trained, the path's output at a pixel depends
+    on that pixel's own neighbourhood, not on its 2×2 patch: a one-pixel change moves it within
+    the three 3×3 convs' 7×7 window (plus what the patched path reads)."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    t = jnp.array([3, 70])
+    base = UNet(6, 8, (1, 2), 1, (2,), True, 8, groups=4, patch_size=2)
+    full = UNet(6, 8, (1, 2), 1, (2,), True, 8, groups=4, patch_size=2, full_res_channels=4)
+    p0, p1 = base.init(jax.random.key(1), x, t), full.init(jax.random.key(1), x, t)
+    extra = set(p1["params"]) - set(p0["params"])
+    assert extra == {"full_res_in", "full_res_up", "full_res_norm_0", "full_res_conv_0",
+                     "full_res_norm_1", "full_res_conv_1"}
+    for k in p0["params"]:
+        jax.tree.map(np.testing.assert_array_equal, p0["params"][k], p1["params"][k])
+    np.testing.assert_array_equal(full.apply(p1, x, t), base.apply(p0, x, t))
+    # the full-res path alone (the patched U-Net's output layer zeroed), trained-like weights
+    p1 = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), p1)
+    p1["params"]["conv_out"] = jax.tree.map(jnp.zeros_like, p1["params"]["conv_out"])
+    p1["params"]["full_res_up"] = jax.tree.map(jnp.zeros_like, p1["params"]["full_res_up"])
+    y = full.apply(p1, x, t)
+    # GroupNorm statistics couple every pixel a little; the 3×3 convs couple the 7×7 window
+    y2 = full.apply(p1, x.at[:, 8, 8].add(0.5), t)
+    moved = np.abs(np.asarray(y2 - y)).max(axis=(0, 3))
+    outside = np.delete(np.delete(moved, range(5, 12), 0), range(5, 12), 1)
+    assert moved[5:12, 5:12].mean() > 10 * outside.mean()
+    assert moved[8, 8] > 3 * outside.max()
+
+
 def test_res_blocks_per_level():
     """An int is that many blocks at every level (same parameters, same output as the tuple);
     a tuple puts its blocks level by level (the up path one more each)."""
@@ -100,6 +129,10 @@ def test_patched_decoder_trains_and_samples():
                                     r"levels; accepted: one int ≥ 1 for every level, or 2 ints"),
     ({"num_res_blocks": 0}, r"num_res_blocks 0 does not fit .* accepted: one int ≥ 1"),
     ({"num_res_blocks": (2, 0)}, r"num_res_blocks \(2, 0\) does not fit"),
+    ({"patch_size": 1, "full_res_channels": 8}, r"full_res_channels 8 does not fit patch_size 1; "
+                                               r"accepted: 0, or a channel count ≥ 1 with "
+                                               r"patch_size > 1"),
+    ({"patch_size": 2, "full_res_channels": -1}, r"full_res_channels -1 does not fit"),
     ({"guidance_interval": (1.0,)}, r"guidance_interval must be None or a \(sigma_lo, sigma_hi\) "
                                    r"pair, got \(1.0,\)"),
     ({"guidance_interval": (1.0, 0.5)}, r"needs 0 ≤ sigma_lo < sigma_hi"),

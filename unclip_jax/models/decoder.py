@@ -61,7 +61,7 @@ from unclip_jax.core.nn.attention import padding_mask
 from unclip_jax.core.nn.layers import dtype as to_dtype
 from unclip_jax.core.nn.layers import layer_norm
 from unclip_jax.core.nn.transformer import Transformer
-from unclip_jax.core.nn.unet import UNet, dense, res_blocks_per_level
+from unclip_jax.core.nn.unet import UNet, check_full_res_channels, dense, res_blocks_per_level
 
 AUGMENTATIONS = ("none", "blur", "bsr")
 
@@ -102,6 +102,7 @@ class DecoderConfig:
     clip_text_width: int = 0                  # > 0: CLIP text emb + states condition (Karlo)
     groups: int = 32                          # GroupNorm groups of the U-Net
     patch_size: int = 1                       # > 1: U-Net on p×p space-to-depth patches
+    full_res_channels: int = 0                # > 0 (patch_size > 1): a full-res path beside it
     # training input
     embeddings_dir: str = ""                  # CLIP image embeddings cached by `embed` ("" =
                                               # run the frozen image tower in every step)
@@ -188,6 +189,7 @@ def check_decoder_config(cfg: DecoderConfig) -> None:
     """ValueError naming the accepted values for a recipe option the decoder cannot take."""
     _check_patch("decoder", cfg.patch_size, cfg.image_size, len(cfg.channel_mult))
     res_blocks_per_level(cfg.num_res_blocks, len(cfg.channel_mult))
+    check_full_res_channels(cfg.full_res_channels, cfg.patch_size)
     diffusion.check_timestep_sampling(cfg.timestep_sampling, cfg.timestep_scale)
     diffusion.check_guidance_interval(guidance_interval(cfg))
     if cfg.text_class_emb and not cfg.use_text:
@@ -236,7 +238,8 @@ class Decoder(nn.Module):
         ds = tuple(side // r for r in cfg.attention_resolutions if r <= side and side % r == 0)
         self.unet = UNet(6 if cfg.learned_variance else 3, cfg.base_channels, cfg.channel_mult,
                          cfg.num_res_blocks, ds, True, cfg.head_channels, cfg.dropout,
-                         cfg.resblock_updown, cfg.groups, dtype=dt, patch_size=cfg.patch_size)
+                         cfg.resblock_updown, cfg.groups, dtype=dt, patch_size=cfg.patch_size,
+                         full_res_channels=cfg.full_res_channels)
         width = self.context_width
         self.clip_to_emb = dense(4 * cfg.base_channels)
         self.clip_to_tokens = dense(cfg.num_clip_tokens * width)

@@ -19,7 +19,13 @@
 * ``patch_size = p > 1`` ("simple diffusion", Hoogeboom et al. 2023): the input is folded
   space-to-depth into ``[B, H/p, W/p, p²·Cin]`` before the first conv and the output unfolded
   depth-to-space from ``p²·out_channels`` channels, so the first level runs at ``1/p`` of the
-  resolution (``1/p²`` of its convolution FLOPs) while input and output keep their shapes.
+  resolution (``1/p²`` of its convolution FLOPs) while input and output keep their shapes;
+* ``full_res_channels = c > 0`` (with ``p > 1``): a shallow full-resolution path beside the
+  patched U-Net. A 3×3 conv reads the input at full resolution into ``c`` channels; at the end
+  the last features are unfolded depth-to-space into ``c`` channels, added to it, and two
+  GroupNorm → SiLU → 3×3 conv layers (the last zero-initialised) add their output to the
+  unfolded one: pixel-level detail (a 2 px arm of a small cross) need not pass through the
+  ``p × p`` patches.
 
 ``time_shift="add"`` injects the timestep additively instead (``h + proj(emb)`` before the
 second GroupNorm, diffusers' ``resnet_time_scale_shift="default"``, as Karlo's super-resolution
@@ -226,6 +232,14 @@ class AttentionBlock(nn.Module):
         return _constrain(x + (h * gate.astype(self.dtype)).reshape(b, hgt, wid, c))
 
 
+def check_full_res_channels(channels: int, patch_size: int) -> None:
+    """ValueError unless ``channels`` is 0, or ≥ 1 with ``patch_size > 1``."""
+    if channels < 0 or (channels and patch_size == 1):
+        raise ValueError(f"full_res_channels {channels} does not fit patch_size {patch_size}; "
+                         f"accepted: 0, or a channel count ≥ 1 with patch_size > 1 (a "
+                         f"full-resolution path beside the patched U-Net)")
+
+
 def res_blocks_per_level(num_res_blocks: int | Sequence[int], levels: int) -> tuple[int, ...]:
     """``num_res_blocks`` as one count per level (an int repeats); ValueError naming the
     accepted values if it is not ≥ 1 blocks at each of the ``levels`` levels."""
@@ -257,6 +271,8 @@ class UNet(nn.Module):
       time_shift: how residual blocks take the timestep ("scale_shift" or "add").
       patch_size: space-to-depth factor of the input (1 = none); ``attention_ds`` counts from
         the patched resolution.
+      full_res_channels: > 0 (needs ``patch_size > 1``): channels of the full-resolution path
+        beside the patched U-Net (module docstring).
     """
 
     out_channels: int
@@ -272,6 +288,7 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     time_shift: str = "scale_shift"
     patch_size: int = 1
+    full_res_channels: int = 0
 
     @property
     def time_embed_dim(self) -> int:
@@ -287,6 +304,7 @@ class UNet(nn.Module):
         if self.patch_size < 1:
             raise ValueError(f"U-Net patch_size must be ≥ 1 (1 = no patching), got "
                              f"{self.patch_size}")
+        check_full_res_channels(self.full_res_channels, self.patch_size)
         d = self.downsampling
         if height % d or width % d:
             raise ValueError(
@@ -334,6 +352,8 @@ class UNet(nn.Module):
                             name=name)
 
         p = self.patch_size
+        if self.full_res_channels:
+            full = conv(self.full_res_channels, dtype=dt, name="full_res_in")(x.astype(dt))
         if p > 1:
             x = space_to_depth(x, p)
         h = _constrain(conv(self.base_channels * self.channel_mult[0], dtype=dt,
@@ -380,4 +400,12 @@ class UNet(nn.Module):
         out = conv(self.out_channels * p * p, zero=True, dtype=dt, name="conv_out")(h)
         if p > 1:
             out = depth_to_space(out, p)
+        if self.full_res_channels:
+            c = self.full_res_channels
+            f = depth_to_space(conv(c * p * p, dtype=dt, name="full_res_up")(h), p) + full
+            for i in range(2):
+                f = jax.nn.silu(group_norm(c, self.groups, f"full_res_norm_{i}")(f)).astype(dt)
+                f = conv(c if i == 0 else self.out_channels, zero=i == 1, dtype=dt,
+                         name=f"full_res_conv_{i}")(f)
+            out = out + f
         return out.astype(jnp.float32)
