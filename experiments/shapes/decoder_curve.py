@@ -261,18 +261,21 @@ def with_samplers(model, decoder: str | None, upsampler: str | None,
 
 def judge(decoder: Path, demo: Path, num: int, num_variations: int,
           decoder_sampler: str | None = None, upsampler_sampler: str | None = None,
-          guidance: float | None = None, interval: tuple[float, ...] | None = None) -> dict:
+          guidance: float | None = None, interval: tuple[float, ...] | None = None,
+          upsampler: Path | None = None) -> dict:
     from unclip_jax.commands import demo as demo_lib
     from unclip_jax.pipelines import unclip
 
     model = unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
-                               decoder, [demo / "upsampler"])
+                               decoder, [upsampler or demo / "upsampler"])
     model = with_samplers(model, decoder_sampler, upsampler_sampler, guidance, interval)
     settings = {k: v for k, v in (("decoder", decoder_sampler),
                                   ("upsampler", upsampler_sampler)) if v is not None}
     settings["guidance"] = float(model.decoder.guidance_scale)
     if model.decoder.guidance_interval:
         settings["guidance_interval"] = list(model.decoder.guidance_interval)
+    if upsampler is not None:
+        settings["upsampler_run"] = str(upsampler)
     scores, _ = demo_lib.judge_chain(model, num=num, num_variations=num_variations)
     meta = json.loads((decoder / "recipe.json").read_text()) if (
         decoder / "recipe.json").is_file() else {"recipe": decoder.name}
@@ -415,6 +418,8 @@ def main(argv=None):
                    "dpmpp_3m:logsnr:20 (default: the decoder config's)")
     j.add_argument("--upsampler-sampler", default=None, help="method:spacing:steps")
     j.add_argument("--guidance", type=float, default=None, help="decoder guidance scale")
+    j.add_argument("--upsampler-run", type=Path, default=None,
+                   help="another upsampler run instead of the demo's (rows leave the curve)")
     j.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="guide the decoder only where σ = √((1 − ᾱ)/ᾱ) is in (LO, HI]")
     u = sub.add_parser("upsampler", help="judge real renders through the upsampler")
@@ -434,7 +439,8 @@ def main(argv=None):
         judge(args.decoder, args.demo, args.num, args.variations, args.decoder_sampler,
               args.upsampler_sampler, args.guidance,
               None if args.guidance_interval is None
-              else tuple(float(v) for v in args.guidance_interval.split(",")))
+              else tuple(float(v) for v in args.guidance_interval.split(",")),
+              args.upsampler_run)
     elif args.cmd == "upsampler":
         upsampler_check(args.demo, args.specs, args.num, args.upsampler)
     else:

@@ -36,11 +36,11 @@ OUT = decoder_curve.CURVE / "shapes.jsonl"
 PARTS = ("pairs", "crosses", "noise")
 
 
-def _chain(decoder: Path, demo: Path):
+def _chain(decoder: Path, demo: Path, upsampler: Path | None = None):
     from unclip_jax.pipelines import unclip
 
     model = unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
-                               decoder, [demo / "upsampler"])
+                               decoder, [upsampler or demo / "upsampler"])
     return decoder_curve.with_samplers(model, "dpmpp_3m:logsnr:20", "dpmpp_3m:logsnr:10")
 
 
@@ -192,19 +192,22 @@ def main(argv=None):
     p.add_argument("decoder", type=Path, help="a decoder run (runs/curve/...)")
     p.add_argument("--demo", type=Path, default=Path("runs/demo"),
                    help="the demo run whose CLIP, prior and upsampler complete the chain")
+    p.add_argument("--upsampler", type=Path, default=None,
+                   help="another upsampler run instead of the demo's")
     p.add_argument("--num", type=int, default=128, help="held-out renders for 'pairs'")
     p.add_argument("--per", type=int, default=16, help="renders per kind for the others")
     p.add_argument("--only", nargs="+", default=list(PARTS), choices=PARTS)
     args = p.parse_args(argv)
     if args.num < 1 or args.per < 1:
         p.error(f"--num and --per must be ≥ 1, got {args.num} and {args.per}")
-    model = _chain(args.decoder, args.demo)
+    model = _chain(args.decoder, args.demo, args.upsampler)
     for part in args.only:
         t0 = time.perf_counter()
         result = {"pairs": lambda: pairs(model, args.num),
                   "crosses": lambda: crosses(model, args.per),
                   "noise": lambda: noise(model, args.per)}[part]()
-        row = {"decoder": str(args.decoder), "part": part, **result,
+        row = {"decoder": str(args.decoder), "part": part,
+               "upsampler": str(args.upsampler or args.demo / "upsampler"), **result,
                "wall_s": round(time.perf_counter() - t0, 1),
                "load_average_1min": round(os.getloadavg()[0], 1)}
         OUT.parent.mkdir(parents=True, exist_ok=True)
