@@ -158,14 +158,6 @@ RECIPES = {
                                                   "model.text_drop_prob=0.2",
                                                   "model.min_snr_gamma=2",
                                                   "model.full_res_channels=16"],
-    # the demo's recipe with its logit-normal timesteps shifted to the cleaner side (loc −0.5:
-    # t/T's median 0.38), where small shapes' arms are drawn (shape_diagnosis.py)
-    "p2ln_cls_b64_lr3e3_tdrop02_snr2_locm05": _LN + ["model.text_class_emb=true",
-                                                    "train.batch_size=64",
-                                                    "optim.learning_rate=3e-3",
-                                                    "model.text_drop_prob=0.2",
-                                                    "model.min_snr_gamma=2",
-                                                    "model.timestep_loc=-0.5"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -197,7 +189,6 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_lr2e3": "patch2_cls",
              "p2ln_cls_lr2e3_tdrop02_snr2": "patch2_cls",
              "p1_w16_m1244_demo": "p1_w16_m1244_b64",
-             "p2ln_cls_b64_lr3e3_tdrop02_snr2_locm05": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_fr16": "patch2_b64_fr16",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
