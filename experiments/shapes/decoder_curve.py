@@ -46,6 +46,9 @@ BASE = ["model.patch_size=1", "model.timestep_sampling=uniform", "model.timestep
 # name -> overrides of experiments/shapes/decoder.py ({emb}: the demo's embedding cache)
 _P2 = ["model.embeddings_dir={emb}", "model.patch_size=2"]
 _LN = _P2 + ["model.timestep_sampling=logit_normal"]
+# the demo's recipe (experiments/shapes/decoder.py today) as overrides of BASE
+_DEMO = _LN + ["model.text_class_emb=true", "train.batch_size=64", "optim.learning_rate=3e-3",
+               "model.text_drop_prob=0.2", "model.min_snr_gamma=2"]
 RECIPES = {
     "baseline": [],
     "cached_emb": ["model.embeddings_dir={emb}"],
@@ -103,11 +106,7 @@ RECIPES = {
                                               "model.text_drop_prob=0.2",
                                               "model.min_snr_gamma=0"],
     # ... and with Min-SNR's γ = 2 instead of 5 (removing it cost 0.29 single at 652 s)
-    "p2ln_cls_b64_lr3e3_tdrop02_snr2": _LN + ["model.text_class_emb=true",
-                                             "train.batch_size=64",
-                                             "optim.learning_rate=3e-3",
-                                             "model.text_drop_prob=0.2",
-                                             "model.min_snr_gamma=2"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2": _DEMO,
     # ... and γ = 3 (between the paper's 5 and the demo's 2)
     "p2ln_cls_b64_lr3e3_tdrop02_snr3": _LN + ["model.text_class_emb=true",
                                              "train.batch_size=64",
@@ -124,12 +123,7 @@ RECIPES = {
     # (the up path gets a third), the other levels unchanged
     "patch2_b64_res211": _P2 + ["train.batch_size=64", "model.num_res_blocks=2,1,1"],
     "patch2_b64_res2": _P2 + ["train.batch_size=64", "model.num_res_blocks=2"],
-    "p2ln_cls_b64_lr3e3_tdrop02_snr2_res211": _LN + ["model.text_class_emb=true",
-                                                    "train.batch_size=64",
-                                                    "optim.learning_rate=3e-3",
-                                                    "model.text_drop_prob=0.2",
-                                                    "model.min_snr_gamma=2",
-                                                    "model.num_res_blocks=2,1,1"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_res211": _DEMO + ["model.num_res_blocks=2,1,1"],
     # the demo's recipe at batch 32 (lr 2e-3, about √2 below batch 64's 3e-3): at 652 s it
     # takes 5433 updates instead of 3135 (hypothesis: the budget is update-limited, as batch
     # 128 losing suggested)
@@ -152,12 +146,7 @@ RECIPES = {
     # (a 3×3 conv of the input, two at the end; model.full_res_channels)
     "patch2_b64_fr16": _P2 + ["train.batch_size=64", "model.full_res_channels=16"],
     "patch2_b64_fr8": _P2 + ["train.batch_size=64", "model.full_res_channels=8"],
-    "p2ln_cls_b64_lr3e3_tdrop02_snr2_fr16": _LN + ["model.text_class_emb=true",
-                                                  "train.batch_size=64",
-                                                  "optim.learning_rate=3e-3",
-                                                  "model.text_drop_prob=0.2",
-                                                  "model.min_snr_gamma=2",
-                                                  "model.full_res_channels=16"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_fr16": _DEMO + ["model.full_res_channels=16"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -192,6 +181,21 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_fr16": "patch2_b64_fr16",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
+
+
+def add_chain_args(p: argparse.ArgumentParser) -> None:
+    """The diagnosis scripts' common arguments: the decoder run and the demo chain around it."""
+    p.add_argument("decoder", type=Path, help="a decoder run (runs/curve/...)")
+    p.add_argument("--demo", type=Path, default=Path("runs/demo"),
+                   help="the demo run whose CLIP, prior and upsampler complete the chain")
+
+
+def append_row(out: Path, row: dict) -> None:
+    """Append ``row`` to the JSON-lines file ``out`` and print it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
 
 
 def overrides(recipe: str, demo: Path, steps: int, seed: int) -> list[str]:

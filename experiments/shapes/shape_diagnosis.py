@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 import time
@@ -189,9 +188,7 @@ def noise(model, per: int) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("decoder", type=Path, help="a decoder run (runs/curve/...)")
-    p.add_argument("--demo", type=Path, default=Path("runs/demo"),
-                   help="the demo run whose CLIP, prior and upsampler complete the chain")
+    decoder_curve.add_chain_args(p)
     p.add_argument("--upsampler", type=Path, default=None,
                    help="another upsampler run instead of the demo's")
     p.add_argument("--num", type=int, default=128, help="held-out renders for 'pairs'")
@@ -210,10 +207,7 @@ def main(argv=None):
                "upsampler": str(args.upsampler or args.demo / "upsampler"), **result,
                "wall_s": round(time.perf_counter() - t0, 1),
                "load_average_1min": round(os.getloadavg()[0], 1)}
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        with open(OUT, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        decoder_curve.append_row(OUT, row)
 
 
 if __name__ == "__main__":

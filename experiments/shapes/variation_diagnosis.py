@@ -17,7 +17,6 @@ and appends one JSON row per way to ``runs/curve/variations.jsonl``::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -78,19 +77,14 @@ def diagnose(decoder: Path, demo: Path, renders: int, ways: list[str]) -> list[d
                            for k, (v, n) in by_size.items()},
                "wall_s": round(time.perf_counter() - t0, 1),
                "load_average_1min": round(os.getloadavg()[0], 1)}
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        with open(OUT, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        decoder_curve.append_row(OUT, row)
         rows.append(row)
     return rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("decoder", type=Path, help="a decoder run (runs/curve/...)")
-    p.add_argument("--demo", type=Path, default=Path("runs/demo"),
-                   help="the demo run whose CLIP, prior and upsampler complete the chain")
+    decoder_curve.add_chain_args(p)
     p.add_argument("--renders", type=int, default=64, help="held-out single-object renders")
     p.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
     args = p.parse_args(argv)
