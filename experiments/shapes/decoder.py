@@ -13,7 +13,10 @@ model trained for minutes on a CPU needs its updates where the shapes are decide
 0.770, γ = 3 0.766 (one seed), γ = 2 0.848 (0.828, 0.867), γ = 1 0.797; at this config's
 4600 steps γ = 2 gives 0.871 / 0.324 / 0.250 / 0.680 (single / binding / relation /
 variation) against γ = 5's 0.840 / 0.273 / 0.238 / 0.633. A second residual block at the 16 px level
-(``num_res_blocks=2,1,1``, 1.12× the step) gained nothing at equal cost.
+(``num_res_blocks=2,1,1``, 1.12× the step), a shallow full-resolution path beside the patched
+U-Net (``full_res_channels=16``, 1.15×) and a full-resolution first level (1.62×) gained nothing
+at equal cost. What this recipe still loses is small crosses, drawn as diamonds
+(experiments/shapes/shape_diagnosis.py).
 
 The denoiser predicts v, not ε: the cosine schedule ends at ᾱ ≈ 2e-9, where an ε output's
 x₀ = (x_t − σ ε)/α multiplies every output error by ~2·10⁴, and a small model trained for
