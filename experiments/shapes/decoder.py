@@ -6,11 +6,12 @@ and GLIDE's caption pathway (a 2-layer caption encoder whose token states join t
 the caption 20% (the paper's 50% left the caption pathway under-trained at this budget: see the
 compute recipe below). With the caption pathway one decoder serves every row of the prior ablation,
 including caption-only decoding (null embedding + caption). Learned σ with the hybrid loss;
-cosine schedule. L_simple is weighted by Min-SNR-γ (Hang et al. 2023) with γ = 2 (the paper's
-5 loses here): the unweighted loss spends most of its gradient on nearly-clean steps, and a
-model trained for minutes on a CPU needs its updates where the shapes are decided. At the
-8000-step goal's budget (3135 steps, 2 seeds each): unweighted 0.469 single (one seed), γ = 5
-0.770, γ = 3 0.766 (one seed), γ = 2 0.848 (0.828, 0.867), γ = 1 0.797; at this config's
+cosine schedule. L_simple is weighted by Min-SNR-γ (Hang et al. 2023) with γ = 2 (the paper's 5
+lost at this config's budget, 2 seeds each): the unweighted loss spends most of its gradient on
+nearly-clean steps, and a model trained for minutes on a CPU needs its updates where the shapes
+are decided. At the 8000-step goal's budget (3135 steps, 2 seeds each): unweighted 0.469 single
+(one seed), γ = 5 0.770, γ = 3 0.766 (one seed), γ = 2 0.848 (0.828, 0.867; a third seed 0.609:
+three-seed mean 0.768), γ = 1 0.797; at this config's
 4600 steps γ = 2 gives 0.871 / 0.324 / 0.250 / 0.680 (single / binding / relation /
 variation) against γ = 5's 0.840 / 0.273 / 0.238 / 0.633. A second residual block at the 16 px level
 (``num_res_blocks=2,1,1``, 1.12× the step), a shallow full-resolution path beside the patched
