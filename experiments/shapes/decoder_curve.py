@@ -133,6 +133,11 @@ RECIPES = {
     "patch2_b64_fr16": _P2 + ["train.batch_size=64", "model.full_res_channels=16"],
     "patch2_b64_fr8": _P2 + ["train.batch_size=64", "model.full_res_channels=8"],
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_fr16": _DEMO + ["model.full_res_channels=16"],
+    # the decoder at the judged 64 px, patched 4×4 (the same 16 px first feature map and
+    # U-Net as the demo's 32 px decoder patched 2×2) and no upsampler: "simple diffusion"'s
+    # one-model route; small crosses were drawn as diamonds at 32 px and by the upsampler
+    "p4_r64_demo": _DEMO + ["data.name=captioned_shapes/r64", "data.image_size=64",
+                            "model.patch_size=4", "model.embeddings_dir={emb}_r64"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -214,6 +219,18 @@ def train(recipe: str, steps: int, seed: int, demo: Path, extra: list[str]) -> P
     return wd
 
 
+def load_chain(decoder: Path, demo: Path, upsampler: Path | None = None):
+    """The demo's chain (its CLIP, prior and upsampler, or ``upsampler``) around the decoder run
+    ``decoder``; a decoder that already draws at the upsampler's output size runs alone."""
+    from unclip_jax.pipelines import unclip
+    from unclip_jax.train import runs
+
+    up = upsampler or demo / "upsampler"
+    alone = runs.load_config(decoder).model.image_size >= runs.load_config(up).model.image_size
+    return unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
+                              decoder, [] if alone else [up])
+
+
 def with_samplers(model, decoder: str | None, upsampler: str | None,
                   guidance: float | None = None, interval: tuple[float, ...] | None = None):
     """``model`` with its decoder / upsampler sampling set from "method:spacing:steps" (e.g.
@@ -245,10 +262,8 @@ def judge(decoder: Path, demo: Path, num: int, num_variations: int,
           guidance: float | None = None, interval: tuple[float, ...] | None = None,
           upsampler: Path | None = None) -> dict:
     from unclip_jax.commands import demo as demo_lib
-    from unclip_jax.pipelines import unclip
 
-    model = unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
-                               decoder, [upsampler or demo / "upsampler"])
+    model = load_chain(decoder, demo, upsampler)
     model = with_samplers(model, decoder_sampler, upsampler_sampler, guidance, interval)
     settings = {k: v for k, v in (("decoder", decoder_sampler),
                                   ("upsampler", upsampler_sampler)) if v is not None}
@@ -257,6 +272,8 @@ def judge(decoder: Path, demo: Path, num: int, num_variations: int,
         settings["guidance_interval"] = list(model.decoder.guidance_interval)
     if upsampler is not None:
         settings["upsampler_run"] = str(upsampler)
+    if not model.upsamplers:
+        settings["upsampler_run"] = None
     scores, _ = demo_lib.judge_chain(model, num=num, num_variations=num_variations)
     meta = json.loads((decoder / "recipe.json").read_text()) if (
         decoder / "recipe.json").is_file() else {"recipe": decoder.name}

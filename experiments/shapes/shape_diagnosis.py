@@ -36,10 +36,7 @@ PARTS = ("pairs", "crosses", "noise")
 
 
 def _chain(decoder: Path, demo: Path, upsampler: Path | None = None):
-    from unclip_jax.pipelines import unclip
-
-    model = unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
-                               decoder, [upsampler or demo / "upsampler"])
+    model = decoder_curve.load_chain(decoder, demo, upsampler)
     return decoder_curve.with_samplers(model, "dpmpp_3m:logsnr:20", "dpmpp_3m:logsnr:10")
 
 

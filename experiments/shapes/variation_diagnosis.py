@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import decoder_curve  # noqa: E402
 
 from unclip_jax.core import shapes  # noqa: E402
-from unclip_jax.pipelines import manipulate, unclip  # noqa: E402
+from unclip_jax.pipelines import manipulate  # noqa: E402
 
 OUT = decoder_curve.CURVE / "variations.jsonl"
 # name -> (variation_consistency options; None = reconstruction instead of variations)
@@ -54,8 +54,7 @@ def reconstruction_consistency(model, images) -> float:
 
 
 def diagnose(decoder: Path, demo: Path, renders: int, ways: list[str]) -> list[dict]:
-    model = unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
-                               decoder, [demo / "upsampler"])
+    model = decoder_curve.load_chain(decoder, demo)
     model = decoder_curve.with_samplers(model, "dpmpp_3m:logsnr:20", "dpmpp_3m:logsnr:10")
     scenes = [shapes.sample_scene(7, i, "test", num_objects=1) for i in range(renders)]
     images = [shapes.render(s, model.decoder.image_size) for s in scenes]
