@@ -124,3 +124,11 @@ def test_report_states_the_recipe_each_stage_ran_with(tmp_path):
     assert "Ran on cpu × 2 device(s)." in md
     assert "| decoder | `train.steps=9000`, `train.batch_size=32`, `model.patch_size=2`," in md
     assert "`model.timestep_sampling='logit_normal'`" in md
+
+
+def test_a_decoder_at_the_output_size_skips_the_upsampler_and_reads_its_own_cache():
+    assert demo.needs_upsampler(32, 64)
+    assert not demo.needs_upsampler(64, 64)
+    assert demo.embeddings_dir_name("captioned_shapes/r32", "captioned_shapes/r32") == "embeddings"
+    assert (demo.embeddings_dir_name("captioned_shapes/r64", "captioned_shapes/r32")
+            == "embeddings_r64")

@@ -9,7 +9,8 @@ interruption picks up where it stopped; a half-trained model resumes from its ch
 4. clip_eval  zero-shot colour / shape / size accuracy on held-out test renders
 5. prior      the diffusion prior of ``<config_dir>/prior.py`` on the CLIP's embeddings
 6. decoder    the unCLIP decoder of ``<config_dir>/decoder.py``, conditioned on the CLIP
-7. upsampler  the 32 → 64 px upsampler of ``<config_dir>/upsampler.py``
+7. upsampler  the 32 → 64 px upsampler of ``<config_dir>/upsampler.py`` (skipped when the
+              decoder already draws at the upsampler's output size)
 8. samples    text → image on held-out (test-split) prompts through the whole chain, judged by
               the shapes judge; ``samples.png`` (prompts in ``samples.txt``), a variations grid,
               and the prompt-fidelity / binding / variation-consistency figures in the report
@@ -148,16 +149,22 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
     chain = {
         "prior": ("prior.py", [f"model.clip_workdir={w}/clip",
                                f"model.embeddings_dir={w}/embeddings"]),
-        # the decoder reads the prior stage's CLIP image embeddings instead of running the
-        # frozen image tower in every step (the same embeddings: tests/test_embeddings.py)
         "decoder": ("decoder.py", [f"model.clip_workdir={w}/clip",
-                                   f"data.tokenizer={w}/tokenizer.model",
-                                   f"model.embeddings_dir={w}/embeddings"]),
+                                   f"data.tokenizer={w}/tokenizer.model"]),
         "upsampler": ("upsampler.py", []),
     }
     # every config is loaded (and its overrides checked) before the first stage trains
-    steps = {name: config_lib.load_config(config_dir / config, sets + per_stage[name]).train.steps
-             for name, (config, sets) in chain.items()}
+    configs = {name: config_lib.load_config(config_dir / config, sets + per_stage[name])
+               for name, (config, sets) in chain.items()}
+    # the decoder reads CLIP image embeddings from a cache instead of running the frozen image
+    # tower in every step (the same embeddings: tests/test_embeddings.py): the prior stage's
+    # when both train on the same images, else a cache of the decoder's own dataset
+    chain["decoder"][1].append(f"model.embeddings_dir={w}/" + embeddings_dir_name(
+        configs["decoder"].data.name, configs["prior"].data.name))
+    if not needs_upsampler(configs["decoder"].data.image_size,
+                           configs["upsampler"].data.image_size):
+        del chain["upsampler"]          # the decoder already draws at the output size
+    steps = {name: configs[name].train.steps for name in chain}
 
     def have_data() -> bool:
         from unclip_jax.data import input_pipeline
@@ -198,7 +205,8 @@ def run(workdir: str | Path = "runs/demo", config_dir: str | Path = "experiments
                       _train_stage(config_dir / c, workdir / n, o),
                       lambda n=name: is_trained(workdir / n, steps[n]))
     if "samples" in stages:
-        run_stage(report, workdir, "samples", lambda: _samples(workdir),
+        run_stage(report, workdir, "samples",
+                  lambda: _samples(workdir, upsampler="upsampler" in chain),
                   lambda: _samples_done(workdir))
     known = [v for v in report["wall_s"].values() if v is not None]
     report["wall_s"]["total"] = round(sum(known), 1)
@@ -287,9 +295,24 @@ def sample_metrics(clip, images, prompts, real_images, reference_images) -> dict
     }
 
 
-def _samples(workdir: Path) -> dict:
-    """Generate held-out prompts through the whole chain, judge them and measure CLIP score,
-    Fréchet distance and diversity (cached in samples.json)."""
+def embeddings_dir_name(decoder_data: str, prior_data: str) -> str:
+    """The demo workdir's sub-folder holding the decoder's cached CLIP image embeddings: the
+    prior's ``embeddings`` when both read the same dataset, else ``embeddings_<config>``."""
+    if decoder_data == prior_data:
+        return "embeddings"
+    return "embeddings_" + decoder_data.rstrip("/").rsplit("/", 1)[-1]
+
+
+def needs_upsampler(decoder_size: int, upsampler_size: int) -> bool:
+    """Whether the chain runs the upsampler stage: not when the decoder (whose image side is its
+    data's) already draws at or above the upsampler's output side."""
+    return decoder_size < upsampler_size
+
+
+def _samples(workdir: Path, upsampler: bool = True) -> dict:
+    """Generate held-out prompts through the whole chain (``upsampler``: with the demo's
+    upsampler), judge them and measure CLIP score, Fréchet distance and diversity (cached in
+    samples.json)."""
     import numpy as np
 
     from unclip_jax.core import shapes
@@ -301,7 +324,8 @@ def _samples(workdir: Path) -> dict:
     if _samples_done(workdir):
         return json.loads(out.read_text())
     model = unclip.load_unclip(workdir / "clip", workdir / "tokenizer.model", workdir / "prior",
-                               workdir / "decoder", [workdir / "upsampler"])
+                               workdir / "decoder",
+                               [workdir / "upsampler"] if upsampler else [])
     scores, (prompts, generated) = judge_chain(model)
     scenes = held_out_scenes()
     size = model.resolution
