@@ -369,8 +369,12 @@ CURVE_SETTINGS = {"decoder": "dpmpp_3m:logsnr:20", "upsampler": "dpmpp_3m:logsnr
 
 def _settings(row: dict) -> dict:
     """A row's sampling settings; rows judged before the guidance was recorded used the curve
-    runs' configured 3."""
-    return {"guidance": 3.0, **row.get("settings", {})}
+    runs' configured 3; ``upsampler_run`` None (a decoder at the output size, judged without
+    the upsampler) is the curve's setting for it."""
+    out = {"guidance": 3.0, **row.get("settings", {})}
+    if "upsampler_run" in out and out["upsampler_run"] is None:
+        del out["upsampler_run"]
+    return out
 
 
 # the run the issue measures against, made before this study (session 7, RESULTS.md "The demo
