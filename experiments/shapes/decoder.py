@@ -17,7 +17,11 @@ variation) against γ = 5's 0.840 / 0.273 / 0.238 / 0.633. A second residual blo
 (``num_res_blocks=2,1,1``, 1.12× the step), a shallow full-resolution path beside the patched
 U-Net (``full_res_channels=16``, 1.15×) and a full-resolution first level (1.62×) gained nothing
 at equal cost. What this recipe still loses is small crosses, drawn as diamonds
-(experiments/shapes/shape_diagnosis.py).
+(experiments/shapes/shape_diagnosis.py). Drawing at 64 px instead (this U-Net patched 4×4 on the
+r64 renders, no upsampler; 1.16× the step) did not bring them back: predicting v its samples kept
+per-pixel noise (48 numbers a patch into 32 channels), predicting x₀ it matched single-object
+fidelity (0.852) but lost variations (0.36). x₀ instead of v at 32 px: equal over 2 seeds
+(0.848 / 0.277 / 0.258 / 0.703 against 0.871 / 0.324 / 0.250 / 0.680).
 
 The denoiser predicts v, not ε: the cosine schedule ends at ᾱ ≈ 2e-9, where an ε output's
 x₀ = (x_t − σ ε)/α multiplies every output error by ~2·10⁴, and a small model trained for
