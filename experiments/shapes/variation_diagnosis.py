@@ -7,9 +7,10 @@ object size, next to the same decoder
 
 * reconstructing (η = 0 from the inversion: what the latents hold),
 * from fresh noise (the decoder's own sampler: what the embedding alone holds),
-* at other guidance scales,
+* at other guidance scales and η,
 
-and appends one JSON row per way to ``runs/curve/variations.jsonl``::
+with the variations' spread (``diversity``: RMS pixel distance between the 4 variations of
+each of the first 8 renders), and appends one JSON row per way to ``runs/curve/variations.jsonl``::
 
     python experiments/shapes/variation_diagnosis.py runs/curve/<decoder run> --renders 64
 """
@@ -39,7 +40,22 @@ WAYS = {
     "fresh noise (3M, guidance 3)": dict(guidance_scale=3.0, from_inversion=False),
     "inversion, η 1, guidance 1": dict(guidance_scale=1.0),
     "inversion, η 1, guidance 5": dict(guidance_scale=5.0),
+    # the paper's variations take any η > 0: less η keeps more of the inverted x_T
+    "inversion, η 0.5, guidance 3": dict(guidance_scale=3.0, eta=0.5),
+    "inversion, η 0.25, guidance 3": dict(guidance_scale=3.0, eta=0.25),
 }
+DIVERSE = 8     # renders whose variations' spread is measured (``diversity``)
+
+
+def diversity(model, images, options: dict) -> float:
+    """Mean RMS pixel distance (0–255 scale) between the 4 variations of each image, over the
+    pairs: how much the variations still vary (0 = four copies)."""
+    spread = []
+    for k, image in enumerate(images):
+        outs = manipulate.variations(model, image, n=4, seed=k, **options).astype(np.float64)
+        spread += [np.sqrt(np.mean((outs[a] - outs[b]) ** 2))
+                   for a in range(4) for b in range(a + 1, 4)]
+    return float(np.mean(spread))
 
 
 def reconstruction_consistency(model, images) -> float:
@@ -72,6 +88,8 @@ def diagnose(decoder: Path, demo: Path, renders: int, ways: list[str]) -> list[d
         total = sum(v * n for v, n in by_size.values()) / len(images)
         row = {"decoder": str(decoder), "way": name, "renders": renders,
                "consistency": round(total, 4),
+               "diversity": (None if options is None else
+                             round(diversity(model, images[:DIVERSE], options), 2)),
                "by_size": {k: {"consistency": round(v, 4), "renders": n}
                            for k, (v, n) in by_size.items()},
                "wall_s": round(time.perf_counter() - t0, 1),
