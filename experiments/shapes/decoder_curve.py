@@ -138,9 +138,6 @@ RECIPES = {
     # one-model route; small crosses were drawn as diamonds at 32 px and by the upsampler
     "p4_r64_demo": _DEMO + ["data.name=captioned_shapes/r64", "data.image_size=64",
                             "model.patch_size=4", "model.embeddings_dir={emb}_r64"],
-    # ... with its training timesteps shifted noisier by the 4× pixel averaging of a 4×4
-    # patch against a 2×2 one (simple diffusion shifts log-SNR by 2·log(32/64) = −1.39; at
-    # mid-schedule d log-SNR / d logit(t) = −1.57 for the cosine schedule, so loc ≈ 0.9)
     # ... predicting x₀ instead of v: a 4×4 patch is 48 numbers read into 32 channels, so the
     # v output (≈ ε at low noise) cannot hold each pixel's noise, and the samples kept it;
     # an x₀ output lets the noise pass through x_t (with Min-SNR the loss on the x₀ error is
@@ -150,9 +147,6 @@ RECIPES = {
                                "model.model_output=x0"],
     # the demo's 32 px recipe predicting x₀ (its U-Net need not carry the noise either)
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_x0": _DEMO + ["model.model_output=x0"],
-    "p4_r64_demo_loc09": _DEMO + ["data.name=captioned_shapes/r64", "data.image_size=64",
-                                  "model.patch_size=4", "model.embeddings_dir={emb}_r64",
-                                  "model.timestep_loc=0.9"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -185,7 +179,7 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_lr2e3_tdrop02_snr2": "patch2_cls",
              "p1_w16_m1244_demo": "p1_w16_m1244_b64",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_fr16": "patch2_b64_fr16",
-             "p4_r64_demo_loc09": "p4_r64_demo", "p4_r64_demo_x0": "p4_r64_demo",
+             "p4_r64_demo_x0": "p4_r64_demo",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_x0": "patch2_b64",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
