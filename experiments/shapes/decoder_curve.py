@@ -49,6 +49,9 @@ _LN = _P2 + ["model.timestep_sampling=logit_normal"]
 # the demo's recipe (experiments/shapes/decoder.py today) as overrides of BASE
 _DEMO = _LN + ["model.text_class_emb=true", "train.batch_size=64", "optim.learning_rate=3e-3",
                "model.text_drop_prob=0.2", "model.min_snr_gamma=2"]
+# the decoder at 64 px on the r64 renders, patched 4×4, reading their own embedding cache
+_R64 = ["data.name=captioned_shapes/r64", "data.image_size=64", "model.patch_size=4",
+        "model.embeddings_dir={emb}_r64"]
 RECIPES = {
     "baseline": [],
     "cached_emb": ["model.embeddings_dir={emb}"],
@@ -136,15 +139,12 @@ RECIPES = {
     # the decoder at the judged 64 px, patched 4×4 (the same 16 px first feature map and
     # U-Net as the demo's 32 px decoder patched 2×2) and no upsampler: "simple diffusion"'s
     # one-model route; small crosses were drawn as diamonds at 32 px and by the upsampler
-    "p4_r64_demo": _DEMO + ["data.name=captioned_shapes/r64", "data.image_size=64",
-                            "model.patch_size=4", "model.embeddings_dir={emb}_r64"],
+    "p4_r64_demo": _DEMO + _R64,
     # ... predicting x₀ instead of v: a 4×4 patch is 48 numbers read into 32 channels, so the
     # v output (≈ ε at low noise) cannot hold each pixel's noise, and the samples kept it;
     # an x₀ output lets the noise pass through x_t (with Min-SNR the loss on the x₀ error is
     # the same: v-MSE · min(SNR, γ)/(SNR + 1) = x₀-MSE · min(SNR, γ))
-    "p4_r64_demo_x0": _DEMO + ["data.name=captioned_shapes/r64", "data.image_size=64",
-                               "model.patch_size=4", "model.embeddings_dir={emb}_r64",
-                               "model.model_output=x0"],
+    "p4_r64_demo_x0": _DEMO + _R64 + ["model.model_output=x0"],
     # the demo's 32 px recipe predicting x₀ (its U-Net need not carry the noise either)
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_x0": _DEMO + ["model.model_output=x0"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
@@ -233,13 +233,15 @@ def train(recipe: str, steps: int, seed: int, demo: Path, extra: list[str]) -> P
 def load_chain(decoder: Path, demo: Path, upsampler: Path | None = None):
     """The demo's chain (its CLIP, prior and upsampler, or ``upsampler``) around the decoder run
     ``decoder``; a decoder that already draws at the upsampler's output size runs alone."""
+    from unclip_jax.commands import demo as demo_lib
     from unclip_jax.pipelines import unclip
     from unclip_jax.train import runs
 
     up = upsampler or demo / "upsampler"
-    alone = runs.load_config(decoder).model.image_size >= runs.load_config(up).model.image_size
+    needed = demo_lib.needs_upsampler(runs.load_config(decoder).model.image_size,
+                                      runs.load_config(up).model.image_size)
     return unclip.load_unclip(demo / "clip", demo / "tokenizer.model", demo / "prior",
-                              decoder, [] if alone else [up])
+                              decoder, [up] if needed else [])
 
 
 def with_samplers(model, decoder: str | None, upsampler: str | None,
@@ -283,8 +285,6 @@ def judge(decoder: Path, demo: Path, num: int, num_variations: int,
         settings["guidance_interval"] = list(model.decoder.guidance_interval)
     if upsampler is not None:
         settings["upsampler_run"] = str(upsampler)
-    if not model.upsamplers:
-        settings["upsampler_run"] = None
     scores, _ = demo_lib.judge_chain(model, num=num, num_variations=num_variations)
     meta = json.loads((decoder / "recipe.json").read_text()) if (
         decoder / "recipe.json").is_file() else {"recipe": decoder.name}
@@ -363,12 +363,8 @@ CURVE_SETTINGS = {"decoder": "dpmpp_3m:logsnr:20", "upsampler": "dpmpp_3m:logsnr
 
 def _settings(row: dict) -> dict:
     """A row's sampling settings; rows judged before the guidance was recorded used the curve
-    runs' configured 3; ``upsampler_run`` None (a decoder at the output size, judged without
-    the upsampler) is the curve's setting for it."""
-    out = {"guidance": 3.0, **row.get("settings", {})}
-    if "upsampler_run" in out and out["upsampler_run"] is None:
-        del out["upsampler_run"]
-    return out
+    runs' configured 3."""
+    return {"guidance": 3.0, **row.get("settings", {})}
 
 
 # the run the issue measures against, made before this study (session 7, RESULTS.md "The demo
