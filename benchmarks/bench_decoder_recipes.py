@@ -93,14 +93,19 @@ def child(name: str, clip: str, emb: str) -> dict:
             "params": int(n_params)}
 
 
-def measure(name: str, clip: str, emb: str, devices: int | None = None) -> dict:
+def measure(name: str, clip: str, emb: str, devices: int | None = None,
+            xla_flags: str = "") -> dict:
+    """One recipe's row, stepped in a fresh interpreter; ``xla_flags`` (e.g.
+    ``--xla_cpu_use_onednn=true``) are passed to XLA after the device count."""
     cores = os.cpu_count() or 1
     n = devices or min(8, 1 << (cores.bit_length() - 1))     # one device per core, as the demo
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n} {xla_flags}".strip(),
+               JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, __file__, "--child", name, "--clip", clip,
                           "--emb", emb], env=env, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**row, "xla_flags": xla_flags} if xla_flags else row
 
 
 # the recipes whose training step differs (the others change only what is sampled or weighted)
@@ -137,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--clip", default="runs/demo/clip")
     ap.add_argument("--emb", default="runs/demo/embeddings")
     ap.add_argument("--out", default=None, help="also write the rows as JSON")
+    ap.add_argument("--xla-flags", default="",
+                    help="XLA flags for every recipe's interpreter (CPU codegen options)")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.clip, args.emb)))
@@ -144,7 +151,7 @@ def main(argv=None):
     names = args.names or DISTINCT
     rows = []
     for n in names:
-        rows.append(measure(n, args.clip, args.emb))
+        rows.append(measure(n, args.clip, args.emb, xla_flags=args.xla_flags))
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -71,7 +71,7 @@ def test_sample_metrics_and_report_markdown():
     samples = dict(m, single_colour_shape=0.5, two_both_colour_shape=0.25, relation=0.75,
                    exact=0.1, variation_consistency=0.0, num_varied=5, num_single=3, num_two=3,
                    resolution=16, generate_8_after_compile_s=1.5)
-    report = {"clip_eval": {"zs_colour": 1.0}, "samples": samples,
+    report = {"clip_eval": {"zs_colour": 1.0, "probe_shape": 0.625}, "samples": samples,
               "wall_s": {"clip": 845.0, "prior": None, "samples": 12.0, "total": 857.0},
               "total_is_partial": True,
               "skip_s": {"clip": 1.1, "prior": 0.9}, "this_run_s": 14.0,
@@ -86,6 +86,7 @@ def test_sample_metrics_and_report_markdown():
     assert "| clip | 845.0 | 1.1 |" in md and "| prior | — | 0.9 |" in md
     assert "| samples | 12.0 |  |" in md and "| this run | | 14.0 |" in md
     assert "Note: copied from the first run" in md
+    assert "| zs_colour | 1.000 |" in md and "| probe_shape | 0.625 |" in md
     assert "| total | ≥ 857.0 (stages marked — unknown) |" in md
 
 

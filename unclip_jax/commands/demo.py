@@ -401,9 +401,12 @@ def report_markdown(report: dict, clip_cfg) -> str:
         f"Data: `{clip_cfg.data.name}`; CLIP trained {clip_cfg.train.steps} steps at batch "
         f"{clip_cfg.train.batch_size}.", "",
         "## CLIP zero-shot on held-out test renders (single objects, unseen colour–shape pairs)",
-        "", "| attribute | accuracy |", "|---|---|",
+        "", "(`probe_*`: a linear classifier fit on seen pairs' image embeddings, scored on the "
+        "held-out pairs: what a decoder trained on seen pairs can read from them.)", "",
+        "| attribute | accuracy |", "|---|---|",
     ]
-    for key in ("zs_colour", "zs_shape", "zs_size", "val_i2t_top1"):
+    for key in ("zs_colour", "zs_shape", "zs_size", "probe_colour", "probe_shape",
+                "probe_colour_shape", "val_i2t_top1"):
         if key in ev:
             lines.append(f"| {key} | {ev[key]:.3f} |")
     if "prior" in report.get("wall_s", {}):

@@ -67,12 +67,17 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
         raise ValueError(f"train.evals: zero_shot classifies captioned-shapes attributes, and "
                          f"the data is {cfg.data.name!r}; drop it from train.evals")
 
+    def attributes(params) -> dict:
+        # zero-shot through the text tower, and a linear probe fit on seen pairs' embeddings
+        size = cfg.data.image_size
+        return {**shapes_eval.zero_shot_accuracy(model, params, tokenize, image_size=size),
+                **shapes_eval.linear_probe_accuracy(model, params, image_size=size)}
+
     def evaluate(state, step) -> dict:
         params = ema_or_raw(cfg, state)
         out = {}
         if chosen and "retrieval" not in chosen:
-            return {f"zero_shot/{k}": v for k, v in shapes_eval.zero_shot_accuracy(
-                model, params, tokenize, image_size=cfg.data.image_size).items()}
+            return {f"zero_shot/{k}": v for k, v in attributes(params).items()}
         # Retrieval on validation: image→text top-1 within batches of the training size.
         # every process reads the whole evaluation batch (the same numpy on each, so jit sees
         # one replicated input); the embeddings, split over the mesh, are gathered by fetch
@@ -90,13 +95,11 @@ def clip_task(cfg: ExperimentConfig, workdir: str | Path) -> tuple[ExperimentCon
         if chosen:
             out["retrieval/i2t_top1"] = hits / max(n, 1)
             if "zero_shot" in chosen:
-                out.update({f"zero_shot/{k}": v for k, v in shapes_eval.zero_shot_accuracy(
-                    model, params, tokenize, image_size=cfg.data.image_size).items()})
+                out.update({f"zero_shot/{k}": v for k, v in attributes(params).items()})
             return out
         out["val_i2t_top1"] = hits / max(n, 1)
         if shapes:
-            out.update(shapes_eval.zero_shot_accuracy(model, params, tokenize,
-                                                      image_size=cfg.data.image_size))
+            out.update(attributes(params))
         return out
 
     task = Task(
