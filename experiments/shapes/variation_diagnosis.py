@@ -9,6 +9,8 @@ object size, next to the same decoder
 * from fresh noise (the decoder's own sampler: what the embedding alone holds),
 * at other guidance scales and η,
 
+split by object size and by held-out (colour, shape) pair,
+
 with the variations' spread (``diversity``: RMS pixel distance between the 4 variations of
 each of the first 8 renders), and appends one JSON row per way to ``runs/curve/variations.jsonl``::
 
@@ -69,6 +71,16 @@ def reconstruction_consistency(model, images) -> float:
     return float(np.mean(same))
 
 
+def _split(right: dict[int, float], keys: list[str]) -> dict:
+    """``{key: {"consistency", "renders"}}`` of the per-render figures ``right`` grouped by
+    ``keys[i]``."""
+    out = {}
+    for key in sorted(set(keys)):
+        vals = [right[i] for i, k in enumerate(keys) if k == key]
+        out[key] = {"consistency": round(float(np.mean(vals)), 4), "renders": len(vals)}
+    return out
+
+
 def diagnose(decoder: Path, demo: Path, renders: int, ways: list[str]) -> list[dict]:
     model = decoder_curve.load_chain(decoder, demo)
     model = decoder_curve.with_samplers(model, "dpmpp_3m:logsnr:20", "dpmpp_3m:logsnr:10")
@@ -79,19 +91,23 @@ def diagnose(decoder: Path, demo: Path, renders: int, ways: list[str]) -> list[d
     for name in ways:
         options = WAYS[name]
         t0 = time.perf_counter()
-        by_size = {}
+        # one render at a time, with the seed it has in its size group (as one call per
+        # group would give it), so that the figures can be split by size and by pair
+        right = {}
         for size in sizes:
-            group = [im for im, s in zip(images, scenes) if s.objects[0].size == size]
-            by_size[size] = (reconstruction_consistency(model, group) if options is None else
-                             manipulate.variation_consistency(model, group, n=4, **options))
-            by_size[size] = (by_size[size], len(group))
-        total = sum(v * n for v, n in by_size.values()) / len(images)
+            group = [i for i, s in enumerate(scenes) if s.objects[0].size == size]
+            for k, i in enumerate(group):
+                right[i] = (reconstruction_consistency(model, [images[i]]) if options is None
+                            else manipulate.variation_consistency(model, [images[i]], n=4,
+                                                                  seed=k, **options))
+        total = float(np.mean(list(right.values())))
         row = {"decoder": str(decoder), "way": name, "renders": renders,
                "consistency": round(total, 4),
                "diversity": (None if options is None else
                              round(diversity(model, images[:DIVERSE], options), 2)),
-               "by_size": {k: {"consistency": round(v, 4), "renders": n}
-                           for k, (v, n) in by_size.items()},
+               "by_size": _split(right, [s.objects[0].size for s in scenes]),
+               "by_pair": _split(right, [f"{s.objects[0].colour} {s.objects[0].shape}"
+                                         for s in scenes]),
                "wall_s": round(time.perf_counter() - t0, 1),
                "load_average_1min": round(os.getloadavg()[0], 1)}
         decoder_curve.append_row(OUT, row)
