@@ -402,7 +402,7 @@ def report_markdown(report: dict, clip_cfg) -> str:
         f"{clip_cfg.train.batch_size}.", "",
         "## CLIP zero-shot on held-out test renders (single objects, unseen colour–shape pairs)",
         "", "(`probe_*`: a linear classifier fit on seen pairs' image embeddings, scored on the "
-        "held-out pairs: what a decoder trained on seen pairs can read from them.)", "",
+        "held-out pairs: how much of a held-out pair lies along the seen pairs' directions.)", "",
         "| attribute | accuracy |", "|---|---|",
     ]
     for key in ("zs_colour", "zs_shape", "zs_size", "probe_colour", "probe_shape",
