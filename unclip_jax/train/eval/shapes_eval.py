@@ -50,11 +50,16 @@ def classes(attribute: str) -> tuple[str, ...]:
     return {"colour": shapes.COLOURS, "shape": shapes.SHAPES, "size": shapes.SIZES}[attribute]
 
 
+@functools.lru_cache(maxsize=4)
 def render_eval_set(image_size: int, num: int, split: str = "test", seed: int = 1234):
-    """``(images [N, S, S, 3] float32 in [-1, 1], scenes)``: fresh single-object renders."""
-    scenes = [shapes.sample_scene(seed, i, split, num_objects=1) for i in range(num)]
+    """``(images [N, S, S, 3] float32 in [-1, 1], scenes)``: fresh single-object renders (the
+    same for the same arguments; rendered once per process and shared, read-only, by the
+    zero-shot and probe evaluations of every evaluation step)."""
+    scenes = tuple(shapes.sample_scene(seed, i, split, num_objects=1) for i in range(num))
     images = np.stack([shapes.render(s, image_size) for s in scenes]).astype(np.float32)
-    return images / 127.5 - 1.0, scenes
+    images = images / 127.5 - 1.0
+    images.flags.writeable = False
+    return images, scenes
 
 
 CAPTIONS = tuple((z, c, s) for z in shapes.SIZES for c in shapes.COLOURS for s in shapes.SHAPES)
