@@ -105,6 +105,8 @@ def test_patched_decoder_trains_and_samples():
     params = D.init_decoder(cfg, jax.random.key(0))["params"]
     params = jax.tree.map(lambda a: getattr(a, "value", a), params,
                           is_leaf=lambda a: hasattr(a, "value"))
+    params = jax.tree.map(        # random weights: zero-initialised outputs ignore the input
+        lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), params)
     x0 = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
     emb = jax.random.normal(jax.random.key(2), (4, 8))
     loss, metrics = D.decoder_loss(params, cfg, x0, emb / jnp.linalg.norm(emb, axis=1,
@@ -137,6 +139,9 @@ def test_patched_decoder_trains_and_samples():
                                    r"pair, got \(1.0,\)"),
     ({"guidance_interval": (1.0, 0.5)}, r"needs 0 ≤ sigma_lo < sigma_hi"),
     ({"guidance_interval": (-1.0, 2.0)}, r"needs 0 ≤ sigma_lo < sigma_hi"),
+    ({"uncond_drop_prob": 1.5}, r"uncond_drop_prob 1.5 is not a probability; accepted: "
+                                r"0 <= uncond_drop_prob <= 1"),
+    ({"text_drop_prob": -0.1}, r"text_drop_prob -0.1 is not a probability"),
 ])
 def test_recipe_options_that_cannot_be_taken_name_the_accepted_values(change, match):
     with pytest.raises(ValueError, match=match):
@@ -234,3 +239,26 @@ def test_text_class_emb_feeds_the_final_caption_state_to_the_timestep_embedding(
     np.testing.assert_allclose(changed_mid, base, atol=1e-6)
     with pytest.raises(ValueError, match="text_class_emb .* needs a caption encoder"):
         D.check_decoder_config(dataclasses.replace(CFG, text_class_emb=True))
+
+
+def test_uncond_drop_prob_reaches_the_decoder_loss():
+    """``uncond_drop_prob`` = 1 with no independent drops trains every example on the learned
+    nulls (embedding and caption): the loss no longer depends on the embedding; 0 keeps it."""
+    cfg = dataclasses.replace(CFG, text_layers=1, text_width=16, vocab_size=20,
+                              context_length=6, clip_drop_prob=0.0, text_drop_prob=0.0)
+    params = D.init_decoder(cfg, jax.random.key(0))["params"]
+    params = jax.tree.map(lambda a: getattr(a, "value", a), params,
+                          is_leaf=lambda a: hasattr(a, "value"))
+    params = jax.tree.map(        # random weights: zero-initialised outputs ignore the input
+        lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), params)
+    x0 = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
+    tokens = jnp.array([[1, 5, 6, 2, 0, 0]] * 4)
+
+    def loss(c, emb):
+        return float(D.decoder_loss(params, c, x0, emb, tokens, jax.random.key(2))[0])
+
+    emb_a = jnp.ones((4, 8)) / np.sqrt(8)
+    emb_b = jnp.full((4, 8), -1.0) / np.sqrt(8)
+    uncond = dataclasses.replace(cfg, uncond_drop_prob=1.0)
+    assert loss(uncond, emb_a) == loss(uncond, emb_b)
+    assert loss(cfg, emb_a) != loss(cfg, emb_b)

@@ -121,6 +121,28 @@ def test_drop_condition():
         drop_condition(jax.random.key(2), cond, {"image": 0.1})
 
 
+def test_joint_drop_trains_the_unconditional_input_on_q_plus_the_product():
+    """With ``joint_prob`` q both keys are null together for q + (1 − q)·p₁·p₂ of the examples
+    (unCLIP's independent drops alone: p₁·p₂), each key alone for q + (1 − q)·pᵢ."""
+    n = 200_000
+    cond = {"emb": jnp.ones((n, 1)), "txt": jnp.ones((n, 1))}
+    probs, q = {"emb": 0.1, "txt": 0.2}, 0.1
+    for joint, want_both in ((0.0, 0.02), (q, q + (1 - q) * 0.02)):
+        d = drop_condition(jax.random.key(3), cond, probs, joint_prob=joint)
+        emb0, txt0 = np.asarray(d["emb"][:, 0] == 0), np.asarray(d["txt"][:, 0] == 0)
+        se = (want_both * (1 - want_both) / n) ** 0.5
+        assert abs((emb0 & txt0).mean() - want_both) < 4 * se
+        for got, p in ((emb0.mean(), 0.1), (txt0.mean(), 0.2)):
+            want = joint + (1 - joint) * p
+            assert abs(got - want) < 4 * (want * (1 - want) / n) ** 0.5
+    # the same key gives the same independent draws: the joint drop only adds nulls
+    base = drop_condition(jax.random.key(3), cond, probs)
+    joint = drop_condition(jax.random.key(3), cond, probs, joint_prob=q)
+    assert bool(jnp.all((base["emb"] == 0) <= (joint["emb"] == 0)))
+    with pytest.raises(ValueError, match="joint_prob needs drop_prob given per key"):
+        drop_condition(jax.random.key(3), cond, 0.1, joint_prob=q)
+
+
 @pytest.mark.parametrize("kind", ["eps", "x0", "v"])
 def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error(kind):
     """Whatever the output kind, weight × output-MSE = min(SNR, γ) × x₀-MSE (Hang et al. 2023)."""

@@ -97,6 +97,7 @@ class DecoderConfig:
     pad_id: int = 0                           # set from the tokenizer
     clip_drop_prob: float = 0.1
     text_drop_prob: float = 0.5
+    uncond_drop_prob: float = 0.0             # > 0: both dropped at once, on top (see loss)
     clip_noise: float = 0.0                   # > 0: training noise on the CLIP emb (see loss)
     clip_emb_scale: float = 0.0               # 0 = √clip_dim (unit-norm inputs); Karlo: 1
     clip_text_width: int = 0                  # > 0: CLIP text emb + states condition (Karlo)
@@ -192,6 +193,10 @@ def check_decoder_config(cfg: DecoderConfig) -> None:
     check_full_res_channels(cfg.full_res_channels, cfg.patch_size)
     diffusion.check_timestep_sampling(cfg.timestep_sampling, cfg.timestep_scale)
     diffusion.check_guidance_interval(guidance_interval(cfg))
+    for name in ("clip_drop_prob", "text_drop_prob", "uncond_drop_prob"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"{name} {getattr(cfg, name)} is not a probability; accepted: "
+                             f"0 <= {name} <= 1")
     if cfg.text_class_emb and not cfg.use_text:
         raise ValueError("text_class_emb adds the caption encoder's final state to the "
                          "timestep embedding and needs a caption encoder; accepted: "
@@ -424,6 +429,11 @@ def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array
     null, ``clip_text_null`` (the same structure, unbatched: the empty caption's encoding, what
     the pipeline guides against); it is dropped with ``text_drop_prob``.
 
+    ``cfg.uncond_drop_prob`` = q > 0 drops every conditioning input (embedding, caption) at
+    once for a fraction q of the examples, on top of the independent drops:
+    the unconditional input guidance extrapolates from then trains on q + (1 − q) ·
+    clip_drop_prob · text_drop_prob of them instead of the product alone (2 % at 0.1 × 0.2).
+
     ``cfg.clip_noise`` = σ_max > 0 augments the embedding (training only): z ← (z + σ n) /
     ‖z + σ n‖ with σ ~ U[0, σ_max] per example and n ~ N(0, I/E) (so ‖σ n‖ ≈ σ), making the
     decoder read a neighbourhood of each training embedding rather than the point."""
@@ -454,7 +464,8 @@ def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array
         schedule=diffusion.make_schedule(cfg.schedule, cfg.num_timesteps),
         model_output=cfg.model_output, learned_variance=cfg.learned_variance,
         vlb_weight=cfg.vlb_weight, min_snr_gamma=cfg.min_snr_gamma, cond_drop_prob=probs,
-        null_cond=nulls, timestep_sampling=cfg.timestep_sampling,
+        null_cond=nulls, cond_joint_drop_prob=cfg.uncond_drop_prob,
+        timestep_sampling=cfg.timestep_sampling,
         timestep_loc=cfg.timestep_loc, timestep_scale=cfg.timestep_scale)
 
 
