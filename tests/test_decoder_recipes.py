@@ -21,12 +21,9 @@ CFG = D.DecoderConfig(image_size=16, clip_dim=8, base_channels=8, channel_mult=(
                       num_timesteps=100, sample_steps=3, model_output="v", groups=4)
 
 
-def random_params(cfg: D.DecoderConfig) -> dict:
-    """The decoder's params with random weights added (its zero-initialised output layers
-    would otherwise ignore the input)."""
-    params = nn.meta.unbox(D.init_decoder(cfg, jax.random.key(0))["params"])
-    return jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape),
-                        params)
+def init_params(cfg: D.DecoderConfig) -> dict:
+    """The decoder's initial params, unboxed."""
+    return nn.meta.unbox(D.init_decoder(cfg, jax.random.key(0))["params"])
 
 
 def test_space_to_depth_layout_and_inverse():
@@ -111,7 +108,7 @@ def test_res_blocks_per_level():
 def test_patched_decoder_trains_and_samples():
     cfg = dataclasses.replace(CFG, patch_size=2, timestep_sampling="logit_normal")
     D.check_decoder_config(cfg)
-    params = random_params(cfg)
+    params = init_params(cfg)
     x0 = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
     emb = jax.random.normal(jax.random.key(2), (4, 8))
     loss, metrics = D.decoder_loss(params, cfg, x0, emb / jnp.linalg.norm(emb, axis=1,
@@ -251,7 +248,8 @@ def test_uncond_drop_prob_reaches_the_decoder_loss():
     nulls (embedding and caption): the loss no longer depends on the embedding; 0 keeps it."""
     cfg = dataclasses.replace(CFG, text_layers=1, text_width=16, vocab_size=20,
                               context_length=6, clip_drop_prob=0.0, text_drop_prob=0.0)
-    params = random_params(cfg)
+    params = jax.tree.map(        # random weights: zero-initialised outputs ignore the input
+        lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), init_params(cfg))
     x0 = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
     tokens = jnp.array([[1, 5, 6, 2, 0, 0]] * 4)
 
