@@ -144,6 +144,8 @@ def test_patched_decoder_trains_and_samples():
     ({"uncond_drop_prob": 1.5}, r"uncond_drop_prob 1.5 is not a probability; accepted: "
                                 r"0 <= uncond_drop_prob <= 1"),
     ({"text_drop_prob": -0.1}, r"text_drop_prob -0.1 is not a probability"),
+    ({"clip_mlp": -1}, r"clip_mlp -1 is not a width; accepted: 0 \(the paper's linear "
+                       r"projections of the embedding\) or a positive hidden width"),
 ])
 def test_recipe_options_that_cannot_be_taken_name_the_accepted_values(change, match):
     with pytest.raises(ValueError, match=match):
@@ -261,3 +263,31 @@ def test_uncond_drop_prob_reaches_the_decoder_loss():
     uncond = dataclasses.replace(cfg, uncond_drop_prob=1.0)
     assert loss(uncond, emb_a) == loss(uncond, emb_b)
     assert loss(cfg, emb_a) != loss(cfg, emb_b)
+
+
+def test_clip_mlp_starts_as_the_paper_decoder_and_reads_the_mlp_features():
+    """``clip_mlp``: the other parameters are the paper decoder's, and its output at init is
+    the same (the MLP's last layer is zero); with any weights it is the paper decoder fed the
+    embedding e + W₂ silu(W₁ s e + b₁) + b₂ (divided back by the scale s = √E), closed form."""
+    cfg = dataclasses.replace(CFG, clip_mlp=16)
+    base, params = init_params(CFG), init_params(cfg)
+    assert set(params) - set(base) == {"clip_mlp_in", "clip_mlp_out"}
+    params = {**params, **base}
+    x = jax.random.normal(jax.random.key(2), (3, 16, 16, 3))
+    t = jnp.array([3, 40, 90])
+    emb = jax.random.normal(jax.random.key(3), (3, 8))
+    emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+    out, ref = D.make_denoiser(cfg), D.make_denoiser(CFG)
+    np.testing.assert_array_equal(out(params, x, t, {"image_emb": emb}),
+                                  ref(base, x, t, {"image_emb": emb}))
+    params = jax.tree.map(        # trained-like weights everywhere
+        lambda a: a + 0.1 * jax.random.normal(jax.random.key(4), a.shape), params)
+    w1, b1 = (np.asarray(params["clip_mlp_in"][k], np.float64) for k in ("kernel", "bias"))
+    w2, b2 = (np.asarray(params["clip_mlp_out"][k], np.float64) for k in ("kernel", "bias"))
+    s = np.sqrt(8)
+    h = np.asarray(emb, np.float64) * s @ w1 + b1
+    fed = (np.asarray(emb, np.float64) * s + (h / (1 + np.exp(-h))) @ w2 + b2) / s
+    paper = {k: v for k, v in params.items() if not k.startswith("clip_mlp")}
+    np.testing.assert_allclose(out(params, x, t, {"image_emb": emb}),
+                               ref(paper, x, t, {"image_emb": jnp.asarray(fed, jnp.float32)}),
+                               rtol=1e-4, atol=1e-5)

@@ -151,6 +151,10 @@ RECIPES = {
     # caption) trained on 10 % + 0.9 × 2 % = 11.8 % of the examples instead of the independent
     # drops' 0.1 × 0.2 = 2 %
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_unc10": _DEMO + ["model.uncond_drop_prob=0.1"],
+    # the demo's recipe with a residual MLP (64 → 256 → 64, SiLU) reading the CLIP embedding
+    # before its projections: the demo CLIP codes shape along directions that differ between
+    # the two sizes (RESULTS), which a linear read of the embedding cannot separate
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_cmlp256": _DEMO + ["model.clip_mlp=256"],
     # the demo's U-Net with plain resampling (nearest-neighbour + 3×3 conv up, strided conv down)
     # instead of residual up/down blocks: the 8 → 16 px up block is 23 % of its FLOPs (benched)
     "patch2_b64_noupdown": _P2 + ["train.batch_size=64", "model.resblock_updown=false"],
@@ -189,6 +193,8 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p4_r64_demo_x0": "p4_r64_demo",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_x0": "patch2_b64",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_unc10": "patch2_b64",
+             # + 64·256·2 MACs an example: 0.04 % of the step's FLOPs
+             "p2ln_cls_b64_lr3e3_tdrop02_snr2_cmlp256": "patch2_b64",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
 

@@ -8,8 +8,10 @@ object size, next to the same decoder
 * reconstructing (η = 0 from the inversion: what the latents hold),
 * from fresh noise (the decoder's own sampler: what the embedding alone holds),
 * at other guidance scales and η,
+* judged at the decoder's resolution, before the upsampler,
 
-split by object size and by held-out (colour, shape) pair,
+split by object size and by held-out (colour, shape) pair (``--split train``: the same on
+renders of seen pairs, what the decoder was fit on),
 
 with the variations' spread (``diversity``: RMS pixel distance between the 4 variations of
 each of the first 8 renders), and appends one JSON row per way to ``runs/curve/variations.jsonl``::
@@ -20,6 +22,7 @@ each of the first 8 renders), and appends one JSON row per way to ``runs/curve/v
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -45,6 +48,9 @@ WAYS = {
     # the paper's variations take any η > 0: less η keeps more of the inverted x_T
     "inversion, η 0.5, guidance 3": dict(guidance_scale=3.0, eta=0.5),
     "inversion, η 0.25, guidance 3": dict(guidance_scale=3.0, eta=0.25),
+    # the demo's way judged on the decoder's own output: what the upsampler loses
+    "demo at the decoder's resolution (no upsampler)": dict(guidance_scale=3.0,
+                                                            upsampler=False),
 }
 DIVERSE = 8     # renders whose variations' spread is measured (``diversity``)
 
@@ -81,15 +87,21 @@ def _split(right: dict[int, float], keys: list[str]) -> dict:
     return out
 
 
-def diagnose(decoder: Path, demo: Path, renders: int, ways: list[str]) -> list[dict]:
+def diagnose(decoder: Path, demo: Path, renders: int, ways: list[str],
+             split: str = "test") -> list[dict]:
     model = decoder_curve.load_chain(decoder, demo)
     model = decoder_curve.with_samplers(model, "dpmpp_3m:logsnr:20", "dpmpp_3m:logsnr:10")
-    scenes = [shapes.sample_scene(7, i, "test", num_objects=1) for i in range(renders)]
+    scenes = [shapes.sample_scene(7, i, split, num_objects=1) for i in range(renders)]
     images = [shapes.render(s, model.decoder.image_size) for s in scenes]
     sizes = sorted({s.objects[0].size for s in scenes})
     rows = []
     for name in ways:
         options = WAYS[name]
+        way_model = model
+        if options is not None and not options.get("upsampler", True):
+            options = {k: v for k, v in options.items() if k != "upsampler"}
+            way_model = dataclasses.replace(model, upsamplers=(), params={
+                **model.params, "upsamplers": ()})
         t0 = time.perf_counter()
         # one render at a time, with the seed it has in its size group (as one call per
         # group would give it), so that the figures can be split by size and by pair
@@ -97,14 +109,14 @@ def diagnose(decoder: Path, demo: Path, renders: int, ways: list[str]) -> list[d
         for size in sizes:
             group = [i for i, s in enumerate(scenes) if s.objects[0].size == size]
             for k, i in enumerate(group):
-                right[i] = (reconstruction_consistency(model, [images[i]]) if options is None
-                            else manipulate.variation_consistency(model, [images[i]], n=4,
-                                                                  seed=k, **options))
+                right[i] = (reconstruction_consistency(way_model, [images[i]])
+                            if options is None else manipulate.variation_consistency(
+                                way_model, [images[i]], n=4, seed=k, **options))
         total = float(np.mean(list(right.values())))
-        row = {"decoder": str(decoder), "way": name, "renders": renders,
+        row = {"decoder": str(decoder), "way": name, "split": split, "renders": renders,
                "consistency": round(total, 4),
                "diversity": (None if options is None else
-                             round(diversity(model, images[:DIVERSE], options), 2)),
+                             round(diversity(way_model, images[:DIVERSE], options), 2)),
                "by_size": _split(right, [s.objects[0].size for s in scenes]),
                "by_pair": _split(right, [f"{s.objects[0].colour} {s.objects[0].shape}"
                                          for s in scenes]),
@@ -120,10 +132,12 @@ def main(argv=None):
     decoder_curve.add_chain_args(p)
     p.add_argument("--renders", type=int, default=64, help="held-out single-object renders")
     p.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
+    p.add_argument("--split", default="test", choices=("test", "train"),
+                   help="test: held-out (colour, shape) pairs (the demo's figure); train: seen")
     args = p.parse_args(argv)
     if args.renders < 1:
         p.error(f"--renders must be ≥ 1, got {args.renders}")
-    diagnose(args.decoder, args.demo, args.renders, args.ways)
+    diagnose(args.decoder, args.demo, args.renders, args.ways, args.split)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Decoder conditioning (Ramesh et al. 2022, §2.1), ``cond`` of the denoiser::
 
 * the embedding (×√E, so its entries are ~unit variance) is projected and **added to the
   timestep embedding**, and projected into ``num_clip_tokens`` (4) **context tokens**
-  concatenated before the caption-encoder states; every attention block attends to them;
+  concatenated before the caption-encoder states; every attention block attends to them
+  (``clip_mlp`` > 0, not in the paper: a residual MLP, Dense → SiLU → zero-initialised Dense,
+  reads the embedding first, so that both projections see features that are not linear in it);
 * the caption pathway (``text_layers > 0``, GLIDE's): a transformer over the caption tokens
   whose final-LN states join the context tokens; with ``text_class_emb`` its state at the last
   caption token (EOS) is also projected and added to the timestep embedding, GLIDE's "final
@@ -100,6 +102,7 @@ class DecoderConfig:
     uncond_drop_prob: float = 0.0             # > 0: both dropped at once, on top (see loss)
     clip_noise: float = 0.0                   # > 0: training noise on the CLIP emb (see loss)
     clip_emb_scale: float = 0.0               # 0 = √clip_dim (unit-norm inputs); Karlo: 1
+    clip_mlp: int = 0                         # > 0: residual MLP of this width on the emb
     clip_text_width: int = 0                  # > 0: CLIP text emb + states condition (Karlo)
     groups: int = 32                          # GroupNorm groups of the U-Net
     patch_size: int = 1                       # > 1: U-Net on p×p space-to-depth patches
@@ -197,6 +200,9 @@ def check_decoder_config(cfg: DecoderConfig) -> None:
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{name} {getattr(cfg, name)} is not a probability; accepted: "
                              f"0 <= {name} <= 1")
+    if cfg.clip_mlp < 0:
+        raise ValueError(f"clip_mlp {cfg.clip_mlp} is not a width; accepted: 0 (the paper's "
+                         f"linear projections of the embedding) or a positive hidden width")
     if cfg.text_class_emb and not cfg.use_text:
         raise ValueError("text_class_emb adds the caption encoder's final state to the "
                          "timestep embedding and needs a caption encoder; accepted: "
@@ -246,6 +252,9 @@ class Decoder(nn.Module):
                          cfg.resblock_updown, cfg.groups, dtype=dt, patch_size=cfg.patch_size,
                          full_res_channels=cfg.full_res_channels)
         width = self.context_width
+        if cfg.clip_mlp > 0:
+            self.clip_mlp_in = dense(cfg.clip_mlp)
+            self.clip_mlp_out = dense(cfg.clip_dim, names=("mlp", "embed"), zero=True)
         self.clip_to_emb = dense(4 * cfg.base_channels)
         self.clip_to_tokens = dense(cfg.num_clip_tokens * width)
         if cfg.clip_text_width > 0:
@@ -311,6 +320,8 @@ class Decoder(nn.Module):
                              f"[B, {cfg.image_size}, {cfg.image_size}, 3]")
         scale = cfg.clip_emb_scale if cfg.clip_emb_scale > 0 else math.sqrt(cfg.clip_dim)
         emb = cond["image_emb"].astype(jnp.float32) * scale
+        if cfg.clip_mlp > 0:            # zero-initialised: starts as the paper's projections
+            emb = emb + self.clip_mlp_out(nn.silu(self.clip_mlp_in(emb)))
         b = emb.shape[0]
         tokens = self.clip_to_tokens(emb).reshape(b, cfg.num_clip_tokens, self.context_width)
         context, mask = tokens, jnp.ones((b, cfg.num_clip_tokens), jnp.bool_)
