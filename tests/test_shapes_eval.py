@@ -36,7 +36,25 @@ def test_probe_generalises_from_compositional_embeddings():
                                for c, s in _pairs(sc)])
     assert not set(_pairs(test)) & set(_pairs(train))
     out = shapes_eval.probe_scores(emb(train), train, emb(test), test)
-    assert out == {"probe_colour": 1.0, "probe_shape": 1.0, "probe_colour_shape": 1.0}
+    assert out == {"probe_colour": 1.0, "probe_shape": 1.0, "probe_colour_shape": 1.0,
+                   "probe_shape_per_size": 1.0}
+
+
+def test_shape_coded_against_size_is_read_only_per_size():
+    """Colour vector + size vector + a shape vector whose sign flips with the size (as the demo
+    CLIP codes it: RESULTS, issue 20): one linear shape probe cannot separate the shapes, a
+    probe per size reads every held-out pair."""
+    r = np.random.default_rng(4)
+    colour = {c: r.normal(size=32) for c in shapes.COLOURS}
+    shape = {s: r.normal(size=32) for s in shapes.SHAPES}
+    size = {z: 2 * r.normal(size=32) for z in shapes.SIZES}
+    train, test = _scenes("train", 800), _scenes("test", 200)
+    emb = lambda sc: np.stack([  # noqa: E731
+        colour[o.colour] + size[o.size] + (1 if o.size == "big" else -1) * shape[o.shape]
+        + 0.1 * r.normal(size=32) for o in (s.objects[0] for s in sc)])
+    out = shapes_eval.probe_scores(emb(train), train, emb(test), test)
+    assert out["probe_colour"] == 1.0 and out["probe_shape_per_size"] == 1.0
+    assert out["probe_shape"] < 0.8
 
 
 def test_probe_fails_on_entangled_embeddings():

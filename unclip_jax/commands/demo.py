@@ -402,11 +402,12 @@ def report_markdown(report: dict, clip_cfg) -> str:
         f"{clip_cfg.train.batch_size}.", "",
         "## CLIP zero-shot on held-out test renders (single objects, unseen colour–shape pairs)",
         "", "(`probe_*`: a linear classifier fit on seen pairs' image embeddings, scored on the "
-        "held-out pairs: how much of a held-out pair lies along the seen pairs' directions.)", "",
+        "held-out pairs: how much of a held-out pair lies along the seen pairs' directions; "
+        "`probe_shape_per_size`: one shape classifier per object size.)", "",
         "| attribute | accuracy |", "|---|---|",
     ]
     for key in ("zs_colour", "zs_shape", "zs_size", "probe_colour", "probe_shape",
-                "probe_colour_shape", "val_i2t_top1"):
+                "probe_colour_shape", "probe_shape_per_size", "val_i2t_top1"):
         if key in ev:
             lines.append(f"| {key} | {ev[key]:.3f} |")
     if "prior" in report.get("wall_s", {}):

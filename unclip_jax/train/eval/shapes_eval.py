@@ -106,18 +106,31 @@ def _descend(xb, onehot, steps, lr, l2):
 
 def probe_scores(train_emb: np.ndarray, train_scenes, test_emb: np.ndarray,
                  test_scenes) -> dict[str, float]:
-    """``{"probe_colour", "probe_shape", "probe_colour_shape"}``: accuracy on ``test_emb`` of a
-    linear probe per attribute fit on ``train_emb`` (single-object scenes)."""
+    """``{"probe_colour", "probe_shape", "probe_colour_shape", "probe_shape_per_size"}``:
+    accuracy on ``test_emb`` of a linear probe per attribute fit on ``train_emb``
+    (single-object scenes); ``probe_shape_per_size``: the shape probe fit and scored within
+    each object size separately (a CLIP may code shape along different directions for small
+    and big objects, which one linear probe cannot read)."""
+    label = lambda sc, attribute: np.array([  # noqa: E731
+        classes(attribute).index(getattr(s.objects[0], attribute)) for s in sc])
     right = {}
     for attribute in ("colour", "shape"):
-        names = classes(attribute)
-        label = lambda sc: np.array([names.index(getattr(s.objects[0], attribute))  # noqa: E731
-                                     for s in sc])
-        predict = fit_linear_probe(train_emb, label(train_scenes), len(names))
-        right[attribute] = predict(test_emb) == label(test_scenes)
+        predict = fit_linear_probe(train_emb, label(train_scenes, attribute),
+                                   len(classes(attribute)))
+        right[attribute] = predict(test_emb) == label(test_scenes, attribute)
+    size_train, size_test = label(train_scenes, "size"), label(test_scenes, "size")
+    per_size = []
+    for size in np.unique(size_test):
+        fit = size_train == size
+        predict = fit_linear_probe(np.asarray(train_emb)[fit],
+                                   label(train_scenes, "shape")[fit], len(shapes.SHAPES))
+        sel = size_test == size
+        per_size.append(predict(np.asarray(test_emb)[sel])
+                        == label(test_scenes, "shape")[sel])
     return {"probe_colour": float(right["colour"].mean()),
             "probe_shape": float(right["shape"].mean()),
-            "probe_colour_shape": float((right["colour"] & right["shape"]).mean())}
+            "probe_colour_shape": float((right["colour"] & right["shape"]).mean()),
+            "probe_shape_per_size": float(np.concatenate(per_size).mean())}
 
 
 def linear_probe_accuracy(model, params, *, image_size: int, num_train: int = 4000,
