@@ -49,9 +49,9 @@ WAYS = {
     "inversion, η 0.5, guidance 3": dict(guidance_scale=3.0, eta=0.5),
     "inversion, η 0.25, guidance 3": dict(guidance_scale=3.0, eta=0.25),
     # the demo's way judged on the decoder's own output: what the upsampler loses
-    "demo at the decoder's resolution (no upsampler)": dict(guidance_scale=3.0,
-                                                            upsampler=False),
+    "demo at the decoder's resolution (no upsampler)": dict(guidance_scale=3.0),
 }
+NO_UPSAMPLER = {"demo at the decoder's resolution (no upsampler)"}   # ways without it
 DIVERSE = 8     # renders whose variations' spread is measured (``diversity``)
 
 
@@ -97,11 +97,8 @@ def diagnose(decoder: Path, demo: Path, renders: int, ways: list[str],
     rows = []
     for name in ways:
         options = WAYS[name]
-        way_model = model
-        if options is not None and not options.get("upsampler", True):
-            options = {k: v for k, v in options.items() if k != "upsampler"}
-            way_model = dataclasses.replace(model, upsamplers=(), params={
-                **model.params, "upsamplers": ()})
+        way_model = model if name not in NO_UPSAMPLER else dataclasses.replace(
+            model, upsamplers=(), params={**model.params, "upsamplers": ()})
         t0 = time.perf_counter()
         # one render at a time, with the seed it has in its size group (as one call per
         # group would give it), so that the figures can be split by size and by pair

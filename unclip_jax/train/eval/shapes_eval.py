@@ -111,22 +111,19 @@ def probe_scores(train_emb: np.ndarray, train_scenes, test_emb: np.ndarray,
     (single-object scenes); ``probe_shape_per_size``: the shape probe fit and scored within
     each object size separately (a CLIP may code shape along different directions for small
     and big objects, which one linear probe cannot read)."""
-    label = lambda sc, attribute: np.array([  # noqa: E731
-        classes(attribute).index(getattr(s.objects[0], attribute)) for s in sc])
-    right = {}
-    for attribute in ("colour", "shape"):
-        predict = fit_linear_probe(train_emb, label(train_scenes, attribute),
-                                   len(classes(attribute)))
-        right[attribute] = predict(test_emb) == label(test_scenes, attribute)
-    size_train, size_test = label(train_scenes, "size"), label(test_scenes, "size")
+    def labels(scenes):
+        return {a: np.array([classes(a).index(getattr(s.objects[0], a)) for s in scenes])
+                for a in ATTRIBUTES}
+
+    fit, test = labels(train_scenes), labels(test_scenes)
+    train_emb, test_emb = np.asarray(train_emb), np.asarray(test_emb)
+    right = {a: fit_linear_probe(train_emb, fit[a], len(classes(a)))(test_emb) == test[a]
+             for a in ("colour", "shape")}
     per_size = []
-    for size in np.unique(size_test):
-        fit = size_train == size
-        predict = fit_linear_probe(np.asarray(train_emb)[fit],
-                                   label(train_scenes, "shape")[fit], len(shapes.SHAPES))
-        sel = size_test == size
-        per_size.append(predict(np.asarray(test_emb)[sel])
-                        == label(test_scenes, "shape")[sel])
+    for size in np.unique(test["size"]):
+        on, sel = fit["size"] == size, test["size"] == size
+        predict = fit_linear_probe(train_emb[on], fit["shape"][on], len(shapes.SHAPES))
+        per_size.append(predict(test_emb[sel]) == test["shape"][sel])
     return {"probe_colour": float(right["colour"].mean()),
             "probe_shape": float(right["shape"].mean()),
             "probe_colour_shape": float((right["colour"] & right["shape"]).mean()),
