@@ -146,6 +146,11 @@ def test_patched_decoder_trains_and_samples():
     ({"text_drop_prob": -0.1}, r"text_drop_prob -0.1 is not a probability"),
     ({"clip_mlp": -1}, r"clip_mlp -1 is not a width; accepted: 0 \(the paper's linear "
                        r"projections of the embedding\) or a positive hidden width"),
+    ({"repa_weight": -0.5}, r"repa_weight -0.5 is not a loss weight; accepted: 0 \(no "
+                            r"representation alignment, the paper's decoder\) or a positive "
+                            r"weight \(REPA: 0.5\)"),
+    ({"repa_weight": 0.5, "repa_hidden": 0}, r"repa_hidden 0 is not a width; accepted: a "
+                                             r"positive hidden width"),
 ])
 def test_recipe_options_that_cannot_be_taken_name_the_accepted_values(change, match):
     with pytest.raises(ValueError, match=match):
@@ -291,3 +296,114 @@ def test_clip_mlp_starts_as_the_paper_decoder_and_reads_the_mlp_features():
     np.testing.assert_allclose(out(params, x, t, {"image_emb": emb}),
                                ref(paper, x, t, {"image_emb": jnp.asarray(fed, jnp.float32)}),
                                rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- REPA
+
+REPA = dataclasses.replace(CFG, repa_weight=0.5, repa_hidden=16, repa_dim=6)
+
+
+def test_repa_loss_is_one_minus_the_cosine_on_the_pooled_grid():
+    """Closed form in numpy: the [B, 8, 8, D] features averaged over 2×2 blocks onto the
+    target's 4×4 grid, 1 − cosine per token, averaged per example; 0 for the target itself
+    (repeated on the finer grid), 2 for its negation."""
+    f = np.asarray(jax.random.normal(jax.random.key(0), (2, 8, 8, 6)), np.float64)
+    y = np.asarray(jax.random.normal(jax.random.key(1), (2, 4, 4, 6)), np.float64)
+    pooled = f.reshape(2, 4, 2, 4, 2, 6).mean(axis=(2, 4))
+    cos = np.sum(pooled * y, -1) / np.linalg.norm(pooled, axis=-1) / np.linalg.norm(y, axis=-1)
+    np.testing.assert_allclose(D.repa_loss(jnp.asarray(f, jnp.float32),
+                                           jnp.asarray(y, jnp.float32)),
+                               1 - cos.mean(axis=(1, 2)), rtol=1e-5)
+    up = jnp.asarray(y.repeat(2, 1).repeat(2, 2), jnp.float32)
+    np.testing.assert_allclose(D.repa_loss(up, jnp.asarray(y, jnp.float32)), 0, atol=1e-6)
+    np.testing.assert_allclose(D.repa_loss(-up, jnp.asarray(y, jnp.float32)), 2, atol=1e-6)
+
+
+def test_repa_head_reads_the_unet_middle_and_leaves_the_denoiser_unchanged():
+    """With ``repa_weight`` > 0 the decoder has the paper decoder's parameters plus the
+    alignment MLP; its output is the paper decoder's with the same weights, and its features
+    are W₂ silu(W₁ m + b₁) + b₂ of the U-Net's middle m (closed form in numpy)."""
+    base = init_params(CFG)
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(4), a.shape),
+                          init_params(REPA))
+    assert set(params) - set(base) == {"repa_in", "repa_out"}
+    paper = {k: v for k, v in params.items() if not k.startswith("repa")}
+    x = jax.random.normal(jax.random.key(2), (3, 16, 16, 3))
+    t = jnp.array([3, 40, 90])
+    emb = jax.random.normal(jax.random.key(3), (3, 8))
+    cond = {"image_emb": emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)}
+    out, feats = D.Decoder(REPA).apply({"params": params}, x, t, cond, return_features=True)
+    np.testing.assert_array_equal(out, D.make_denoiser(CFG)(paper, x, t, cond))
+    np.testing.assert_array_equal(out, D.make_denoiser(REPA)(params, x, t, cond))
+    _, inter = D.Decoder(REPA).apply({"params": params}, x, t, cond, return_features=True,
+                                     capture_intermediates=True, mutable=["intermediates"])
+    _, middle = inter["intermediates"]["unet"]["__call__"][0]     # the U-Net's (out, middle)
+    w1, b1 = (np.asarray(params["repa_in"][k], np.float64) for k in ("kernel", "bias"))
+    w2, b2 = (np.asarray(params["repa_out"][k], np.float64) for k in ("kernel", "bias"))
+    h = np.asarray(middle, np.float64) @ w1 + b1
+    np.testing.assert_allclose(feats, (h / (1 + np.exp(-h))) @ w2 + b2, rtol=1e-4, atol=1e-5)
+    assert feats.shape == (3, D.middle_side(CFG), D.middle_side(CFG), 6)
+
+
+def test_repa_adds_its_weighted_alignment_to_the_decoder_loss():
+    """The diffusion terms are those of the paper decoder with the same weights (same x_t,
+    same mse); the total grows by the "aux" metric, λ · (1 − cos) ∈ [0, 2λ]; and the
+    alignment trains the MLP and the U-Net below the middle, not the up path."""
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape),
+                          init_params(REPA))
+    paper = {k: v for k, v in params.items() if not k.startswith("repa")}
+    x0 = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
+    emb = jnp.ones((4, 8)) / np.sqrt(8)
+    target = jax.random.normal(jax.random.key(5), (4, 4, 4, 6))
+    rng = jax.random.key(2)
+    loss, m = D.decoder_loss(params, REPA, x0, emb, None, rng, repa_target=target)
+    loss0, m0 = D.decoder_loss(paper, CFG, x0, emb, None, rng)
+    assert float(m["mse"]) == pytest.approx(float(m0["mse"]), rel=1e-6)
+    assert 0 < float(m["aux"]) < 2 * REPA.repa_weight
+    assert float(loss) == pytest.approx(float(loss0) + float(m["aux"]), rel=1e-5)
+
+    def aux(p):
+        return D.decoder_loss(p, REPA, x0, emb, None, rng, repa_target=target)[1]["aux"]
+
+    g = jax.grad(aux)(params)
+    norm = {k: float(sum(jnp.sum(jnp.abs(a)) for a in jax.tree.leaves(v)))
+            for k, v in g["unet"].items()}
+    assert norm["mid_res_1"] > 0 and norm["conv_in"] > 0
+    assert all(v == 0 for k, v in norm.items() if k.startswith("up_") or k == "conv_out")
+    assert float(jnp.sum(jnp.abs(g["repa_out"]["kernel"]))) > 0
+    with pytest.raises(ValueError, match="repa_weight > 0: pass repa_target, the CLIP patch "
+                                         "tokens of x0"):
+        D.decoder_loss(params, REPA, x0, emb, None, rng)
+
+
+def test_repa_grid_must_pool_onto_the_clip_patches():
+    D.check_repa_grid(REPA, 4)            # the 8×8 middle pools 2×2 onto a 4×4 grid
+    D.check_repa_grid(REPA, 8)
+    D.check_repa_grid(CFG, 3)             # no alignment: nothing to check
+    with pytest.raises(ValueError, match=r"pools the U-Net's 8×8 middle features onto the "
+                                         r"CLIP's 3×3 patch tokens; accepted: a middle side "
+                                         r"that is a multiple of 3"):
+        D.check_repa_grid(REPA, 3)
+    with pytest.raises(ValueError, match=r"8×8 middle features onto the CLIP's 16×16"):
+        D.check_repa_grid(REPA, 16)
+
+
+def test_clip_patch_tokens_are_the_towers_final_tokens_on_their_grid(tiny_clip_params):
+    """``FrozenCLIP.image_patch_tokens``: the image tower's final-LN tokens without the class
+    token, row-major on the g × g grid; larger images are resized as for the embedding."""
+    from unclip_jax.models.clip import CLIP, FrozenCLIP
+
+    cfg, params = tiny_clip_params
+    clip = FrozenCLIP(cfg, params)
+    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-1, maxval=1)
+    tokens, _ = CLIP(cfg).apply({"params": params}, x, method=lambda m, x: m.visual(x))
+    got = clip.image_patch_tokens(x)
+    g = cfg.image_size // cfg.patch_size
+    assert got.shape == (2, g, g, cfg.vision_width)
+    for i in range(g):
+        for j in range(g):
+            np.testing.assert_array_equal(got[:, i, j], tokens[:, 1 + i * g + j])
+    big = jnp.repeat(jnp.repeat(x, 2, 1), 2, 2)
+    np.testing.assert_allclose(clip.image_patch_tokens(big),
+                               clip.image_patch_tokens(jax.image.resize(
+                                   big, (2, 8, 8, 3), "linear")), rtol=1e-6)

@@ -176,3 +176,25 @@ def test_min_snr_in_the_training_loss():
     assert loss("v", 5.0) < loss("v", 0.0)      # v weights are min(SNR, γ)/(SNR+1) < 1
     with pytest.raises(ValueError, match="min_snr_gamma must be ≥ 0"):
         loss("v", -1.0)
+
+
+def test_auxiliary_loss_of_the_denoiser_is_added_per_example():
+    """A denoiser returning ``(output, aux)`` adds ``aux`` to each example's loss (the mean
+    grows by mean(aux), the diffusion terms are unchanged); an ``aux`` not of shape [B] fails."""
+    params = {"w": jnp.float32(0.3)}
+    x0 = jax.random.uniform(jax.random.key(0), (8, 4, 4, 3), minval=-1, maxval=1)
+    aux = jnp.arange(8, dtype=jnp.float32) / 10
+    plain = lambda p, x, t, c: p["w"] * x  # noqa: E731
+
+    def run(f):
+        return training_loss(params, x0, None, jax.random.key(1), denoiser=f, schedule=S,
+                             model_output="v", min_snr_gamma=5.0)
+
+    loss0, m0 = run(plain)
+    loss1, m1 = run(lambda p, x, t, c: (plain(p, x, t, c), aux))
+    assert float(m1["mse"]) == float(m0["mse"]) and "aux" not in m0
+    assert float(m1["aux"]) == pytest.approx(0.35)
+    assert float(loss1) == pytest.approx(float(loss0) + 0.35, rel=1e-6)
+    with pytest.raises(ValueError, match=r"auxiliary loss has shape \(8, 1\); expected "
+                                         r"\(8,\), one value per example"):
+        run(lambda p, x, t, c: (plain(p, x, t, c), aux[:, None]))

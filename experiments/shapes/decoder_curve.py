@@ -155,6 +155,10 @@ RECIPES = {
     # before its projections: the demo CLIP codes shape along directions that differ between
     # the two sizes (RESULTS), which a linear read of the embedding cannot separate
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_cmlp256": _DEMO + ["model.clip_mlp=256"],
+    # REPA (Yu et al. 2024): the U-Net's 4 px middle, through an MLP, aligned to the demo
+    # CLIP's 4×4 patch tokens of the clean image (λ 0.5, the paper's), so the U-Net learns
+    # early what the CLIP sees at each place; the frozen image tower runs in every step
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_repa05": _DEMO + ["model.repa_weight=0.5"],
     # the demo's U-Net with plain resampling (nearest-neighbour + 3×3 conv up, strided conv down)
     # instead of residual up/down blocks: the 8 → 16 px up block is 23 % of its FLOPs (benched)
     "patch2_b64_noupdown": _P2 + ["train.batch_size=64", "model.resblock_updown=false"],

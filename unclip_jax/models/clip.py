@@ -309,6 +309,22 @@ class FrozenCLIP:
                                  method=lambda m, x: m.visual(x)[1])
         return jax.lax.stop_gradient(_normalize(feat) if normalize else feat.astype(jnp.float32))
 
+    def image_patch_tokens(self, images: jax.Array) -> jax.Array:
+        """``[B, H, W, 3]`` in [-1, 1] (resized as in :meth:`embed_images`) → the image tower's
+        final-LN patch tokens on their grid, ``[B, g, g, vision_width]`` float32 (g = image
+        side / patch size; the class token left out): what the decoder's representation
+        alignment (``repa_weight``) reads."""
+        s = self.config.image_size
+        images = jnp.asarray(images, jnp.float32)
+        if images.shape[1:3] != (s, s):
+            images = jax.image.resize(images, (images.shape[0], s, s, images.shape[3]),
+                                      method="linear")
+        tokens = self.module.apply({"params": self.params}, images,
+                                   method=lambda m, x: m.visual(x)[0])[:, 1:]
+        g = s // self.config.patch_size
+        return jax.lax.stop_gradient(tokens.reshape(images.shape[0], g, g, -1)
+                                     .astype(jnp.float32))
+
     def encode_text(self, tokens: jax.Array) -> dict[str, jax.Array]:
         """``[B, L]`` int32 → ``{"emb": [B, E]`` unit norm, ``"raw": [B, E]`` the projected EOS
         feature before normalisation (Karlo's ``text_embeds``), ``"states": [B, L, W]`` the

@@ -107,6 +107,9 @@ class DecoderConfig:
     groups: int = 32                          # GroupNorm groups of the U-Net
     patch_size: int = 1                       # > 1: U-Net on p×p space-to-depth patches
     full_res_channels: int = 0                # > 0 (patch_size > 1): a full-res path beside it
+    repa_weight: float = 0.0                  # > 0: align the U-Net's middle to CLIP's patches
+    repa_hidden: int = 256                    #   through an MLP of this width (REPA)
+    repa_dim: int = 0                         #   the CLIP tower's width (set from the CLIP)
     # training input
     embeddings_dir: str = ""                  # CLIP image embeddings cached by `embed` ("" =
                                               # run the frozen image tower in every step)
@@ -203,6 +206,13 @@ def check_decoder_config(cfg: DecoderConfig) -> None:
     if cfg.clip_mlp < 0:
         raise ValueError(f"clip_mlp {cfg.clip_mlp} is not a width; accepted: 0 (the paper's "
                          f"linear projections of the embedding) or a positive hidden width")
+    if cfg.repa_weight < 0:
+        raise ValueError(f"repa_weight {cfg.repa_weight} is not a loss weight; accepted: 0 (no "
+                         f"representation alignment, the paper's decoder) or a positive weight "
+                         f"(REPA: 0.5)")
+    if cfg.repa_weight > 0 and cfg.repa_hidden < 1:
+        raise ValueError(f"repa_hidden {cfg.repa_hidden} is not a width; accepted: a positive "
+                         f"hidden width of the alignment MLP")
     if cfg.text_class_emb and not cfg.use_text:
         raise ValueError("text_class_emb adds the caption encoder's final state to the "
                          "timestep embedding and needs a caption encoder; accepted: "
@@ -214,6 +224,37 @@ def check_decoder_config(cfg: DecoderConfig) -> None:
         raise ValueError(f"attention_resolutions {bad} are not feature-map sides of this U-Net "
                          f"({cfg.image_size} px, patch_size {cfg.patch_size}); accepted: "
                          f"{', '.join(map(str, sides))}")
+
+
+def middle_side(cfg: DecoderConfig) -> int:
+    """The side of the U-Net's middle (lowest-resolution) feature map."""
+    return cfg.image_size // (cfg.patch_size * 2 ** (len(cfg.channel_mult) - 1))
+
+
+def check_repa_grid(cfg: DecoderConfig, clip_grid: int) -> None:
+    """ValueError unless the U-Net's middle feature map can be pooled onto the CLIP tower's
+    ``clip_grid`` × ``clip_grid`` patch tokens (representation alignment, ``repa_weight`` > 0)."""
+    m = middle_side(cfg)
+    if cfg.repa_weight > 0 and (m < clip_grid or m % clip_grid):
+        raise ValueError(f"representation alignment pools the U-Net's {m}×{m} middle features "
+                         f"onto the CLIP's {clip_grid}×{clip_grid} patch tokens; accepted: a "
+                         f"middle side that is a multiple of {clip_grid} (image_size / "
+                         f"(patch_size · 2^(levels − 1))), or repa_weight=0")
+
+
+def repa_loss(features: jax.Array, target: jax.Array) -> jax.Array:
+    """REPA's alignment loss per example, ``[B]``: 1 − the cosine similarity between each of the
+    projected U-Net features ``[B, h, h, D]`` (average-pooled onto the target's grid) and the
+    CLIP patch token at the same place ``[B, g, g, D]``, averaged over the grid."""
+    b, h, _, d = features.shape
+    g = target.shape[1]
+    if target.shape != (b, g, g, d) or h % g:
+        raise ValueError(f"alignment features {features.shape} cannot be pooled onto target "
+                         f"tokens {target.shape}")
+    f = features.reshape(b, g, h // g, g, h // g, d).mean(axis=(2, 4))
+    cos = jnp.sum(f * target, -1) / (jnp.linalg.norm(f, axis=-1) *
+                                     jnp.linalg.norm(target, axis=-1) + 1e-6)
+    return 1.0 - jnp.mean(cos, axis=(1, 2))
 
 
 def check_upsampler_config(cfg: UpsamplerConfig) -> None:
@@ -255,6 +296,12 @@ class Decoder(nn.Module):
         if cfg.clip_mlp > 0:
             self.clip_mlp_in = dense(cfg.clip_mlp)
             self.clip_mlp_out = dense(cfg.clip_dim, names=("mlp", "embed"), zero=True)
+        if cfg.repa_weight > 0:
+            if cfg.repa_dim < 1:
+                raise ValueError("repa_weight > 0 needs repa_dim, the CLIP tower's width (the "
+                                 "decoder task sets it from the CLIP)")
+            self.repa_in = dense(cfg.repa_hidden)
+            self.repa_out = dense(cfg.repa_dim, names=("mlp", "embed"))
         self.clip_to_emb = dense(4 * cfg.base_channels)
         self.clip_to_tokens = dense(cfg.num_clip_tokens * width)
         if cfg.clip_text_width > 0:
@@ -311,9 +358,11 @@ class Decoder(nn.Module):
         return out
 
     def __call__(self, x_t: jax.Array, t: jax.Array, cond: dict, *,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, return_features: bool = False):
         """``x_t`` ``[B, S, S, 3]``, ``t`` ``[B]``, ``cond`` (module docstring) →
-        ``[B, S, S, 3]`` (ε / x₀ / v) or ``[B, S, S, 6]`` with the learned-variance channels."""
+        ``[B, S, S, 3]`` (ε / x₀ / v) or ``[B, S, S, 6]`` with the learned-variance channels;
+        with ``return_features`` (``repa_weight`` > 0) also the U-Net's middle features through
+        the alignment MLP, ``[B, m, m, repa_dim]`` (training only: sampling never reads them)."""
         cfg = self.config
         if x_t.shape[1:] != (cfg.image_size, cfg.image_size, 3):
             raise ValueError(f"decoder input has shape {x_t.shape}; expected "
@@ -349,14 +398,20 @@ class Decoder(nn.Module):
                 last = jnp.sum(text["valid"].astype(jnp.int32), axis=1) - 1
                 final = jnp.take_along_axis(states, last[:, None, None], axis=1)[:, 0]
                 time_emb = time_emb + self.text_to_emb(final)
-        return self.unet(x_t, t, emb=time_emb, context=context,
-                         context_mask=mask, deterministic=deterministic)
+        if not return_features:
+            return self.unet(x_t, t, emb=time_emb, context=context, context_mask=mask,
+                             deterministic=deterministic)
+        if cfg.repa_weight <= 0:
+            raise ValueError("return_features needs the alignment MLP (repa_weight > 0)")
+        out, middle = self.unet(x_t, t, emb=time_emb, context=context, context_mask=mask,
+                                deterministic=deterministic, return_middle=True)
+        return out, self.repa_out(nn.silu(self.repa_in(middle)))
 
     def init_all(self, x_t, t, cond, tokens=None):
         if self.config.use_text:
             cond = dict(cond, text=self.encode_caption(tokens))
         self.null_cond()
-        return self(x_t, t, cond)
+        return self(x_t, t, cond, return_features=self.config.repa_weight > 0)
 
 
 def init_decoder(cfg: DecoderConfig, rng: jax.Array, batch: int = 1):
@@ -378,15 +433,23 @@ def _decoder_dummy(cfg: DecoderConfig, batch: int):
             jnp.zeros((batch, cfg.context_length), jnp.int32))
 
 
-def make_denoiser(cfg: DecoderConfig, dropout_rng: jax.Array | None = None):
+def make_denoiser(cfg: DecoderConfig, dropout_rng: jax.Array | None = None,
+                  repa_target: jax.Array | None = None):
     """``denoiser(params, x_t, t, cond) -> output``, the shared sampler's contract. With a
-    ``dropout_rng`` the U-Net's dropout is active (training)."""
+    ``dropout_rng`` the U-Net's dropout is active (training). With ``repa_target`` (the CLIP
+    patch tokens of the batch's clean images, ``[B, g, g, repa_dim]``) it returns ``(output,
+    repa_weight · repa_loss)``, the training loss's auxiliary term."""
     model = Decoder(cfg)
 
     def denoiser(params, x_t, t, cond):
-        return model.apply({"params": params}, x_t, t, cond,
-                           deterministic=dropout_rng is None,
-                           rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+        out = model.apply({"params": params}, x_t, t, cond,
+                          deterministic=dropout_rng is None, return_features=repa_target
+                          is not None,
+                          rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+        if repa_target is None:
+            return out
+        out, features = out
+        return out, cfg.repa_weight * repa_loss(features, repa_target)
 
     return denoiser
 
@@ -431,7 +494,7 @@ def make_cond(params, cfg: DecoderConfig, image_emb: jax.Array,
 
 def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array,
                  tokens: jax.Array | None, rng: jax.Array, clip_text: dict | None = None,
-                 clip_text_null: dict | None = None):
+                 clip_text_null: dict | None = None, repa_target: jax.Array | None = None):
     """The decoder's diffusion loss on images ``x0`` ``[B, S, S, 3]`` in [-1, 1] with their
     CLIP image embeddings; conditioning dropped to the learned nulls for guidance.
 
@@ -447,7 +510,15 @@ def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array
 
     ``cfg.clip_noise`` = σ_max > 0 augments the embedding (training only): z ← (z + σ n) /
     ‖z + σ n‖ with σ ~ U[0, σ_max] per example and n ~ N(0, I/E) (so ‖σ n‖ ≈ σ), making the
-    decoder read a neighbourhood of each training embedding rather than the point."""
+    decoder read a neighbourhood of each training embedding rather than the point.
+
+    ``cfg.repa_weight`` = λ > 0 adds REPA's representation alignment (Yu et al. 2024; U-REPA's
+    choice of the U-Net's middle for a U-Net): λ · (1 − cos) between the middle features of
+    the noisy input, through an MLP, and ``repa_target``, the frozen CLIP tower's patch tokens
+    of the clean image (``FrozenCLIP.image_patch_tokens``), so the U-Net learns early what
+    the CLIP sees at each place. Sampling never reads the MLP."""
+    if cfg.repa_weight > 0 and repa_target is None:
+        raise ValueError("repa_weight > 0: pass repa_target, the CLIP patch tokens of x0")
     rng_drop, rng_loss = jax.random.split(rng)
     if cfg.clip_noise > 0:
         r_sigma, r_n = jax.random.split(jax.random.fold_in(rng, 1))
@@ -471,7 +542,8 @@ def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array
 
     return diffusion.training_loss(
         params, x0, cond, rng_loss, denoiser=make_denoiser(
-            cfg, rng_drop if cfg.dropout > 0 else None),
+            cfg, rng_drop if cfg.dropout > 0 else None,
+            repa_target if cfg.repa_weight > 0 else None),
         schedule=diffusion.make_schedule(cfg.schedule, cfg.num_timesteps),
         model_output=cfg.model_output, learned_variance=cfg.learned_variance,
         vlb_weight=cfg.vlb_weight, min_snr_gamma=cfg.min_snr_gamma, cond_drop_prob=probs,

@@ -296,7 +296,10 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
       params: the denoiser's params. ``x0``: clean data ``[B, …]``. ``cond``: conditioning
         pytree (or None). ``rng``: PRNG key.
       denoiser: ``f(params, x_t, t, cond) -> output`` with ``t`` the ``[B]`` int32 original
-        timesteps; output ``[B, …]`` like x0, or ``[…, 2C]`` with ``learned_variance``.
+        timesteps; output ``[B, …]`` like x0, or ``[…, 2C]`` with ``learned_variance``. It
+        may return ``(output, aux)`` instead, ``aux`` a ``[B]`` auxiliary loss of the same
+        forward pass (e.g. representation alignment) added to each example's loss as it is
+        (metric "aux").
       model_output: "eps" | "x0" | "v" (what the mean output predicts; L_simple is MSE to it).
       learned_variance: hybrid loss L_simple + vlb_weight · T · L_t (T·L_t is the uniform-t
         estimate of L_vlb = Σ_t L_t; improved DDPM's λ = 0.001), stop-gradient on the mean.
@@ -326,7 +329,9 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
     if cond is not None and not (isinstance(cond_drop_prob, (int, float)) and cond_drop_prob == 0):
         null = null_cond(params) if callable(null_cond) else null_cond
         cond = drop_condition(rng_d, cond, cond_drop_prob, null, cond_joint_drop_prob)
-    out = denoiser(params, x_t, jnp.take(schedule.timesteps, i), cond).astype(jnp.float32)
+    out = denoiser(params, x_t, jnp.take(schedule.timesteps, i), cond)
+    out, aux = out if isinstance(out, tuple) else (out, None)
+    out = out.astype(jnp.float32)
     c = x0.shape[-1]
     expected = x0.shape[:-1] + ((2 * c,) if learned_variance else (c,))
     if out.shape != expected:
@@ -350,6 +355,12 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
         vb = vlb_term(schedule, x0, x_t, i, frozen_x0, logvar, discrete=discrete_data)
         loss = loss + vlb_weight * n * vb
         metrics["vlb"] = jnp.mean(vb)
+    if aux is not None:
+        if aux.shape != (batch,):
+            raise ValueError(f"the denoiser's auxiliary loss has shape {aux.shape}; expected "
+                             f"({batch},), one value per example")
+        loss = loss + aux
+        metrics["aux"] = jnp.mean(aux)
     loss = jnp.mean(loss)
     metrics["loss"] = loss
     return loss, metrics

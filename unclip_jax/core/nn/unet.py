@@ -316,7 +316,7 @@ class UNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, *, emb: jax.Array | None = None,
                  context: jax.Array | None = None, context_mask: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, return_middle: bool = False):
         """Args:
           x: ``[B, H, W, Cin]`` (noisy image, possibly with conditioning channels appended).
           t: ``[B]`` int or float timesteps.
@@ -324,8 +324,11 @@ class UNet(nn.Module):
           context: optional ``[B, Lc, Dc]`` tokens every attention block also attends to.
           context_mask: optional ``[B, Lc]`` bool validity of the context tokens.
           deterministic: disable dropout.
+          return_middle: also return the middle block's output (the lowest-resolution
+            features, ``[B, H / downsampling, W / downsampling, C]`` float32), for a
+            representation-alignment loss.
         Returns:
-          ``[B, H, W, out_channels]`` float32.
+          ``[B, H, W, out_channels]`` float32, or ``(that, middle)`` with ``return_middle``.
         """
         self.check_input(x.shape[1], x.shape[2])
         blocks = res_blocks_per_level(self.num_res_blocks, len(self.channel_mult))
@@ -381,6 +384,7 @@ class UNet(nn.Module):
         if self.middle_attention:
             h = attention(h, "mid_attn")
         h = res(ch, "mid_res_1")(h, temb, deterministic)
+        middle = h
 
         for level in reversed(range(len(self.channel_mult))):
             ch = self.base_channels * self.channel_mult[level]
@@ -408,4 +412,5 @@ class UNet(nn.Module):
                 f = conv(c if i == 0 else self.out_channels, zero=i == 1, dtype=dt,
                          name=f"full_res_conv_{i}")(f)
             out = out + f
-        return out.astype(jnp.float32)
+        out = out.astype(jnp.float32)
+        return (out, middle.astype(jnp.float32)) if return_middle else out

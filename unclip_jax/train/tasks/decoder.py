@@ -38,12 +38,14 @@ def decoder_task(cfg, workdir):
         mcfg, image_size=cfg.data.image_size, clip_dim=clip_cfg.embed_dim,
         clip_image_size=clip_cfg.image_size, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
         context_length=cfg.data.context_length,
-        clip_text_width=clip_cfg.text_width if mcfg.clip_text_width > 0 else 0)
+        clip_text_width=clip_cfg.text_width if mcfg.clip_text_width > 0 else 0,
+        repa_dim=clip_cfg.vision_width if mcfg.repa_weight > 0 else 0)
     if mcfg.clip_text_width > 0 and cfg.data.context_length != clip_cfg.context_length:
         raise ValueError(f"data.context_length {cfg.data.context_length} differs from the "
                          f"CLIP's context_length {clip_cfg.context_length}; a decoder reading "
                          f"CLIP text features needs the CLIP's")
     D.check_decoder_config(mcfg)
+    D.check_repa_grid(mcfg, clip_cfg.image_size // clip_cfg.patch_size)
     cfg = dataclasses.replace(cfg, model=mcfg)
     text_null = None
     if mcfg.clip_text_width > 0:
@@ -58,8 +60,10 @@ def decoder_task(cfg, workdir):
         clip_text = (D.decoder_text_features(clip.encode_text(batch["tokens"]))
                      if text_null is not None else None)
         image_emb = batch["image_emb"] if rows is not None else clip.embed_images(batch["image"])
+        repa_target = (clip.image_patch_tokens(batch["image"]) if mcfg.repa_weight > 0
+                       else None)
         return D.decoder_loss(params, mcfg, batch["image"], image_emb, tokens, rng,
-                            clip_text, text_null)
+                              clip_text, text_null, repa_target)
 
     def batches(start, mesh):
         return input_pipeline.make_batches(cfg.data, "train", batch_size=cfg.train.batch_size,
