@@ -295,16 +295,21 @@ class FrozenCLIP:
     def module(self) -> CLIP:
         return CLIP(self.config)
 
-    def embed_images(self, images: jax.Array, normalize: bool = True) -> jax.Array:
-        """``[B, H, W, 3]`` in [-1, 1] → ``[B, E]`` unit-norm float32 (``normalize=False``:
-        the projected feature before normalisation, what Karlo's decoder reads); images of
-        another size are resized (bilinear, antialiased when shrinking) to the CLIP's
-        resolution."""
+    def _at_clip_size(self, images: jax.Array) -> jax.Array:
+        """float32 images resized (bilinear, antialiased when shrinking) to the CLIP's side."""
         s = self.config.image_size
         images = jnp.asarray(images, jnp.float32)
         if images.shape[1:3] != (s, s):
             images = jax.image.resize(images, (images.shape[0], s, s, images.shape[3]),
                                       method="linear")
+        return images
+
+    def embed_images(self, images: jax.Array, normalize: bool = True) -> jax.Array:
+        """``[B, H, W, 3]`` in [-1, 1] → ``[B, E]`` unit-norm float32 (``normalize=False``:
+        the projected feature before normalisation, what Karlo's decoder reads); images of
+        another size are resized (bilinear, antialiased when shrinking) to the CLIP's
+        resolution."""
+        images = self._at_clip_size(images)
         feat = self.module.apply({"params": self.params}, images,
                                  method=lambda m, x: m.visual(x)[1])
         return jax.lax.stop_gradient(_normalize(feat) if normalize else feat.astype(jnp.float32))
@@ -314,14 +319,10 @@ class FrozenCLIP:
         final-LN patch tokens on their grid, ``[B, g, g, vision_width]`` float32 (g = image
         side / patch size; the class token left out): what the decoder's representation
         alignment (``repa_weight``) reads."""
-        s = self.config.image_size
-        images = jnp.asarray(images, jnp.float32)
-        if images.shape[1:3] != (s, s):
-            images = jax.image.resize(images, (images.shape[0], s, s, images.shape[3]),
-                                      method="linear")
+        images = self._at_clip_size(images)
         tokens = self.module.apply({"params": self.params}, images,
                                    method=lambda m, x: m.visual(x)[0])[:, 1:]
-        g = s // self.config.patch_size
+        g = self.config.image_size // self.config.patch_size
         return jax.lax.stop_gradient(tokens.reshape(images.shape[0], g, g, -1)
                                      .astype(jnp.float32))
 
