@@ -379,13 +379,38 @@ def test_repa_adds_its_weighted_alignment_to_the_decoder_loss():
 def test_repa_grid_must_pool_onto_the_clip_patches():
     D.check_repa_grid(REPA, 4)            # the 8×8 middle pools 2×2 onto a 4×4 grid
     D.check_repa_grid(REPA, 8)
+    D.check_repa_grid(REPA, 16)           # or is repeated onto a finer one (U-REPA)
     D.check_repa_grid(CFG, 3)             # no alignment: nothing to check
-    with pytest.raises(ValueError, match=r"pools the U-Net's 8×8 middle features onto the "
+    with pytest.raises(ValueError, match=r"places the U-Net's 8×8 middle features on the "
                                          r"CLIP's 3×3 patch tokens; accepted: a middle side "
-                                         r"that is a multiple of 3"):
+                                         r"\(image_size / \(patch_size · 2\^\(levels − 1\)\)\) "
+                                         r"that is a multiple or a divisor of 3"):
         D.check_repa_grid(REPA, 3)
-    with pytest.raises(ValueError, match=r"8×8 middle features onto the CLIP's 16×16"):
-        D.check_repa_grid(REPA, 16)
+    with pytest.raises(ValueError, match=r"8×8 middle features on the CLIP's 12×12"):
+        D.check_repa_grid(REPA, 12)
+
+
+def test_repa_loss_repeats_a_coarser_map_and_rejects_what_it_cannot_place():
+    y = jax.random.normal(jax.random.key(1), (2, 4, 4, 6))
+    coarse = jax.random.normal(jax.random.key(0), (2, 2, 2, 6))
+    np.testing.assert_allclose(D.repa_loss(coarse, y), D.repa_loss(
+        jnp.repeat(jnp.repeat(coarse, 2, 1), 2, 2), y), rtol=1e-6)
+    for bad in ((2, 3, 3, 6), (2, 4, 4, 5), (3, 4, 4, 6)):
+        with pytest.raises(ValueError, match=r"cannot be placed on target tokens \(2, 4, 4, "
+                                             r"6\); accepted: the same batch and width, and "
+                                             r"sides that divide one another"):
+            D.repa_loss(jnp.zeros(bad), y)
+
+
+def test_repa_head_needs_its_width_and_its_weight():
+    x, t = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32)
+    cond = {"image_emb": jnp.ones((1, 8)) / np.sqrt(8)}
+    with pytest.raises(ValueError, match="repa_weight > 0 needs repa_dim, the CLIP tower's "
+                                         "width"):
+        init_params(dataclasses.replace(REPA, repa_dim=0))
+    with pytest.raises(ValueError, match=r"return_features needs the alignment MLP "
+                                         r"\(repa_weight > 0\)"):
+        D.Decoder(CFG).apply({"params": init_params(CFG)}, x, t, cond, return_features=True)
 
 
 def test_clip_patch_tokens_are_the_towers_final_tokens_on_their_grid(tiny_clip_params):

@@ -102,3 +102,15 @@ def test_paper_configs_describe(path):
     assert d["params"] > 1e7 if cfg.task == "dvae" else d["params"] > 1e8
     assert 0 < d["params_bytes"] < 4 * d["params"]
     assert math.isfinite(d["activation_bytes"]) and d["activation_bytes"] > 0
+
+
+def test_decoder_with_representation_alignment_describes():
+    """A REPA decoder (``model.repa_weight``) describes before any CLIP exists: its head is
+    counted with the embedding width standing in for the CLIP tower's, exactly
+    repa_hidden · (C_mid + 1) + (repa_hidden + 1) · E parameters more than without it."""
+    cfg = config_lib.load_config(ROOT / "experiments/shapes/decoder.py")
+    base = describe(cfg, (1, 1, 1))["params"]
+    repa = config_lib.load_config(ROOT / "experiments/shapes/decoder.py",
+                                  ["model.repa_weight=0.5", "model.repa_hidden=16"])
+    m, e = 64, repa.model.clip_dim          # the middle's channels (32 · 2), the stand-in width
+    assert describe(repa, (1, 1, 1))["params"] - base == 16 * (m + 1) + 17 * e

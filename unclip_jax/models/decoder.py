@@ -232,26 +232,32 @@ def middle_side(cfg: DecoderConfig) -> int:
 
 
 def check_repa_grid(cfg: DecoderConfig, clip_grid: int) -> None:
-    """ValueError unless the U-Net's middle feature map can be pooled onto the CLIP tower's
-    ``clip_grid`` × ``clip_grid`` patch tokens (representation alignment, ``repa_weight`` > 0)."""
+    """ValueError unless the U-Net's middle feature map can be pooled or repeated onto the CLIP
+    tower's ``clip_grid`` × ``clip_grid`` patch tokens (``repa_weight`` > 0)."""
     m = middle_side(cfg)
-    if cfg.repa_weight > 0 and (m < clip_grid or m % clip_grid):
-        raise ValueError(f"representation alignment pools the U-Net's {m}×{m} middle features "
-                         f"onto the CLIP's {clip_grid}×{clip_grid} patch tokens; accepted: a "
-                         f"middle side that is a multiple of {clip_grid} (image_size / "
-                         f"(patch_size · 2^(levels − 1))), or repa_weight=0")
+    if cfg.repa_weight > 0 and m % clip_grid and clip_grid % m:
+        raise ValueError(f"representation alignment places the U-Net's {m}×{m} middle features "
+                         f"on the CLIP's {clip_grid}×{clip_grid} patch tokens; accepted: a "
+                         f"middle side (image_size / (patch_size · 2^(levels − 1))) that is a "
+                         f"multiple or a divisor of {clip_grid}, or repa_weight=0")
 
 
 def repa_loss(features: jax.Array, target: jax.Array) -> jax.Array:
     """REPA's alignment loss per example, ``[B]``: 1 − the cosine similarity between each of the
-    projected U-Net features ``[B, h, h, D]`` (average-pooled onto the target's grid) and the
-    CLIP patch token at the same place ``[B, g, g, D]``, averaged over the grid."""
+    projected U-Net features ``[B, h, h, D]`` and the CLIP patch token at the same place
+    ``[B, g, g, D]``, averaged over the grid. A finer feature map is average-pooled onto the
+    grid; a coarser one is repeated (nearest neighbour, as U-REPA upsamples its U-Net's
+    middle)."""
     b, h, _, d = features.shape
     g = target.shape[1]
-    if target.shape != (b, g, g, d) or h % g:
-        raise ValueError(f"alignment features {features.shape} cannot be pooled onto target "
-                         f"tokens {target.shape}")
-    f = features.reshape(b, g, h // g, g, h // g, d).mean(axis=(2, 4))
+    if target.shape != (b, g, g, d) or (h % g and g % h):
+        raise ValueError(f"alignment features {features.shape} cannot be placed on target "
+                         f"tokens {target.shape}; accepted: the same batch and width, and "
+                         f"sides that divide one another")
+    if h >= g:
+        f = features.reshape(b, g, h // g, g, h // g, d).mean(axis=(2, 4))
+    else:
+        f = jnp.repeat(jnp.repeat(features, g // h, axis=1), g // h, axis=2)
     cos = jnp.sum(f * target, -1) / (jnp.linalg.norm(f, axis=-1) *
                                      jnp.linalg.norm(target, axis=-1) + 1e-6)
     return 1.0 - jnp.mean(cos, axis=(1, 2))

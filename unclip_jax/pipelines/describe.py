@@ -64,8 +64,10 @@ def model_config(cfg) -> Any:
     m, d, task = cfg.model, cfg.data, cfg.task
     if task == "clip":
         return dataclasses.replace(m, image_size=d.image_size, context_length=d.context_length)
-    if task == "decoder":
-        return dataclasses.replace(m, image_size=d.image_size, context_length=d.context_length)
+    if task == "decoder":   # the alignment head's width is the CLIP tower's: its embedding
+        return dataclasses.replace(     # width stands in (only the head's last layer differs)
+            m, image_size=d.image_size, context_length=d.context_length,
+            repa_dim=m.repa_dim or (m.clip_dim if m.repa_weight > 0 else 0))
     if task in ("upsampler", "dvae"):
         return dataclasses.replace(m, image_size=d.image_size)
     if task == "dalle":

@@ -316,7 +316,8 @@ class UNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, *, emb: jax.Array | None = None,
                  context: jax.Array | None = None, context_mask: jax.Array | None = None,
-                 deterministic: bool = True, return_middle: bool = False):
+                 deterministic: bool = True, return_middle: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Args:
           x: ``[B, H, W, Cin]`` (noisy image, possibly with conditioning channels appended).
           t: ``[B]`` int or float timesteps.
@@ -325,7 +326,8 @@ class UNet(nn.Module):
           context_mask: optional ``[B, Lc]`` bool validity of the context tokens.
           deterministic: disable dropout.
           return_middle: also return the middle block's output (the lowest-resolution
-            features, ``[B, H / downsampling, W / downsampling, C]`` float32), for a
+            features, ``[B, H / downsampling, W / downsampling, C]`` float32, downsampling =
+            patch_size · 2^(levels − 1)), for a
             representation-alignment loss.
         Returns:
           ``[B, H, W, out_channels]`` float32, or ``(that, middle)`` with ``return_middle``.
