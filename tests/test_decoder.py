@@ -86,7 +86,7 @@ def test_embedding_added_to_timestep_embedding(params, forward):
 def _spy_loss(monkeypatch, params, cfg, **kw):
     seen = {}
 
-    def make_spy(cfg_, dropout_rng=None):
+    def make_spy(cfg_, dropout_rng=None, repa_target=None):
         def spy(p, x_t, t, cond):
             seen["x_t"], seen["cond"] = x_t, cond
             return jnp.zeros(x_t.shape[:-1] + (6,))
