@@ -447,12 +447,13 @@ def make_denoiser(cfg: DecoderConfig, dropout_rng: jax.Array | None = None,
     repa_weight · repa_loss)``, the training loss's auxiliary term."""
     model = Decoder(cfg)
 
+    align = repa_target is not None
+
     def denoiser(params, x_t, t, cond):
         out = model.apply({"params": params}, x_t, t, cond,
-                          deterministic=dropout_rng is None, return_features=repa_target
-                          is not None,
+                          deterministic=dropout_rng is None, return_features=align,
                           rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-        if repa_target is None:
+        if not align:
             return out
         out, features = out
         return out, cfg.repa_weight * repa_loss(features, repa_target)
