@@ -151,6 +151,9 @@ def test_patched_decoder_trains_and_samples():
                             r"weight \(REPA: 0.5\)"),
     ({"repa_weight": 0.5, "repa_hidden": 0}, r"repa_hidden 0 is not a width; accepted: a "
                                              r"positive hidden width"),
+    ({"repa_min_t": 1.0}, r"repa_min_t 1.0 is not a fraction of the schedule; accepted: "
+                          r"0 <= repa_min_t < 1 \(0: align at every step"),
+    ({"repa_min_t": -0.1}, r"repa_min_t -0.1 is not a fraction of the schedule"),
 ])
 def test_recipe_options_that_cannot_be_taken_name_the_accepted_values(change, match):
     with pytest.raises(ValueError, match=match):
@@ -374,6 +377,24 @@ def test_repa_adds_its_weighted_alignment_to_the_decoder_loss():
     with pytest.raises(ValueError, match="repa_weight > 0: pass repa_target, the CLIP patch "
                                          "tokens of x0"):
         D.decoder_loss(params, REPA, x0, emb, None, rng)
+
+
+def test_repa_min_t_aligns_only_the_noisier_steps():
+    """With ``repa_min_t`` = 0.5 the auxiliary term of each example is REPA's at t ≥ T/2 and 0
+    below (the same weights, input and target); the denoiser's output does not change."""
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape),
+                          init_params(REPA))
+    half = dataclasses.replace(REPA, repa_min_t=0.5)
+    x = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+    t = jnp.array([0, 49, 50, 99])                 # T = 100
+    emb = jax.random.normal(jax.random.key(3), (4, 8))
+    cond = {"image_emb": emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)}
+    target = jax.random.normal(jax.random.key(5), (4, 4, 4, 6))
+    out, aux = D.make_denoiser(REPA, repa_target=target)(params, x, t, cond)
+    out_h, aux_h = D.make_denoiser(half, repa_target=target)(params, x, t, cond)
+    np.testing.assert_array_equal(out_h, out)
+    assert np.all(np.asarray(aux) > 0)
+    np.testing.assert_array_equal(aux_h, np.asarray(aux) * np.array([0, 0, 1, 1]))
 
 
 def test_repa_grid_must_pool_onto_the_clip_patches():

@@ -110,6 +110,7 @@ class DecoderConfig:
     repa_weight: float = 0.0                  # > 0: align the U-Net's middle to CLIP's patches
     repa_hidden: int = 256                    #   through an MLP of this width (REPA)
     repa_dim: int = 0                         #   the CLIP tower's width (set from the CLIP)
+    repa_min_t: float = 0.0                   #   only at t ≥ this fraction of num_timesteps
     # training input
     embeddings_dir: str = ""                  # CLIP image embeddings cached by `embed` ("" =
                                               # run the frozen image tower in every step)
@@ -210,6 +211,10 @@ def check_decoder_config(cfg: DecoderConfig) -> None:
         raise ValueError(f"repa_weight {cfg.repa_weight} is not a loss weight; accepted: 0 (no "
                          f"representation alignment, the paper's decoder) or a positive weight "
                          f"(REPA: 0.5)")
+    if not 0 <= cfg.repa_min_t < 1:
+        raise ValueError(f"repa_min_t {cfg.repa_min_t} is not a fraction of the schedule; "
+                         f"accepted: 0 <= repa_min_t < 1 (0: align at every step, REPA's; 0.5: "
+                         f"only the noisier half)")
     if cfg.repa_weight > 0 and cfg.repa_hidden < 1:
         raise ValueError(f"repa_hidden {cfg.repa_hidden} is not a width; accepted: a positive "
                          f"hidden width of the alignment MLP")
@@ -444,7 +449,8 @@ def make_denoiser(cfg: DecoderConfig, dropout_rng: jax.Array | None = None,
     """``denoiser(params, x_t, t, cond) -> output``, the shared sampler's contract. With a
     ``dropout_rng`` the U-Net's dropout is active (training). With ``repa_target`` (the CLIP
     patch tokens of the batch's clean images, ``[B, g, g, repa_dim]``) it returns ``(output,
-    repa_weight · repa_loss)``, the training loss's auxiliary term."""
+    repa_weight · repa_loss)``, the training loss's auxiliary term, zero for the examples whose
+    timestep is below ``repa_min_t · num_timesteps``."""
     model = Decoder(cfg)
 
     align = repa_target is not None
@@ -456,7 +462,8 @@ def make_denoiser(cfg: DecoderConfig, dropout_rng: jax.Array | None = None,
         if not align:
             return out
         out, features = out
-        return out, cfg.repa_weight * repa_loss(features, repa_target)
+        aligned = t >= cfg.repa_min_t * cfg.num_timesteps
+        return out, cfg.repa_weight * aligned * repa_loss(features, repa_target)
 
     return denoiser
 
@@ -523,7 +530,9 @@ def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array
     choice of the U-Net's middle for a U-Net): λ · (1 − cos) between the middle features of
     the noisy input, through an MLP, and ``repa_target``, the frozen CLIP tower's patch tokens
     of the clean image (``FrozenCLIP.image_patch_tokens``), so the U-Net learns early what
-    the CLIP sees at each place. Sampling never reads the MLP."""
+    the CLIP sees at each place. Sampling never reads the MLP. ``cfg.repa_min_t`` > 0 aligns
+    only the examples drawn at t ≥ repa_min_t · T (the noisier steps, where the layout is still
+    to be decided), leaving the low-noise steps to the diffusion loss alone."""
     if cfg.repa_weight > 0 and repa_target is None:
         raise ValueError("repa_weight > 0: pass repa_target, the CLIP patch tokens of x0")
     rng_drop, rng_loss = jax.random.split(rng)
