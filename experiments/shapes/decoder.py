@@ -31,7 +31,9 @@ CLIP codes shape in opposed directions for the two sizes) gave 0.848 / 0.316 / 0
 REPA's alignment of the U-Net's middle to the CLIP's patch tokens (``repa_weight=0.5``, 1.01×
 the step) gave 0.816 / 0.246 / 0.273 / 0.719 (2 seeds) and held-out variations 0.693 (small
 objects 0.44 against 0.35), seen pairs 0.852 against 0.824: variations a little up, binding
-down 0.10, not kept.
+down 0.10; against a second seed of this recipe (held-out 0.684) the gain is inside the
+seeds' spread, and λ 0.1 (``repa_weight=0.1``) gained nothing and lost the same binding: not
+kept.
 
 The denoiser predicts v, not ε: the cosine schedule ends at ᾱ ≈ 2e-9, where an ε output's
 x₀ = (x_t − σ ε)/α multiplies every output error by ~2·10⁴, and a small model trained for
