@@ -12,7 +12,11 @@ The curve's cost axis is ``steps × this median`` (measured on a quiet machine),
 runs made while other jobs shared the cores still land at the right x.
 
 Usage: ``python benchmarks/bench_decoder_recipes.py [--clip runs/demo/clip] [--out F.json]
-[NAME ...]`` (or ``run_all.py decoder_recipes``); names pick recipes from ``RECIPES``.
+[--profile] [NAME ...]`` (or ``run_all.py decoder_recipes``); names pick recipes from
+``RECIPES``. ``--profile`` adds where the step's time goes: ``PROFILED`` steps traced with
+``jax.profiler``, each XLA thunk's time on the CPU client's worker threads summed by kind
+(convolution forward / input gradient / kernel gradient, matmuls, layout copies, the
+gradient all-reduce and its waits, the rest), in ms per step per worker thread and as shares.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 BACKEND = "cpu"
 STEPS, WARMUP = 12, 3
+PROFILED = 3
 
 
 
@@ -49,11 +54,85 @@ CURVE = _curve()
 RECIPES = CURVE.RECIPES
 
 
-def child(name: str, clip: str, emb: str) -> dict:
+def _thunk_kind(name: str, fused: dict[str, str]) -> str:
+    """The kind of one XLA:CPU thunk of the step (``fused``: fusion name -> its computation's
+    HLO text). A kernel gradient is the convolution whose window spans the activations (every
+    kernel here is 3×3 or 1×1, the latter run as matmuls); an input gradient carries the
+    ``transpose(`` of autodiff in its op name."""
+    import re
+
+    base = re.sub(r"\.\d+$", "", name)
+    if base in ("all-reduce", "Rendezvous") or base.startswith("Wait"):
+        return "all-reduce and waits"
+    if base.startswith(("transpose", "copy")) or base == "concatenate":
+        return "layout copies"
+    body = fused.get(name, "")
+    conv = re.search(r"convolution\(.*?window=\{size=(\d+)x(\d+)", body)
+    if conv:
+        if int(conv.group(1)) * int(conv.group(2)) > 9:
+            return "conv kernel gradient"
+        return "conv input gradient" if "transpose(" in body else "conv forward"
+    if base == "dot" or " dot(" in body:
+        return "matmul"
+    return "other"
+
+
+def profile_step(step, state, batch, hlo: str) -> dict:
+    """Where ``PROFILED`` calls of the compiled ``step`` spend the CPU workers' time (see the
+    module docstring); ``hlo``: the compiled step's text, to read what each fusion computes."""
+    import gzip
+    import re
+
+    import jax
+
+    fused = {}
+    for m in re.finditer(r"\n  %(\S+) = [^\n]*calls=%(\S+?)[,\s]", hlo):
+        body = re.search(r"\n%" + re.escape(m.group(2)) + r" \(.*?\n\}\n", hlo, re.S)
+        fused[m.group(1)] = body.group(0) if body else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        for _ in range(PROFILED):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+        trace = next(Path(tmp).rglob("perfetto_trace.json.gz"))
+        events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    return where_the_time_goes(events, fused)
+
+
+def where_the_time_goes(events: list[dict], fused: dict[str, str],
+                        steps: int = PROFILED) -> dict:
+    """Self time (a thunk's time less the thunks nested in it: an all-reduce holds its
+    rendezvous, which holds its wait) of the trace ``events`` on the CPU client's worker
+    threads, summed by ``_thunk_kind``: ms per step (of ``steps``) per worker, and shares."""
+    import collections
+
+    workers = {e["tid"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"
+               and "XLAEigen" in e["args"]["name"]}
+    ms = collections.Counter()
+    spans = sorted((e for e in events if e.get("ph") == "X" and e.get("tid") in workers
+                    and not e["name"].startswith("ThunkExecutor")),
+                   key=lambda e: (e["tid"], e["ts"], -e["dur"]))
+    open_spans = []
+    for e in spans:
+        while open_spans and (open_spans[-1]["tid"] != e["tid"] or
+                              open_spans[-1]["ts"] + open_spans[-1]["dur"] <= e["ts"]):
+            open_spans.pop()
+        if open_spans:
+            ms[_thunk_kind(open_spans[-1]["name"], fused)] -= e["dur"]
+        ms[_thunk_kind(e["name"], fused)] += e["dur"]
+        open_spans.append(e)
+    ms = collections.Counter({k: v / 1e3 / steps / len(workers) for k, v in ms.items()})
+    total = sum(ms.values())
+    return {k: {"ms": round(v, 1), "share": round(v / total, 3)} for k, v in ms.most_common()}
+
+
+def child(name: str, clip: str, emb: str, profile: bool = False) -> dict:
     import functools
 
     import flax.linen as nn
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from bench_mfu import time_step
@@ -71,8 +150,12 @@ def child(name: str, clip: str, emb: str) -> dict:
     mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, model=1))
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     params = nn.meta.unbox(task.init(jax.random.key(0), task.example))["params"]
-    state = TrainState.create(params, tx, jax.random.key(1), ema=cfg.train.ema_decay > 0)
-    state = jax.device_put(state, sharding.replicated(mesh))
+
+    def new_state():          # a fresh copy each time: the jitted step donates its state
+        state = TrainState.create(jax.tree.map(jnp.copy, params), tx, jax.random.key(1),
+                                  ema=cfg.train.ema_decay > 0)
+        return jax.device_put(state, sharding.replicated(mesh))
+
     r = np.random.default_rng(0)
     batch = {}
     for k, v in task.example.items():
@@ -86,15 +169,21 @@ def child(name: str, clip: str, emb: str) -> dict:
     batch = sharding.shard_batch(batch, mesh)
     step = jax.jit(functools.partial(loop.train_step, loss_fn=task.loss, tx=tx,
                                      ema_decay=cfg.train.ema_decay), donate_argnums=0)
-    seconds = time_step(step, state, batch)
+    where = {}
+    if profile:
+        state = new_state()
+        hlo = step.lower(state, batch).compile().as_text()
+        state, _ = step(state, batch)
+        where = {"where": profile_step(step, state, batch, hlo)}
+    seconds = time_step(step, new_state(), batch)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     return {"recipe": name, "overrides": RECIPES[name], "devices": len(jax.devices()),
             "batch": cfg.train.batch_size, "s_per_step": round(seconds, 4),
-            "params": int(n_params)}
+            "params": int(n_params), **where}
 
 
 def measure(name: str, clip: str, emb: str, devices: int | None = None,
-            xla_flags: str = "") -> dict:
+            xla_flags: str = "", profile: bool = False) -> dict:
     """One recipe's row, stepped in a fresh interpreter; ``xla_flags`` (e.g.
     ``--xla_cpu_use_onednn=true``) are passed to XLA after the device count."""
     cores = os.cpu_count() or 1
@@ -103,7 +192,8 @@ def measure(name: str, clip: str, emb: str, devices: int | None = None,
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n} {xla_flags}".strip(),
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, __file__, "--child", name, "--clip", clip,
-                          "--emb", emb], env=env, check=True, capture_output=True, text=True)
+                          "--emb", emb] + ["--profile"] * profile, env=env, check=True,
+                         capture_output=True, text=True)
     row = json.loads(out.stdout.strip().splitlines()[-1])
     return {**row, "xla_flags": xla_flags} if xla_flags else row
 
@@ -144,14 +234,17 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="also write the rows as JSON")
     ap.add_argument("--xla-flags", default="",
                     help="XLA flags for every recipe's interpreter (CPU codegen options)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace the step and say where its time goes")
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.clip, args.emb)))
+        print(json.dumps(child(args.child, args.clip, args.emb, args.profile)))
         return
     names = args.names or DISTINCT
     rows = []
     for n in names:
-        rows.append(measure(n, args.clip, args.emb, xla_flags=args.xla_flags))
+        rows.append(measure(n, args.clip, args.emb, xla_flags=args.xla_flags,
+                            profile=args.profile))
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -51,3 +51,29 @@ def test_nominal_peak_by_device_name(kind, tflops):
     peak, name = g.nominal_peak(types.SimpleNamespace(device_kind=kind))
     assert name == kind
     assert peak == (None if tflops is None else tflops * 1e12)
+
+
+def test_decoder_step_profile_counts_self_time_by_kind():
+    b = _load("bench_decoder_recipes")
+    def conv(window, op=""):
+        return (f"%c = f32[32,16,16,64] convolution(%p0, %p1), window={{size={window} "
+                f"pad=1_1x1_1}}, {op}")
+
+    fused = {"ynn_fusion.7": conv("3x3", 'op_name="jit(step)/jvp(Decoder)/conv"'),
+             "ynn_fusion.8": conv("16x16"),      # a kernel gradient: the window spans the image
+             "ynn_fusion.9": conv("3x3", 'op_name="jit(step)/transpose(jvp(Decoder))/conv"'),
+             "ynn_fusion.10": "%d = f32[8192,32] dot(%p0, %p1)"}
+    names = [dict(ph="M", tid=1, name="thread_name", args={"name": "tf_XLAEigen/1"}),
+             dict(ph="M", tid=2, name="thread_name", args={"name": "python"})]
+    spans = [("all-reduce.1", 0, 100), ("Rendezvous", 10, 80), ("Wait: pending", 20, 60),
+             ("ynn_fusion.7", 100, 50), ("ynn_fusion.8", 150, 30), ("ynn_fusion.9", 180, 10),
+             ("ynn_fusion.10", 190, 4), ("transpose_copy_fusion.3", 194, 4),
+             ("ThunkExecutor::Execute", 0, 200), ("add_select_fusion.2", 198, 2)]
+    events = names + [dict(ph="X", tid=1, name=n, ts=t * 1000, dur=d * 1000)    # µs
+                      for n, t, d in spans]
+    events.append(dict(ph="X", tid=2, name="ynn_fusion.7", ts=0, dur=999))   # not a worker
+    where = b.where_the_time_goes(events, fused, steps=1)
+    assert {k: v["ms"] for k, v in where.items()} == {
+        "all-reduce and waits": 100, "conv forward": 50, "conv kernel gradient": 30,
+        "conv input gradient": 10, "matmul": 4, "layout copies": 4, "other": 2}
+    assert where["all-reduce and waits"]["share"] == 0.5
