@@ -14,7 +14,7 @@ runs made while other jobs shared the cores still land at the right x.
 Usage: ``python benchmarks/bench_decoder_recipes.py [--clip runs/demo/clip] [--out F.json]
 [--profile] [NAME ...]`` (or ``run_all.py decoder_recipes``); names pick recipes from
 ``RECIPES``. ``--profile`` adds where the step's time goes: ``PROFILED`` steps traced with
-``jax.profiler``, each XLA thunk's time on the CPU client's worker threads summed by kind
+``jax.profiler``, each XLA thunk's self time on the CPU client's worker threads summed by kind
 (convolution forward / input gradient / kernel gradient, matmuls, layout copies, the
 gradient all-reduce and its waits, the rest), in ms per step per worker thread and as shares.
 """
