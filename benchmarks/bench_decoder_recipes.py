@@ -168,13 +168,12 @@ def child(name: str, clip: str, emb: str, profile: bool = False) -> dict:
             batch[k] = r.uniform(-1, 1, v.shape).astype(np.float32)
     batch = sharding.shard_batch(batch, mesh)
     step = jax.jit(functools.partial(loop.train_step, loss_fn=task.loss, tx=tx,
-                                     ema_decay=cfg.train.ema_decay), donate_argnums=0)
+                                     ema_decay=cfg.train.ema_decay),
+                   donate_argnums=0).lower(new_state(), batch).compile()
     where = {}
     if profile:
-        state = new_state()
-        hlo = step.lower(state, batch).compile().as_text()
-        state, _ = step(state, batch)
-        where = {"where": profile_step(step, state, batch, hlo)}
+        state, _ = step(new_state(), batch)
+        where = {"where": profile_step(step, state, batch, step.as_text())}
     seconds = time_step(step, new_state(), batch)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     return {"recipe": name, "overrides": RECIPES[name], "devices": len(jax.devices()),
