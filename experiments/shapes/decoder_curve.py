@@ -172,6 +172,15 @@ RECIPES = {
     # the demo's recipe with that plain resampling: 0.89× its step on the AVX2 machine
     # (BENCHMARKS.md), so the demo's 4600 steps would cost what 4100 cost now
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_noupdown": _DEMO + ["model.resblock_updown=false"],
+    # capacity where the feature map is smallest: 128 channels at the 4 px level (and the
+    # middle) instead of 64, the 16 and 8 px levels unchanged (hypothesis: which shape and
+    # where are decided at the coarse levels, whose convolutions cost little at 4 × 4)
+    "patch2_b64_m124": _P2 + ["train.batch_size=64", "model.channel_mult=1,2,4"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_m124": _DEMO + ["model.channel_mult=1,2,4"],
+    # a deeper caption encoder (4 layers instead of 2; issue 20's "caption-encoder width and
+    # depth"): binding and relation read the caption
+    "patch2_b64_text4": _P2 + ["train.batch_size=64", "model.text_layers=4"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_text4": _DEMO + ["model.text_layers=4"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -213,6 +222,8 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_repa01": "p2ln_cls_b64_lr3e3_tdrop02_snr2_repa05",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_repa05h": "p2ln_cls_b64_lr3e3_tdrop02_snr2_repa05",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_noupdown": "patch2_b64_noupdown",
+             "p2ln_cls_b64_lr3e3_tdrop02_snr2_m124": "patch2_b64_m124",
+             "p2ln_cls_b64_lr3e3_tdrop02_snr2_text4": "patch2_b64_text4",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
 
