@@ -16,7 +16,9 @@ Usage: ``python benchmarks/bench_decoder_recipes.py [--clip runs/demo/clip] [--o
 ``RECIPES``. ``--profile`` adds where the step's time goes: ``PROFILED`` steps traced with
 ``jax.profiler``, each XLA thunk's self time on the CPU client's worker threads summed by kind
 (convolution forward / input gradient / kernel gradient, matmuls, layout copies, the
-gradient all-reduce and its waits, the rest), in ms per step per worker thread and as shares.
+gradient all-reduce and its waits, normalisation layers, the update outside forward and
+backward, the rest: read from each fusion's HLO and its ops' ``op_name``), in ms per step
+per worker thread and as shares.
 """
 
 from __future__ import annotations
@@ -74,6 +76,13 @@ def _thunk_kind(name: str, fused: dict[str, str]) -> str:
         return "conv input gradient" if "transpose(" in body else "conv forward"
     if base == "dot" or " dot(" in body:
         return "matmul"
+    ops = re.findall(r'op_name="([^"]+)"', body)
+    if any(re.search(r"/(\w*norm\w*|ln_\w+|\w*_ln)/", o) for o in ops):
+        return "normalisation"         # GroupNorm / LayerNorm, forward or backward, and the
+                                       # elementwise work XLA fused into them
+    if ops and not any("jvp(" in o for o in ops):
+        return "update"                # outside forward and backward: AdamW, EMA, the finite
+                                       # checks, the learning-rate schedule, the batch's noise
     return "other"
 
 

@@ -62,18 +62,25 @@ def test_decoder_step_profile_counts_self_time_by_kind():
     fused = {"ynn_fusion.7": conv("3x3", 'op_name="jit(step)/jvp(Decoder)/conv"'),
              "ynn_fusion.8": conv("16x16"),      # a kernel gradient: the window spans the image
              "ynn_fusion.9": conv("3x3", 'op_name="jit(step)/transpose(jvp(Decoder))/conv"'),
-             "ynn_fusion.10": "%d = f32[8192,32] dot(%p0, %p1)"}
+             "ynn_fusion.10": "%d = f32[8192,32] dot(%p0, %p1)",
+             # a GroupNorm's statistics (backward), the optimiser's moment update, a SiLU
+             "reduce_fusion.4": 'op_name="jit(step)/transpose(jvp(Decoder))/unet/up_0_res_0/'
+                                'norm_2/reduce_sum"',
+             "sqrt_fusion.5": 'op_name="jit(step)/sqrt" op_name="jit(step)/div"',
+             "logistic_fusion.6": 'op_name="jit(step)/jvp(Decoder)/unet/up_0_res_0/logistic"'}
     names = [dict(ph="M", tid=1, name="thread_name", args={"name": "tf_XLAEigen/1"}),
              dict(ph="M", tid=2, name="thread_name", args={"name": "python"})]
     spans = [("all-reduce.1", 0, 100), ("Rendezvous", 10, 80), ("Wait: pending", 20, 60),
              ("ynn_fusion.7", 100, 50), ("ynn_fusion.8", 150, 30), ("ynn_fusion.9", 180, 10),
              ("ynn_fusion.10", 190, 4), ("transpose_copy_fusion.3", 194, 4),
-             ("ThunkExecutor::Execute", 0, 200), ("add_select_fusion.2", 198, 2)]
+             ("ThunkExecutor::Execute", 0, 200), ("add_select_fusion.2", 198, 2),
+             ("reduce_fusion.4", 200, 8), ("sqrt_fusion.5", 208, 6), ("logistic_fusion.6", 214, 3)]
     events = names + [dict(ph="X", tid=1, name=n, ts=t * 1000, dur=d * 1000)    # µs
                       for n, t, d in spans]
     events.append(dict(ph="X", tid=2, name="ynn_fusion.7", ts=0, dur=999))   # not a worker
     where = b.where_the_time_goes(events, fused, steps=1)
     assert {k: v["ms"] for k, v in where.items()} == {
         "all-reduce and waits": 100, "conv forward": 50, "conv kernel gradient": 30,
-        "conv input gradient": 10, "matmul": 4, "layout copies": 4, "other": 2}
-    assert where["all-reduce and waits"]["share"] == 0.5
+        "conv input gradient": 10, "matmul": 4, "layout copies": 4, "normalisation": 8,
+        "update": 6, "other": 5}
+    assert where["all-reduce and waits"]["share"] == round(100 / 217, 3)
