@@ -37,6 +37,8 @@ kept.
 Plain resampling in the up path (``resblock_updown=false``, 0.89× the step on the AVX2 machine)
 kept fidelity (0.844, 2 seeds) but lost binding (0.277 against 0.355) and variations (0.641
 against 0.734) at equal steps: not kept.
+A 4-layer caption encoder (``text_layers=4``, 1.04× the step) bound no better (0.859 / 0.344 /
+0.266 / 0.672 against 0.848 / 0.355 / 0.266 / 0.734, 2 seeds each): not kept.
 
 The denoiser predicts v, not ε: the cosine schedule ends at ᾱ ≈ 2e-9, where an ε output's
 x₀ = (x_t − σ ε)/α multiplies every output error by ~2·10⁴, and a small model trained for
