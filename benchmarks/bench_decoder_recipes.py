@@ -82,7 +82,7 @@ def _thunk_kind(name: str, fused: dict[str, str]) -> str:
                                        # elementwise work XLA fused into them
     if ops and not any("jvp(" in o for o in ops):
         return "update"                # outside forward and backward: AdamW, EMA, the finite
-                                       # checks, the learning-rate schedule, the batch's noise
+                                       # checks, the learning-rate schedule
     return "other"
 
 
