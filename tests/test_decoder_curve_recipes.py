@@ -23,9 +23,8 @@ _spec.loader.exec_module(CURVE)
 # costed as another although the network differs by a little: no learned variance (3 output
 # channels fewer) and the CLIP MLP (+64·256·2 multiply-adds an example, 0.04 % of the step)
 SMALL_DIFFERENCE = {"p2ln_cls_b64_lr3e3_tdrop02_nolv", "p2ln_cls_b64_lr3e3_tdrop02_snr2_cmlp256"}
-
-
 EMB = Path("runs/demo").absolute() / "embeddings"     # what overrides() puts in {emb}
+CONFIG = config_lib.load_config(ROOT / "experiments/shapes/decoder.py")   # no overrides
 
 
 def recipe(name: str):
@@ -55,17 +54,12 @@ def test_every_recipe_is_a_config_the_decoder_accepts(name):
     cfg, model = recipe(name)
     D.check_decoder_config(model)
     assert (cfg.train.steps, cfg.train.seed) == (100, 0)
-    base = config_lib.load_config(ROOT / "experiments/shapes/decoder.py")
     last = {o.split("=", 1)[0]: o for o in CURVE.RECIPES[name]}   # a later setting wins
     for key, override in last.items():              # each of the recipe's settings holds
-        alone = config_lib.apply_overrides(base, [override.format(emb=EMB)])
-        assert get(cfg, key.split(".")) == get(alone, key.split(".")), override
-
-
-def get(cfg, key: list[str]):
-    for k in key:
-        cfg = getattr(cfg, k)
-    return cfg
+        alone = config_lib.apply_overrides(CONFIG, [override.format(emb=EMB)])
+        path = key.split(".")
+        assert (functools.reduce(getattr, path, cfg) ==
+                functools.reduce(getattr, path, alone)), override
 
 
 def test_unknown_recipe_names_the_known_ones():
