@@ -154,6 +154,9 @@ def test_patched_decoder_trains_and_samples():
     ({"repa_min_t": 1.0}, r"repa_min_t 1.0 is not a fraction of the schedule; accepted: "
                           r"0 <= repa_min_t < 1 \(0: align at every step"),
     ({"repa_min_t": -0.1}, r"repa_min_t -0.1 is not a fraction of the schedule"),
+    ({"self_condition": 1.0}, r"self_condition 1.0 is not a self-conditioning probability; "
+                              r"accepted: 0 \(off\) or 0 < p < 1 \(the paper's 0.5\)"),
+    ({"self_condition": -0.5}, r"self_condition -0.5 is not a self-conditioning probability"),
 ])
 def test_recipe_options_that_cannot_be_taken_name_the_accepted_values(change, match):
     with pytest.raises(ValueError, match=match):
@@ -453,3 +456,37 @@ def test_clip_patch_tokens_are_the_towers_final_tokens_on_their_grid(tiny_clip_p
     np.testing.assert_allclose(clip.image_patch_tokens(big),
                                clip.image_patch_tokens(jax.image.resize(
                                    big, (2, 8, 8, 3), "linear")), rtol=1e-6)
+
+
+def test_self_conditioned_decoder_reads_its_x0_estimate_trains_and_samples():
+    """``self_condition`` > 0: the U-Net reads ``cond["self_cond"]`` beside x_t (its first conv
+    takes 2 × 3 channels per pixel; an absent estimate is zeros); the loss trains and the
+    pipeline's sampler and inversion run it (their wiring: tests/test_sampler.py)."""
+    cfg = dataclasses.replace(CFG, patch_size=2, self_condition=0.5)
+    D.check_decoder_config(cfg)
+    params = jax.tree.map(        # random weights: zero-initialised outputs ignore the input
+        lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), init_params(cfg))
+    plain = init_params(dataclasses.replace(cfg, self_condition=0.0))
+    assert (params["unet"]["conv_in"]["kernel"].shape[2]
+            == 2 * plain["unet"]["conv_in"]["kernel"].shape[2])
+    x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+    t = jnp.array([10, 60])
+    emb = jax.random.normal(jax.random.key(3), (2, 8))
+    f = D.make_denoiser(cfg)
+    zeros = f(params, x, t, {"image_emb": emb, "self_cond": jnp.zeros_like(x)})
+    np.testing.assert_array_equal(f(params, x, t, {"image_emb": emb}), zeros)
+    assert float(jnp.max(jnp.abs(f(params, x, t, {"image_emb": emb, "self_cond": x}) - zeros))
+                 ) > 1e-3
+    x0 = jax.random.uniform(jax.random.key(4), (2, 16, 16, 3), minval=-1, maxval=1)
+    unit = emb / jnp.linalg.norm(emb, axis=1, keepdims=True)
+    loss, _ = D.decoder_loss(params, cfg, x0, unit, None, jax.random.key(5))
+    grads = jax.grad(lambda p: D.decoder_loss(p, cfg, x0, unit, None, jax.random.key(5))[0])(
+        params)
+    assert np.isfinite(float(loss)) and all(
+        np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    assert S.sample_images(params, cfg, unit, steps=2).shape == (2, 16, 16, 3)
+    cond, uncond = S.decoder_conds(cfg, params, unit)
+    x_T = diffusion.ddim_invert(f, params, x0, schedule=S.decoder_schedule(cfg, 3), cond=cond,
+                                uncond=uncond, guidance_scale=3.0, model_output="v",
+                                self_condition=True)
+    assert x_T.shape == x0.shape and np.isfinite(np.asarray(x_T)).all()

@@ -198,3 +198,41 @@ def test_auxiliary_loss_of_the_denoiser_is_added_per_example():
     with pytest.raises(ValueError, match=r"auxiliary loss has shape \(8, 1\); expected "
                                          r"\(8,\), one value per example"):
         run(lambda p, x, t, c: (plain(p, x, t, c), aux[:, None]))
+
+
+def test_self_conditioning_feeds_the_stop_gradient_estimate_on_a_share_of_batches():
+    """An x₀ denoiser ``a + b·self_cond``: a first pass given zeros estimates x̂₀ = a, the
+    trained pass predicts a + b·x̂₀. Its gradient in ``a`` is the closed form with x̂₀ held fixed
+    (stop-gradient: 2(a + b a − x₀), not (1 + b) times that); a batch that draws no estimate
+    trains a alone; the estimate is drawn for a share p of the batches."""
+    x0 = jax.random.uniform(jax.random.key(0), (8, 4, 4, 3), minval=-1, maxval=1)
+    b = 0.5
+
+    def f(p, x, t, c):
+        return p["a"] + b * c["self_cond"]
+
+    def run(a, prob, key=1):
+        return training_loss({"a": a}, x0, {}, jax.random.key(key), denoiser=f, schedule=S,
+                             model_output="x0", self_condition=prob)[0]
+
+    a = jnp.float32(0.2)
+    used = float(run(a, 0.999999))
+    assert used == pytest.approx(float(jnp.mean((a + b * a - x0) ** 2)), rel=1e-6)
+    assert float(jax.grad(run)(a, 0.999999)) == pytest.approx(
+        float(jnp.mean(2 * (a + b * a - x0))), rel=1e-5)
+    assert float(run(a, 1e-6)) == pytest.approx(float(jnp.mean((a - x0) ** 2)), rel=1e-6)
+    # the share of batches that draw the estimate: 0.3 over 400 batches (±4 s.e. ≈ 0.09)
+    drawn = jax.vmap(lambda k: run(a, 0.3, k))(jnp.arange(400))
+    share = float(jnp.mean(jnp.isclose(drawn, used, rtol=1e-6)))
+    assert abs(share - 0.3) < 0.09
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1])
+def test_self_condition_outside_its_range_is_refused(p):
+    with pytest.raises(ValueError, match=rf"self_condition {p} is not a self-conditioning "
+                                         rf"probability; accepted: 0 \(off\) or 0 < p < 1"):
+        training_loss({}, jnp.zeros((2, 3)), {}, jax.random.key(0),
+                      denoiser=lambda p, x, t, c: x, schedule=S, self_condition=p)
+    with pytest.raises(ValueError, match=r"cond must be a dict"):
+        training_loss({}, jnp.zeros((2, 3)), None, jax.random.key(0),
+                      denoiser=lambda p, x, t, c: x, schedule=S, self_condition=0.5)

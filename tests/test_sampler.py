@@ -404,7 +404,7 @@ def test_learned_variance_endpoints_use_the_respaced_betas(spec):
     """v_var = −1 / +1 must give log β̃' / log β' of the *respaced* steps (β'_i = 1 − ᾱ_{t_i}/
     ᾱ_{t_{i−1}}, computed here in float64 from the base ᾱ), not the base schedule's β_{t_i}."""
     sched = respace(FULL, spec)
-    ac = np.cumprod(1 - np.asarray(FULL.betas, np.float64))[np.asarray(sched.timesteps)]
+    ac = np.asarray(sched.alphas_cumprod, np.float64)       # the schedule's own ᾱ
     ac_prev = np.append(1.0, ac[:-1])
     beta = 1 - ac / ac_prev
     beta_tilde = beta * (1 - ac_prev) / (1 - ac)
@@ -493,3 +493,70 @@ def test_dpm_spacing_is_the_reference_grid():
         respace(FULL, "dpm1000")
     with pytest.raises(ValueError, match="expected 'dpm' followed by a step count"):
         respace(FULL, "dpmx")
+
+
+# ----------------------------------------------------------------------------- self-conditioning
+
+
+def _halving_denoiser(params, x, t, cond):
+    """An x₀ denoiser reading only its self-conditioning input: x₀ = ½·self_cond + cond["c"]."""
+    return 0.5 * cond["self_cond"] + cond["c"].reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+@pytest.mark.parametrize("method, spec", [("ddpm", "10"), ("ddim", "10"), ("dpmpp_2m", "dpm10"),
+                                          ("dpmpp_3m", "logsnr10")])
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_self_conditioned_sampler_feeds_each_step_the_previous_x0(method, spec, scale):
+    """Every solver ends on x = x₀ of its last step. With x₀_k = ½ x₀_{k−1} + s·c (zeros before
+    the first step; guidance s with c in the cond branch and 0 in the uncond, both reading the
+    same previous x₀) the last of N steps is s·c·(2 − 2^(1−N)) exactly; a sampler that fed
+    zeros, or each branch its own x₀, would give s·c."""
+    sched = respace(FULL, spec)
+    n = sched.num_steps
+    c = jnp.array([0.4, -0.2])
+    cond = {"c": c}
+    guided = {} if scale == 1.0 else {"uncond": {"c": jnp.zeros(2)}, "guidance_scale": scale}
+    out = sample(_halving_denoiser, None, schedule=sched, rng=jax.random.key(0), shape=(2, 3),
+                 cond=cond, method=method, model_output="x0", self_condition=True, **guided)
+    expected = scale * c[:, None] * (2 - 2.0 ** (1 - n))
+    np.testing.assert_allclose(out, jnp.broadcast_to(expected, (2, 3)), rtol=1e-5)
+
+
+def test_self_conditioning_off_is_the_plain_sampler_and_needs_dict_conds():
+    """A denoiser that ignores ``self_cond`` samples the same with and without it; a cond that
+    is not a dict cannot carry it."""
+    sched = respace(FULL, "dpm10")
+    f = gaussian_denoiser("v", shift_key="shift")
+    cond, uncond = {"shift": jnp.full((64,), 1.0)}, {"shift": jnp.zeros((64,))}
+    kw = dict(schedule=sched, rng=jax.random.key(1), shape=(64, D), cond=cond, uncond=uncond,
+              guidance_scale=2.0, method="dpmpp_2m", model_output="v")
+    np.testing.assert_array_equal(sample(f, None, **kw, self_condition=True), sample(f, None, **kw))
+    with pytest.raises(ValueError, match=r"self_condition=True passes the previous x0 as "
+                                         r"cond\['self_cond'\]: cond \(and uncond\) must be dicts"):
+        sample(lambda p, x, t, c: x, None, schedule=sched, rng=jax.random.key(1), shape=(4, D),
+               cond=jnp.zeros((4, 1)), self_condition=True)
+
+
+def test_self_conditioned_inversion_feeds_the_previous_steps_x0():
+    """``ddim_invert(self_condition=True)`` gives step i the x₀ predicted at step i − 1 (the
+    clean input on the first step), the same one to each fixed-point iteration: a float64
+    restatement of the inversion with x₀ = ½·self_cond + c."""
+    sched = respace(FULL, "ddim8")
+    x0 = jax.random.uniform(jax.random.key(2), (3, 4), minval=-1, maxval=1)
+    c = 0.3
+    cond = {"c": jnp.full((3,), c)}
+    got = ddim_invert(_halving_denoiser, None, x0, schedule=sched, cond=cond, model_output="x0",
+                      fixed_point_iters=2, self_condition=True)
+    ac = np.asarray(sched.alphas_cumprod, np.float64)       # the schedule's own ᾱ
+    x, sc = np.asarray(x0, np.float64), np.asarray(x0, np.float64)
+    for i in range(sched.num_steps):
+        a, a_prev = ac[i], (ac[i - 1] if i else 1.0)
+        pred = 0.5 * sc + c
+        # ε of the x₀ output at the current estimate (first x_{i−1}, then 2 fixed-point
+        # iterations), with step i's ᾱ: the denoiser is called at t_i
+        x_i = x
+        for _ in range(3):
+            eps = (x_i - np.sqrt(a) * pred) / np.sqrt(1 - a)
+            x_i = np.sqrt(a / a_prev) * (x - np.sqrt(1 - a_prev) * eps) + np.sqrt(1 - a) * eps
+        x, sc = x_i, pred
+    np.testing.assert_allclose(got, x, rtol=2e-3)      # float32 against float64

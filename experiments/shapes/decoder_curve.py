@@ -181,6 +181,11 @@ RECIPES = {
     # depth"): binding and relation read the caption
     "patch2_b64_text4": _P2 + ["train.batch_size=64", "model.text_layers=4"],
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_text4": _DEMO + ["model.text_layers=4"],
+    # self-conditioning (Chen et al. 2022): half the batches give the U-Net its own x₀ estimate
+    # (a first forward pass without gradient) beside x_t, and the sampler gives every step the
+    # previous step's x₀; ≈ 1/6 more compute a step (half the batches run one more forward)
+    "patch2_b64_sc05": _P2 + ["train.batch_size=64", "model.self_condition=0.5"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_sc05": _DEMO + ["model.self_condition=0.5"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -224,6 +229,7 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_noupdown": "patch2_b64_noupdown",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_m124": "patch2_b64_m124",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_text4": "patch2_b64_text4",
+             "p2ln_cls_b64_lr3e3_tdrop02_snr2_sc05": "patch2_b64_sc05",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
 

@@ -21,6 +21,11 @@ Decoder conditioning (Ramesh et al. 2022, §2.1), ``cond`` of the denoiser::
   learned null states with probability ``text_drop_prob`` (50%) — only the conditioning is
   replaced, never ``x_t``. At sampling the same nulls are the ``uncond``.
 
+Self-conditioning (``self_condition`` = p > 0, Chen et al. 2022 "Analog Bits"; not in the
+paper): ``cond["self_cond"]``, an x₀ estimate ``[B, S, S, 3]``, is concatenated to ``x_t`` on
+channels (zeros when absent). Training gives it the decoder's own stop-gradient estimate on a
+fraction p of the batches; the shared sampler gives each step the previous step's x₀.
+
 CLIP-text conditioning (``clip_text_width > 0``, Karlo's decoder; see
 :mod:`unclip_jax.pipelines.convert.karlo`): ``cond["clip_text"] = {"emb": [B, E] CLIP text
 embedding,
@@ -111,6 +116,8 @@ class DecoderConfig:
     repa_hidden: int = 256                    #   through an MLP of this width (REPA)
     repa_dim: int = 0                         #   the CLIP tower's width (set from the CLIP)
     repa_min_t: float = 0.0                   #   only at t ≥ this fraction of num_timesteps
+    self_condition: float = 0.0               # > 0: self-conditioning (Chen et al. 2022): the
+                                              # share of batches given the model's own x₀
     # training input
     embeddings_dir: str = ""                  # CLIP image embeddings cached by `embed` ("" =
                                               # run the frozen image tower in every step)
@@ -200,6 +207,7 @@ def check_decoder_config(cfg: DecoderConfig) -> None:
     check_full_res_channels(cfg.full_res_channels, cfg.patch_size)
     diffusion.check_timestep_sampling(cfg.timestep_sampling, cfg.timestep_scale)
     diffusion.check_guidance_interval(guidance_interval(cfg))
+    diffusion.check_self_condition(cfg.self_condition)
     for name in ("clip_drop_prob", "text_drop_prob", "uncond_drop_prob"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{name} {getattr(cfg, name)} is not a probability; accepted: "
@@ -409,6 +417,10 @@ class Decoder(nn.Module):
                 last = jnp.sum(text["valid"].astype(jnp.int32), axis=1) - 1
                 final = jnp.take_along_axis(states, last[:, None, None], axis=1)[:, 0]
                 time_emb = time_emb + self.text_to_emb(final)
+        if cfg.self_condition > 0:      # the previous x₀ estimate beside x_t (zeros: none)
+            sc = cond.get("self_cond")
+            x_t = jnp.concatenate([x_t, jnp.zeros_like(x_t) if sc is None
+                                   else sc.astype(x_t.dtype)], axis=-1)
         if not return_features:
             return self.unet(x_t, t, emb=time_emb, context=context, context_mask=mask,
                              deterministic=deterministic)
@@ -532,7 +544,11 @@ def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array
     of the clean image (``FrozenCLIP.image_patch_tokens``), so the U-Net learns early what
     the CLIP sees at each place. Sampling never reads the MLP. ``cfg.repa_min_t`` > 0 aligns
     only the examples drawn at t ≥ repa_min_t · T (the noisier steps, where the layout is still
-    to be decided), leaving the low-noise steps to the diffusion loss alone."""
+    to be decided), leaving the low-noise steps to the diffusion loss alone.
+
+    ``cfg.self_condition`` = p > 0 trains a self-conditioned decoder (Chen et al. 2022): the
+    U-Net reads its own x₀ estimate (``cond["self_cond"]``) beside ``x_t``, for a fraction p of
+    the batches (the rest read zeros); the sampler passes each step the previous step's x₀."""
     if cfg.repa_weight > 0 and repa_target is None:
         raise ValueError("repa_weight > 0: pass repa_target, the CLIP patch tokens of x0")
     rng_drop, rng_loss = jax.random.split(rng)
@@ -565,7 +581,8 @@ def decoder_loss(params, cfg: DecoderConfig, x0: jax.Array, image_emb: jax.Array
         vlb_weight=cfg.vlb_weight, min_snr_gamma=cfg.min_snr_gamma, cond_drop_prob=probs,
         null_cond=nulls, cond_joint_drop_prob=cfg.uncond_drop_prob,
         timestep_sampling=cfg.timestep_sampling,
-        timestep_loc=cfg.timestep_loc, timestep_scale=cfg.timestep_scale)
+        timestep_loc=cfg.timestep_loc, timestep_scale=cfg.timestep_scale,
+        self_condition=cfg.self_condition)
 
 
 # ============================================================================ upsampler model

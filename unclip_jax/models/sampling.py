@@ -171,7 +171,7 @@ def decode(cfg: DecoderConfig, params, image_emb, rng, guidance, *, schedule,
         model_output=cfg.model_output,
         variance="learned" if cfg.learned_variance else "fixed_small", clip_x0=clip_x0,
         batch_sharding=batch_sharding and batch_sharding(4),
-        guidance_interval=D.guidance_interval(cfg))
+        guidance_interval=D.guidance_interval(cfg), self_condition=cfg.self_condition > 0)
 
 
 def decoder_schedule(cfg: DecoderConfig, steps: int | str):

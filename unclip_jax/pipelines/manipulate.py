@@ -173,7 +173,8 @@ def _programs(configs: tuple, steps: int, fixed_point_iters: int, up_steps: tupl
         return diffusion.ddim_invert(
             D.make_denoiser(dcfg), params["decoder"], x, schedule=schedule, cond=cond,
             uncond=uncond, guidance_scale=guidance, model_output=dcfg.model_output,
-            fixed_point_iters=fixed_point_iters, guidance_interval=D.guidance_interval(dcfg))
+            fixed_point_iters=fixed_point_iters, guidance_interval=D.guidance_interval(dcfg),
+            self_condition=dcfg.self_condition > 0)
 
     def decode(params, z, x_T, rng, guidance, eta):
         r_dec, r_up = jax.random.split(rng)

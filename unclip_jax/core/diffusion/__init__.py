@@ -3,7 +3,7 @@
 * :mod:`.schedule` — linear / cosine betas, ᾱ, ``q_sample``, the posterior, respacing (and
   Karlo's ``UnCLIPScheduler`` grid, ``karlo_schedule``).
 * :mod:`.losses` — ε / x₀ / v conversions, L_simple, learned variance + hybrid loss,
-  timestep sampling, conditioning dropout, ``training_loss``.
+  timestep sampling, conditioning dropout, self-conditioning, ``training_loss``.
 * :mod:`.sampler` — ``sample`` / ``make_sampler`` (DDPM, DDIM η, DPM-Solver++(2M) and (3M),
   classifier-free guidance in one batched forward) and ``ddim_invert``.
 """
@@ -11,6 +11,7 @@
 from unclip_jax.core.diffusion.losses import (
     MODEL_OUTPUTS,
     TIMESTEP_SAMPLINGS,
+    check_self_condition,
     check_timestep_sampling,
     condition_keep_mask,
     drop_condition,
@@ -51,7 +52,8 @@ from unclip_jax.core.diffusion.schedule import (
 
 __all__ = [
     "KINDS", "METHODS", "MODEL_OUTPUTS", "TIMESTEP_SAMPLINGS", "VARIANCES", "Sampler",
-    "Schedule", "base_betas", "check_guidance_interval", "check_timestep_sampling",
+    "Schedule", "base_betas", "check_guidance_interval", "check_self_condition",
+    "check_timestep_sampling",
     "condition_keep_mask", "ddim_invert",
     "drop_condition", "eps_to_x0", "from_betas", "karlo_schedule", "karlo_timesteps",
     "learned_log_variance", "make_sampler", "make_schedule", "output_to_x0_eps", "q_posterior",

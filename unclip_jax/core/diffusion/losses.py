@@ -283,13 +283,22 @@ def drop_condition(rng, cond: Any, drop_prob, null: Any = None, joint_prob: floa
     return replace(cond, null, condition_keep_mask(rng, batch, drop_prob))
 
 
+def check_self_condition(p: float) -> None:
+    """ValueError unless ``p`` is a self-conditioning probability: 0 ≤ p < 1."""
+    if not 0 <= p < 1:
+        raise ValueError(f"self_condition {p} is not a self-conditioning probability; accepted: "
+                         f"0 (off) or 0 < p < 1 (the paper's 0.5): the share of training batches "
+                         f"given the model's own x0 estimate (the rest get zeros, the sampler's "
+                         f"first step)")
+
+
 def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedule,
                   model_output: str = "eps", learned_variance: bool = False,
                   vlb_weight: float = 0.001, discrete_data: bool = True,
                   cond_drop_prob: Any = 0.0, null_cond: Any = None,
                   cond_joint_drop_prob: float = 0.0, min_snr_gamma: float = 0.0,
                   timestep_sampling: str = "uniform", timestep_loc: float = 0.0,
-                  timestep_scale: float = 1.0):
+                  timestep_scale: float = 1.0, self_condition: float = 0.0):
     """Diffusion training loss for one batch; pure, so any model can wrap it with ``partial``.
 
     Args:
@@ -312,13 +321,20 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
         (:func:`sample_timesteps`; "uniform" is DDPM's). A non-uniform one reweights L_simple
         by its density; the VLB term keeps its uniform-t scale ``T·L_t`` (it trains only the
         variance output).
+      self_condition: p > 0 trains a self-conditioned denoiser (Chen et al. 2022, "Analog
+        Bits", §3): ``cond`` (a dict) gets ``"self_cond"``, an x₀ ``[B, …]`` like x0. With
+        probability p (one coin per batch, as in the paper) it is the denoiser's own x₀ estimate
+        from a first forward pass given zeros, under stop-gradient; otherwise zeros. The
+        sampler's ``self_condition=True`` feeds each step the previous step's x₀.
     Returns:
       (scalar loss, dict of scalar metrics).
     """
     check_model_output(model_output)
+    check_self_condition(self_condition)
     if min_snr_gamma < 0:
         raise ValueError(f"min_snr_gamma must be ≥ 0 (0 = unweighted), got {min_snr_gamma}")
     rng_t, rng_n, rng_d = jax.random.split(rng, 3)
+    c = x0.shape[-1]
     batch = x0.shape[0]
     n = schedule.num_steps
     i = sample_timesteps(rng_t, batch, n, timestep_sampling, timestep_loc, timestep_scale,
@@ -329,10 +345,25 @@ def training_loss(params, x0, cond, rng, *, denoiser: Callable, schedule: Schedu
     if cond is not None and not (isinstance(cond_drop_prob, (int, float)) and cond_drop_prob == 0):
         null = null_cond(params) if callable(null_cond) else null_cond
         cond = drop_condition(rng_d, cond, cond_drop_prob, null, cond_joint_drop_prob)
-    out = denoiser(params, x_t, jnp.take(schedule.timesteps, i), cond)
+    t = jnp.take(schedule.timesteps, i)
+    if self_condition > 0:
+        if not isinstance(cond, dict):
+            raise ValueError("self_condition > 0 passes the previous x0 estimate as "
+                             "cond['self_cond']: cond must be a dict")
+        zeros = jnp.zeros_like(x_t)
+
+        def estimate(_):
+            first = denoiser(params, x_t, t, dict(cond, self_cond=zeros))
+            first = (first[0] if isinstance(first, tuple) else first).astype(jnp.float32)
+            mean = split_variance(first, c)[0] if learned_variance else first
+            return jax.lax.stop_gradient(
+                output_to_x0_eps(schedule, x_t, i, mean, model_output)[0])
+
+        use = jax.random.uniform(jax.random.fold_in(rng_d, 1)) < self_condition
+        cond = dict(cond, self_cond=jax.lax.cond(use, estimate, lambda _: zeros, None))
+    out = denoiser(params, x_t, t, cond)
     out, aux = out if isinstance(out, tuple) else (out, None)
     out = out.astype(jnp.float32)
-    c = x0.shape[-1]
     expected = x0.shape[:-1] + ((2 * c,) if learned_variance else (c,))
     if out.shape != expected:
         what = "mean output and variance interpolation" if learned_variance else "one output"

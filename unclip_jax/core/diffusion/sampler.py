@@ -104,16 +104,21 @@ def _step_scale(schedule, i, guidance_scale, interval):
 
 def _guided_model(denoiser, params, schedule, cond, uncond, guidance_scale, variance,
                   interval=None):
-    """``model(x, i) -> (mean_output, var_interp or None)`` with guidance folded in (only in
-    the σ ``interval`` when one is given)."""
+    """``model(x, i, self_cond=None) -> (mean_output, var_interp or None)`` with guidance
+    folded in (only in the σ ``interval`` when one is given); a ``self_cond`` x₀ is passed to
+    both branches as ``cond["self_cond"]``."""
 
-    def model(x, i):
+    def model(x, i, self_cond=None):
         b, c = x.shape[0], x.shape[-1]
         t = jnp.full((b,), schedule.timesteps[i], jnp.int32)
+        cond_i, uncond_i = cond, uncond
+        if self_cond is not None:           # both branches read the same (guided) x₀
+            cond_i = dict(cond, self_cond=self_cond)
+            uncond_i = None if uncond is None else dict(uncond, self_cond=self_cond)
         if uncond is None:
-            out = denoiser(params, x, t, cond)
+            out = denoiser(params, x, t, cond_i)
         else:
-            both = jax.tree.map(lambda a, u: jnp.concatenate([a, u], axis=0), cond, uncond)
+            both = jax.tree.map(lambda a, u: jnp.concatenate([a, u], axis=0), cond_i, uncond_i)
             out = denoiser(params, jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0), both)
         n = b if uncond is None else 2 * b
         plain, with_var = (n,) + x.shape[1:], (n,) + x.shape[1:-1] + (2 * c,)
@@ -185,7 +190,8 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
            guidance_scale=1.0, model_output: str = "eps", variance: str = "fixed_small",
            clip_x0: tuple[float, float] | None = None, dynamic_threshold: float | None = None,
            batch_sharding: jax.sharding.Sharding | None = None,
-           guidance_interval: tuple[float, float] | None = None) -> jax.Array:
+           guidance_interval: tuple[float, float] | None = None,
+           self_condition: bool = False) -> jax.Array:
     """Draw samples by running the reverse process over every step of ``schedule``.
 
     Pure; wrap it in ``jax.jit`` (or use :func:`make_sampler`). Static: the schedule's length,
@@ -218,6 +224,9 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
       clip_x0: clip every predicted x₀ to ``(low, high)``, e.g. (-1, 1) for images.
       dynamic_threshold: quantile p of Imagen's dynamic thresholding (x₀ in [-1, 1] data).
       batch_sharding: a sharding for x (batch axis); applied as a constraint at every step.
+      self_condition: a self-conditioned denoiser (``training_loss(self_condition=p)``): every
+        step passes the previous step's x₀ (after ``clip_x0`` / thresholding, guided) as
+        ``cond["self_cond"]``, zeros on the first step; cond (and uncond) must be dicts. Static.
     Returns:
       samples ``[B, …]`` float32.
     """
@@ -243,6 +252,7 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
         raise ValueError("guidance needs a cond as well as an uncond")
     _check_batch(cond, x.shape[0], "cond")
     _check_batch(uncond, x.shape[0], "uncond")
+    _check_self_cond_dicts(self_condition, cond, uncond)
 
     constrain = ((lambda v: jax.lax.with_sharding_constraint(v, batch_sharding))
                  if batch_sharding is not None else (lambda v: v))
@@ -252,8 +262,10 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
     eta = jnp.asarray(eta, jnp.float32)
     recompute_eps = clip_x0 is not None or dynamic_threshold is not None
 
-    def predict(x, i):
-        mean_out, var_out = model(x, i)
+    # carry = (x, the previous step's x₀, …): the multistep solvers' history, and the
+    # self-conditioned denoiser's input (zeros before the first step)
+    def predict(x, i, x0_prev):
+        mean_out, var_out = model(x, i, x0_prev if self_condition else None)
         x0, eps = output_to_x0_eps(s, x, i, mean_out, model_output)
         if recompute_eps:
             x0 = _process_x0(x0, clip_x0, dynamic_threshold)
@@ -262,7 +274,7 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
 
     def ddpm_step(carry, i):
         x = constrain(carry[0])
-        x0, _, var_out = predict(x, i)
+        x0, _, var_out = predict(x, i, carry[1])
         mean = s.posterior_mean_coef1[i] * x0 + s.posterior_mean_coef2[i] * x
         if variance == "fixed_small":
             logvar = s.posterior_log_variance_clipped[i]
@@ -272,19 +284,19 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
             logvar = learned_log_variance(s, i, var_out, x.ndim)
         z = jax.random.normal(jax.random.fold_in(rng_steps, i), x.shape, jnp.float32)
         x = mean + jnp.where(i > 0, jnp.exp(0.5 * logvar), 0.0) * z
-        return (x,) + carry[1:], None
+        return (x, x0) + carry[2:], None
 
     def ddim_step(carry, i):
         # DDIM (Song et al. 2010.02502, eq. 12): x_prev = √ᾱ_prev x₀ + √(1 − ᾱ_prev − σ²) ε + σ z,
         # σ = η √((1 − ᾱ_prev)/(1 − ᾱ)) √(1 − ᾱ/ᾱ_prev).
         x = constrain(carry[0])
-        x0, eps, _ = predict(x, i)
+        x0, eps, _ = predict(x, i, carry[1])
         a, a_prev = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
         sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         z = jax.random.normal(jax.random.fold_in(rng_steps, i), x.shape, jnp.float32)
         x = (jnp.sqrt(a_prev) * x0 + jnp.sqrt(jnp.maximum(1 - a_prev - sigma ** 2, 0.0)) * eps
              + sigma * z)
-        return (x,) + carry[1:], None
+        return (x, x0) + carry[2:], None
 
     def dpmpp_2m_step(carry, i):
         # DPM-Solver++(2M), data prediction (Lu et al. 2211.01095, Algorithm 2), λ = log(α/σ):
@@ -296,7 +308,7 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
         # the previous one in λ is also taken at first order (see ``_order_cap``).
         x, x0_prev, unused_x0, h_prev, unused_h, count = carry
         x = constrain(x)
-        x0, _, _ = predict(x, i)
+        x0, _, _ = predict(x, i, x0_prev)
         a_s, a_t = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
         final = a_t >= 1.0
         a_t = jnp.where(final, 0.5, a_t)            # keeps the unused branch finite
@@ -322,7 +334,7 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
         # extrapolated far past where it was measured is worse than a lower-order one there.
         x, x0_1, x0_2, h_0, h_1, count = carry
         x = constrain(x)
-        x0, _, _ = predict(x, i)
+        x0, _, _ = predict(x, i, x0_1)
         a_s, a_t = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
         final = a_t >= 1.0
         a_t = jnp.where(final, 0.5, a_t)            # keeps the unused branch finite
@@ -354,6 +366,13 @@ def sample(denoiser: Callable, params: Any, *, schedule: Schedule, rng: jax.Arra
     return constrain(carry[0])
 
 
+def _check_self_cond_dicts(self_condition, cond, uncond):
+    if self_condition and not (isinstance(cond, dict)
+                               and (uncond is None or isinstance(uncond, dict))):
+        raise ValueError("self_condition=True passes the previous x0 as cond['self_cond']: "
+                         "cond (and uncond) must be dicts")
+
+
 def _check_batch(tree, batch, name):
     for leaf in jax.tree.leaves(tree):
         if not hasattr(leaf, "shape") or leaf.ndim == 0 or leaf.shape[0] != batch:
@@ -368,7 +387,8 @@ def ddim_invert(denoiser: Callable, params: Any, x0: jax.Array, *, schedule: Sch
                 cond: Any = None, uncond: Any = None, guidance_scale=1.0,
                 model_output: str = "eps", fixed_point_iters: int = 2,
                 batch_sharding: jax.sharding.Sharding | None = None,
-                guidance_interval: tuple[float, float] | None = None) -> jax.Array:
+                guidance_interval: tuple[float, float] | None = None,
+                self_condition: bool = False) -> jax.Array:
     """Deterministic DDIM encoding x₀ → x_T, the inverse of ``sample(method="ddim", eta=0,
     x_T=…)`` with the same schedule, conditioning and guidance (``guidance_interval`` too).
 
@@ -376,6 +396,11 @@ def ddim_invert(denoiser: Callable, params: Any, x0: jax.Array, *, schedule: Sch
     + √(1−ᾱ_i) ε with ε = ε(x_i, t_i). The usual inversion evaluates ε at x_{i-1} instead;
     ``fixed_point_iters`` further evaluations at the current estimate of x_i refine it (0 gives
     the usual approximate inversion; each costs one more forward per step).
+
+    ``self_condition``: a self-conditioned denoiser reads an x₀ estimate. Sampling gives step i
+    the x₀ of step i + 1, which the inversion (running from t = 0 up) has not reached; it gives
+    step i the x₀ predicted at step i − 1 instead (the clean input on the first step), so the
+    inversion is approximate there even with fixed-point iterations.
     Returns x_T ``[B, …]`` float32.
     """
     check_model_output(model_output)
@@ -391,6 +416,7 @@ def ddim_invert(denoiser: Callable, params: Any, x0: jax.Array, *, schedule: Sch
     x = jnp.asarray(x0, jnp.float32)
     _check_batch(cond, x.shape[0], "cond")
     _check_batch(uncond, x.shape[0], "uncond")
+    _check_self_cond_dicts(self_condition, cond, uncond)
     constrain = ((lambda v: jax.lax.with_sharding_constraint(v, batch_sharding))
                  if batch_sharding is not None else (lambda v: v))
     s = schedule
@@ -398,11 +424,12 @@ def ddim_invert(denoiser: Callable, params: Any, x0: jax.Array, *, schedule: Sch
                           jnp.asarray(guidance_scale, jnp.float32), "fixed_small",
                           guidance_interval)
 
-    def eps_at(x, i):
-        mean_out, _ = model(x, i)
-        return output_to_x0_eps(s, x, i, mean_out, model_output)[1]
+    def x0_eps_at(x, i, x0_prev):
+        mean_out, _ = model(x, i, x0_prev if self_condition else None)
+        return output_to_x0_eps(s, x, i, mean_out, model_output)
 
-    def step(x_prev, i):
+    def step(carry, i):
+        x_prev, x0_prev = carry
         x_prev = constrain(x_prev)
         a, a_prev = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
 
@@ -410,12 +437,15 @@ def ddim_invert(denoiser: Callable, params: Any, x0: jax.Array, *, schedule: Sch
             return (jnp.sqrt(a / a_prev) * (x_prev - jnp.sqrt(1 - a_prev) * eps)
                     + jnp.sqrt(1 - a) * eps)
 
-        x_i = solve(eps_at(x_prev, i))
+        x0_i, eps = x0_eps_at(x_prev, i, x0_prev)
+        x_i = solve(eps)
         for _ in range(fixed_point_iters):
-            x_i = solve(eps_at(x_i, i))
-        return x_i, None
+            x0_i, eps = x0_eps_at(x_i, i, x0_prev)
+            x_i = solve(eps)
+        return (x_i, x0_i), None
 
-    x, _ = jax.lax.scan(step, constrain(x), jnp.arange(s.num_steps, dtype=jnp.int32))
+    (x, _), _ = jax.lax.scan(step, (constrain(x), x),
+                             jnp.arange(s.num_steps, dtype=jnp.int32))
     return constrain(x)
 
 
@@ -432,7 +462,7 @@ class Sampler:
 
     def __init__(self, denoiser, *, schedule, shape, method="ddim", model_output="eps",
                  variance="fixed_small", clip_x0=None, dynamic_threshold=None,
-                 batch_sharding=None, guidance: bool = True):
+                 batch_sharding=None, guidance: bool = True, self_condition: bool = False):
         _check_config(method, variance, model_output, clip_x0, dynamic_threshold)
         self.shape = tuple(shape)
         self.guidance = guidance
@@ -444,7 +474,8 @@ class Sampler:
                           uncond=uncond if guidance else None, method=method, eta=eta,
                           guidance_scale=guidance_scale if guidance else 1.0,
                           model_output=model_output, variance=variance, clip_x0=clip_x0,
-                          dynamic_threshold=dynamic_threshold, batch_sharding=batch_sharding)
+                          dynamic_threshold=dynamic_threshold, batch_sharding=batch_sharding,
+                          self_condition=self_condition)
 
         self.jitted = jax.jit(run)
 
@@ -470,10 +501,10 @@ def make_sampler(denoiser: Callable, *, schedule: Schedule, shape: tuple[int, ..
                  variance: str = "fixed_small", clip_x0: tuple[float, float] | None = None,
                  dynamic_threshold: float | None = None,
                  batch_sharding: jax.sharding.Sharding | None = None,
-                 guidance: bool = True) -> Sampler:
+                 guidance: bool = True, self_condition: bool = False) -> Sampler:
     """A ready jitted :class:`Sampler` ``(params, cond, uncond, rng, guidance_scale, eta) ->
     samples`` for models and pipelines to share. The schedule is closed over (a constant)."""
     return Sampler(denoiser, schedule=schedule, shape=shape, method=method,
                    model_output=model_output, variance=variance, clip_x0=clip_x0,
                    dynamic_threshold=dynamic_threshold, batch_sharding=batch_sharding,
-                   guidance=guidance)
+                   guidance=guidance, self_condition=self_condition)
