@@ -6,7 +6,9 @@ embeddings where the recipe reads them) and stepped the way ``unclip-jax demo`` 
 CPU: the batch split over one XLA device per core (``sharding.split_cpu_cores``), params
 replicated, the loop's own ``train_step`` (AdamW, EMA). A synthetic batch (random images and
 tokens; cached embeddings fed as the data pipeline would) is stepped ``STEPS`` times after
-``WARMUP`` calls; the median is reported. Each recipe runs in its own interpreter.
+``WARMUP`` calls; the median is reported. Each recipe runs in its own interpreter. A
+self-conditioned recipe (``model.self_condition`` = p) times its two steps apart (with the
+first forward pass, and without) and reports p · the first + (1 − p) · the second.
 
 The curve's cost axis is ``steps × this median`` (measured on a quiet machine), so training
 runs made while other jobs shared the cores still land at the right x.
@@ -136,7 +138,35 @@ def where_the_time_goes(events: list[dict], fused: dict[str, str],
     return {k: {"ms": round(v, 1), "share": round(v / total, 3)} for k, v in ms.most_common()}
 
 
+# a self-conditioned recipe's step takes one of two branches (a batch-level coin: with or
+# without the first forward pass), so a median over steps would time one of them: each branch
+# is timed alone, the coin forced by these probabilities, and weighted by the recipe's own
+ALWAYS, NEVER = 1 - 1e-9, 1e-9
+
+
 def child(name: str, clip: str, emb: str, profile: bool = False) -> dict:
+    from unclip_jax.core import config as config_lib
+
+    cfg = config_lib.load_config(ROOT / "experiments/shapes/decoder.py",
+                                 recipe_overrides(name, clip, emb))
+    p = cfg.model.self_condition
+    if p == 0:
+        return child_step(name, clip, emb, profile)
+    both = {k: child_step(name, clip, emb, profile, [f"model.self_condition={q}"])
+            for k, q in (("with_estimate", ALWAYS), ("without", NEVER))}
+    row = both["with_estimate"]
+    seconds = p * row["s_per_step"] + (1 - p) * both["without"]["s_per_step"]
+    return {**row, "s_per_step": round(seconds, 4),
+            "s_per_step_by_branch": {k: r["s_per_step"] for k, r in both.items()}}
+
+
+def recipe_overrides(name: str, clip: str, emb: str) -> list[str]:
+    return CURVE.BASE + [o.format(emb=emb) for o in RECIPES[name]] + [
+        f"model.clip_workdir={clip}", f"data.tokenizer={Path(clip).parent}/tokenizer.model"]
+
+
+def child_step(name: str, clip: str, emb: str, profile: bool = False,
+               extra: list[str] = ()) -> dict:
     import functools
 
     import flax.linen as nn
@@ -151,9 +181,8 @@ def child(name: str, clip: str, emb: str, profile: bool = False) -> dict:
     from unclip_jax.train.optim import make_optimizer
     from unclip_jax.train.state import TrainState
 
-    overrides = CURVE.BASE + [o.format(emb=emb) for o in RECIPES[name]] + [
-        f"model.clip_workdir={clip}", f"data.tokenizer={Path(clip).parent}/tokenizer.model"]
-    cfg = config_lib.load_config(ROOT / "experiments/shapes/decoder.py", overrides)
+    cfg = config_lib.load_config(ROOT / "experiments/shapes/decoder.py",
+                                 recipe_overrides(name, clip, emb) + list(extra))
     with tempfile.TemporaryDirectory() as tmp:
         cfg, task = tasks.build_task(cfg, tmp)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, model=1))

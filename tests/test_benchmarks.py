@@ -84,3 +84,25 @@ def test_decoder_step_profile_counts_self_time_by_kind():
         "conv input gradient": 10, "matmul": 4, "layout copies": 4, "normalisation": 8,
         "update": 6, "other": 5}
     assert where["all-reduce and waits"]["share"] == round(100 / 217, 3)
+
+
+def test_self_conditioned_recipe_step_weighs_its_two_branches(monkeypatch):
+    """A self-conditioned recipe's step runs the first forward pass on a share p of the
+    batches: its cost is p · (the step with it) + (1 − p) · (the step without), each branch
+    timed with the coin forced; a recipe without self-conditioning is timed once, as it is."""
+    b = _load("bench_decoder_recipes")
+    calls = []
+
+    def fake(name, clip, emb, profile=False, extra=()):
+        calls.append(list(extra))
+        forced = float(extra[0].split("=")[1]) if extra else 0.0
+        return {"recipe": name, "s_per_step": 0.9 if forced > 0.5 else 0.6}
+
+    monkeypatch.setattr(b, "child_step", fake)
+    row = b.child("p2ln_cls_b64_lr3e3_tdrop02_snr2_sc05", "nowhere/clip", "nowhere/emb")
+    assert row["s_per_step"] == pytest.approx(0.5 * 0.9 + 0.5 * 0.6)
+    assert row["s_per_step_by_branch"] == {"with_estimate": 0.9, "without": 0.6}
+    assert calls == [[f"model.self_condition={b.ALWAYS}"], [f"model.self_condition={b.NEVER}"]]
+    calls.clear()
+    assert b.child("patch2_b64", "nowhere/clip", "nowhere/emb")["s_per_step"] == 0.6
+    assert calls == [[]]
