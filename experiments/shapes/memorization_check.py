@@ -9,6 +9,8 @@ loss (drops off, the same timesteps and noise at every batch position of each se
   * as many train-split scenes from index ``--unseen-from`` on (never seen, same pairs),
   * as many test-split scenes (held-out colour–shape pairs),
 and prints each set's mean and the paired differences with their standard errors.
+``--without-caption`` drops every caption (the conditioning variations decode from: the CLIP
+image embedding alone).
 
     python experiments/shapes/memorization_check.py runs/demo/decoder
 """
@@ -44,10 +46,13 @@ def main(argv=None):
                     help="first train-split index the decoder never saw (its num_train)")
     ap.add_argument("--repeats", type=int, default=4, help="noise draws per scene")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--without-caption", action="store_true",
+                    help="drop every caption: the CLIP image embedding alone, as variations")
     args = ap.parse_args(argv)
 
     params, cfg = runs.load_decoder(args.decoder)
-    cfg = dataclasses.replace(cfg, clip_drop_prob=0.0, text_drop_prob=0.0, uncond_drop_prob=0.0)
+    cfg = dataclasses.replace(cfg, clip_drop_prob=0.0, uncond_drop_prob=0.0,
+                              text_drop_prob=1.0 if args.without_caption else 0.0)
     clip = runs.load_clip(cfg.clip_workdir)
     tok = Tokenizer.load(runs.tokenizer_path(args.decoder))
 
@@ -63,7 +68,8 @@ def main(argv=None):
             float(loss(jnp.asarray(x[b:b + args.batch]), jnp.asarray(tokens[b:b + args.batch]),
                        jax.random.PRNGKey(100_000 * r + b)))
             for r in range(args.repeats) for b in range(0, args.num, args.batch)])
-    row = {"decoder": args.decoder, "num": args.num, **{k: v.mean() for k, v in losses.items()}}
+    row = {"decoder": args.decoder, "num": args.num, "caption": not args.without_caption,
+           **{k: v.mean() for k, v in losses.items()}}
     for other in ("unseen", "held_out"):
         d = losses[other] - losses["seen"]
         row[f"{other}_minus_seen"] = d.mean()
