@@ -23,12 +23,14 @@ def test_scene_batch_is_the_built_split(shapes_data, shapes_tokenizer, split):
     assert [int(e["index"]) for e in examples] == list(range(n))
     x, tokens = scene_batch(split, 0, n, shapes_data.image_size, shapes_tokenizer,
                             shapes_data.context_length)
-    stored = np.stack([e["image"] for e in examples]).astype(np.float32) * (2 / 255) - 1
-    np.testing.assert_array_equal(x, stored)
     captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else e["caption"]
                 for e in examples]
-    np.testing.assert_array_equal(tokens,
-                                  shapes_tokenizer.encode(captions, shapes_data.context_length))
+    built = input_pipeline.image_text_batch([e["image"] for e in examples], captions,
+                                            np.ones(n, bool), shapes_tokenizer,
+                                            shapes_data.context_length)
+    stored = built["image"]
+    np.testing.assert_array_equal(x, stored)
+    np.testing.assert_array_equal(tokens, built["tokens"])
     # scenes past the stored ones are new draws, not repeats of the stored ones
     later, _ = scene_batch(split, n, n, shapes_data.image_size, shapes_tokenizer,
                            shapes_data.context_length)

@@ -27,6 +27,7 @@ import numpy as np
 
 from unclip_jax.core import shapes
 from unclip_jax.core.text import Tokenizer
+from unclip_jax.data import input_pipeline
 from unclip_jax.models import decoder as D
 from unclip_jax.train import runs
 
@@ -34,8 +35,10 @@ from unclip_jax.train import runs
 def scene_batch(split: str, start: int, num: int, size: int, tok: Tokenizer, length: int):
     """Images in [-1, 1] and caption tokens of scenes ``start .. start + num`` of ``split``."""
     scenes = [shapes.sample_scene(0, i, split) for i in range(start, start + num)]
-    x = np.stack([shapes.render(s, size) for s in scenes]).astype(np.float32) * (2 / 255) - 1
-    return x, tok.encode([shapes.caption(s) for s in scenes], length)
+    batch = input_pipeline.image_text_batch([shapes.render(s, size) for s in scenes],
+                                            [shapes.caption(s) for s in scenes],
+                                            np.ones(num, bool), tok, length)
+    return batch["image"], batch["tokens"]
 
 
 def main(argv=None):
@@ -56,18 +59,23 @@ def main(argv=None):
     clip = runs.load_clip(cfg.clip_workdir)
     tok = Tokenizer.load(runs.tokenizer_path(args.decoder))
 
+    embed = jax.jit(clip.embed_images)
+
     @jax.jit
-    def loss(x, tokens, rng):
-        return D.decoder_loss(params, cfg, x, clip.embed_images(x), tokens, rng)[0]
+    def loss(x, emb, tokens, rng):
+        return D.decoder_loss(params, cfg, x, emb, tokens, rng)[0]
 
     sets = {"seen": ("train", 0), "unseen": ("train", args.unseen_from), "held_out": ("test", 0)}
     losses = {}
     for name, (split, start) in sets.items():
         x, tokens = scene_batch(split, start, args.num, cfg.image_size, tok, cfg.context_length)
+        x, tokens = jnp.asarray(x), jnp.asarray(tokens)
+        # each batch's CLIP embedding once, reused by every noise draw
+        embs = {b: embed(x[b:b + args.batch]) for b in range(0, args.num, args.batch)}
         losses[name] = np.array([
-            float(loss(jnp.asarray(x[b:b + args.batch]), jnp.asarray(tokens[b:b + args.batch]),
+            float(loss(x[b:b + args.batch], emb, tokens[b:b + args.batch],
                        jax.random.PRNGKey(100_000 * r + b)))
-            for r in range(args.repeats) for b in range(0, args.num, args.batch)])
+            for r in range(args.repeats) for b, emb in embs.items()])
     row = {"decoder": args.decoder, "num": args.num, "caption": not args.without_caption,
            **{k: v.mean() for k, v in losses.items()}}
     for other in ("unseen", "held_out"):
