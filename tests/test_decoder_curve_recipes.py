@@ -83,3 +83,18 @@ def test_the_same_network_check_can_fail():
     _, wide = recipe("p2ln_cls_b64_lr3e3_tdrop02_snr2_m124")
     _, demo = recipe("p2ln_cls_b64_lr3e3_tdrop02_snr2")
     assert network(wide) != network(demo)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CURVE.RECIPES
+                                        if "optim.optimizer=muon" in CURVE.RECIPES[n]))
+def test_muon_recipes_keep_existing_modules_on_adamw(name):
+    """The modules a Muon recipe keeps on AdamW exist in its decoder (a misspelt name fails),
+    and every other dense or conv kernel is Muon's."""
+    from unclip_jax.train import optim
+
+    cfg, model = recipe(name)
+    params = jax.eval_shape(lambda: D.init_decoder(model, jax.random.key(0)))["params"]
+    jax.eval_shape(optim.make_optimizer(cfg.optim, 10).init, params)   # a misspelt one raises
+    groups = jax.tree.leaves(optim.muon_labels(params, cfg.optim.muon_adamw_modules))
+    assert groups.count("muon") > 50 and set(cfg.optim.muon_adamw_modules) == {"conv_in",
+                                                                                "conv_out"}

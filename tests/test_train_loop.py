@@ -61,26 +61,29 @@ def make_task(width=8, nan_at=None):
                      example=Batches(0).make(0))
 
 
-def make_cfg(lr=1e-2, **train):
+def make_cfg(lr=1e-2, optimizer="adamw", mesh=MeshConfig(data=1, fsdp=1, model=1), **train):
     base = dict(batch_size=8, steps=12, log_every=4, eval_every=0, ckpt_every=4,
                 keep_checkpoints=5, ema_decay=0.9)
     base.update(train)
     return config_lib.ExperimentConfig(
         name="toy", model=None, train=config_lib.TrainConfig(**base),
-        optim=config_lib.OptimConfig(learning_rate=lr, warmup_steps=2, grad_clip=0.0),
-        mesh=MeshConfig(data=1, fsdp=1, model=1))
+        optim=config_lib.OptimConfig(optimizer=optimizer, learning_rate=lr, warmup_steps=2,
+                                     grad_clip=0.0),
+        mesh=mesh)
 
 
 def _leaves(state):
     return jax.tree.leaves(jax.device_get(state))
 
 
-def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
-    full = loop.train(make_cfg(), make_task(), tmp_path / "a", progress=False)
-    loop.train(make_cfg(), make_task(), tmp_path / "b", stop_after=7, progress=False)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, optimizer):
+    cfg = make_cfg(optimizer=optimizer)
+    full = loop.train(cfg, make_task(), tmp_path / "a", progress=False)
+    loop.train(cfg, make_task(), tmp_path / "b", stop_after=7, progress=False)
     # "Killed" after step 7: the latest complete checkpoint is step 4.
     assert Checkpointer(tmp_path / "b").latest_step() == 4
-    resumed = loop.train(make_cfg(), make_task(), tmp_path / "b", progress=False)
+    resumed = loop.train(cfg, make_task(), tmp_path / "b", progress=False)
     assert int(resumed.step) == 12
     for a, b in zip(_leaves(full), _leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -138,6 +141,18 @@ def test_weight_decay_mask_skips_norms_biases_embeddings():
     assert mask["Dense_0"] == {"kernel": True, "bias": False}
     assert not mask["LayerNorm_0"]["scale"] and not mask["Embed_0"]["embedding"]
     assert not mask["logit_scale"] and mask["Boxed"]["kernel"].value
+
+
+def test_muon_trains_sharded_as_on_one_device(tmp_path):
+    """Muon's state lives beside boxed, sharded kernels (the partition's empty nodes included):
+    the run on a data × fsdp × model mesh of 8 devices ends where the one-device run does."""
+    one = loop.train(make_cfg(lr=3e-2, optimizer="muon"), make_task(width=16), tmp_path / "a",
+                     progress=False)
+    eight = loop.train(make_cfg(lr=3e-2, optimizer="muon", mesh=MeshConfig(data=2, fsdp=2,
+                                                                            model=2)),
+                       make_task(width=16), tmp_path / "b", progress=False)
+    for a, b in zip(_leaves(one.params), _leaves(eight.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
 def test_schedule_warmup_then_cosine():

@@ -186,6 +186,11 @@ RECIPES = {
     # previous step's x₀; ≈ 1/6 more compute a step (half the batches run one more forward)
     "patch2_b64_sc05": _P2 + ["train.batch_size=64", "model.self_condition=0.5"],
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_sc05": _DEMO + ["model.self_condition=0.5"],
+    # Muon (Jordan et al. 2024) for the U-Net's and encoders' dense and conv kernels, AdamW for
+    # the rest and for the input and output convolutions; the update scaled to AdamW's RMS
+    # (Liu et al. 2025), so the demo's learning rate carries over (train/optim.py)
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon": _DEMO + ["optim.optimizer=muon",
+                                                     "optim.muon_adamw_modules=conv_in,conv_out"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls

@@ -55,8 +55,10 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay, global-norm clipping."""
+    """AdamW (or Muon for the weight matrices) with linear warm-up and cosine decay,
+    global-norm clipping."""
 
+    optimizer: str = "adamw"             # "adamw" | "muon" (train/optim.py)
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     schedule: str = "cosine"             # "cosine" | "constant"
@@ -66,6 +68,8 @@ class OptimConfig:
     eps: float = 1e-6
     weight_decay: float = 0.1            # not applied to norms, biases, embeddings, scalars
     grad_clip: float = 1.0               # global-norm clip; 0 disables
+    muon_momentum: float = 0.95          # Muon's Nesterov momentum (optimizer="muon")
+    muon_adamw_modules: tuple[str, ...] = ()  # modules whose kernels stay on AdamW with Muon
 
 
 @dataclasses.dataclass(frozen=True)

@@ -166,8 +166,18 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
     ``abstract_tree`` comes from ``jax.eval_shape(init, ...)``. Leaves without logical names are
     replicated. Returns a tree of NamedSharding with the boxes removed.
     """
+    # An optimizer that updates some leaves only (optax.partition, as Muon's does) keeps an
+    # empty node (optax's MaskedNode) for the others, inside their boxes: such a box has no
+    # array to shard, so it is unwrapped, and the conversion goes spec by spec because
+    # flax's tree-wide one takes any tuple, those empty NamedTuples too, for a spec.
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    abstract_tree = jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if is_box(x) and not jax.tree.leaves(x.value)
+        else x, abstract_tree, is_leaf=is_box)
     specs = nn.get_partition_spec(abstract_tree)
-    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    shardings = jax.tree.map(lambda spec: nn.logical_to_mesh_sharding(spec, mesh, rules),
+                             specs, is_leaf=is_spec)
     return jax.tree.map(lambda s, a: divisible_sharding(s, np.shape(a)), shardings,
                         strip_boxes(abstract_tree))
 

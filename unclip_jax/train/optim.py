@@ -1,8 +1,19 @@
-"""The optimizer from config: AdamW, linear warm-up + cosine decay, global-norm clipping.
+"""The optimizer from config: AdamW or Muon, linear warm-up + cosine decay, global-norm
+clipping.
 
 Weight decay applies to weight matrices and conv kernels only (leaves named ``kernel``);
 norm scales, biases, embeddings, position embeddings and scalars such as CLIP's logit scale
 are not decayed.
+
+``optimizer="muon"`` (Jordan et al. 2024, "Muon: an optimizer for hidden layers"): the dense
+(rank 2, ``[in, out]``) and convolution (rank 4, ``[kh, kw, in, out]``) kernels take
+Nesterov momentum orthogonalised by five Newton–Schulz iterations, the kernel read as the
+matrix ``[kh·kw·in, out]``; every other leaf (biases, norms, embeddings, the rank-3 attention
+projections whose input axes a shape does not tell, and the kernels of
+``muon_adamw_modules``, e.g. a U-Net's input and output convolutions) keeps AdamW with the
+config's b1, b2, eps and decay mask. The orthogonalised update is scaled by
+0.2·√max(fan_in, fan_out) (Liu et al. 2025, "Muon is scalable for LLM training"), which gives
+it AdamW's update RMS, so one learning rate and weight decay serve both groups.
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ import optax
 from unclip_jax.core.config import OptimConfig
 
 SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "muon")
+MUON_RMS = 0.2          # Liu et al. 2025: AdamW's typical update RMS
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -36,16 +49,69 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 def decay_mask(params: Any) -> Any:
     """True for leaves that get weight decay: ``kernel`` leaves with at least 2 dimensions."""
     def decide(path, leaf):
-        # The last dict key names the leaf (a LogicallyPartitioned box adds a trailing ".value").
-        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        keys = _leaf_keys(path)
         return bool(keys) and keys[-1] == "kernel" and leaf.ndim >= 2
     return jax.tree_util.tree_map_with_path(decide, params)
 
 
+def _leaf_keys(path) -> list[str]:
+    # Dict keys only: a LogicallyPartitioned box adds a trailing ".value" attribute.
+    return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
+def muon_labels(params: Any, adamw_modules: tuple[str, ...] = ()) -> Any:
+    """``"muon"`` for the kernels Muon updates (rank 2 or 4, not under ``adamw_modules``),
+    ``"adamw"`` for every other leaf."""
+    seen: set[str] = set()
+
+    def label(path, leaf):
+        keys = _leaf_keys(path)
+        seen.update(keys)
+        matrix = bool(keys) and keys[-1] == "kernel" and leaf.ndim in (2, 4)
+        return "muon" if matrix and not set(keys[:-1]) & set(adamw_modules) else "adamw"
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unknown = [m for m in adamw_modules if m not in seen]
+    if unknown:
+        raise ValueError(f"optim.muon_adamw_modules names {', '.join(map(repr, unknown))}, "
+                         "which no parameter path contains")
+    return labels
+
+
+def scale_by_muon(momentum: float, ns_steps: int = 5) -> optax.GradientTransformation:
+    """Nesterov momentum, orthogonalised per kernel ``[..., in, out]`` read as a matrix
+    ``[prod(...)·in, out]``, scaled to AdamW's update RMS."""
+    def dims(update):
+        return optax.contrib.MuonDimensionNumbers(
+            reduction_axis=tuple(range(update.ndim - 1)), output_axis=update.ndim - 1)
+
+    def scale(update):
+        fan_in, fan_out = update.size // update.shape[-1], update.shape[-1]
+        return MUON_RMS * max(fan_in, fan_out) ** 0.5 * update
+
+    orthogonalise = optax.contrib.scale_by_muon(
+        ns_steps=ns_steps, beta=momentum, nesterov=True,
+        weight_dimension_numbers=lambda updates: jax.tree.map(dims, updates))
+    return optax.chain(orthogonalise, optax.stateless(
+        lambda updates, params=None: jax.tree.map(scale, updates)))
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    parts = []
-    if cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                             eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; accepted: "
+                         f"{', '.join(OPTIMIZERS)}")
+    if cfg.optimizer == "muon" and not 0.0 <= cfg.muon_momentum < 1.0:
+        raise ValueError(f"optim.muon_momentum must be in [0, 1), got {cfg.muon_momentum}")
+    lr = learning_rate_schedule(cfg, total_steps)
+    adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.optimizer == "muon":
+        muon = optax.chain(scale_by_muon(cfg.muon_momentum),
+                           optax.add_decayed_weights(cfg.weight_decay),
+                           optax.scale_by_learning_rate(lr))
+        update = optax.partition(
+            {"muon": muon, "adamw": adamw},
+            lambda params: muon_labels(params, tuple(cfg.muon_adamw_modules)))
+    else:
+        update = adamw
+    clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    return optax.chain(*clip, update)
