@@ -42,11 +42,12 @@ BASE = ["model.patch_size=1", "model.timestep_sampling=uniform", "model.timestep
         "model.timestep_scale=1.0", "model.text_class_emb=false", "model.embeddings_dir=",
         "model.sample_method=ddim", "model.sample_spacing=even", "model.sample_steps=50",
         "model.guidance_scale=3.0", "train.batch_size=32", "optim.learning_rate=1e-3",
-        "model.text_drop_prob=0.5", "model.min_snr_gamma=5.0"]
+        "model.text_drop_prob=0.5", "model.min_snr_gamma=5.0", "optim.optimizer=adamw"]
 # name -> overrides of experiments/shapes/decoder.py ({emb}: the demo's embedding cache)
 _P2 = ["model.embeddings_dir={emb}", "model.patch_size=2"]
 _LN = _P2 + ["model.timestep_sampling=logit_normal"]
-# the demo's recipe (experiments/shapes/decoder.py today) as overrides of BASE
+# the demo's AdamW recipe as overrides of BASE (experiments/shapes/decoder.py until Muon; the
+# demo's recipe since is this + Muon, "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon")
 _DEMO = _LN + ["model.text_class_emb=true", "train.batch_size=64", "optim.learning_rate=3e-3",
                "model.text_drop_prob=0.2", "model.min_snr_gamma=2"]
 # the decoder at 64 px on the r64 renders, patched 4×4, reading their own embedding cache
