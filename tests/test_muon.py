@@ -82,6 +82,36 @@ def test_first_update_is_the_scaled_newton_schulz_of_the_gradient():
         assert 0.6 < s.min() and s.max() < 1.25
 
 
+@pytest.mark.parametrize("shape", [(36, 8), (8, 36), (12, 10), (128, 64)])
+def test_newton_schulz_on_the_gram_matrix_equals_the_direct_iteration(shape):
+    """Wide and tall matrices (the r × r form) and near-square ones (the direct form)."""
+    g = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(optim.newton_schulz(jnp.asarray(g))),
+                               newton_schulz(g), rtol=1e-4, atol=2e-5)
+
+
+def test_several_steps_match_optax_muon():
+    """The momentum (Nesterov, bias-corrected) and the orthogonalisation against optax's
+    ``contrib.scale_by_muon`` on the same gradients, with the shape scaling applied to it."""
+    rng = np.random.default_rng(2)
+    params = {"conv": jnp.zeros((3, 3, 4, 8)), "dense": jnp.zeros((16, 8))}
+    ours = optim.scale_by_muon(0.95)
+    dims = lambda u: optax.contrib.MuonDimensionNumbers(  # noqa: E731
+        tuple(range(u.ndim - 1)), u.ndim - 1)
+    ref = optax.contrib.scale_by_muon(beta=0.95, nesterov=True,
+                                      weight_dimension_numbers=lambda t: jax.tree.map(dims, t))
+    s1, s2 = ours.init(params), ref.init(params)
+    for _ in range(4):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+                             params)
+        u1, s1 = jax.jit(ours.update)(grads, s1)
+        u2, s2 = jax.jit(ref.update)(grads, s2)
+        for name, p in params.items():
+            scale = 0.2 * max(p.size // p.shape[-1], p.shape[-1]) ** 0.5
+            np.testing.assert_allclose(np.asarray(u1[name]), scale * np.asarray(u2[name]),
+                                       rtol=2e-4, atol=2e-5)
+
+
 def test_other_leaves_get_exactly_adamws_update():
     params, grads = params_and_grads()
     cfg = config(weight_decay=0.1)

@@ -18,9 +18,10 @@ it AdamW's update RMS, so one learning rate and weight decay serve both groups.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from unclip_jax.core.config import OptimConfig
@@ -77,22 +78,62 @@ def muon_labels(params: Any, adamw_modules: tuple[str, ...] = ()) -> Any:
     return labels
 
 
+NS_COEFFS = (3.4445, -4.7750, 2.0315)   # Jordan et al. 2024's quintic
+
+
+def newton_schulz(g: jax.Array, steps: int = 5, eps: float = 1e-8) -> jax.Array:
+    """The approximate orthogonal factor of a matrix ``g``: ``steps`` quintic iterations
+    X ← aX + (bA + cA²)X, A = XXᵀ, from X = g/‖g‖_F on the orientation with fewer rows (r × c).
+
+    Each iteration is a polynomial in A applied on the left, so X_k = M_k X₀ with an r × r M_k,
+    and A_k = M_k (X₀X₀ᵀ) M_kᵀ. When c ≥ 2r (a 3 × 3 conv kernel's 9·in × out matrix) the
+    iterations run on those r × r matrices, 8r³ each plus 4r²c once, instead of 4r²c + 2r³ each
+    on X: the same function, about 2.5× fewer multiply-adds for the U-Net's kernels."""
+    x = g.T if g.shape[0] > g.shape[1] else g
+    x = x / (jnp.linalg.norm(x) + eps)
+    a, b, c = NS_COEFFS
+    r, cols = x.shape
+    if cols >= 2 * r:
+        gram, m = x @ x.T, jnp.eye(r, dtype=x.dtype)
+        for _ in range(steps):
+            am = m @ gram @ m.T
+            m = (a * jnp.eye(r, dtype=x.dtype) + b * am + c * am @ am) @ m
+        x = m @ x
+    else:
+        for _ in range(steps):
+            am = x @ x.T
+            x = a * x + (b * am + c * am @ am) @ x
+    return x.T if g.shape[0] > g.shape[1] else x
+
+
+class MuonState(NamedTuple):
+    count: jax.Array
+    mu: Any
+
+
 def scale_by_muon(momentum: float, ns_steps: int = 5) -> optax.GradientTransformation:
-    """Nesterov momentum, orthogonalised per kernel ``[..., in, out]`` read as a matrix
-    ``[prod(...)·in, out]``, scaled to AdamW's update RMS."""
-    def dims(update):
-        return optax.contrib.MuonDimensionNumbers(
-            reduction_axis=tuple(range(update.ndim - 1)), output_axis=update.ndim - 1)
+    """Nesterov momentum (bias-corrected, as optax's ``contrib.scale_by_muon``), orthogonalised
+    per kernel ``[..., in, out]`` read as the matrix ``[prod(...)·in, out]``, scaled by
+    0.2·√max(fan_in, fan_out) to AdamW's update RMS."""
+    def init(params):
+        return MuonState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
 
-    def scale(update):
-        fan_in, fan_out = update.size // update.shape[-1], update.shape[-1]
-        return MUON_RMS * max(fan_in, fan_out) ** 0.5 * update
+    def orthogonalise(u):
+        matrix = u.reshape(-1, u.shape[-1])
+        return MUON_RMS * max(matrix.shape) ** 0.5 * newton_schulz(matrix, ns_steps).reshape(
+            u.shape)
 
-    orthogonalise = optax.contrib.scale_by_muon(
-        ns_steps=ns_steps, beta=momentum, nesterov=True,
-        weight_dimension_numbers=lambda updates: jax.tree.map(dims, updates))
-    return optax.chain(orthogonalise, optax.stateless(
-        lambda updates, params=None: jax.tree.map(scale, updates)))
+    def update(updates, state, params=None):
+        del params
+        count = state.count + 1
+        mu = jax.tree.map(lambda m, g: momentum * m + (1 - momentum) * g, state.mu, updates)
+        # Nesterov: the next step's momentum, each term bias-corrected
+        step = lambda m, g: (momentum * m / (1 - momentum ** (count + 1))  # noqa: E731
+                             + (1 - momentum) * g / (1 - momentum ** count))
+        return jax.tree.map(lambda m, g: orthogonalise(step(m, g)), mu, updates), MuonState(
+            count, mu)
+
+    return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
