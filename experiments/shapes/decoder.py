@@ -43,8 +43,9 @@ A 4-layer caption encoder (``text_layers=4``, 1.04× the step) bound no better (
 Muon (Jordan et al. 2024) instead of AdamW for the dense and conv kernels (``optim.optimizer=
 muon``; AdamW keeps the biases, norms, embeddings, attention projections and the input and
 output convolutions; the orthogonalised update is scaled to AdamW's RMS, so lr 3e-3 carries
-over): 1.14× the step (five Newton–Schulz iterations per kernel), so 4040 steps cost what 4600
-AdamW steps did. At that equal cost, 2 seeds each: 0.852 / 0.461 / 0.246 / 0.781 against
+over): 1.05× the step (five Newton–Schulz iterations per kernel, on its Gram side), so 4040
+steps cost 0.92 of 4600 AdamW steps (they were chosen at the first implementation's 1.14×,
+where they cost the same). At that cost, 2 seeds each: 0.852 / 0.461 / 0.246 / 0.781 against
 AdamW's 0.875 / 0.324 / 0.266 / 0.648 (single / binding / relation / variation), its training
 loss where AdamW's was at twice the steps. The one lever of the study that moved binding and
 variations together beyond the seeds' spread.
