@@ -89,21 +89,23 @@ def newton_schulz(g: jax.Array, steps: int = 5, eps: float = 1e-8) -> jax.Array:
     and A_k = M_k (X₀X₀ᵀ) M_kᵀ. When c ≥ 2r (a 3 × 3 conv kernel's 9·in × out matrix) the
     iterations run on those r × r matrices, 8r³ each plus 4r²c once, instead of 4r²c + 2r³ each
     on X: the same function, about 2.5× fewer multiply-adds for the U-Net's kernels."""
-    x = g.T if g.shape[0] > g.shape[1] else g
+    tall = g.shape[0] > g.shape[1]
+    x = g.T if tall else g
     x = x / (jnp.linalg.norm(x) + eps)
     a, b, c = NS_COEFFS
     r, cols = x.shape
     if cols >= 2 * r:
-        gram, m = x @ x.T, jnp.eye(r, dtype=x.dtype)
+        gram, eye = x @ x.T, jnp.eye(r, dtype=x.dtype)
+        m = eye
         for _ in range(steps):
             am = m @ gram @ m.T
-            m = (a * jnp.eye(r, dtype=x.dtype) + b * am + c * am @ am) @ m
+            m = (a * eye + b * am + c * am @ am) @ m
         x = m @ x
     else:
         for _ in range(steps):
             am = x @ x.T
             x = a * x + (b * am + c * am @ am) @ x
-    return x.T if g.shape[0] > g.shape[1] else x
+    return x.T if tall else x
 
 
 class MuonState(NamedTuple):
