@@ -50,6 +50,7 @@ _LN = _P2 + ["model.timestep_sampling=logit_normal"]
 # demo's recipe since is this + Muon, "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon")
 _DEMO = _LN + ["model.text_class_emb=true", "train.batch_size=64", "optim.learning_rate=3e-3",
                "model.text_drop_prob=0.2", "model.min_snr_gamma=2"]
+_MUON = ["optim.optimizer=muon", "optim.muon_adamw_modules=conv_in,conv_out"]
 # the decoder at 64 px on the r64 renders, patched 4×4, reading their own embedding cache
 _R64 = ["data.name=captioned_shapes/r64", "data.image_size=64", "model.patch_size=4",
         "model.embeddings_dir={emb}_r64"]
@@ -190,8 +191,11 @@ RECIPES = {
     # Muon (Jordan et al. 2024) for the U-Net's and encoders' dense and conv kernels, AdamW for
     # the rest and for the input and output convolutions; the update scaled to AdamW's RMS
     # (Liu et al. 2025), so the demo's learning rate carries over (train/optim.py)
-    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon": _DEMO + ["optim.optimizer=muon",
-                                                     "optim.muon_adamw_modules=conv_in,conv_out"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon": _DEMO + _MUON,
+    # its learning rate (Muon's and AdamW's groups together) halved, doubled, quadrupled
+    "p2ln_cls_b64_lr15e4_tdrop02_snr2_muon": _DEMO + _MUON + ["optim.learning_rate=1.5e-3"],
+    "p2ln_cls_b64_lr6e3_tdrop02_snr2_muon": _DEMO + _MUON + ["optim.learning_rate=6e-3"],
+    "p2ln_cls_b64_lr12e3_tdrop02_snr2_muon": _DEMO + _MUON + ["optim.learning_rate=1.2e-2"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -236,6 +240,10 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_m124": "patch2_b64_m124",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_text4": "patch2_b64_text4",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_sc05": "patch2_b64_sc05",
+             # Muon's learning rate: the same step as the 3e-3 recipe's
+             "p2ln_cls_b64_lr15e4_tdrop02_snr2_muon": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
+             "p2ln_cls_b64_lr6e3_tdrop02_snr2_muon": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
+             "p2ln_cls_b64_lr12e3_tdrop02_snr2_muon": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
 
