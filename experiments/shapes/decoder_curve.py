@@ -502,6 +502,7 @@ def main(argv=None):
     r.add_argument("--costs", type=Path, nargs="+",
                    default=[ROOT / "benchmarks/results/bench_decoder_recipes.json"],
                    help="bench_decoder_recipes.py rows measured on a quiet machine")
+    r.add_argument("--png", type=Path, default=PNG, help="where the plot goes")
     for p in (t, j, u, r):
         p.add_argument("--demo", type=Path, default=Path("runs/demo"))
     args = ap.parse_args(argv)
@@ -516,7 +517,7 @@ def main(argv=None):
     elif args.cmd == "upsampler":
         upsampler_check(args.demo, args.specs, args.num, args.upsampler)
     else:
-        print(report(args.costs))
+        print(report(args.costs, args.png))
 
 
 if __name__ == "__main__":
