@@ -196,6 +196,8 @@ RECIPES = {
     "p2ln_cls_b64_lr15e4_tdrop02_snr2_muon": _DEMO + _MUON + ["optim.learning_rate=1.5e-3"],
     "p2ln_cls_b64_lr6e3_tdrop02_snr2_muon": _DEMO + _MUON + ["optim.learning_rate=6e-3"],
     "p2ln_cls_b64_lr12e3_tdrop02_snr2_muon": _DEMO + _MUON + ["optim.learning_rate=1.2e-2"],
+    # logit-normal timesteps shifted towards low noise (loc −0.5), where small crosses are drawn
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm05": _DEMO + _MUON + ["model.timestep_loc=-0.5"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -244,6 +246,7 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr15e4_tdrop02_snr2_muon": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
              "p2ln_cls_b64_lr6e3_tdrop02_snr2_muon": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
              "p2ln_cls_b64_lr12e3_tdrop02_snr2_muon": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
+             "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm05": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
 
