@@ -47,7 +47,8 @@ BASE = ["model.patch_size=1", "model.timestep_sampling=uniform", "model.timestep
 _P2 = ["model.embeddings_dir={emb}", "model.patch_size=2"]
 _LN = _P2 + ["model.timestep_sampling=logit_normal"]
 # the demo's AdamW recipe as overrides of BASE (experiments/shapes/decoder.py until Muon; the
-# demo's recipe since is this + Muon, "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon")
+# demo's recipe since is this + Muon, "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon", and from
+# 2026-12-07 19:40 that with logit-normal scale 1.5, "..._muon_ls15")
 _DEMO = _LN + ["model.text_class_emb=true", "train.batch_size=64", "optim.learning_rate=3e-3",
                "model.text_drop_prob=0.2", "model.min_snr_gamma=2"]
 _MUON = ["optim.optimizer=muon", "optim.muon_adamw_modules=conv_in,conv_out"]
@@ -201,6 +202,7 @@ RECIPES = {
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm10": _DEMO + _MUON + ["model.timestep_loc=-1.0"],
     # logit-normal widened (scale 1.5): more of the steps at both ends of the schedule
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15": _DEMO + _MUON + ["model.timestep_scale=1.5"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_loc05": _DEMO + _MUON + ["model.timestep_loc=0.5"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -252,6 +254,7 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm05": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm10": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
+             "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_loc05": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
 
