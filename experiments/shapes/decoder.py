@@ -69,7 +69,8 @@ Compute recipe (issue 20, experiments/shapes/decoder_curve.py, the quality-vs-CP
 experiments/RESULTS.md): the U-Net reads its input patched 2×2 (space-to-depth, "simple
 diffusion": the first level runs at 16 px, 2.6× cheaper per step); training timesteps drawn
 logit-normal (SD3: t/T = sigmoid(n), n ~ N(0, 1), concentrated mid-schedule where shape and
-colour are decided; the low-noise EDM-style focus lost, a shift to the noisier side,
+colour are decided; widened to scale 1.5 with Muon, above; the low-noise EDM-style focus
+lost, a shift to the noisier side,
 ``timestep_loc=0.5``, lost with the class embedding); the caption's final-token state added to
 the timestep embedding as GLIDE does (``text_class_emb``); batch 64 at learning rate 3e-3. A
 step costs 0.208 s on the 2-core CPU (2 devices; BENCHMARKS.md "Decoder recipes"): the 2×2

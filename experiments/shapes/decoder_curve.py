@@ -199,7 +199,6 @@ RECIPES = {
     "p2ln_cls_b64_lr12e3_tdrop02_snr2_muon": _DEMO + _MUON + ["optim.learning_rate=1.2e-2"],
     # logit-normal timesteps shifted towards low noise (loc −0.5), where small crosses are drawn
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm05": _DEMO + _MUON + ["model.timestep_loc=-0.5"],
-    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm10": _DEMO + _MUON + ["model.timestep_loc=-1.0"],
     # logit-normal widened (scale 1.5): more of the steps at both ends of the schedule
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15": _DEMO + _MUON + ["model.timestep_scale=1.5"],
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_loc05": _DEMO + _MUON + ["model.timestep_loc=0.5"],
@@ -247,14 +246,13 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_m124": "patch2_b64_m124",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_text4": "patch2_b64_text4",
              "p2ln_cls_b64_lr3e3_tdrop02_snr2_sc05": "patch2_b64_sc05",
-             # Muon's learning rate: the same step as the 3e-3 recipe's
-             "p2ln_cls_b64_lr15e4_tdrop02_snr2_muon": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
-             "p2ln_cls_b64_lr6e3_tdrop02_snr2_muon": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
-             "p2ln_cls_b64_lr12e3_tdrop02_snr2_muon": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
-             "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm05": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
-             "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm10": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
-             "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
-             "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_loc05": "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon",
+             # Muon's learning rate and timesteps: the same step as the 3e-3 recipe's
+             **{r: "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon" for r in (
+                 "p2ln_cls_b64_lr15e4_tdrop02_snr2_muon", "p2ln_cls_b64_lr6e3_tdrop02_snr2_muon",
+                 "p2ln_cls_b64_lr12e3_tdrop02_snr2_muon",
+                 "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm05",
+                 "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15",
+                 "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_loc05")},
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
 
