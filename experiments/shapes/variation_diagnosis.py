@@ -48,6 +48,11 @@ WAYS = {
     # the paper's variations take any η > 0: less η keeps more of the inverted x_T
     "inversion, η 0.5, guidance 3": dict(guidance_scale=3.0, eta=0.5),
     "inversion, η 0.25, guidance 3": dict(guidance_scale=3.0, eta=0.25),
+    # η = 1 is ancestral sampling, whose error falls with the number of steps (the demo's: 50
+    # strided DDIM steps for the inversion and the variations)
+    "inversion, η 1, guidance 3, 25 steps": dict(guidance_scale=3.0, steps=25),
+    "inversion, η 1, guidance 3, 100 steps": dict(guidance_scale=3.0, steps=100),
+    "inversion, η 1, guidance 3, 200 steps": dict(guidance_scale=3.0, steps=200),
     # the demo's way judged on the decoder's own output: what the upsampler loses
     "demo at the decoder's resolution (no upsampler)": dict(guidance_scale=3.0),
 }
