@@ -60,7 +60,8 @@ over 64 renders 0.709 against 0.721): single-object fidelity past the 8000-step 
 (64 renders 0.643), as guidance only above σ 0.3 (``guidance_interval``) did. Trained 3400
 steps instead of 4040 (16 % less of the demo's largest stage, so that the demo keeps its
 30 minutes on this machine's slow hours): 0.895 / 0.398 / 0.266 / 0.727 (2 seeds) against
-4040 steps' 0.918 / 0.395 / 0.297 / 0.742.
+4040 steps' 0.918 / 0.395 / 0.297 / 0.742. Scale 1.5 moved to loc +0.5 (0.852 / 0.414 / 0.258 /
+0.672) and an EMA decay of 0.998 (0.906 / 0.391 / 0.273 / 0.734) gained nothing (one seed each).
 
 The denoiser predicts v, not ε: the cosine schedule ends at ᾱ ≈ 2e-9, where an ε output's
 x₀ = (x_t − σ ε)/α multiplies every output error by ~2·10⁴, and a small model trained for
