@@ -52,6 +52,8 @@ _LN = _P2 + ["model.timestep_sampling=logit_normal"]
 _DEMO = _LN + ["model.text_class_emb=true", "train.batch_size=64", "optim.learning_rate=3e-3",
                "model.text_drop_prob=0.2", "model.min_snr_gamma=2"]
 _MUON = ["optim.optimizer=muon", "optim.muon_adamw_modules=conv_in,conv_out"]
+# the demo's recipe from 2026-12-07 19:40: the Muon recipe with logit-normal scale 1.5
+_LS15 = _DEMO + _MUON + ["model.timestep_scale=1.5"]
 # the decoder at 64 px on the r64 renders, patched 4×4, reading their own embedding cache
 _R64 = ["data.name=captioned_shapes/r64", "data.image_size=64", "model.patch_size=4",
         "model.embeddings_dir={emb}_r64"]
@@ -200,15 +202,12 @@ RECIPES = {
     # logit-normal timesteps shifted towards low noise (loc −0.5), where small crosses are drawn
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm05": _DEMO + _MUON + ["model.timestep_loc=-0.5"],
     # logit-normal widened (scale 1.5): more of the steps at both ends of the schedule
-    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15": _DEMO + _MUON + ["model.timestep_scale=1.5"],
-    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_loc05": _DEMO + _MUON + ["model.timestep_loc=0.5"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15": _LS15,
     # the widened distribution moved towards high noise, where variations' layout is decided
-    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_loc05": _DEMO + _MUON + [
-        "model.timestep_scale=1.5", "model.timestep_loc=0.5"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_loc05": _LS15 + ["model.timestep_loc=0.5"],
     # the sampled weights averaged over ~500 steps instead of ~200 (EMA decay 0.998; the EMA
     # starts at the initial weights, so a longer horizon would keep some of them: 0.999^3400 = 3 %)
-    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_ema998": _DEMO + _MUON + [
-        "model.timestep_scale=1.5", "train.ema_decay=0.998"],
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_ema998": _LS15 + ["train.ema_decay=0.998"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -259,7 +258,6 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
                  "p2ln_cls_b64_lr12e3_tdrop02_snr2_muon",
                  "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm05",
                  "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15",
-                 "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_loc05",
                  "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_loc05",
                  "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_ema998")},
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
