@@ -22,7 +22,8 @@ _spec.loader.exec_module(CURVE)
 
 # costed as another although the network differs by a little: no learned variance (3 output
 # channels fewer) and the CLIP MLP (+64·256·2 multiply-adds an example, 0.04 % of the step)
-SMALL_DIFFERENCE = {"p2ln_cls_b64_lr3e3_tdrop02_nolv", "p2ln_cls_b64_lr3e3_tdrop02_snr2_cmlp256"}
+SMALL_DIFFERENCE = {"p2ln_cls_b64_lr3e3_tdrop02_nolv", "p2ln_cls_b64_lr3e3_tdrop02_snr2_cmlp256",
+                    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_tok8"}
 EMB = Path("runs/demo").absolute() / "embeddings"     # what overrides() puts in {emb}
 CONFIG = config_lib.load_config(ROOT / "experiments/shapes/decoder.py")   # no overrides
 

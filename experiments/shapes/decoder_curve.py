@@ -208,6 +208,15 @@ RECIPES = {
     # the sampled weights averaged over ~500 steps instead of ~200 (EMA decay 0.998; the EMA
     # starts at the initial weights, so a longer horizon would keep some of them: 0.999^3400 = 3 %)
     "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_ema998": _LS15 + ["train.ema_decay=0.998"],
+    # widened further (scale 2: 14 % of the steps below t/T 0.1 against scale 1.5's 7 %)
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls20": _DEMO + _MUON + ["model.timestep_scale=2.0"],
+    # a narrower U-Net (24 / 48 / 48 channels, attention heads of 24: as many heads), for more
+    # steps at equal cost: the 2.5× dearer 64-channel one lost far at equal cost
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_w24": _LS15 + ["model.base_channels=24",
+                                                             "model.head_channels=24"],
+    # 8 CLIP context tokens instead of the paper's 4 (the narrower U-Net lost the big objects'
+    # variations: the embedding's pathway may be short of capacity)
+    "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_tok8": _LS15 + ["model.num_clip_tokens=8"],
     "p2ln10_cls": _P2 + ["model.timestep_sampling=logit_normal", "model.timestep_loc=1.0",
                          "model.text_class_emb=true"],
     # GLIDE-style caption-only decoders, the same network and recipe as p2ln_cls / p2ln05_cls
@@ -259,7 +268,10 @@ SAME_COST = {"patch2_logitnorm": "patch2", "patch2_lr2e3": "patch2", "patch2_edm
                  "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_locm05",
                  "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15",
                  "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_loc05",
-                 "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_ema998")},
+                 "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_ema998",
+                 "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls20",
+                 # + 4 keys at the 8 px attention and 64 · 256 multiply-adds an example
+                 "p2ln_cls_b64_lr3e3_tdrop02_snr2_muon_ls15_tok8")},
              "glide_p2ln_cls": "patch2_cls", "p2ln05_cls": "patch2_cls",
              "p2ln10_cls": "patch2_cls", "glide_p2ln05_cls": "patch2_cls"}
 
